@@ -1,0 +1,282 @@
+//! The /lens contract (../shared/docs/API.md): request options and the response body. `probe`
+//! prints exactly what the service returns.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::lens::{LayerStats, LensSpec};
+use crate::models::{ImageGrid, Prepared, TokenKind};
+
+pub const MAX_TOP_K: usize = 100;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Positions {
+    /// `"last"`, `"all"`, `"text"` or `"image"`
+    Keyword(String),
+    /// Indices; negative ones count from the end.
+    List(Vec<i64>),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Layers {
+    /// `"all"`
+    Keyword(String),
+    List(Vec<i64>),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LensOptions {
+    pub top_k: usize,
+    pub positions: Positions,
+    pub layers: Layers,
+    pub targets: Vec<String>,
+    pub target_ids: Vec<u32>,
+    pub summary: bool,
+    pub chat_template: bool,
+}
+
+impl Default for LensOptions {
+    fn default() -> Self {
+        LensOptions {
+            top_k: 5,
+            positions: Positions::Keyword("last".into()),
+            layers: Layers::Keyword("all".into()),
+            targets: Vec::new(),
+            target_ids: Vec::new(),
+            summary: true,
+            chat_template: true,
+        }
+    }
+}
+
+impl Positions {
+    /// Parses the command-line form: a keyword or comma-separated indices.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "last" | "all" | "text" | "image" => Ok(Positions::Keyword(s.into())),
+            _ => parse_list(s, "positions").map(Positions::List),
+        }
+    }
+}
+
+impl Layers {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(Layers::Keyword(s.into())),
+            _ => parse_list(s, "layers").map(Layers::List),
+        }
+    }
+}
+
+fn parse_list(s: &str, what: &str) -> Result<Vec<i64>> {
+    s.split(',')
+        .map(|p| {
+            p.trim().parse::<i64>().map_err(|_| {
+                Error::InvalidOption(format!("{what}: `{p}` is not an index; use a keyword or comma-separated integers"))
+            })
+        })
+        .collect()
+}
+
+/// A target traced through the layers: the string the caller gave and its token id.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub label: String,
+    pub id: u32,
+}
+
+impl LensOptions {
+    /// Checks the options against one prepared input and turns them into a [`LensSpec`].
+    pub fn resolve(&self, inputs: &Prepared, tokenizer: &tokenizers::Tokenizer, num_layers: usize, vocab: usize) -> Result<(LensSpec, Vec<Target>)> {
+        if self.top_k == 0 || self.top_k > MAX_TOP_K {
+            return Err(Error::InvalidOption(format!("top_k must be between 1 and {MAX_TOP_K}, got {}", self.top_k)));
+        }
+        let n = inputs.input_ids.len();
+        let index = |i: i64, what: &str, len: usize| -> Result<usize> {
+            let j = if i < 0 { len as i64 + i } else { i };
+            if j < 0 || j >= len as i64 {
+                return Err(Error::Unprocessable(format!("{what} {i} is out of range: there are {len} (valid: 0..{len} or -{len}..-1)")));
+            }
+            Ok(j as usize)
+        };
+        let positions: Vec<usize> = match &self.positions {
+            Positions::Keyword(k) => match k.as_str() {
+                "last" => vec![n - 1],
+                "all" => (0..n).collect(),
+                "text" => (0..n).filter(|&i| inputs.kinds[i] != TokenKind::Image).collect(),
+                "image" => {
+                    let v: Vec<usize> = (0..n).filter(|&i| inputs.kinds[i] == TokenKind::Image).collect();
+                    if v.is_empty() {
+                        return Err(Error::Unprocessable("positions \"image\" asked for, but the request has no image".into()));
+                    }
+                    v
+                }
+                other => {
+                    return Err(Error::InvalidOption(format!(
+                        "positions must be \"last\", \"all\", \"text\", \"image\" or a list of indices, got \"{other}\""
+                    )))
+                }
+            },
+            Positions::List(l) if l.is_empty() => return Err(Error::InvalidOption("positions is an empty list".into())),
+            Positions::List(l) => l.iter().map(|&i| index(i, "position", n)).collect::<Result<_>>()?,
+        };
+        let mut layers: Vec<usize> = match &self.layers {
+            Layers::Keyword(k) if k == "all" => (0..=num_layers).collect(),
+            Layers::Keyword(k) => {
+                return Err(Error::InvalidOption(format!("layers must be \"all\" or a list of layer numbers, got \"{k}\"")))
+            }
+            Layers::List(l) if l.is_empty() => return Err(Error::InvalidOption("layers is an empty list".into())),
+            Layers::List(l) => l.iter().map(|&i| index(i, "layer", num_layers + 1)).collect::<Result<_>>()?,
+        };
+        layers.sort_unstable();
+        layers.dedup();
+        let mut targets = Vec::new();
+        for t in &self.targets {
+            let enc = tokenizer
+                .encode(t.as_str(), false)
+                .map_err(|e| Error::InvalidOption(format!("target {t:?} cannot be tokenized: {e}")))?;
+            let id = *enc
+                .get_ids()
+                .first()
+                .ok_or_else(|| Error::InvalidOption(format!("target {t:?} tokenizes to nothing; send a non-empty string")))?;
+            targets.push(Target { label: t.clone(), id });
+        }
+        for &id in &self.target_ids {
+            if id as usize >= vocab {
+                return Err(Error::InvalidOption(format!("target id {id} is outside the vocabulary (size {vocab})")));
+            }
+            targets.push(Target { label: tokenizer.id_to_token(id).unwrap_or_default(), id });
+        }
+        let spec = LensSpec {
+            positions,
+            layers,
+            top_k: self.top_k,
+            targets: targets.iter().map(|t| t.id).collect(),
+            summary: self.summary,
+        };
+        Ok((spec, targets))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokenInfo {
+    pub position: usize,
+    pub id: u32,
+    pub text: String,
+    pub kind: TokenKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InputInfo {
+    pub num_tokens: usize,
+    pub num_image_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_grid: Option<ImageGrid>,
+    pub tokens: Vec<TokenInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TopToken {
+    pub id: u32,
+    pub token: String,
+    pub prob: f32,
+    pub logit: f32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TargetOut {
+    pub target: String,
+    pub id: u32,
+    pub prob: f32,
+    pub rank: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PositionOut {
+    pub position: usize,
+    pub top: Vec<TopToken>,
+    pub entropy: f32,
+    pub kl_to_final: f32,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub targets: Vec<TargetOut>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerOut {
+    pub layer: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean_max_prob: Option<f32>,
+    pub positions: Vec<PositionOut>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Timing {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<f64>,
+    pub preprocess: f64,
+    pub forward: f64,
+    pub lens: f64,
+    pub total: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LensResponse {
+    pub model: String,
+    pub num_layers: usize,
+    pub input: InputInfo,
+    pub layers: Vec<LayerOut>,
+    pub timing_ms: Timing,
+}
+
+/// Decodes one token id as the raw piece it stands for (byte-level pieces become text).
+pub fn token_text(tokenizer: &tokenizers::Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id], false).unwrap_or_else(|_| tokenizer.id_to_token(id).unwrap_or_default())
+}
+
+pub fn input_info(inputs: &Prepared, tokenizer: &tokenizers::Tokenizer) -> InputInfo {
+    InputInfo {
+        num_tokens: inputs.input_ids.len(),
+        num_image_tokens: inputs.num_image_tokens,
+        image_grid: inputs.image_grid,
+        tokens: inputs
+            .input_ids
+            .iter()
+            .zip(&inputs.kinds)
+            .enumerate()
+            .map(|(position, (&id, &kind))| TokenInfo { position, id, text: token_text(tokenizer, id), kind })
+            .collect(),
+    }
+}
+
+pub fn layers_out(stats: Vec<LayerStats>, targets: &[Target], tokenizer: &tokenizers::Tokenizer) -> Vec<LayerOut> {
+    stats
+        .into_iter()
+        .map(|l| LayerOut {
+            layer: l.layer,
+            mean_max_prob: l.mean_max_prob,
+            positions: l
+                .positions
+                .into_iter()
+                .map(|p| PositionOut {
+                    position: p.position,
+                    top: p
+                        .top
+                        .into_iter()
+                        .map(|(id, prob, logit)| TopToken { id, token: token_text(tokenizer, id), prob, logit })
+                        .collect(),
+                    entropy: p.entropy,
+                    kl_to_final: p.kl_to_final,
+                    targets: p
+                        .targets
+                        .into_iter()
+                        .zip(targets)
+                        .map(|((prob, rank), t)| TargetOut { target: t.label.clone(), id: t.id, prob, rank })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect()
+}

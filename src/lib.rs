@@ -1,0 +1,13 @@
+//! logit-lens: what a vision-language model "thinks" at every layer.
+//!
+//! Data flows one way: request → [`preprocess`] → [`engine`] (a [`models`] forward pass with the
+//! [`lens`] as observer) → [`api`] response.
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod lens;
+pub mod models;
+pub mod preprocess;
+
+pub use error::{Error, Result};

@@ -1,0 +1,112 @@
+//! The `logit-lens` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use logit_lens::api::{Layers, LensOptions, Positions};
+use logit_lens::engine::{run_lens, LensRequest};
+use logit_lens::preprocess::image::decode;
+use logit_lens::{models, Error, Result};
+
+#[derive(Parser)]
+#[command(name = "logit-lens", version, about = "The logit lens for vision-language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the lens once and prints the JSON body that POST /lens returns.
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// A model snapshot directory (Hugging Face layout).
+    #[arg(long, env = "LOGIT_LENS_MODEL")]
+    model: PathBuf,
+    /// An image file (PNG, JPEG, WebP, GIF, BMP, TIFF); leave out for a text-only prompt.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Tokens reported per layer and position (1..=100).
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// last | all | text | image | comma-separated indices (negative from the end).
+    #[arg(long, default_value = "last", allow_hyphen_values = true)]
+    positions: String,
+    /// all | comma-separated layer numbers (0 = embeddings, L = last block).
+    #[arg(long, default_value = "all", allow_hyphen_values = true)]
+    layers: String,
+    /// Comma-separated strings whose first token is traced through the layers.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Comma-separated raw token ids to trace.
+    #[arg(long, value_delimiter = ',')]
+    target_ids: Vec<u32>,
+    /// Skip the per-layer mean max probability over all positions.
+    #[arg(long)]
+    no_summary: bool,
+    /// Use the prompt verbatim (an `<image>` marker places the image) instead of the chat template.
+    #[arg(long)]
+    no_chat_template: bool,
+    /// The model name reported in the response (default: the directory name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Run the request this many times after loading, for timing; prints the last response.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Pretty-print the JSON.
+    #[arg(long)]
+    pretty: bool,
+}
+
+fn probe(a: ProbeArgs) -> Result<()> {
+    let options = LensOptions {
+        top_k: a.top_k,
+        positions: Positions::parse(&a.positions)?,
+        layers: Layers::parse(&a.layers)?,
+        targets: a.targets,
+        target_ids: a.target_ids,
+        summary: !a.no_summary,
+        chat_template: !a.no_chat_template,
+    };
+    let image = match &a.image {
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(|e| Error::InvalidImage(format!("cannot read {}: {e}", p.display())))?;
+            Some(decode(&bytes)?)
+        }
+        None => None,
+    };
+    let name = a.name.clone().unwrap_or_else(|| {
+        a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    });
+    let model = models::load(&a.model, &name, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+    let req = LensRequest { prompt: a.prompt, image, options };
+    let mut response = run_lens(model.as_ref(), &req)?;
+    for _ in 1..a.repeat.max(1) {
+        response = run_lens(model.as_ref(), &req)?;
+        eprintln!("{}", serde_json::to_string(&response.timing_ms).unwrap_or_default());
+    }
+    let out = if a.pretty { serde_json::to_string_pretty(&response) } else { serde_json::to_string(&response) };
+    println!("{}", out.map_err(|e| Error::Internal(e.to_string()))?);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Probe(a) => probe(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error [{}]: {e}", e.code());
+            ExitCode::from(2)
+        }
+    }
+}

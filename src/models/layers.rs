@@ -1,0 +1,165 @@
+//! Building blocks shared by the model families, written to follow transformers' eager modules
+//! operation by operation (see ../shared/docs/MODELS.md §6 for why the op order matters).
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::models::snapshot::Prefixed;
+
+/// `y = x Wᵀ + b` over the last dimension of any-rank input.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Prefixed, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get("weight", (out_dim, in_dim))?;
+        let bias = if bias { Some(w.get("bias", out_dim)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = *dims.last().ok_or_else(|| Error::Internal("linear on a scalar".into()))?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Qwen2/Llama RMSNorm: `w · x / sqrt(mean(x²) + eps)`, statistics in f32.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Prefixed, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: w.get("weight", dim)?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?)
+    }
+}
+
+/// LayerNorm with weight and bias.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Prefixed, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { weight: w.get("weight", dim)?, bias: w.get("bias", dim)?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
+    }
+}
+
+/// The activations transformers' `ACT2FN` names, as the configs spell them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// `x · sigmoid(1.702 x)`
+    QuickGelu,
+    /// exact, erf-based GELU (`"gelu"`)
+    Gelu,
+    /// tanh approximation (`"gelu_pytorch_tanh"`, `"gelu_new"`)
+    GeluTanh,
+    Silu,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+            "silu" | "swish" => Activation::Silu,
+            other => return Err(Error::Internal(format!("activation `{other}` is not implemented"))),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Silu => candle_nn::Activation::Silu.forward(x)?,
+        })
+    }
+}
+
+/// Rotate-half rotary embedding. `x`: `[batch, heads, seq, head_dim]`; `cos`/`sin`:
+/// `[seq, head_dim/2]` (the first half of transformers' duplicated `cat(freqs, freqs)` table).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
+}
+
+/// Scaled dot-product attention as transformers' eager path computes it: `softmax(q kᵀ · scale +
+/// mask) v`, softmax in f32. `q`: `[b, hq, s, d]`, `k`/`v`: `[b, hkv, s, d]` with `hq` a multiple
+/// of `hkv` (grouped-query attention); `mask`: additive, broadcastable to `[b, hq, s, s]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, hq, _, d) = q.dims4()?;
+    let hkv = k.dim(1)?;
+    let (k, v) = if hkv != hq {
+        let rep = hq / hkv;
+        let expand = |t: &Tensor| -> Result<Tensor> {
+            let sk = t.dim(2)?;
+            Ok(t.unsqueeze(2)?.expand((b, hkv, rep, sk, d))?.reshape((b, hq, sk, d))?)
+        };
+        (expand(k)?, expand(v)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let dtype = scores.dtype();
+    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// Additive causal mask `[s, s]`: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..s)
+        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(data, (s, s), device)?.to_dtype(dtype)?)
+}
+
+/// `1 / base^(2j/dim)` for `j < dim/2`, in f32 as torch computes it.
+pub fn inv_freq(base: f64, dim: usize) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|j| 1.0f32 / (base as f32).powf((2 * j) as f32 / dim as f32))
+        .collect()
+}
+
+/// Gathers rows of `table` (`[n, h]`) for `ids`.
+pub fn embed(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let idx = Tensor::from_slice(ids, ids.len(), table.device())?;
+    Ok(table.index_select(&idx, 0)?)
+}

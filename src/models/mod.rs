@@ -1,0 +1,124 @@
+//! Model families. Each implements [`VisionLanguageModel`]: turn (prompt, image) into inputs,
+//! and run an instrumented forward pass that hands the residual stream after every block to an
+//! observer. Nothing outside this module knows which family it is talking to.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::preprocess::image::Rgb8;
+
+pub mod layers;
+pub mod qwen2_vl;
+pub mod snapshot;
+
+pub use layers::RmsNorm;
+
+/// What kind of token sits at a position of the input sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    Text,
+    Image,
+    Special,
+}
+
+/// Where an image's tokens sit: a `rows × cols` grid in raster order from `first_position`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageGrid {
+    pub rows: usize,
+    pub cols: usize,
+    pub first_position: usize,
+}
+
+/// The pixels of one image as the family's vision tower takes them.
+pub struct PixelInputs {
+    pub pixel_values: Tensor,
+    /// (t, h, w) in patch units, for families that need it (Qwen2-VL).
+    pub grid_thw: [usize; 3],
+}
+
+/// A model-ready request: the token sequence after templating and placeholder expansion.
+pub struct Prepared {
+    pub input_ids: Vec<u32>,
+    pub kinds: Vec<TokenKind>,
+    pub image_grid: Option<ImageGrid>,
+    pub num_image_tokens: usize,
+    pub pixels: Option<PixelInputs>,
+}
+
+/// The model's own read-out: final norm, then unembedding (`lm_head`, or the tied embeddings).
+pub struct LensHead {
+    pub norm: RmsNorm,
+    /// `[vocab, hidden]`
+    pub unembed: Tensor,
+}
+
+/// Receives the residual stream `[seq, hidden]` at lens layer `index` (0 = input of block 1,
+/// i = output of block i), as the forward pass produces it.
+pub trait LayerObserver {
+    fn observe(&mut self, index: usize, hidden: &Tensor) -> Result<()>;
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub family: &'static str,
+    pub architecture: String,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub dtype: String,
+    pub device: String,
+}
+
+pub trait VisionLanguageModel: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+    fn tokenizer(&self) -> &tokenizers::Tokenizer;
+    /// Templating, image processing, placeholder expansion and tokenization.
+    fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared>;
+    /// The instrumented forward: calls `observer` for lens layers `0..=num_layers`, in order.
+    fn forward(&self, inputs: &Prepared, observer: &mut dyn LayerObserver) -> Result<()>;
+    fn head(&self) -> &LensHead;
+}
+
+/// The families this crate implements, by `architectures[0]` in config.json.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["Qwen2VLForConditionalGeneration"];
+
+/// Loads a snapshot directory, choosing the family from its config.
+pub fn load(dir: &Path, name: &str, device: &Device, dtype: DType) -> Result<Box<dyn VisionLanguageModel>> {
+    let snapshot = snapshot::Snapshot::open(dir)?;
+    let arch = snapshot.architecture();
+    match arch.as_str() {
+        "Qwen2VLForConditionalGeneration" | "qwen2_vl" => {
+            Ok(Box::new(qwen2_vl::Qwen2Vl::load(snapshot, name, device, dtype)?))
+        }
+        other => Err(Error::UnsupportedArchitecture(format!(
+            "{}: architecture `{other}` is not supported; supported: {}",
+            dir.display(),
+            SUPPORTED_ARCHITECTURES.join(", ")
+        ))),
+    }
+}
+
+/// Token kinds from the tokenizer's special tokens and the family's image placeholder id.
+pub fn token_kinds(tokenizer: &tokenizers::Tokenizer, ids: &[u32], image_token_id: u32) -> Vec<TokenKind> {
+    let special: std::collections::HashSet<u32> = tokenizer
+        .get_added_tokens_decoder()
+        .iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, _)| *id)
+        .collect();
+    ids.iter()
+        .map(|id| {
+            if *id == image_token_id {
+                TokenKind::Image
+            } else if special.contains(id) {
+                TokenKind::Special
+            } else {
+                TokenKind::Text
+            }
+        })
+        .collect()
+}

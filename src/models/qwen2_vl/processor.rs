@@ -1,0 +1,204 @@
+//! Qwen2-VL's image processor (`Qwen2VLImageProcessor`): smart_resize to a multiple of
+//! patch·merge pixels within [min_pixels, max_pixels], antialiased bicubic resize, CLIP
+//! normalisation, and the merge-block-major patch layout the vision tower expects.
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::models::snapshot::{field, Snapshot};
+use crate::preprocess::image::{resize_bicubic, Rgb8};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageProcessorConfig {
+    pub min_pixels: usize,
+    pub max_pixels: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub merge_size: usize,
+    pub image_mean: [f32; 3],
+    pub image_std: [f32; 3],
+    pub rescale_factor: f64,
+    pub do_rescale: bool,
+    pub do_normalize: bool,
+}
+
+impl ImageProcessorConfig {
+    /// Reads `preprocessor_config.json` (hub) or the `image_processor` entry of
+    /// `processor_config.json` (transformers 5), where the pixel counts live under `size`
+    /// (`shortest_edge` = min_pixels, `longest_edge` = max_pixels, despite the names).
+    pub fn from_snapshot(s: &Snapshot) -> Result<Self> {
+        let v = match s.json("preprocessor_config.json")? {
+            Some(v) => v,
+            None => match s.json("processor_config.json")? {
+                Some(p) => p.get("image_processor").cloned().unwrap_or(p),
+                None => {
+                    return Err(s.err("neither preprocessor_config.json nor processor_config.json is present"));
+                }
+            },
+        };
+        Self::from_json(&v).map_err(|e| s.err(format!("image processor config: {e}")))
+    }
+
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let size = v.get("size").cloned().unwrap_or(Value::Null);
+        let min_pixels = field(v, "min_pixels")?
+            .or(field(&size, "shortest_edge")?)
+            .or(field(&size, "min_pixels")?)
+            .unwrap_or(56 * 56);
+        let max_pixels = field(v, "max_pixels")?
+            .or(field(&size, "longest_edge")?)
+            .or(field(&size, "max_pixels")?)
+            .unwrap_or(28 * 28 * 1280);
+        let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
+            Ok(match field::<Vec<f32>>(v, key)? {
+                Some(x) if x.len() == 3 => [x[0], x[1], x[2]],
+                Some(x) if x.len() == 1 => [x[0]; 3],
+                Some(x) => return Err(Error::Internal(format!("{key} should have 3 values, has {}", x.len()))),
+                None => default,
+            })
+        };
+        Ok(ImageProcessorConfig {
+            min_pixels,
+            max_pixels,
+            patch_size: field(v, "patch_size")?.unwrap_or(14),
+            temporal_patch_size: field(v, "temporal_patch_size")?.unwrap_or(2),
+            merge_size: field(v, "merge_size")?.unwrap_or(2),
+            image_mean: triple("image_mean", [0.481_454_66, 0.457_827_5, 0.408_210_73])?,
+            image_std: triple("image_std", [0.268_629_54, 0.261_302_58, 0.275_777_11])?,
+            rescale_factor: field(v, "rescale_factor")?.unwrap_or(1.0 / 255.0),
+            do_rescale: field(v, "do_rescale")?.unwrap_or(true),
+            do_normalize: field(v, "do_normalize")?.unwrap_or(true),
+        })
+    }
+
+    pub fn factor(&self) -> usize {
+        self.patch_size * self.merge_size
+    }
+}
+
+/// transformers' `smart_resize`: the (height, width) closest to the input's, both multiples of
+/// `factor`, with the pixel count in `[min_pixels, max_pixels]`. Python's `round` rounds half to
+/// even, hence `round_ties_even`.
+pub fn smart_resize(height: usize, width: usize, factor: usize, min_pixels: usize, max_pixels: usize) -> Result<(usize, usize)> {
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    if h.max(w) / h.min(w) > 200.0 {
+        return Err(Error::ImageNotAccepted(format!(
+            "the image is {width}×{height}: its aspect ratio {:.0} is over the model's limit of 200; crop or pad it",
+            h.max(w) / h.min(w)
+        )));
+    }
+    let mut h_bar = (h / f).round_ties_even() * f;
+    let mut w_bar = (w / f).round_ties_even() * f;
+    if h_bar * w_bar > max_pixels as f64 {
+        let beta = (h * w / max_pixels as f64).sqrt();
+        h_bar = f.max((h / beta / f).floor() * f);
+        w_bar = f.max((w / beta / f).floor() * f);
+    } else if h_bar * w_bar < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (h * w)).sqrt();
+        h_bar = (h * beta / f).ceil() * f;
+        w_bar = (w * beta / f).ceil() * f;
+    }
+    Ok((h_bar as usize, w_bar as usize))
+}
+
+/// The processed image: `pixel_values` `[grid_t·grid_h·grid_w, C·T·P·P]` (f32) and its grid in
+/// patch units (before merging).
+pub struct ProcessedImage {
+    pub pixel_values: Tensor,
+    pub grid_thw: [usize; 3],
+}
+
+impl ProcessedImage {
+    /// Tokens the image occupies in the sequence after the merger.
+    pub fn num_tokens(&self, merge_size: usize) -> usize {
+        self.grid_thw.iter().product::<usize>() / (merge_size * merge_size)
+    }
+}
+
+pub fn preprocess(img: &Rgb8, cfg: &ImageProcessorConfig, device: &Device) -> Result<ProcessedImage> {
+    let (rh, rw) = smart_resize(img.height, img.width, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
+    let resized = resize_bicubic(img, rw, rh);
+    // Rescale and normalise in f32, fused as transformers 5's torchvision backend does:
+    // (x - 255·mean) / (255·std) when both steps are on.
+    let mut scale = [1.0f32; 3];
+    let mut shift = [0.0f32; 3];
+    for c in 0..3 {
+        let r = if cfg.do_rescale { cfg.rescale_factor } else { 1.0 };
+        let (mean, std) = if cfg.do_normalize {
+            (cfg.image_mean[c] as f64, cfg.image_std[c] as f64)
+        } else {
+            (0.0, 1.0)
+        };
+        // value = (x·r - mean) / std = (x - mean/r) / (std/r)
+        shift[c] = (mean / r) as f32;
+        scale[c] = (std / r) as f32;
+    }
+    let (p, m, t) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
+    let (gh, gw) = (rh / p, rw / p);
+    let row_len = 3 * t * p * p;
+    let mut data = vec![0f32; gh * gw * row_len];
+    let mut row = 0;
+    for bh in 0..gh / m {
+        for bw in 0..gw / m {
+            for i in 0..m {
+                for j in 0..m {
+                    let (py0, px0) = ((bh * m + i) * p, (bw * m + j) * p);
+                    let out = &mut data[row * row_len..(row + 1) * row_len];
+                    for c in 0..3 {
+                        for py in 0..p {
+                            for px in 0..p {
+                                let x = resized.data[((py0 + py) * rw + px0 + px) * 3 + c] as f32;
+                                let v = (x - shift[c]) / scale[c];
+                                // A still image is repeated over the temporal patch axis.
+                                for tt in 0..t {
+                                    out[c * t * p * p + tt * p * p + py * p + px] = v;
+                                }
+                            }
+                        }
+                    }
+                    row += 1;
+                }
+            }
+        }
+    }
+    Ok(ProcessedImage {
+        pixel_values: Tensor::from_vec(data, (gh * gw, row_len), device)?,
+        grid_thw: [1, gh, gw],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smart_resize_matches_models_md_worked_examples() {
+        let (min, max) = (3136, 12_845_056);
+        assert_eq!(smart_resize(480, 640, 28, min, max).unwrap(), (476, 644));
+        assert_eq!(smart_resize(448, 448, 28, min, max).unwrap(), (448, 448));
+        // 406/28 = 14.5 rounds half to even: 14 · 28 = 392, not 420.
+        assert_eq!(smart_resize(406, 406, 28, min, max).unwrap(), (392, 392));
+    }
+
+    #[test]
+    fn tiny_images_are_upscaled_to_min_pixels() {
+        assert_eq!(smart_resize(1, 1, 28, 3136, 12_845_056).unwrap(), (56, 56));
+    }
+
+    #[test]
+    fn elongated_images_are_refused_with_the_ratio() {
+        let e = smart_resize(1, 10_000, 28, 3136, 12_845_056).unwrap_err();
+        assert_eq!(e.code(), "image_not_accepted");
+        assert!(e.to_string().contains("200"), "{e}");
+    }
+
+    #[test]
+    fn v5_size_keys_are_pixel_counts() {
+        let c = ImageProcessorConfig::from_json(&serde_json::json!({
+            "size": {"shortest_edge": 3136, "longest_edge": 31360}, "patch_size": 14, "merge_size": 2
+        }))
+        .unwrap();
+        assert_eq!((c.min_pixels, c.max_pixels), (3136, 31360));
+    }
+}

@@ -1,0 +1,226 @@
+//! A model snapshot directory as the Hugging Face hub ships it, or as `save_pretrained` writes it:
+//! config files, tokenizer, chat template and safetensors weights (one file or shards with an
+//! index). Weights are looked up by their hub (legacy) names; other layouts are reached through
+//! per-family prefix aliases, so the model code names tensors the way the checkpoint does.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub config: Value,
+}
+
+impl Snapshot {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(Error::snapshot(&dir, "is not a directory"));
+        }
+        let config = read_json(&dir, "config.json")?
+            .ok_or_else(|| Error::snapshot(&dir, "config.json is missing"))?;
+        Ok(Snapshot { dir, config })
+    }
+
+    /// The first entry of `architectures`, or the `model_type`.
+    pub fn architecture(&self) -> String {
+        self.config
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+            .or_else(|| self.config.get("model_type").and_then(|m| m.as_str()))
+            .unwrap_or("<none>")
+            .to_string()
+    }
+
+    pub fn json(&self, name: &str) -> Result<Option<Value>> {
+        read_json(&self.dir, name)
+    }
+
+    pub fn err(&self, message: impl Into<String>) -> Error {
+        Error::snapshot(&self.dir, message)
+    }
+
+    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
+        let path = self.dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(self.err("tokenizer.json is missing"));
+        }
+        tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| self.err(format!("tokenizer.json cannot be read: {e}")))
+    }
+
+    /// The chat template, from `chat_template.json`, `chat_template.jinja` or
+    /// `tokenizer_config.json`, in the order transformers prefers them.
+    pub fn chat_template(&self) -> Result<Option<String>> {
+        if let Some(v) = self.json("chat_template.json")? {
+            if let Some(t) = v.get("chat_template").and_then(|t| t.as_str()) {
+                return Ok(Some(t.to_string()));
+            }
+        }
+        let jinja = self.dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            return std::fs::read_to_string(&jinja)
+                .map(Some)
+                .map_err(|e| self.err(format!("chat_template.jinja: {e}")));
+        }
+        if let Some(v) = self.json("tokenizer_config.json")? {
+            match v.get("chat_template") {
+                Some(Value::String(s)) => return Ok(Some(s.clone())),
+                Some(Value::Array(list)) => {
+                    let default = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+                    if let Some(t) = default.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
+                        return Ok(Some(t.to_string()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The safetensors files: the shards named by `model.safetensors.index.json`, else
+    /// `model.safetensors`.
+    pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
+        if let Some(index) = self.json("model.safetensors.index.json")? {
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| self.err("model.safetensors.index.json has no weight_map"))?;
+            let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            let paths: Vec<PathBuf> = files.iter().map(|f| self.dir.join(f)).collect();
+            if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+                return Err(self.err(format!(
+                    "the index names {} but that shard is missing",
+                    missing.file_name().unwrap_or_default().to_string_lossy()
+                )));
+            }
+            return Ok(paths);
+        }
+        let single = self.dir.join("model.safetensors");
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        Err(self.err("no weights: neither model.safetensors nor model.safetensors.index.json is present"))
+    }
+}
+
+fn read_json(dir: &Path, name: &str) -> Result<Option<Value>> {
+    let path = dir.join(name);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::snapshot(dir, format!("{name}: {e}")))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::snapshot(dir, format!("{name} is not valid JSON: {e}")))
+}
+
+/// Reads an optional config field, failing (rather than silently defaulting) when it is present
+/// with the wrong type. `null` counts as absent, as it does for transformers.
+pub fn field<T: DeserializeOwned>(v: &Value, key: &str) -> Result<Option<T>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => serde_json::from_value(x.clone())
+            .map(Some)
+            .map_err(|e| Error::Internal(format!("config field `{key}` has an unexpected value {x}: {e}"))),
+    }
+}
+
+/// The weights of a snapshot, memory-mapped, converted to `dtype` on `device` as they are read.
+pub struct Weights {
+    st: candle_core::safetensors::MmapedSafetensors,
+    names: HashSet<String>,
+    /// `(hub prefix, alternative prefix)`: a name missing under the hub prefix is tried under the
+    /// alternative (e.g. transformers' in-memory `model.language_model.` for the hub's `model.`).
+    aliases: Vec<(String, String)>,
+    dir: PathBuf,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Weights {
+    pub fn open(snapshot: &Snapshot, aliases: &[(&str, &str)], dtype: DType, device: &Device) -> Result<Self> {
+        let files = snapshot.weight_files()?;
+        // SAFETY: the files are mapped read-only; a snapshot modified while it is being served is
+        // outside what this program can guard against, as for every mmap-based loader.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .map_err(|e| snapshot.err(format!("cannot read safetensors weights: {e}")))?;
+        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Weights {
+            st,
+            names,
+            aliases: aliases.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            dir: snapshot.dir.clone(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    fn resolve(&self, name: &str) -> Option<String> {
+        if self.names.contains(name) {
+            return Some(name.to_string());
+        }
+        self.aliases.iter().find_map(|(hub, alt)| {
+            let rest = name.strip_prefix(hub.as_str())?;
+            let candidate = format!("{alt}{rest}");
+            self.names.contains(&candidate).then_some(candidate)
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    /// Loads `name`, checks its shape, converts it to the working dtype and device.
+    pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        let t = self.get_any_shape(name)?;
+        if t.shape() != &shape {
+            return Err(Error::snapshot(
+                &self.dir,
+                format!("weight {name} has shape {:?}, the config implies {:?}", t.dims(), shape.dims()),
+            ));
+        }
+        Ok(t)
+    }
+
+    pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
+        let actual = self
+            .resolve(name)
+            .ok_or_else(|| Error::snapshot(&self.dir, format!("weight {name} is missing")))?;
+        let t = self
+            .st
+            .load(&actual, &self.device)
+            .map_err(|e| Error::snapshot(&self.dir, format!("weight {actual}: {e}")))?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    pub fn pp(&self, prefix: impl AsRef<str>) -> Prefixed<'_> {
+        Prefixed { w: self, prefix: format!("{}.", prefix.as_ref()) }
+    }
+}
+
+/// A view of the weights under a name prefix, like candle's `VarBuilder::pp`.
+pub struct Prefixed<'a> {
+    w: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> Prefixed<'a> {
+    pub fn pp(&self, sub: impl AsRef<str>) -> Prefixed<'a> {
+        Prefixed { w: self.w, prefix: format!("{}{}.", self.prefix, sub.as_ref()) }
+    }
+    pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.w.get(&format!("{}{name}", self.prefix), shape)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.w.contains(&format!("{}{name}", self.prefix))
+    }
+}
