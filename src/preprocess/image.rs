@@ -2,9 +2,8 @@
 //!
 //! Decoding follows what transformers does with a PIL image: EXIF orientation applied, alpha
 //! composited onto white and grayscale expanded (`transformers.image_transforms.convert_to_rgb`).
-//! Resizing is Pillow's antialiased convolution resampler (`ImagingResample`, bicubic a = -0.5,
-//! fixed-point coefficients, a horizontal then a vertical pass rounded to 8 bits), which is also
-//! what torchvision's uint8 antialiased resize reproduces.
+//! Resizing is the antialiased convolution resampler of Pillow and torchvision (bicubic a = -0.5,
+//! fixed-point coefficients, a horizontal then a vertical pass rounded to 8 bits).
 
 use std::io::Cursor;
 
@@ -133,79 +132,84 @@ fn bicubic(x: f64) -> f64 {
     }
 }
 
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// Per output pixel: the first input index and the fixed-point weights (Pillow's
-/// `precompute_coeffs` followed by `normalize_coeffs_8bpc`).
-fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+/// Per output pixel: the first input index and the fixed-point weights, plus the number of
+/// fractional bits. Weights are Pillow's (`precompute_coeffs`); the fixed-point precision is
+/// torchvision's (`_compute_indices_int16_weights_aa`: the most bits that keep every weight in
+/// an int16), which is what transformers 5's image processors run.
+fn coefficients(in_size: usize, out_size: usize) -> (Vec<(usize, Vec<i32>)>, u32) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
-    (0..out_size)
+    let weights: Vec<(usize, Vec<f64>)> = (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let mut w: Vec<f64> = (xmin..xmax)
-                .map(|x| bicubic((x as f64 - center + 0.5) * ss))
-                .collect();
+            let mut w: Vec<f64> = (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) * ss)).collect();
             let total: f64 = w.iter().sum();
             if total != 0.0 {
                 w.iter_mut().for_each(|v| *v /= total);
             }
-            let fixed = w
-                .iter()
-                .map(|&v| {
-                    let s = v * (1u64 << PRECISION_BITS) as f64;
-                    if v < 0.0 {
-                        (s - 0.5) as i32
-                    } else {
-                        (s + 0.5) as i32
-                    }
-                })
-                .collect();
-            (xmin, fixed)
+            (xmin, w)
         })
-        .collect()
+        .collect();
+    let w_max = weights.iter().flat_map(|(_, w)| w.iter().copied()).fold(0.0, f64::max);
+    let mut bits = 0u32;
+    while bits < 22 {
+        if (0.5 + w_max * (1u64 << (bits + 1)) as f64) as i64 >= 1 << 15 {
+            break;
+        }
+        bits += 1;
+    }
+    let one = (1u64 << bits) as f64;
+    let fixed = weights
+        .into_iter()
+        .map(|(xmin, w)| {
+            let k = w.iter().map(|&v| if v < 0.0 { (-0.5 + v * one) as i32 } else { (0.5 + v * one) as i32 }).collect();
+            (xmin, k)
+        })
+        .collect();
+    (fixed, bits)
 }
 
-fn clip8(acc: i64) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+fn clip8(acc: i64, bits: u32) -> u8 {
+    (acc >> bits).clamp(0, 255) as u8
 }
 
-/// Antialiased bicubic resize to `out_w × out_h`, bit-compatible with Pillow's `Image.resize`
-/// (`Image.BICUBIC`, default box).
+/// Antialiased bicubic resize to `out_w × out_h`: a horizontal then a vertical pass, each
+/// rounded to 8 bits, as Pillow's `Image.resize(BICUBIC)` and torchvision's uint8 antialiased
+/// resize do.
 pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
     let mut cur = img.clone();
     if out_w != cur.width {
-        let coeffs = coefficients(cur.width, out_w);
+        let (coeffs, bits) = coefficients(cur.width, out_w);
         let mut data = vec![0u8; cur.height * out_w * 3];
         for y in 0..cur.height {
             let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
             for (x, (xmin, k)) in coeffs.iter().enumerate() {
                 for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                    let mut acc: i64 = 1 << (bits - 1);
                     for (i, &w) in k.iter().enumerate() {
                         acc += row[(xmin + i) * 3 + c] as i64 * w as i64;
                     }
-                    data[(y * out_w + x) * 3 + c] = clip8(acc);
+                    data[(y * out_w + x) * 3 + c] = clip8(acc, bits);
                 }
             }
         }
         cur = Rgb8 { width: out_w, height: cur.height, data };
     }
     if out_h != cur.height {
-        let coeffs = coefficients(cur.height, out_h);
+        let (coeffs, bits) = coefficients(cur.height, out_h);
         let w = cur.width;
         let mut data = vec![0u8; out_h * w * 3];
         for (y, (ymin, k)) in coeffs.iter().enumerate() {
             for x in 0..w * 3 {
-                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                let mut acc: i64 = 1 << (bits - 1);
                 for (i, &wt) in k.iter().enumerate() {
                     acc += cur.data[(ymin + i) * w * 3 + x] as i64 * wt as i64;
                 }
-                data[y * w * 3 + x] = clip8(acc);
+                data[y * w * 3 + x] = clip8(acc, bits);
             }
         }
         cur = Rgb8 { width: w, height: out_h, data };
