@@ -89,6 +89,9 @@ impl<'a> Lens<'a> {
             .take()
             .ok_or_else(|| Error::Internal("the forward pass stopped before the last layer".into()))?;
         for (layer, parts) in self.layers.iter_mut().zip(&self.kl_parts) {
+            if layer.layer == self.num_layers {
+                continue; // KL of the final distribution to itself: exactly 0.
+            }
             for ((pos, (lse, n)), (u, h_final)) in layer.positions.iter_mut().zip(parts).zip(&finals) {
                 let dot: f64 = u.iter().zip(n).map(|(a, b)| *a as f64 * *b as f64).sum();
                 pos.kl_to_final = ((*lse as f64 - dot - *h_final as f64) as f32).max(0.0);

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""The seed notebook's logit-lens pipeline (transformers, CPU, float32), timed per request, on a checkpoint.
+
+This is `seed_lens` from /work/shared/baselines/seed_baseline.py, run exactly as the notebook runs it:
+one forward with ``output_hidden_states=True``, then for every entry of ``hidden_states``
+``lm_head(norm(h))`` over the whole sequence, softmax, max, mean over positions, and the top-3 ids at the
+last position. As in the notebook, the final norm is also applied to the last entry, which transformers
+already returns normed (so the last layer's numbers are those of a doubly-normed state); the model's own
+top-3 at the last position is printed separately (``model_top3_last``, computed once, untimed) for
+comparison with tools that apply the norm once.
+
+Unlike seed_baseline.py, the checkpoint is loaded from a directory with ``from_pretrained`` (float32, eager
+attention) and the inputs are real: the checkpoint's own processor renders the chat template and
+preprocesses the image.
+
+Timed per request (model load excluded): chat template + processor call, forward, lens.
+Prints one JSON line.
+
+Usage (from the repository root, with the tools venv):
+
+    ~/.venvs/tools/bin/python bench/seed_pipeline.py --model bench/checkpoints/qwen2vl-mid \\
+        --image bench/images/coco_640x480.png --prompt "Color of the main object:" --iters 5 --threads 2
+
+The checkpoint comes from ``tools/make_fixtures.py --bench bench/checkpoints/qwen2vl-mid``; the tiny
+fixture ``tests/fixtures/qwen2vl-hub`` works too.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+
+def norm_head(model):
+    lm = model.model.language_model
+    return lm.norm, model.lm_head
+
+
+@torch.no_grad()
+def seed_lens(model, batch):
+    """The seed notebook's get_hidden_states + get_visuals, minus plotting: every layer's full logits."""
+    hs = model(**batch, output_hidden_states=True, return_dict=True).hidden_states
+    norm, head = norm_head(model)
+    conf, top = [], []
+    for h in hs:
+        logits = head(norm(h))
+        conf.append(torch.softmax(logits, dim=-1).max(dim=-1).values.mean().item())
+        top.append(torch.topk(logits, k=3, dim=-1).indices[0, -1].tolist())
+    return conf, top
+
+
+def preprocess(processor, image, prompt):
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    return processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory (hub or transformers-5 layout)")
+    ap.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--iters", type=int, default=5, help="timed requests (after one untimed warm-up)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    a = ap.parse_args()
+
+    torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
+    t0 = time.perf_counter()
+    processor = AutoProcessor.from_pretrained(a.model)
+    model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    load_s = time.perf_counter() - t0
+    image = Image.open(a.image).convert("RGB") if a.image else None
+
+    def request():
+        t_a = time.perf_counter()
+        batch = preprocess(processor, image, a.prompt)
+        t_b = time.perf_counter()
+        conf, top = seed_lens(model, batch)
+        t_c = time.perf_counter()
+        return batch, conf, top, (t_b - t_a) * 1e3, (t_c - t_a) * 1e3
+
+    batch, conf, top, _, _ = request()  # warm-up
+    totals, pres = [], []
+    for _ in range(a.iters):
+        _, c, t, pre_ms, total_ms = request()
+        assert t == top, "non-deterministic lens output"
+        totals.append(total_ms)
+        pres.append(pre_ms)
+
+    model_top3 = torch.topk(model(**batch).logits[0, -1], 3).indices.tolist()
+    ids = batch["input_ids"][0]
+    print(json.dumps({
+        "pipeline": "seed_lens (transformers)",
+        "model": a.model,
+        "image": a.image,
+        "prompt": a.prompt,
+        "threads": a.threads,
+        "iters": a.iters,
+        "seq_len": int(ids.shape[0]),
+        "num_image_tokens": int((ids == model.config.image_token_id).sum()),
+        "image_grid_thw": batch["image_grid_thw"][0].tolist() if "image_grid_thw" in batch else None,
+        "median_ms": round(statistics.median(totals), 2),
+        "min_ms": round(min(totals), 2),
+        "preprocess_median_ms": round(statistics.median(pres), 2),
+        "load_s": round(load_s, 2),
+        "mean_max_prob": [round(x, 6) for x in conf],
+        "top3_last": top,
+        "model_top3_last": model_top3,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
