@@ -75,7 +75,9 @@ fn parse_list(s: &str, what: &str) -> Result<Vec<i64>> {
     s.split(',')
         .map(|p| {
             p.trim().parse::<i64>().map_err(|_| {
-                Error::InvalidOption(format!("{what}: `{p}` is not an index; use a keyword or comma-separated integers"))
+                Error::InvalidOption(format!(
+                    "{what}: `{p}` is not an index; use a keyword or comma-separated integers"
+                ))
             })
         })
         .collect()
@@ -90,15 +92,26 @@ pub struct Target {
 
 impl LensOptions {
     /// Checks the options against one prepared input and turns them into a [`LensSpec`].
-    pub fn resolve(&self, inputs: &Prepared, tokenizer: &tokenizers::Tokenizer, num_layers: usize, vocab: usize) -> Result<(LensSpec, Vec<Target>)> {
+    pub fn resolve(
+        &self,
+        inputs: &Prepared,
+        tokenizer: &tokenizers::Tokenizer,
+        num_layers: usize,
+        vocab: usize,
+    ) -> Result<(LensSpec, Vec<Target>)> {
         if self.top_k == 0 || self.top_k > MAX_TOP_K {
-            return Err(Error::InvalidOption(format!("top_k must be between 1 and {MAX_TOP_K}, got {}", self.top_k)));
+            return Err(Error::InvalidOption(format!(
+                "top_k must be between 1 and {MAX_TOP_K}, got {}",
+                self.top_k
+            )));
         }
         let n = inputs.input_ids.len();
         let index = |i: i64, what: &str, len: usize| -> Result<usize> {
             let j = if i < 0 { len as i64 + i } else { i };
             if j < 0 || j >= len as i64 {
-                return Err(Error::Unprocessable(format!("{what} {i} is out of range: there are {len} (valid: 0..{len} or -{len}..-1)")));
+                return Err(Error::Unprocessable(format!(
+                    "{what} {i} is out of range: there are {len} (valid: 0..{len} or -{len}..-1)"
+                )));
             }
             Ok(j as usize)
         };
@@ -126,29 +139,45 @@ impl LensOptions {
         let mut layers: Vec<usize> = match &self.layers {
             Layers::Keyword(k) if k == "all" => (0..=num_layers).collect(),
             Layers::Keyword(k) => {
-                return Err(Error::InvalidOption(format!("layers must be \"all\" or a list of layer numbers, got \"{k}\"")))
+                return Err(Error::InvalidOption(format!(
+                    "layers must be \"all\" or a list of layer numbers, got \"{k}\""
+                )))
             }
-            Layers::List(l) if l.is_empty() => return Err(Error::InvalidOption("layers is an empty list".into())),
-            Layers::List(l) => l.iter().map(|&i| index(i, "layer", num_layers + 1)).collect::<Result<_>>()?,
+            Layers::List(l) if l.is_empty() => {
+                return Err(Error::InvalidOption("layers is an empty list".into()))
+            }
+            Layers::List(l) => l
+                .iter()
+                .map(|&i| index(i, "layer", num_layers + 1))
+                .collect::<Result<_>>()?,
         };
         layers.sort_unstable();
         layers.dedup();
         let mut targets = Vec::new();
         for t in &self.targets {
-            let enc = tokenizer
-                .encode(t.as_str(), false)
-                .map_err(|e| Error::InvalidOption(format!("target {t:?} cannot be tokenized: {e}")))?;
-            let id = *enc
-                .get_ids()
-                .first()
-                .ok_or_else(|| Error::InvalidOption(format!("target {t:?} tokenizes to nothing; send a non-empty string")))?;
-            targets.push(Target { label: t.clone(), id });
+            let enc = tokenizer.encode(t.as_str(), false).map_err(|e| {
+                Error::InvalidOption(format!("target {t:?} cannot be tokenized: {e}"))
+            })?;
+            let id = *enc.get_ids().first().ok_or_else(|| {
+                Error::InvalidOption(format!(
+                    "target {t:?} tokenizes to nothing; send a non-empty string"
+                ))
+            })?;
+            targets.push(Target {
+                label: t.clone(),
+                id,
+            });
         }
         for &id in &self.target_ids {
             if id as usize >= vocab {
-                return Err(Error::InvalidOption(format!("target id {id} is outside the vocabulary (size {vocab})")));
+                return Err(Error::InvalidOption(format!(
+                    "target id {id} is outside the vocabulary (size {vocab})"
+                )));
             }
-            targets.push(Target { label: tokenizer.id_to_token(id).unwrap_or_default(), id });
+            targets.push(Target {
+                label: tokenizer.id_to_token(id).unwrap_or_default(),
+                id,
+            });
         }
         let spec = LensSpec {
             positions,
@@ -233,7 +262,9 @@ pub struct LensResponse {
 
 /// Decodes one token id as the raw piece it stands for (byte-level pieces become text).
 pub fn token_text(tokenizer: &tokenizers::Tokenizer, id: u32) -> String {
-    tokenizer.decode(&[id], false).unwrap_or_else(|_| tokenizer.id_to_token(id).unwrap_or_default())
+    tokenizer
+        .decode(&[id], false)
+        .unwrap_or_else(|_| tokenizer.id_to_token(id).unwrap_or_default())
 }
 
 pub fn input_info(inputs: &Prepared, tokenizer: &tokenizers::Tokenizer) -> InputInfo {
@@ -246,12 +277,21 @@ pub fn input_info(inputs: &Prepared, tokenizer: &tokenizers::Tokenizer) -> Input
             .iter()
             .zip(&inputs.kinds)
             .enumerate()
-            .map(|(position, (&id, &kind))| TokenInfo { position, id, text: token_text(tokenizer, id), kind })
+            .map(|(position, (&id, &kind))| TokenInfo {
+                position,
+                id,
+                text: token_text(tokenizer, id),
+                kind,
+            })
             .collect(),
     }
 }
 
-pub fn layers_out(stats: Vec<LayerStats>, targets: &[Target], tokenizer: &tokenizers::Tokenizer) -> Vec<LayerOut> {
+pub fn layers_out(
+    stats: Vec<LayerStats>,
+    targets: &[Target],
+    tokenizer: &tokenizers::Tokenizer,
+) -> Vec<LayerOut> {
     stats
         .into_iter()
         .map(|l| LayerOut {
@@ -265,7 +305,12 @@ pub fn layers_out(stats: Vec<LayerStats>, targets: &[Target], tokenizer: &tokeni
                     top: p
                         .top
                         .into_iter()
-                        .map(|(id, prob, logit)| TopToken { id, token: token_text(tokenizer, id), prob, logit })
+                        .map(|(id, prob, logit)| TopToken {
+                            id,
+                            token: token_text(tokenizer, id),
+                            prob,
+                            logit,
+                        })
                         .collect(),
                     entropy: p.entropy,
                     kl_to_final: p.kl_to_final,
@@ -273,7 +318,12 @@ pub fn layers_out(stats: Vec<LayerStats>, targets: &[Target], tokenizer: &tokeni
                         .targets
                         .into_iter()
                         .zip(targets)
-                        .map(|((prob, rank), t)| TargetOut { target: t.label.clone(), id: t.id, prob, rank })
+                        .map(|((prob, rank), t)| TargetOut {
+                            target: t.label.clone(),
+                            id: t.id,
+                            prob,
+                            rank,
+                        })
                         .collect(),
                 })
                 .collect(),

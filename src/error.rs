@@ -56,6 +56,9 @@ impl Error {
     }
 
     pub fn snapshot(dir: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Snapshot { dir: dir.into(), message: message.into() }
+        Error::Snapshot {
+            dir: dir.into(),
+            message: message.into(),
+        }
     }
 }

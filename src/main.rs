@@ -11,7 +11,11 @@ use logit_lens::preprocess::image::decode;
 use logit_lens::{models, Error, Result};
 
 #[derive(Parser)]
-#[command(name = "logit-lens", version, about = "The logit lens for vision-language models")]
+#[command(
+    name = "logit-lens",
+    version,
+    about = "The logit lens for vision-language models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,22 +81,42 @@ fn probe(a: ProbeArgs) -> Result<()> {
     };
     let image = match &a.image {
         Some(p) => {
-            let bytes = std::fs::read(p).map_err(|e| Error::InvalidImage(format!("cannot read {}: {e}", p.display())))?;
+            let bytes = std::fs::read(p)
+                .map_err(|e| Error::InvalidImage(format!("cannot read {}: {e}", p.display())))?;
             Some(decode(&bytes)?)
         }
         None => None,
     };
     let name = a.name.clone().unwrap_or_else(|| {
-        a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        a.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
     });
-    let model = models::load(&a.model, &name, &candle_core::Device::Cpu, candle_core::DType::F32)?;
-    let req = LensRequest { prompt: a.prompt, image, options };
+    let model = models::load(
+        &a.model,
+        &name,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )?;
+    let req = LensRequest {
+        prompt: a.prompt,
+        image,
+        options,
+    };
     let mut response = run_lens(model.as_ref(), &req)?;
     for _ in 1..a.repeat.max(1) {
         response = run_lens(model.as_ref(), &req)?;
-        eprintln!("{}", serde_json::to_string(&response.timing_ms).unwrap_or_default());
+        eprintln!(
+            "{}",
+            serde_json::to_string(&response.timing_ms).unwrap_or_default()
+        );
     }
-    let out = if a.pretty { serde_json::to_string_pretty(&response) } else { serde_json::to_string(&response) };
+    let out = if a.pretty {
+        serde_json::to_string_pretty(&response)
+    } else {
+        serde_json::to_string(&response)
+    };
     println!("{}", out.map_err(|e| Error::Internal(e.to_string()))?);
     Ok(())
 }

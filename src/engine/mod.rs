@@ -20,7 +20,9 @@ pub fn run_lens(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<Le
     let t0 = Instant::now();
     let inputs = model.prepare(&req.prompt, req.image.as_ref(), req.options.chat_template)?;
     let info = model.info();
-    let (spec, targets) = req.options.resolve(&inputs, model.tokenizer(), info.num_layers, info.vocab_size)?;
+    let (spec, targets) =
+        req.options
+            .resolve(&inputs, model.tokenizer(), info.num_layers, info.vocab_size)?;
     let t1 = Instant::now();
     let mut lens = Lens::new(model.head(), &spec, info.num_layers)?;
     model.forward(&inputs, &mut lens)?;

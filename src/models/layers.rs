@@ -16,7 +16,11 @@ pub struct Linear {
 impl Linear {
     pub fn load(w: &Prefixed, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get("weight", (out_dim, in_dim))?;
-        let bias = if bias { Some(w.get("bias", out_dim)?) } else { None };
+        let bias = if bias {
+            Some(w.get("bias", out_dim)?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -30,7 +34,9 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let in_dim = *dims.last().ok_or_else(|| Error::Internal("linear on a scalar".into()))?;
+        let in_dim = *dims
+            .last()
+            .ok_or_else(|| Error::Internal("linear on a scalar".into()))?;
         let rows = x.elem_count() / in_dim.max(1);
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
@@ -52,11 +58,18 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(w: &Prefixed, dim: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: w.get("weight", dim)?, eps })
+        Ok(RmsNorm {
+            weight: w.get("weight", dim)?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps as f32,
+        )?)
     }
 }
 
@@ -70,11 +83,20 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(w: &Prefixed, dim: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { weight: w.get("weight", dim)?, bias: w.get("bias", dim)?, eps })
+        Ok(LayerNorm {
+            weight: w.get("weight", dim)?,
+            bias: w.get("bias", dim)?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?)
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps as f32,
+        )?)
     }
 }
 
@@ -97,7 +119,11 @@ impl Activation {
             "gelu" => Activation::Gelu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "silu" | "swish" => Activation::Silu,
-            other => return Err(Error::Internal(format!("activation `{other}` is not implemented"))),
+            other => {
+                return Err(Error::Internal(format!(
+                    "activation `{other}` is not implemented"
+                )))
+            }
         })
     }
 
@@ -120,14 +146,22 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention as transformers' eager path computes it: `softmax(q kᵀ · scale +
 /// mask) v`, softmax in f32. `q`: `[b, hq, s, d]`, `k`/`v`: `[b, hkv, s, d]` with `hq` a multiple
 /// of `hkv` (grouped-query attention); `mask`: additive, broadcastable to `[b, hq, s, s]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, hq, _, d) = q.dims4()?;
     let hkv = k.dim(1)?;
     let (k, v) = if hkv != hq {
         let rep = hq / hkv;
         let expand = |t: &Tensor| -> Result<Tensor> {
             let sk = t.dim(2)?;
-            Ok(t.unsqueeze(2)?.expand((b, hkv, rep, sk, d))?.reshape((b, hq, sk, d))?)
+            Ok(t.unsqueeze(2)?
+                .expand((b, hkv, rep, sk, d))?
+                .reshape((b, hq, sk, d))?)
         };
         (expand(k)?, expand(v)?)
     } else {

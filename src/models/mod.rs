@@ -87,13 +87,18 @@ pub trait VisionLanguageModel: Send + Sync {
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["Qwen2VLForConditionalGeneration"];
 
 /// Loads a snapshot directory, choosing the family from its config.
-pub fn load(dir: &Path, name: &str, device: &Device, dtype: DType) -> Result<Box<dyn VisionLanguageModel>> {
+pub fn load(
+    dir: &Path,
+    name: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<Box<dyn VisionLanguageModel>> {
     let snapshot = snapshot::Snapshot::open(dir)?;
     let arch = snapshot.architecture();
     match arch.as_str() {
-        "Qwen2VLForConditionalGeneration" | "qwen2_vl" => {
-            Ok(Box::new(qwen2_vl::Qwen2Vl::load(snapshot, name, device, dtype)?))
-        }
+        "Qwen2VLForConditionalGeneration" | "qwen2_vl" => Ok(Box::new(qwen2_vl::Qwen2Vl::load(
+            snapshot, name, device, dtype,
+        )?)),
         other => Err(Error::UnsupportedArchitecture(format!(
             "{}: architecture `{other}` is not supported; supported: {}",
             dir.display(),
@@ -103,7 +108,11 @@ pub fn load(dir: &Path, name: &str, device: &Device, dtype: DType) -> Result<Box
 }
 
 /// Token kinds from the tokenizer's special tokens and the family's image placeholder id.
-pub fn token_kinds(tokenizer: &tokenizers::Tokenizer, ids: &[u32], image_token_id: u32) -> Vec<TokenKind> {
+pub fn token_kinds(
+    tokenizer: &tokenizers::Tokenizer,
+    ids: &[u32],
+    image_token_id: u32,
+) -> Vec<TokenKind> {
     let special: std::collections::HashSet<u32> = tokenizer
         .get_added_tokens_decoder()
         .iter()

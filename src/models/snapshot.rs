@@ -74,8 +74,13 @@ impl Snapshot {
             match v.get("chat_template") {
                 Some(Value::String(s)) => return Ok(Some(s.clone())),
                 Some(Value::Array(list)) => {
-                    let default = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
-                    if let Some(t) = default.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
+                    let default = list
+                        .iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+                    if let Some(t) = default
+                        .and_then(|t| t.get("template"))
+                        .and_then(|t| t.as_str())
+                    {
                         return Ok(Some(t.to_string()));
                     }
                 }
@@ -107,7 +112,9 @@ impl Snapshot {
         if single.is_file() {
             return Ok(vec![single]);
         }
-        Err(self.err("no weights: neither model.safetensors nor model.safetensors.index.json is present"))
+        Err(self.err(
+            "no weights: neither model.safetensors nor model.safetensors.index.json is present",
+        ))
     }
 }
 
@@ -116,7 +123,8 @@ fn read_json(dir: &Path, name: &str) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::snapshot(dir, format!("{name}: {e}")))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Error::snapshot(dir, format!("{name}: {e}")))?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| Error::snapshot(dir, format!("{name} is not valid JSON: {e}")))
@@ -127,9 +135,11 @@ fn read_json(dir: &Path, name: &str) -> Result<Option<Value>> {
 pub fn field<T: DeserializeOwned>(v: &Value, key: &str) -> Result<Option<T>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => serde_json::from_value(x.clone())
-            .map(Some)
-            .map_err(|e| Error::Internal(format!("config field `{key}` has an unexpected value {x}: {e}"))),
+        Some(x) => serde_json::from_value(x.clone()).map(Some).map_err(|e| {
+            Error::Internal(format!(
+                "config field `{key}` has an unexpected value {x}: {e}"
+            ))
+        }),
     }
 }
 
@@ -146,7 +156,12 @@ pub struct Weights {
 }
 
 impl Weights {
-    pub fn open(snapshot: &Snapshot, aliases: &[(&str, &str)], dtype: DType, device: &Device) -> Result<Self> {
+    pub fn open(
+        snapshot: &Snapshot,
+        aliases: &[(&str, &str)],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let files = snapshot.weight_files()?;
         // SAFETY: the files are mapped read-only; a snapshot modified while it is being served is
         // outside what this program can guard against, as for every mmap-based loader.
@@ -156,7 +171,10 @@ impl Weights {
         Ok(Weights {
             st,
             names,
-            aliases: aliases.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            aliases: aliases
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
             dir: snapshot.dir.clone(),
             dtype,
             device: device.clone(),
@@ -185,7 +203,11 @@ impl Weights {
         if t.shape() != &shape {
             return Err(Error::snapshot(
                 &self.dir,
-                format!("weight {name} has shape {:?}, the config implies {:?}", t.dims(), shape.dims()),
+                format!(
+                    "weight {name} has shape {:?}, the config implies {:?}",
+                    t.dims(),
+                    shape.dims()
+                ),
             ));
         }
         Ok(t)
@@ -203,7 +225,10 @@ impl Weights {
     }
 
     pub fn pp(&self, prefix: impl AsRef<str>) -> Prefixed<'_> {
-        Prefixed { w: self, prefix: format!("{}.", prefix.as_ref()) }
+        Prefixed {
+            w: self,
+            prefix: format!("{}.", prefix.as_ref()),
+        }
     }
 }
 
@@ -215,7 +240,10 @@ pub struct Prefixed<'a> {
 
 impl<'a> Prefixed<'a> {
     pub fn pp(&self, sub: impl AsRef<str>) -> Prefixed<'a> {
-        Prefixed { w: self.w, prefix: format!("{}{}.", self.prefix, sub.as_ref()) }
+        Prefixed {
+            w: self.w,
+            prefix: format!("{}{}.", self.prefix, sub.as_ref()),
+        }
     }
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         self.w.get(&format!("{}{name}", self.prefix), shape)

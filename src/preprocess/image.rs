@@ -22,7 +22,11 @@ pub struct Rgb8 {
 impl Rgb8 {
     pub fn from_rgb_image(img: RgbImage) -> Self {
         let (width, height) = (img.width() as usize, img.height() as usize);
-        Rgb8 { width, height, data: img.into_raw() }
+        Rgb8 {
+            width,
+            height,
+            data: img.into_raw(),
+        }
     }
 
     pub fn pixel(&self, x: usize, y: usize) -> [u8; 3] {
@@ -46,13 +50,16 @@ const SUPPORTED: &[ImageFormat] = &[
 pub fn peek_dimensions(bytes: &[u8]) -> Result<(ImageFormat, u32, u32)> {
     let reader = reader_for(bytes)?;
     let format = reader.format().ok_or_else(not_an_image)?;
-    let (w, h) = reader.into_dimensions().map_err(|e| decode_error(format, e))?;
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| decode_error(format, e))?;
     Ok((format, w, h))
 }
 
 fn not_an_image() -> Error {
     Error::InvalidImage(
-        "the uploaded file is not a recognisable image; send PNG, JPEG, WebP, GIF, BMP or TIFF".into(),
+        "the uploaded file is not a recognisable image; send PNG, JPEG, WebP, GIF, BMP or TIFF"
+            .into(),
     )
 }
 
@@ -95,7 +102,9 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb8> {
         img.apply_orientation(o);
     }
     if img.width() == 0 || img.height() == 0 {
-        return Err(Error::InvalidImage("the image has zero width or height".into()));
+        return Err(Error::InvalidImage(
+            "the image has zero width or height".into(),
+        ));
     }
     Ok(to_rgb(img))
 }
@@ -116,7 +125,11 @@ fn to_rgb(img: DynamicImage) -> Rgb8 {
             data.push(v as u8);
         }
     }
-    Rgb8 { width: w, height: h, data }
+    Rgb8 {
+        width: w,
+        height: h,
+        data,
+    }
 }
 
 /// Pillow's bicubic kernel (a = -0.5).
@@ -146,7 +159,9 @@ fn coefficients(in_size: usize, out_size: usize) -> (Vec<(usize, Vec<i32>)>, u32
             let ss = 1.0 / filterscale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let mut w: Vec<f64> = (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) * ss)).collect();
+            let mut w: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic((x as f64 - center + 0.5) * ss))
+                .collect();
             let total: f64 = w.iter().sum();
             if total != 0.0 {
                 w.iter_mut().for_each(|v| *v /= total);
@@ -154,7 +169,10 @@ fn coefficients(in_size: usize, out_size: usize) -> (Vec<(usize, Vec<i32>)>, u32
             (xmin, w)
         })
         .collect();
-    let w_max = weights.iter().flat_map(|(_, w)| w.iter().copied()).fold(0.0, f64::max);
+    let w_max = weights
+        .iter()
+        .flat_map(|(_, w)| w.iter().copied())
+        .fold(0.0, f64::max);
     let mut bits = 0u32;
     while bits < 22 {
         if (0.5 + w_max * (1u64 << (bits + 1)) as f64) as i64 >= 1 << 15 {
@@ -166,7 +184,16 @@ fn coefficients(in_size: usize, out_size: usize) -> (Vec<(usize, Vec<i32>)>, u32
     let fixed = weights
         .into_iter()
         .map(|(xmin, w)| {
-            let k = w.iter().map(|&v| if v < 0.0 { (-0.5 + v * one) as i32 } else { (0.5 + v * one) as i32 }).collect();
+            let k = w
+                .iter()
+                .map(|&v| {
+                    if v < 0.0 {
+                        (-0.5 + v * one) as i32
+                    } else {
+                        (0.5 + v * one) as i32
+                    }
+                })
+                .collect();
             (xmin, k)
         })
         .collect();
@@ -197,7 +224,11 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
                 }
             }
         }
-        cur = Rgb8 { width: out_w, height: cur.height, data };
+        cur = Rgb8 {
+            width: out_w,
+            height: cur.height,
+            data,
+        };
     }
     if out_h != cur.height {
         let (coeffs, bits) = coefficients(cur.height, out_h);
@@ -212,7 +243,11 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
                 data[y * w * 3 + x] = clip8(acc, bits);
             }
         }
-        cur = Rgb8 { width: w, height: out_h, data };
+        cur = Rgb8 {
+            width: w,
+            height: out_h,
+            data,
+        };
     }
     cur
 }
@@ -229,13 +264,21 @@ mod tests {
 
     #[test]
     fn identity_resize_keeps_pixels() {
-        let img = Rgb8 { width: 3, height: 2, data: (0..18).map(|v| v as u8 * 10).collect() };
+        let img = Rgb8 {
+            width: 3,
+            height: 2,
+            data: (0..18).map(|v| v as u8 * 10).collect(),
+        };
         assert_eq!(resize_bicubic(&img, 3, 2).data, img.data);
     }
 
     #[test]
     fn uniform_image_stays_uniform_under_up_and_downscaling() {
-        let img = Rgb8 { width: 7, height: 5, data: [10u8, 200, 77].repeat(35) };
+        let img = Rgb8 {
+            width: 7,
+            height: 5,
+            data: [10u8, 200, 77].repeat(35),
+        };
         for (w, h) in [(3, 2), (28, 56), (7, 11)] {
             let r = resize_bicubic(&img, w, h);
             assert!(r.data.chunks(3).all(|p| p == [10, 200, 77]), "{w}x{h}");
@@ -251,13 +294,26 @@ mod tests {
 
         let clear = image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0]));
         let rgb = decode(&encode(DynamicImage::ImageRgba8(clear), ImageFormat::Png)).unwrap();
-        assert_eq!(rgb.pixel(0, 0), [255, 255, 255], "transparent pixels composite onto white");
+        assert_eq!(
+            rgb.pixel(0, 0),
+            [255, 255, 255],
+            "transparent pixels composite onto white"
+        );
     }
 
     #[test]
     fn every_supported_format_decodes() {
-        let src = DynamicImage::ImageRgb8(RgbImage::from_fn(16, 8, |x, y| image::Rgb([x as u8 * 16, y as u8 * 32, 128])));
-        for f in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Gif, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::WebP] {
+        let src = DynamicImage::ImageRgb8(RgbImage::from_fn(16, 8, |x, y| {
+            image::Rgb([x as u8 * 16, y as u8 * 32, 128])
+        }));
+        for f in [
+            ImageFormat::Png,
+            ImageFormat::Jpeg,
+            ImageFormat::Gif,
+            ImageFormat::Bmp,
+            ImageFormat::Tiff,
+            ImageFormat::WebP,
+        ] {
             let bytes = encode(src.clone(), f);
             let img = decode(&bytes).unwrap_or_else(|e| panic!("{f:?}: {e}"));
             assert_eq!((img.width, img.height), (16, 8), "{f:?}");
@@ -268,7 +324,10 @@ mod tests {
     fn garbage_and_truncated_files_are_clear_errors() {
         let e = decode(b"definitely not an image").unwrap_err();
         assert_eq!(e.code(), "invalid_image");
-        let mut png = encode(DynamicImage::ImageRgb8(RgbImage::new(32, 32)), ImageFormat::Png);
+        let mut png = encode(
+            DynamicImage::ImageRgb8(RgbImage::new(32, 32)),
+            ImageFormat::Png,
+        );
         png.truncate(png.len() / 2);
         assert_eq!(decode(&png).unwrap_err().code(), "invalid_image");
         assert_eq!(decode(&[]).unwrap_err().code(), "invalid_image");
@@ -276,7 +335,10 @@ mod tests {
 
     #[test]
     fn unsupported_formats_are_named() {
-        let ico = encode(DynamicImage::ImageRgb8(RgbImage::new(16, 16)), ImageFormat::Png);
+        let ico = encode(
+            DynamicImage::ImageRgb8(RgbImage::new(16, 16)),
+            ImageFormat::Png,
+        );
         // A TGA header is recognised by nothing we enable; a QOI magic is recognised by the
         // image crate's format guesser but not enabled here.
         let mut qoi = b"qoif".to_vec();

@@ -16,9 +16,12 @@ impl ChatTemplate {
         let mut env = Environment::new();
         // Python string methods (`.strip()`, `.startswith()`, ...) that HF templates call.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         // transformers' `{% generation %}…{% endgeneration %}` marks assistant text for training
         // masks; it renders its body unchanged, so the markers can be dropped.
         let source = source
@@ -34,14 +37,23 @@ impl ChatTemplate {
     }
 
     /// One user message, `[image?, text]`, with the generation prompt.
-    pub fn render_user_turn(&self, prompt: &str, with_image: bool, bos_token: &str, eos_token: &str) -> Result<String> {
+    pub fn render_user_turn(
+        &self,
+        prompt: &str,
+        with_image: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String> {
         let mut content = Vec::new();
         if with_image {
             content.push(json!({"type": "image"}));
         }
         content.push(json!({"type": "text", "text": prompt}));
         let messages = json!([{"role": "user", "content": content}]);
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::Internal(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Internal(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => Value::from_serialize(&messages),
             add_generation_prompt => true,
@@ -72,7 +84,10 @@ mod tests {
 
     #[test]
     fn generation_block_tags_are_accepted() {
-        let t = ChatTemplate::new("{% for m in messages %}{% generation %}{{ m['role'] }}{% endgeneration %}{% endfor %}").unwrap();
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% generation %}{{ m['role'] }}{% endgeneration %}{% endfor %}",
+        )
+        .unwrap();
         assert_eq!(t.render_user_turn("x", false, "", "").unwrap(), "user");
     }
 

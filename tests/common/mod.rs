@@ -31,11 +31,16 @@ pub struct Reference(pub HashMap<String, Tensor>);
 
 impl Reference {
     pub fn load(family: &str, case: &str) -> Self {
-        let p = fixtures().join("reference").join(family).join(format!("{case}.safetensors"));
+        let p = fixtures()
+            .join("reference")
+            .join(family)
+            .join(format!("{case}.safetensors"));
         Reference(candle_core::safetensors::load(&p, &Device::Cpu).unwrap())
     }
     pub fn get(&self, k: &str) -> &Tensor {
-        self.0.get(k).unwrap_or_else(|| panic!("reference has no {k}"))
+        self.0
+            .get(k)
+            .unwrap_or_else(|| panic!("reference has no {k}"))
     }
     pub fn has(&self, k: &str) -> bool {
         self.0.contains_key(k)
@@ -56,7 +61,13 @@ pub fn image(case: &Case) -> Option<logit_lens::preprocess::image::Rgb8> {
 }
 
 pub fn load_model(dir: &str) -> Box<dyn VisionLanguageModel> {
-    logit_lens::models::load(&fixtures().join(dir), dir, &Device::Cpu, candle_core::DType::F32).unwrap()
+    logit_lens::models::load(
+        &fixtures().join(dir),
+        dir,
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap()
 }
 
 /// Records every lens layer's residual stream.
@@ -74,5 +85,8 @@ impl LayerObserver for Recorder {
 /// max |a − b| / (|b| + 1): absolute near zero, relative for large values.
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / (y.abs() + 1.0)).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (y.abs() + 1.0))
+        .fold(0.0, f32::max)
 }

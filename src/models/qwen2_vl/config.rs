@@ -73,7 +73,10 @@ impl Config {
 
     pub fn from_json(root: &Value) -> Result<Self> {
         // Flat hub configs keep the text fields at the top level.
-        let t = root.get("text_config").filter(|v| v.is_object()).unwrap_or(root);
+        let t = root
+            .get("text_config")
+            .filter(|v| v.is_object())
+            .unwrap_or(root);
         let rope: Value = field::<Value>(t, "rope_parameters")?
             .or(field::<Value>(t, "rope_scaling")?)
             .or(field::<Value>(root, "rope_scaling")?)
@@ -107,11 +110,13 @@ impl Config {
             intermediate_size: or(field(t, "intermediate_size")?, 29568),
             num_hidden_layers,
             num_attention_heads,
-            num_key_value_heads: field(t, "num_key_value_heads")?.unwrap_or(if t.get("num_key_value_heads").is_none() {
-                8
-            } else {
-                num_attention_heads
-            }),
+            num_key_value_heads: field(t, "num_key_value_heads")?.unwrap_or(
+                if t.get("num_key_value_heads").is_none() {
+                    8
+                } else {
+                    num_attention_heads
+                },
+            ),
             hidden_act: or(field(t, "hidden_act")?, "silu".to_string()),
             rms_norm_eps: or(field(t, "rms_norm_eps")?, 1e-5),
             rope_theta,
@@ -132,14 +137,16 @@ impl Config {
             hidden_act: or(field(&v, "hidden_act")?, "quick_gelu".to_string()),
             mlp_ratio: or(field(&v, "mlp_ratio")?, 4.0),
             num_heads: or(field(&v, "num_heads")?, 16),
-            in_channels: field(&v, "in_channels")?.or(field(&v, "in_chans")?).unwrap_or(3),
+            in_channels: field(&v, "in_channels")?
+                .or(field(&v, "in_chans")?)
+                .unwrap_or(3),
             patch_size: or(field(&v, "patch_size")?, 14),
             spatial_merge_size: or(field(&v, "spatial_merge_size")?, 2),
             temporal_patch_size: or(field(&v, "temporal_patch_size")?, 2),
         };
         // transformers 5 forwards a `true` found in text_config to the top level.
-        let tie_word_embeddings =
-            field::<bool>(root, "tie_word_embeddings")?.unwrap_or(false) || field::<bool>(t, "tie_word_embeddings")?.unwrap_or(false);
+        let tie_word_embeddings = field::<bool>(root, "tie_word_embeddings")?.unwrap_or(false)
+            || field::<bool>(t, "tie_word_embeddings")?.unwrap_or(false);
         Ok(Config {
             text,
             vision,
@@ -174,13 +181,19 @@ mod tests {
             "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_channels": 3,
                               "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
         });
-        for c in [Config::from_json(&flat).unwrap(), Config::from_json(&nested).unwrap()] {
+        for c in [
+            Config::from_json(&flat).unwrap(),
+            Config::from_json(&nested).unwrap(),
+        ] {
             assert_eq!(c.text.head_dim(), 128);
             assert_eq!(c.text.mrope_section, vec![16, 24, 24]);
             assert_eq!(c.text.rope_theta, 1e6);
             assert_eq!(c.text.rms_norm_eps, 1e-6);
             assert!(c.tie_word_embeddings);
-            assert_eq!(c.vision.hidden_act, "quick_gelu", "class default when absent");
+            assert_eq!(
+                c.vision.hidden_act, "quick_gelu",
+                "class default when absent"
+            );
             assert_eq!(c.vision.patch_dim(), 1176);
             assert_eq!(c.image_token_id, 151655, "class default when absent");
         }
@@ -188,9 +201,22 @@ mod tests {
 
     #[test]
     fn missing_fields_take_transformers_class_defaults() {
-        let c = Config::from_json(&json!({"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}})).unwrap();
-        assert_eq!((c.text.vocab_size, c.text.hidden_size, c.text.num_hidden_layers), (152064, 8192, 80));
-        assert_eq!((c.text.num_attention_heads, c.text.num_key_value_heads), (64, 8));
+        let c = Config::from_json(
+            &json!({"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.text.vocab_size,
+                c.text.hidden_size,
+                c.text.num_hidden_layers
+            ),
+            (152064, 8192, 80)
+        );
+        assert_eq!(
+            (c.text.num_attention_heads, c.text.num_key_value_heads),
+            (64, 8)
+        );
         assert_eq!(c.text.rms_norm_eps, 1e-5);
         assert!(!c.tie_word_embeddings);
         assert_eq!(c.vision.embed_dim, 1280);
@@ -198,8 +224,10 @@ mod tests {
 
     #[test]
     fn explicit_null_kv_heads_means_multi_head_attention() {
-        let c = Config::from_json(&json!({"num_attention_heads": 4, "hidden_size": 64, "num_key_value_heads": null,
-            "rope_scaling": {"mrope_section": [2, 3, 3]}}))
+        let c = Config::from_json(
+            &json!({"num_attention_heads": 4, "hidden_size": 64, "num_key_value_heads": null,
+            "rope_scaling": {"mrope_section": [2, 3, 3]}}),
+        )
         .unwrap();
         assert_eq!(c.text.num_key_value_heads, 4);
     }

@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::models::snapshot::{Snapshot, Weights};
 use crate::models::{
-    token_kinds, ImageGrid, LayerObserver, LensHead, ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
+    token_kinds, ImageGrid, LayerObserver, LensHead, ModelInfo, PixelInputs, Prepared,
+    VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::template::ChatTemplate;
@@ -48,7 +49,11 @@ impl Qwen2Vl {
             .map(|t| ChatTemplate::new(&t))
             .transpose()
             .map_err(|e| snapshot.err(e.to_string()))?;
-        for (tok, id) in [(IMAGE_PAD, cfg.image_token_id), (VISION_START, cfg.vision_start_token_id), (VISION_END, cfg.vision_end_token_id)] {
+        for (tok, id) in [
+            (IMAGE_PAD, cfg.image_token_id),
+            (VISION_START, cfg.vision_start_token_id),
+            (VISION_END, cfg.vision_end_token_id),
+        ] {
             if tokenizer.token_to_id(tok) != Some(id) {
                 return Err(snapshot.err(format!(
                     "config.json says {tok} is token {id}, the tokenizer says {:?}",
@@ -58,22 +63,34 @@ impl Qwen2Vl {
         }
         let eos_token = snapshot
             .json("tokenizer_config.json")?
-            .and_then(|t| t.get("eos_token").and_then(|e| e.as_str().map(String::from)))
+            .and_then(|t| {
+                t.get("eos_token")
+                    .and_then(|e| e.as_str().map(String::from))
+            })
             .unwrap_or_else(|| "<|im_end|>".into());
         let weights = Weights::open(
             &snapshot,
-            &[("visual.", "model.visual."), ("model.", "model.language_model.")],
+            &[
+                ("visual.", "model.visual."),
+                ("model.", "model.language_model."),
+            ],
             dtype,
             device,
         )?;
         let vision = vision::VisionTower::load(&weights.pp("visual"), &cfg.vision)?;
         let text = text::TextModel::load(&weights.pp("model"), &cfg.text)?;
         let unembed = if !cfg.tie_word_embeddings && weights.contains("lm_head.weight") {
-            weights.get("lm_head.weight", (cfg.text.vocab_size, cfg.text.hidden_size))?
+            weights.get(
+                "lm_head.weight",
+                (cfg.text.vocab_size, cfg.text.hidden_size),
+            )?
         } else {
             text.embed_tokens.clone()
         };
-        let head = LensHead { norm: text.norm.clone(), unembed };
+        let head = LensHead {
+            norm: text.norm.clone(),
+            unembed,
+        };
         let info = ModelInfo {
             name: name.to_string(),
             family: "qwen2_vl",
@@ -84,25 +101,45 @@ impl Qwen2Vl {
             dtype: format!("{dtype:?}").to_lowercase(),
             device: format!("{device:?}").to_lowercase(),
         };
-        Ok(Qwen2Vl { info, cfg, processor, template, tokenizer, eos_token, vision, text, head, device: device.clone() })
+        Ok(Qwen2Vl {
+            info,
+            cfg,
+            processor,
+            template,
+            tokenizer,
+            eos_token,
+            vision,
+            text,
+            head,
+            device: device.clone(),
+        })
     }
 
     fn render(&self, prompt: &str, with_image: bool, chat_template: bool) -> Result<String> {
         if chat_template {
             let t = self.template.as_ref().ok_or_else(|| {
-                Error::InvalidOption("this model's snapshot has no chat template; send chat_template: false".into())
+                Error::InvalidOption(
+                    "this model's snapshot has no chat template; send chat_template: false".into(),
+                )
             })?;
             return t.render_user_turn(prompt, with_image, "", &self.eos_token);
         }
         let marker = "<image>";
         match (with_image, prompt.matches(marker).count()) {
             (false, 0) => Ok(prompt.to_string()),
-            (true, 1) => Ok(prompt.replacen(marker, &format!("{VISION_START}{IMAGE_PAD}{VISION_END}"), 1)),
+            (true, 1) => {
+                Ok(prompt.replacen(marker, &format!("{VISION_START}{IMAGE_PAD}{VISION_END}"), 1))
+            }
             (true, 0) => Err(Error::InvalidOption(
-                "with chat_template false the prompt must contain `<image>` where the image goes".into(),
+                "with chat_template false the prompt must contain `<image>` where the image goes"
+                    .into(),
             )),
-            (false, _) => Err(Error::InvalidOption("the prompt contains `<image>` but no image was sent".into())),
-            (true, n) => Err(Error::InvalidOption(format!("the prompt contains `<image>` {n} times; one image was sent"))),
+            (false, _) => Err(Error::InvalidOption(
+                "the prompt contains `<image>` but no image was sent".into(),
+            )),
+            (true, n) => Err(Error::InvalidOption(format!(
+                "the prompt contains `<image>` {n} times; one image was sent"
+            ))),
         }
     }
 }
@@ -122,12 +159,18 @@ impl VisionLanguageModel for Qwen2Vl {
 
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared> {
         if prompt.trim().is_empty() {
-            return Err(Error::InvalidOption("the prompt is empty; send the text to ask about the image".into()));
+            return Err(Error::InvalidOption(
+                "the prompt is empty; send the text to ask about the image".into(),
+            ));
         }
-        let processed = image.map(|img| processor::preprocess(img, &self.processor, &self.device)).transpose()?;
+        let processed = image
+            .map(|img| processor::preprocess(img, &self.processor, &self.device))
+            .transpose()?;
         let mut text = self.render(prompt, image.is_some(), chat_template)?;
         let pads = text.matches(IMAGE_PAD).count();
-        let num_image_tokens = processed.as_ref().map_or(0, |p| p.num_tokens(self.processor.merge_size));
+        let num_image_tokens = processed
+            .as_ref()
+            .map_or(0, |p| p.num_tokens(self.processor.merge_size));
         match (&processed, pads) {
             (None, 0) | (Some(_), 1) => {}
             _ => {
@@ -146,7 +189,10 @@ impl VisionLanguageModel for Qwen2Vl {
             .map_err(|e| Error::Internal(format!("tokenization failed: {e}")))?;
         let input_ids = enc.get_ids().to_vec();
         let kinds = token_kinds(&self.tokenizer, &input_ids, self.cfg.image_token_id);
-        let found = kinds.iter().filter(|k| **k == crate::models::TokenKind::Image).count();
+        let found = kinds
+            .iter()
+            .filter(|k| **k == crate::models::TokenKind::Image)
+            .count();
         if found != num_image_tokens {
             return Err(Error::Internal(format!(
                 "expected {num_image_tokens} image tokens after expansion, the tokenizer produced {found}"
@@ -157,7 +203,10 @@ impl VisionLanguageModel for Qwen2Vl {
             ImageGrid {
                 rows: p.grid_thw[1] / m,
                 cols: p.grid_thw[2] / m,
-                first_position: input_ids.iter().position(|&id| id == self.cfg.image_token_id).unwrap_or(0),
+                first_position: input_ids
+                    .iter()
+                    .position(|&id| id == self.cfg.image_token_id)
+                    .unwrap_or(0),
             }
         });
         Ok(Prepared {
@@ -165,21 +214,36 @@ impl VisionLanguageModel for Qwen2Vl {
             kinds,
             image_grid,
             num_image_tokens,
-            pixels: processed.map(|p| PixelInputs { pixel_values: p.pixel_values, grid_thw: p.grid_thw }),
+            pixels: processed.map(|p| PixelInputs {
+                pixel_values: p.pixel_values,
+                grid_thw: p.grid_thw,
+            }),
         })
     }
 
     fn forward(&self, inputs: &Prepared, observer: &mut dyn LayerObserver) -> Result<()> {
         let mut embeds = self.text.embed(&inputs.input_ids)?;
         if let (Some(px), Some(grid)) = (&inputs.pixels, inputs.image_grid) {
-            let feats = self.vision.forward(&px.pixel_values.to_device(&self.device)?, px.grid_thw)?;
+            let feats = self
+                .vision
+                .forward(&px.pixel_values.to_device(&self.device)?, px.grid_thw)?;
             let feats = feats.to_dtype(embeds.dtype())?;
             let (first, n) = (grid.first_position, inputs.num_image_tokens);
             if feats.dim(0)? != n {
-                return Err(Error::Internal(format!("vision tower gave {} features for {n} image tokens", feats.dim(0)?)));
+                return Err(Error::Internal(format!(
+                    "vision tower gave {} features for {n} image tokens",
+                    feats.dim(0)?
+                )));
             }
             let s = embeds.dim(0)?;
-            embeds = Tensor::cat(&[embeds.narrow(0, 0, first)?, feats, embeds.narrow(0, first + n, s - first - n)?], 0)?;
+            embeds = Tensor::cat(
+                &[
+                    embeds.narrow(0, 0, first)?,
+                    feats,
+                    embeds.narrow(0, first + n, s - first - n)?,
+                ],
+                0,
+            )?;
         }
         let positions = self.positions(inputs);
         self.text.forward(embeds, &positions, observer)
@@ -189,6 +253,11 @@ impl VisionLanguageModel for Qwen2Vl {
 impl Qwen2Vl {
     /// 3-D M-RoPE position ids `(t, h, w)` per token.
     pub fn positions(&self, inputs: &Prepared) -> Vec<[u32; 3]> {
-        text::rope_positions(inputs.input_ids.len(), inputs.image_grid.map(|g| (g.first_position, g.rows, g.cols)))
+        text::rope_positions(
+            inputs.input_ids.len(),
+            inputs
+                .image_grid
+                .map(|g| (g.first_position, g.rows, g.cols)),
+        )
     }
 }

@@ -33,7 +33,9 @@ impl ImageProcessorConfig {
             None => match s.json("processor_config.json")? {
                 Some(p) => p.get("image_processor").cloned().unwrap_or(p),
                 None => {
-                    return Err(s.err("neither preprocessor_config.json nor processor_config.json is present"));
+                    return Err(s.err(
+                        "neither preprocessor_config.json nor processor_config.json is present",
+                    ));
                 }
             },
         };
@@ -54,7 +56,12 @@ impl ImageProcessorConfig {
             Ok(match field::<Vec<f32>>(v, key)? {
                 Some(x) if x.len() == 3 => [x[0], x[1], x[2]],
                 Some(x) if x.len() == 1 => [x[0]; 3],
-                Some(x) => return Err(Error::Internal(format!("{key} should have 3 values, has {}", x.len()))),
+                Some(x) => {
+                    return Err(Error::Internal(format!(
+                        "{key} should have 3 values, has {}",
+                        x.len()
+                    )))
+                }
                 None => default,
             })
         };
@@ -64,8 +71,8 @@ impl ImageProcessorConfig {
             patch_size: field(v, "patch_size")?.unwrap_or(14),
             temporal_patch_size: field(v, "temporal_patch_size")?.unwrap_or(2),
             merge_size: field(v, "merge_size")?.unwrap_or(2),
-            image_mean: triple("image_mean", [0.481_454_66, 0.457_827_5, 0.408_210_73])?,
-            image_std: triple("image_std", [0.268_629_54, 0.261_302_58, 0.275_777_11])?,
+            image_mean: triple("image_mean", crate::preprocess::OPENAI_CLIP_MEAN)?,
+            image_std: triple("image_std", crate::preprocess::OPENAI_CLIP_STD)?,
             rescale_factor: field(v, "rescale_factor")?.unwrap_or(1.0 / 255.0),
             do_rescale: field(v, "do_rescale")?.unwrap_or(true),
             do_normalize: field(v, "do_normalize")?.unwrap_or(true),
@@ -80,7 +87,13 @@ impl ImageProcessorConfig {
 /// transformers' `smart_resize`: the (height, width) closest to the input's, both multiples of
 /// `factor`, with the pixel count in `[min_pixels, max_pixels]`. Python's `round` rounds half to
 /// even, hence `round_ties_even`.
-pub fn smart_resize(height: usize, width: usize, factor: usize, min_pixels: usize, max_pixels: usize) -> Result<(usize, usize)> {
+pub fn smart_resize(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: usize,
+    max_pixels: usize,
+) -> Result<(usize, usize)> {
     let (h, w, f) = (height as f64, width as f64, factor as f64);
     if h.max(w) / h.min(w) > 200.0 {
         return Err(Error::ImageNotAccepted(format!(
@@ -116,15 +129,29 @@ impl ProcessedImage {
     }
 }
 
-pub fn preprocess(img: &Rgb8, cfg: &ImageProcessorConfig, device: &Device) -> Result<ProcessedImage> {
-    let (rh, rw) = smart_resize(img.height, img.width, cfg.factor(), cfg.min_pixels, cfg.max_pixels)?;
+pub fn preprocess(
+    img: &Rgb8,
+    cfg: &ImageProcessorConfig,
+    device: &Device,
+) -> Result<ProcessedImage> {
+    let (rh, rw) = smart_resize(
+        img.height,
+        img.width,
+        cfg.factor(),
+        cfg.min_pixels,
+        cfg.max_pixels,
+    )?;
     let resized = resize_bicubic(img, rw, rh);
     // Rescale and normalise in f32, fused as transformers 5's torchvision backend does:
     // (x - 255·mean) / (255·std) when both steps are on.
     let mut scale = [1.0f32; 3];
     let mut shift = [0.0f32; 3];
     for c in 0..3 {
-        let r = if cfg.do_rescale { cfg.rescale_factor } else { 1.0 };
+        let r = if cfg.do_rescale {
+            cfg.rescale_factor
+        } else {
+            1.0
+        };
         let (mean, std) = if cfg.do_normalize {
             (cfg.image_mean[c] as f64, cfg.image_std[c] as f64)
         } else {

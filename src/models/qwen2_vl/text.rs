@@ -6,7 +6,9 @@ use candle_core::{Device, Tensor};
 
 use super::config::TextConfig;
 use crate::error::Result;
-use crate::models::layers::{attention, causal_mask, embed, inv_freq, rope, Activation, Linear, RmsNorm};
+use crate::models::layers::{
+    attention, causal_mask, embed, inv_freq, rope, Activation, Linear, RmsNorm,
+};
 use crate::models::snapshot::Prefixed;
 use crate::models::LayerObserver;
 
@@ -44,7 +46,11 @@ impl TextModel {
                 let m = b.pp("mlp");
                 Ok(Layer {
                     input_layernorm: RmsNorm::load(&b.pp("input_layernorm"), h, eps)?,
-                    post_attention_layernorm: RmsNorm::load(&b.pp("post_attention_layernorm"), h, eps)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &b.pp("post_attention_layernorm"),
+                        h,
+                        eps,
+                    )?,
                     q: Linear::load(&a.pp("q_proj"), h, qd, true)?,
                     k: Linear::load(&a.pp("k_proj"), h, kvd, true)?,
                     v: Linear::load(&a.pp("v_proj"), h, kvd, true)?,
@@ -99,7 +105,12 @@ impl TextModel {
 
     /// Runs the decoder over `embeds` `[seq, hidden]`, handing the residual stream to `observer`
     /// before the first block (lens layer 0) and after every block.
-    pub fn forward(&self, embeds: Tensor, positions: &[[u32; 3]], observer: &mut dyn LayerObserver) -> Result<()> {
+    pub fn forward(
+        &self,
+        embeds: Tensor,
+        positions: &[[u32; 3]],
+        observer: &mut dyn LayerObserver,
+    ) -> Result<()> {
         let device = embeds.device().clone();
         let s = embeds.dim(0)?;
         let hd = self.cfg.head_dim();
@@ -112,15 +123,23 @@ impl TextModel {
         for (l, layer) in self.layers.iter().enumerate() {
             let x = layer.input_layernorm.forward(&h)?;
             let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
-                Ok(lin.forward(&x)?.reshape((1, s, n, hd))?.transpose(1, 2)?.contiguous()?)
+                Ok(lin
+                    .forward(&x)?
+                    .reshape((1, s, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
             };
             let q = rope(&heads(&layer.q, nh)?, &cos, &sin)?;
             let k = rope(&heads(&layer.k, nkv)?, &cos, &sin)?;
             let v = heads(&layer.v, nkv)?;
-            let a = attention(&q, &k, &v, Some(&mask), scale)?.transpose(1, 2)?.reshape((1, s, nh * hd))?;
+            let a = attention(&q, &k, &v, Some(&mask), scale)?
+                .transpose(1, 2)?
+                .reshape((1, s, nh * hd))?;
             h = (h + layer.o.forward(&a)?)?;
             let x = layer.post_attention_layernorm.forward(&h)?;
-            let mlp = layer.down.forward(&(self.act.forward(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?)?;
+            let mlp = layer
+                .down
+                .forward(&(self.act.forward(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?)?;
             h = (h + mlp)?;
             observer.observe(l + 1, &h.squeeze(0)?)?;
         }

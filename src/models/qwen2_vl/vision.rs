@@ -38,7 +38,10 @@ impl VisionTower {
         let p = cfg.patch_size;
         let patch_embed = w
             .pp("patch_embed.proj")
-            .get("weight", (e, cfg.in_channels, cfg.temporal_patch_size, p, p))?
+            .get(
+                "weight",
+                (e, cfg.in_channels, cfg.temporal_patch_size, p, p),
+            )?
             .reshape((e, cfg.patch_dim()))?;
         let blocks = (0..cfg.depth)
             .map(|i| {
@@ -94,7 +97,10 @@ impl VisionTower {
         }
         let n = t * gh * gw;
         let dev = self.patch_embed.device();
-        Ok((Tensor::from_vec(cos, (n, half), dev)?, Tensor::from_vec(sin, (n, half), dev)?))
+        Ok((
+            Tensor::from_vec(cos, (n, half), dev)?,
+            Tensor::from_vec(sin, (n, half), dev)?,
+        ))
     }
 
     /// `pixel_values` `[n, C·T·P·P]` for one image with grid `(t, h, w)` → merged features
@@ -103,15 +109,23 @@ impl VisionTower {
         let dtype = self.patch_embed.dtype();
         let n = pixel_values.dim(0)?;
         let (heads, hd, e) = (self.cfg.num_heads, self.cfg.head_dim(), self.cfg.embed_dim);
-        let mut x = pixel_values.to_dtype(dtype)?.matmul(&self.patch_embed.t()?)?;
+        let mut x = pixel_values
+            .to_dtype(dtype)?
+            .matmul(&self.patch_embed.t()?)?;
         let (cos, sin) = self.rotary(grid)?;
         let frame = grid[1] * grid[2];
         for b in &self.blocks {
             let h = b.norm1.forward(&x)?;
-            let qkv = b.qkv.forward(&h)?.reshape((n, 3, heads, hd))?.permute((1, 2, 0, 3))?; // [3, heads, n, hd]
-            // Rotation in f32 as transformers does, then back to the working dtype.
+            let qkv = b
+                .qkv
+                .forward(&h)?
+                .reshape((n, 3, heads, hd))?
+                .permute((1, 2, 0, 3))?; // [3, heads, n, hd]
+                                         // Rotation in f32 as transformers does, then back to the working dtype.
             let rot = |t: Tensor| -> Result<Tensor> {
-                rope(&t.to_dtype(DType::F32)?.unsqueeze(0)?, &cos, &sin)?.to_dtype(dtype).map_err(Into::into)
+                rope(&t.to_dtype(DType::F32)?.unsqueeze(0)?, &cos, &sin)?
+                    .to_dtype(dtype)
+                    .map_err(Into::into)
             };
             let q = rot(qkv.get(0)?)?;
             let k = rot(qkv.get(1)?)?;
@@ -120,9 +134,18 @@ impl VisionTower {
             let mut outs = Vec::with_capacity(grid[0]);
             for f in 0..grid[0] {
                 let part = |t: &Tensor| t.narrow(2, f * frame, frame);
-                outs.push(attention(&part(&q)?, &part(&k)?, &part(&v)?, None, (hd as f64).powf(-0.5))?);
+                outs.push(attention(
+                    &part(&q)?,
+                    &part(&k)?,
+                    &part(&v)?,
+                    None,
+                    (hd as f64).powf(-0.5),
+                )?);
             }
-            let o = Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((n, e))?;
+            let o = Tensor::cat(&outs, 2)?
+                .squeeze(0)?
+                .transpose(0, 1)?
+                .reshape((n, e))?;
             x = (x + b.proj.forward(&o)?)?;
             let h = b.norm2.forward(&x)?;
             x = (&x + b.fc2.forward(&self.act.forward(&b.fc1.forward(&h)?)?)?)?;
