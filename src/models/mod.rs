@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::preprocess::image::Rgb8;
 
+pub mod decoder;
 pub mod layers;
 pub mod qwen2_vl;
 pub mod snapshot;

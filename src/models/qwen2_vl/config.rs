@@ -6,27 +6,8 @@
 use serde_json::Value;
 
 use crate::error::Result;
+use crate::models::decoder::DecoderConfig;
 use crate::models::snapshot::{field, Snapshot};
-
-#[derive(Clone, Debug)]
-pub struct TextConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    pub hidden_act: String,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub mrope_section: Vec<usize>,
-}
-
-impl TextConfig {
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct VisionConfig {
@@ -54,7 +35,7 @@ impl VisionConfig {
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub text: TextConfig,
+    pub text: DecoderConfig,
     pub vision: VisionConfig,
     pub tie_word_embeddings: bool,
     pub image_token_id: u32,
@@ -104,7 +85,10 @@ impl Config {
                 ));
             }
         }
-        let text = TextConfig {
+        // transformers 5 forwards a `true` found in text_config to the top level.
+        let tie_word_embeddings = field::<bool>(root, "tie_word_embeddings")?.unwrap_or(false)
+            || field::<bool>(t, "tie_word_embeddings")?.unwrap_or(false);
+        let text = DecoderConfig {
             vocab_size: or(field(t, "vocab_size")?, 152064),
             hidden_size,
             intermediate_size: or(field(t, "intermediate_size")?, 29568),
@@ -121,6 +105,9 @@ impl Config {
             rms_norm_eps: or(field(t, "rms_norm_eps")?, 1e-5),
             rope_theta,
             mrope_section,
+            head_dim,
+            qkv_bias: true,
+            tie_word_embeddings,
         };
         if text.mrope_section.iter().sum::<usize>() != head_dim / 2 {
             return Err(crate::error::Error::Internal(format!(
@@ -144,9 +131,6 @@ impl Config {
             spatial_merge_size: or(field(&v, "spatial_merge_size")?, 2),
             temporal_patch_size: or(field(&v, "temporal_patch_size")?, 2),
         };
-        // transformers 5 forwards a `true` found in text_config to the top level.
-        let tie_word_embeddings = field::<bool>(root, "tie_word_embeddings")?.unwrap_or(false)
-            || field::<bool>(t, "tie_word_embeddings")?.unwrap_or(false);
         Ok(Config {
             text,
             vision,
@@ -185,7 +169,7 @@ mod tests {
             Config::from_json(&flat).unwrap(),
             Config::from_json(&nested).unwrap(),
         ] {
-            assert_eq!(c.text.head_dim(), 128);
+            assert_eq!(c.text.head_dim, 128);
             assert_eq!(c.text.mrope_section, vec![16, 24, 24]);
             assert_eq!(c.text.rope_theta, 1e6);
             assert_eq!(c.text.rms_norm_eps, 1e-6);

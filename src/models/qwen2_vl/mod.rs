@@ -12,6 +12,7 @@ pub mod vision;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::models::decoder::Decoder;
 use crate::models::snapshot::{Snapshot, Weights};
 use crate::models::{
     token_kinds, ImageGrid, LayerObserver, LensHead, ModelInfo, PixelInputs, Prepared,
@@ -34,7 +35,7 @@ pub struct Qwen2Vl {
     tokenizer: tokenizers::Tokenizer,
     eos_token: String,
     vision: vision::VisionTower,
-    text: text::TextModel,
+    text: Decoder,
     head: LensHead,
     device: Device,
 }
@@ -78,7 +79,7 @@ impl Qwen2Vl {
             device,
         )?;
         let vision = vision::VisionTower::load(&weights.pp("visual"), &cfg.vision)?;
-        let text = text::TextModel::load(&weights.pp("model"), &cfg.text)?;
+        let text = Decoder::load(&weights.pp("model"), &cfg.text)?;
         let unembed = if !cfg.tie_word_embeddings && weights.contains("lm_head.weight") {
             weights.get(
                 "lm_head.weight",

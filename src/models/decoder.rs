@@ -1,0 +1,289 @@
+//! The decoder-only language model shared by the families: Llama (LLaVA-1.5) and Qwen2 (Qwen2-VL,
+//! LLaVA-OneVision). Pre-norm blocks, grouped-query attention with rotate-half RoPE, SwiGLU MLP,
+//! RMSNorm. Positions are 3-D `(t, h, w)` so that Qwen2-VL's M-RoPE is the general case; plain
+//! RoPE is M-RoPE with every frequency on the first axis and `t = h = w`.
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::models::layers::{
+    attention, causal_mask, embed, inv_freq, rope, Activation, Linear, RmsNorm,
+};
+use crate::models::snapshot::{field, Prefixed};
+use crate::models::LayerObserver;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub hidden_act: String,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// Frequency slots per position axis (t, h, w); sums to head_dim / 2.
+    pub mrope_section: Vec<usize>,
+    /// Biases on q/k/v (Qwen2: yes; Llama: `attention_bias`).
+    pub qkv_bias: bool,
+    pub tie_word_embeddings: bool,
+}
+
+impl DecoderConfig {
+    /// Reads a Llama or Qwen2 text config (`model_type` picks the class defaults for fields the
+    /// file leaves out, as transformers' `LlamaConfig` / `Qwen2Config` would).
+    pub fn from_json(t: &Value, default_model_type: &str) -> Result<Self> {
+        let model_type: String =
+            field(t, "model_type")?.unwrap_or_else(|| default_model_type.to_string());
+        let qwen2 = match model_type.as_str() {
+            "qwen2" => true,
+            "llama" => false,
+            other => {
+                return Err(Error::Internal(format!(
+                    "text model type `{other}` is not supported (llama and qwen2 are)"
+                )))
+            }
+        };
+        let or = |k: &str, llama: usize, qwen: usize| -> Result<usize> {
+            Ok(field(t, k)?.unwrap_or(if qwen2 { qwen } else { llama }))
+        };
+        let hidden_size = or("hidden_size", 4096, 4096)?;
+        let num_attention_heads = or("num_attention_heads", 32, 32)?;
+        let kv = match t.get("num_key_value_heads") {
+            None if qwen2 => 32,
+            _ => field(t, "num_key_value_heads")?.unwrap_or(num_attention_heads),
+        };
+        let head_dim = field(t, "head_dim")?.unwrap_or(hidden_size / num_attention_heads.max(1));
+        let rope: Value = field::<Value>(t, "rope_parameters")?
+            .or(field::<Value>(t, "rope_scaling")?)
+            .unwrap_or(Value::Null);
+        let rope_type: Option<String> = field(&rope, "rope_type")?.or(field(&rope, "type")?);
+        if let Some(rt) = rope_type.filter(|r| r != "default") {
+            return Err(Error::Internal(format!(
+                "rope type `{rt}` is not implemented (only default RoPE is)"
+            )));
+        }
+        if qwen2 && field::<bool>(t, "use_sliding_window")?.unwrap_or(false) {
+            return Err(Error::Internal(
+                "sliding-window attention is not implemented".into(),
+            ));
+        }
+        Ok(DecoderConfig {
+            vocab_size: or("vocab_size", 32000, 151936)?,
+            hidden_size,
+            intermediate_size: or("intermediate_size", 11008, 22016)?,
+            num_hidden_layers: or("num_hidden_layers", 32, 32)?,
+            num_attention_heads,
+            num_key_value_heads: kv,
+            head_dim,
+            hidden_act: field(t, "hidden_act")?.unwrap_or_else(|| "silu".into()),
+            rms_norm_eps: field(t, "rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta: field(&rope, "rope_theta")?
+                .or(field(t, "rope_theta")?)
+                .unwrap_or(10_000.0),
+            mrope_section: vec![head_dim / 2, 0, 0],
+            qkv_bias: qwen2 || field(t, "attention_bias")?.unwrap_or(false),
+            tie_word_embeddings: field(t, "tie_word_embeddings")?.unwrap_or(false),
+        })
+    }
+}
+
+struct Layer {
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Decoder {
+    cfg: DecoderConfig,
+    pub embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    pub norm: RmsNorm,
+    act: Activation,
+}
+
+impl Decoder {
+    /// `w` is the LM body prefix (`model.` for Qwen2-VL on the hub, `language_model.model.` for LLaVA).
+    pub fn load(w: &Prefixed, cfg: &DecoderConfig) -> Result<Self> {
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let eps = cfg.rms_norm_eps;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let b = w.pp(format!("layers.{l}"));
+                let a = b.pp("self_attn");
+                let m = b.pp("mlp");
+                Ok(Layer {
+                    input_layernorm: RmsNorm::load(&b.pp("input_layernorm"), h, eps)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &b.pp("post_attention_layernorm"),
+                        h,
+                        eps,
+                    )?,
+                    q: Linear::load(&a.pp("q_proj"), h, qd, cfg.qkv_bias)?,
+                    k: Linear::load(&a.pp("k_proj"), h, kvd, cfg.qkv_bias)?,
+                    v: Linear::load(&a.pp("v_proj"), h, kvd, cfg.qkv_bias)?,
+                    o: Linear::load(&a.pp("o_proj"), qd, h, false)?,
+                    gate: Linear::load(&m.pp("gate_proj"), h, i, false)?,
+                    up: Linear::load(&m.pp("up_proj"), h, i, false)?,
+                    down: Linear::load(&m.pp("down_proj"), i, h, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Decoder {
+            cfg: cfg.clone(),
+            embed_tokens: w.pp("embed_tokens").get("weight", (cfg.vocab_size, h))?,
+            layers,
+            norm: RmsNorm::load(&w.pp("norm"), h, eps)?,
+            act: Activation::from_name(&cfg.hidden_act)?,
+        })
+    }
+
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        embed(&self.embed_tokens, ids)
+    }
+
+    /// RoPE tables `[seq, head_dim/2]`: frequency slot j takes its angle from the position axis
+    /// `mrope_section` assigns it. Angles and cos/sin in f32, then cast (transformers' order).
+    fn rope_tables(&self, positions: &[[u32; 3]], device: &Device) -> Result<(Tensor, Tensor)> {
+        let hd = self.cfg.head_dim;
+        let freqs = inv_freq(self.cfg.rope_theta, hd);
+        let axis: Vec<usize> = self
+            .cfg
+            .mrope_section
+            .iter()
+            .enumerate()
+            .flat_map(|(a, &n)| std::iter::repeat_n(a, n))
+            .collect();
+        let mut cos = Vec::with_capacity(positions.len() * hd / 2);
+        let mut sin = Vec::with_capacity(cos.capacity());
+        for p in positions {
+            for (j, f) in freqs.iter().enumerate() {
+                let a = p[axis[j]] as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let s = positions.len();
+        let dtype = self.embed_tokens.dtype();
+        Ok((
+            Tensor::from_vec(cos, (s, hd / 2), device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (s, hd / 2), device)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// Runs the blocks over `embeds` `[seq, hidden]`, handing the residual stream to `observer`
+    /// before the first block (lens layer 0) and after every block.
+    pub fn forward(
+        &self,
+        embeds: Tensor,
+        positions: &[[u32; 3]],
+        observer: &mut dyn LayerObserver,
+    ) -> Result<()> {
+        let device = embeds.device().clone();
+        let s = embeds.dim(0)?;
+        let hd = self.cfg.head_dim;
+        let (nh, nkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+        let (cos, sin) = self.rope_tables(positions, &device)?;
+        let mask = causal_mask(s, embeds.dtype(), &device)?;
+        let scale = (hd as f64).powf(-0.5);
+        let mut h = embeds.unsqueeze(0)?; // [1, s, hidden]
+        observer.observe(0, &h.squeeze(0)?)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let x = layer.input_layernorm.forward(&h)?;
+            let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
+                Ok(lin
+                    .forward(&x)?
+                    .reshape((1, s, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let q = rope(&heads(&layer.q, nh)?, &cos, &sin)?;
+            let k = rope(&heads(&layer.k, nkv)?, &cos, &sin)?;
+            let v = heads(&layer.v, nkv)?;
+            let a = attention(&q, &k, &v, Some(&mask), scale)?
+                .transpose(1, 2)?
+                .reshape((1, s, nh * hd))?;
+            h = (h + layer.o.forward(&a)?)?;
+            let x = layer.post_attention_layernorm.forward(&h)?;
+            let mlp = layer
+                .down
+                .forward(&(self.act.forward(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?)?;
+            h = (h + mlp)?;
+            observer.observe(l + 1, &h.squeeze(0)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Plain 1-D positions `0..len` on all three axes.
+pub fn sequential_positions(len: usize) -> Vec<[u32; 3]> {
+    (0..len as u32).map(|p| [p; 3]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn llama_defaults_fill_a_sparse_llava_text_config() {
+        // llava-1.5-7b-hf's text_config lists only a few fields.
+        let c = DecoderConfig::from_json(
+            &json!({"model_type": "llama", "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "vocab_size": 32064}),
+            "llama",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+            (4096, 11008, 32)
+        );
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (32, 32, 128)
+        );
+        assert_eq!(
+            (c.rope_theta, c.rms_norm_eps, c.vocab_size),
+            (10_000.0, 1e-5, 32064)
+        );
+        assert!(!c.qkv_bias);
+    }
+
+    #[test]
+    fn qwen2_has_qkv_biases_and_its_own_defaults() {
+        let c = DecoderConfig::from_json(
+            &json!({"model_type": "qwen2", "rope_theta": 1e6, "num_key_value_heads": 2}),
+            "llama",
+        )
+        .unwrap();
+        assert!(c.qkv_bias);
+        assert_eq!(
+            (
+                c.vocab_size,
+                c.intermediate_size,
+                c.num_key_value_heads,
+                c.rope_theta
+            ),
+            (151936, 22016, 2, 1e6)
+        );
+    }
+
+    #[test]
+    fn scaled_rope_is_refused_not_silently_ignored() {
+        let e = DecoderConfig::from_json(
+            &json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+            "llama",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("llama3"), "{e}");
+    }
+}
