@@ -11,8 +11,11 @@ use crate::preprocess::image::Rgb8;
 
 pub mod decoder;
 pub mod layers;
+pub mod llava;
+pub mod llava_onevision;
 pub mod qwen2_vl;
 pub mod snapshot;
+pub mod vit;
 
 pub use layers::RmsNorm;
 
@@ -36,8 +39,10 @@ pub struct ImageGrid {
 /// The pixels of one image as the family's vision tower takes them.
 pub struct PixelInputs {
     pub pixel_values: Tensor,
-    /// (t, h, w) in patch units, for families that need it (Qwen2-VL).
+    /// (t, h, w): Qwen2-VL's patch grid; LLaVA-OneVision's tile grid.
     pub grid_thw: [usize; 3],
+    /// The image's size before preprocessing, (height, width).
+    pub original_size: [usize; 2],
 }
 
 /// A model-ready request: the token sequence after templating and placeholder expansion.
@@ -85,7 +90,8 @@ pub trait VisionLanguageModel: Send + Sync {
 }
 
 /// The families this crate implements, by `architectures[0]` in config.json.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["Qwen2VLForConditionalGeneration"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["Qwen2VLForConditionalGeneration", "LlavaForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"];
 
 /// Loads a snapshot directory, choosing the family from its config.
 pub fn load(
@@ -131,4 +137,24 @@ pub fn token_kinds(
             }
         })
         .collect()
+}
+
+/// The tokenizer must have produced exactly one placeholder per image feature.
+pub fn check_image_tokens(kinds: &[TokenKind], expected: usize) -> Result<()> {
+    let found = kinds.iter().filter(|k| **k == TokenKind::Image).count();
+    if found != expected {
+        return Err(Error::Internal(format!("expected {expected} image tokens after expansion, the tokenizer produced {found}")));
+    }
+    Ok(())
+}
+
+/// Writes `features` `[n, hidden]` over the `n` placeholder embeddings starting at `first`
+/// (transformers' `masked_scatter` for one contiguous image).
+pub fn scatter_image_features(embeds: Tensor, features: Tensor, first: usize) -> Result<Tensor> {
+    let (s, n) = (embeds.dim(0)?, features.dim(0)?);
+    if first + n > s {
+        return Err(Error::Internal(format!("{n} image features at {first} overflow a {s}-token sequence")));
+    }
+    let features = features.to_dtype(embeds.dtype())?;
+    Ok(Tensor::cat(&[embeds.narrow(0, 0, first)?, features, embeds.narrow(0, first + n, s - first - n)?], 0)?)
 }

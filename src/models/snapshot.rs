@@ -90,6 +90,29 @@ impl Snapshot {
         Ok(None)
     }
 
+    /// A special token's text from `tokenizer_config.json` (`"bos_token": "<s>"` or
+    /// `{"content": "<s>", ...}`), if set.
+    pub fn special_token(&self, name: &str) -> Result<Option<String>> {
+        let Some(cfg) = self.json("tokenizer_config.json")? else { return Ok(None) };
+        Ok(match cfg.get(name) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+            _ => None,
+        })
+    }
+
+    /// The image processor's settings: `preprocessor_config.json` (hub), else the
+    /// `image_processor` entry of `processor_config.json` (transformers 5).
+    pub fn image_processor_config(&self) -> Result<Value> {
+        if let Some(v) = self.json("preprocessor_config.json")? {
+            return Ok(v);
+        }
+        match self.json("processor_config.json")? {
+            Some(p) => Ok(p.get("image_processor").cloned().unwrap_or(p)),
+            None => Err(self.err("neither preprocessor_config.json nor processor_config.json is present")),
+        }
+    }
+
     /// The safetensors files: the shards named by `model.safetensors.index.json`, else
     /// `model.safetensors`.
     pub fn weight_files(&self) -> Result<Vec<PathBuf>> {

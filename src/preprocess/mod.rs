@@ -1,7 +1,9 @@
-//! Turning a request's raw inputs into what a model consumes: decoded images, the rendered chat
-//! template. Family-specific image processors live with their models (`models::*::processor`).
+//! Turning a request's raw inputs into what a model consumes: decoded and resized images, the
+//! rendered prompt and its tokens. Family-specific image processors live with their models
+//! (`models::*::processor`).
 
 pub mod image;
+pub mod prompt;
 pub mod template;
 
 /// transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`, digit for digit.

@@ -9,16 +9,17 @@ pub mod processor;
 pub mod text;
 pub mod vision;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::models::decoder::Decoder;
 use crate::models::snapshot::{Snapshot, Weights};
 use crate::models::{
-    token_kinds, ImageGrid, LayerObserver, LensHead, ModelInfo, PixelInputs, Prepared,
+    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead, ModelInfo, PixelInputs, Prepared,
     VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
+use crate::preprocess::prompt::{tokenize, PromptFormat};
 use crate::preprocess::template::ChatTemplate;
 use config::Config;
 use processor::ImageProcessorConfig;
@@ -62,13 +63,7 @@ impl Qwen2Vl {
                 )));
             }
         }
-        let eos_token = snapshot
-            .json("tokenizer_config.json")?
-            .and_then(|t| {
-                t.get("eos_token")
-                    .and_then(|e| e.as_str().map(String::from))
-            })
-            .unwrap_or_else(|| "<|im_end|>".into());
+        let eos_token = snapshot.special_token("eos_token")?.unwrap_or_else(|| "<|im_end|>".into());
         let weights = Weights::open(
             &snapshot,
             &[
@@ -115,34 +110,6 @@ impl Qwen2Vl {
             device: device.clone(),
         })
     }
-
-    fn render(&self, prompt: &str, with_image: bool, chat_template: bool) -> Result<String> {
-        if chat_template {
-            let t = self.template.as_ref().ok_or_else(|| {
-                Error::InvalidOption(
-                    "this model's snapshot has no chat template; send chat_template: false".into(),
-                )
-            })?;
-            return t.render_user_turn(prompt, with_image, "", &self.eos_token);
-        }
-        let marker = "<image>";
-        match (with_image, prompt.matches(marker).count()) {
-            (false, 0) => Ok(prompt.to_string()),
-            (true, 1) => {
-                Ok(prompt.replacen(marker, &format!("{VISION_START}{IMAGE_PAD}{VISION_END}"), 1))
-            }
-            (true, 0) => Err(Error::InvalidOption(
-                "with chat_template false the prompt must contain `<image>` where the image goes"
-                    .into(),
-            )),
-            (false, _) => Err(Error::InvalidOption(
-                "the prompt contains `<image>` but no image was sent".into(),
-            )),
-            (true, n) => Err(Error::InvalidOption(format!(
-                "the prompt contains `<image>` {n} times; one image was sent"
-            ))),
-        }
-    }
 }
 
 impl VisionLanguageModel for Qwen2Vl {
@@ -159,55 +126,25 @@ impl VisionLanguageModel for Qwen2Vl {
     }
 
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared> {
-        if prompt.trim().is_empty() {
-            return Err(Error::InvalidOption(
-                "the prompt is empty; send the text to ask about the image".into(),
-            ));
-        }
-        let processed = image
-            .map(|img| processor::preprocess(img, &self.processor, &self.device))
-            .transpose()?;
-        let mut text = self.render(prompt, image.is_some(), chat_template)?;
-        let pads = text.matches(IMAGE_PAD).count();
-        let num_image_tokens = processed
-            .as_ref()
-            .map_or(0, |p| p.num_tokens(self.processor.merge_size));
-        match (&processed, pads) {
-            (None, 0) | (Some(_), 1) => {}
-            _ => {
-                return Err(Error::InvalidOption(format!(
-                    "the prompt holds {pads} image placeholders but {} image(s) were sent; do not write {IMAGE_PAD} in a prompt",
-                    image.is_some() as usize
-                )))
-            }
-        }
-        if processed.is_some() {
-            text = text.replacen(IMAGE_PAD, &IMAGE_PAD.repeat(num_image_tokens), 1);
-        }
-        let enc = self
-            .tokenizer
-            .encode(text.as_str(), true)
-            .map_err(|e| Error::Internal(format!("tokenization failed: {e}")))?;
-        let input_ids = enc.get_ids().to_vec();
+        let processed = image.map(|img| processor::preprocess(img, &self.processor, &self.device)).transpose()?;
+        let num_image_tokens = processed.as_ref().map_or(0, |p| p.num_tokens(self.processor.merge_size));
+        let format = PromptFormat {
+            template: self.template.as_ref(),
+            bos_token: "",
+            eos_token: &self.eos_token,
+            marker_replacement: &format!("{VISION_START}{IMAGE_PAD}{VISION_END}"),
+            image_token: IMAGE_PAD,
+        };
+        let text = format.render(prompt, image.is_some(), chat_template, num_image_tokens)?;
+        let input_ids = tokenize(&self.tokenizer, &text)?;
         let kinds = token_kinds(&self.tokenizer, &input_ids, self.cfg.image_token_id);
-        let found = kinds
-            .iter()
-            .filter(|k| **k == crate::models::TokenKind::Image)
-            .count();
-        if found != num_image_tokens {
-            return Err(Error::Internal(format!(
-                "expected {num_image_tokens} image tokens after expansion, the tokenizer produced {found}"
-            )));
-        }
+        check_image_tokens(&kinds, num_image_tokens)?;
         let image_grid = processed.as_ref().map(|p| {
             let m = self.processor.merge_size;
             ImageGrid {
                 rows: p.grid_thw[1] / m,
                 cols: p.grid_thw[2] / m,
-                first_position: input_ids
-                    .iter()
-                    .position(|&id| id == self.cfg.image_token_id)
-                    .unwrap_or(0),
+                first_position: input_ids.iter().position(|&id| id == self.cfg.image_token_id).unwrap_or(0),
             }
         });
         Ok(Prepared {
@@ -215,9 +152,10 @@ impl VisionLanguageModel for Qwen2Vl {
             kinds,
             image_grid,
             num_image_tokens,
-            pixels: processed.map(|p| PixelInputs {
+            pixels: processed.zip(image).map(|(p, img)| PixelInputs {
                 pixel_values: p.pixel_values,
                 grid_thw: p.grid_thw,
+                original_size: [img.height, img.width],
             }),
         })
     }
@@ -225,26 +163,8 @@ impl VisionLanguageModel for Qwen2Vl {
     fn forward(&self, inputs: &Prepared, observer: &mut dyn LayerObserver) -> Result<()> {
         let mut embeds = self.text.embed(&inputs.input_ids)?;
         if let (Some(px), Some(grid)) = (&inputs.pixels, inputs.image_grid) {
-            let feats = self
-                .vision
-                .forward(&px.pixel_values.to_device(&self.device)?, px.grid_thw)?;
-            let feats = feats.to_dtype(embeds.dtype())?;
-            let (first, n) = (grid.first_position, inputs.num_image_tokens);
-            if feats.dim(0)? != n {
-                return Err(Error::Internal(format!(
-                    "vision tower gave {} features for {n} image tokens",
-                    feats.dim(0)?
-                )));
-            }
-            let s = embeds.dim(0)?;
-            embeds = Tensor::cat(
-                &[
-                    embeds.narrow(0, 0, first)?,
-                    feats,
-                    embeds.narrow(0, first + n, s - first - n)?,
-                ],
-                0,
-            )?;
+            let feats = self.vision.forward(&px.pixel_values.to_device(&self.device)?, px.grid_thw)?;
+            embeds = scatter_image_features(embeds, feats, grid.first_position)?;
         }
         let positions = self.positions(inputs);
         self.text.forward(embeds, &positions, observer)

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::snapshot::{field, Snapshot};
-use crate::preprocess::image::{resize_bicubic, Rgb8};
+use crate::preprocess::image::{normalize_chw, resize_bicubic, Rgb8};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageProcessorConfig {
@@ -28,17 +28,7 @@ impl ImageProcessorConfig {
     /// `processor_config.json` (transformers 5), where the pixel counts live under `size`
     /// (`shortest_edge` = min_pixels, `longest_edge` = max_pixels, despite the names).
     pub fn from_snapshot(s: &Snapshot) -> Result<Self> {
-        let v = match s.json("preprocessor_config.json")? {
-            Some(v) => v,
-            None => match s.json("processor_config.json")? {
-                Some(p) => p.get("image_processor").cloned().unwrap_or(p),
-                None => {
-                    return Err(s.err(
-                        "neither preprocessor_config.json nor processor_config.json is present",
-                    ));
-                }
-            },
-        };
+        let v = s.image_processor_config()?;
         Self::from_json(&v).map_err(|e| s.err(format!("image processor config: {e}")))
     }
 
@@ -142,25 +132,11 @@ pub fn preprocess(
         cfg.max_pixels,
     )?;
     let resized = resize_bicubic(img, rw, rh);
-    // Rescale and normalise in f32, fused as transformers 5's torchvision backend does:
-    // (x - 255·mean) / (255·std) when both steps are on.
-    let mut scale = [1.0f32; 3];
-    let mut shift = [0.0f32; 3];
-    for c in 0..3 {
-        let r = if cfg.do_rescale {
-            cfg.rescale_factor
-        } else {
-            1.0
-        };
-        let (mean, std) = if cfg.do_normalize {
-            (cfg.image_mean[c] as f64, cfg.image_std[c] as f64)
-        } else {
-            (0.0, 1.0)
-        };
-        // value = (x·r - mean) / std = (x - mean/r) / (std/r)
-        shift[c] = (mean / r) as f32;
-        scale[c] = (std / r) as f32;
-    }
+    let chw = normalize_chw(
+        &resized,
+        cfg.do_rescale.then_some(cfg.rescale_factor),
+        cfg.do_normalize.then_some((cfg.image_mean, cfg.image_std)),
+    );
     let (p, m, t) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
     let (gh, gw) = (rh / p, rw / p);
     let row_len = 3 * t * p * p;
@@ -175,8 +151,7 @@ pub fn preprocess(
                     for c in 0..3 {
                         for py in 0..p {
                             for px in 0..p {
-                                let x = resized.data[((py0 + py) * rw + px0 + px) * 3 + c] as f32;
-                                let v = (x - shift[c]) / scale[c];
+                                let v = chw[(c * rh + py0 + py) * rw + px0 + px];
                                 // A still image is repeated over the temporal patch axis.
                                 for tt in 0..t {
                                     out[c * t * p * p + tt * p * p + py * p + px] = v;

@@ -1,0 +1,114 @@
+//! The CLIP image processor as the llava-hf checkpoints configure it (`CLIPImageProcessor`,
+//! run by transformers 5's torchvision backend): resize the short side, centre crop, normalise.
+//! No pad-to-square (the original LLaVA repository pads; the HF checkpoints do not).
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::models::snapshot::field;
+use crate::preprocess::image::{crop, normalize_chw, resize_bicubic, Rgb8};
+use crate::preprocess::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resize {
+    ShortestEdge(usize),
+    Exact { height: usize, width: usize },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipProcessorConfig {
+    pub resize: Option<Resize>,
+    pub crop: Option<(usize, usize)>,
+    pub rescale: Option<f64>,
+    pub mean_std: Option<([f32; 3], [f32; 3])>,
+}
+
+fn triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3]> {
+    Ok(match field::<Vec<f32>>(v, key)? {
+        Some(x) if x.len() == 3 => [x[0], x[1], x[2]],
+        Some(x) if x.len() == 1 => [x[0]; 3],
+        _ => default,
+    })
+}
+
+impl ClipProcessorConfig {
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let size = v.get("size").cloned().unwrap_or(Value::Null);
+        let resize = if !field::<bool>(v, "do_resize")?.unwrap_or(true) {
+            None
+        } else if let Some(s) = field::<usize>(&size, "shortest_edge")? {
+            Some(Resize::ShortestEdge(s))
+        } else if let (Some(height), Some(width)) = (field(&size, "height")?, field(&size, "width")?) {
+            Some(Resize::Exact { height, width })
+        } else if let Some(s) = field::<usize>(v, "size")? {
+            Some(Resize::ShortestEdge(s))
+        } else {
+            Some(Resize::ShortestEdge(224))
+        };
+        let crop_size = v.get("crop_size").cloned().unwrap_or(Value::Null);
+        let crop = if field::<bool>(v, "do_center_crop")?.unwrap_or(true) {
+            let h = field(&crop_size, "height")?.or(field(v, "crop_size")?).unwrap_or(224);
+            let w = field(&crop_size, "width")?.or(field(v, "crop_size")?).unwrap_or(224);
+            Some((h, w))
+        } else {
+            None
+        };
+        Ok(ClipProcessorConfig {
+            resize,
+            crop,
+            rescale: field::<bool>(v, "do_rescale")?
+                .unwrap_or(true)
+                .then_some(field(v, "rescale_factor")?.unwrap_or(1.0 / 255.0)),
+            mean_std: if field::<bool>(v, "do_normalize")?.unwrap_or(true) {
+                Some((triple(v, "image_mean", OPENAI_CLIP_MEAN)?, triple(v, "image_std", OPENAI_CLIP_STD)?))
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side becomes
+/// `size`, the long side `int(size · long / short)` (truncated).
+pub fn shortest_edge_size(height: usize, width: usize, size: usize) -> (usize, usize) {
+    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let new_long = (size as f64 * long as f64 / short as f64) as usize;
+    if width <= height {
+        (new_long, size)
+    } else {
+        (size, new_long)
+    }
+}
+
+/// `[1, 3, h, w]` f32 pixel values.
+pub fn preprocess(img: &Rgb8, cfg: &ClipProcessorConfig, device: &Device) -> Result<Tensor> {
+    let mut img = match cfg.resize {
+        Some(Resize::ShortestEdge(s)) => {
+            let (h, w) = shortest_edge_size(img.height, img.width, s);
+            resize_bicubic(img, w, h)
+        }
+        Some(Resize::Exact { height, width }) => resize_bicubic(img, width, height),
+        None => img.clone(),
+    };
+    if let Some((ch, cw)) = cfg.crop {
+        // torchvision's center_crop: offsets int(round((size − crop) / 2)), half to even.
+        let top = ((img.height as f64 - ch as f64) / 2.0).round_ties_even() as i64;
+        let left = ((img.width as f64 - cw as f64) / 2.0).round_ties_even() as i64;
+        img = crop(&img, left, top, cw, ch);
+    }
+    let chw = normalize_chw(&img, cfg.rescale, cfg.mean_std);
+    Ok(Tensor::from_vec(chw, (1, 3, img.height, img.width), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_side_resize_truncates_the_long_side() {
+        assert_eq!(shortest_edge_size(480, 640, 336), (336, 448));
+        assert_eq!(shortest_edge_size(500, 333, 336), (504, 336));
+        assert_eq!(shortest_edge_size(1, 1000, 336), (336, 336_000));
+    }
+}
