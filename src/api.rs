@@ -36,6 +36,8 @@ pub struct LensOptions {
     pub target_ids: Vec<u32>,
     pub summary: bool,
     pub chat_template: bool,
+    /// Leave special tokens, added tokens and vocabulary rows no token maps to out of top-k.
+    pub exclude_special: bool,
 }
 
 impl Default for LensOptions {
@@ -48,6 +50,7 @@ impl Default for LensOptions {
             target_ids: Vec::new(),
             summary: true,
             chat_template: true,
+            exclude_special: false,
         }
     }
 }
@@ -185,9 +188,41 @@ impl LensOptions {
             top_k: self.top_k,
             targets: targets.iter().map(|t| t.id).collect(),
             summary: self.summary,
+            excluded: if self.exclude_special {
+                excluded_ids(tokenizer, vocab)
+            } else {
+                Vec::new()
+            },
         };
         Ok((spec, targets))
     }
+}
+
+/// Special tokens, added tokens (e.g. `<image>`, `<pad>`) and the vocabulary rows past the
+/// tokenizer (padding rows sampled at conversion), as a mask over ids.
+pub fn excluded_ids(tokenizer: &tokenizers::Tokenizer, vocab: usize) -> Vec<bool> {
+    let mut mask = vec![false; vocab];
+    let known = tokenizer.get_vocab_size(true).min(vocab);
+    mask[known..].iter_mut().for_each(|m| *m = true);
+    for id in tokenizer.get_added_tokens_decoder().keys() {
+        if let Some(m) = mask.get_mut(*id as usize) {
+            *m = true;
+        }
+    }
+    mask
+}
+
+/// Compresses a sorted id list into inclusive `[start, end]` ranges.
+pub fn id_ranges(mask: &[bool]) -> Vec<[u32; 2]> {
+    let mut out: Vec<[u32; 2]> = Vec::new();
+    for (id, _) in mask.iter().enumerate().filter(|(_, m)| **m) {
+        let id = id as u32;
+        match out.last_mut() {
+            Some(r) if r[1] + 1 == id => r[1] = id,
+            _ => out.push([id, id]),
+        }
+    }
+    out
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -254,8 +289,13 @@ pub struct Timing {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LensResponse {
     pub model: String,
+    /// `qwen2_vl`, `llava` or `llava_onevision`.
+    pub family: String,
     pub num_layers: usize,
     pub input: InputInfo,
+    /// With `exclude_special`: the ids kept out of top-k, as inclusive `[first, last]` ranges.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub excluded_ids: Option<Vec<[u32; 2]>>,
     pub layers: Vec<LayerOut>,
     pub timing_ms: Timing,
 }

@@ -27,6 +27,9 @@ pub struct LensSpec {
     pub targets: Vec<u32>,
     /// Mean over all positions of the highest probability, per layer.
     pub summary: bool,
+    /// Ids never reported in top-k (indexed by id; empty = none). Probabilities, entropy, KL
+    /// and ranks still cover the whole vocabulary.
+    pub excluded: Vec<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -227,7 +230,9 @@ impl<'a> Lens<'a> {
             with_cpu_f32(&logits, |z| {
                 z.par_chunks(vc)
                     .zip(states.par_iter_mut())
-                    .for_each(|(row, st)| st.update(row, v0, &self.spec.targets));
+                    .for_each(|(row, st)| {
+                        st.update(row, v0, &self.spec.targets, &self.spec.excluded)
+                    });
             })?;
         }
         Ok(())
@@ -327,7 +332,7 @@ impl RowState {
         }
     }
 
-    fn update(&mut self, z: &[f32], v0: usize, targets: &[u32]) {
+    fn update(&mut self, z: &[f32], v0: usize, targets: &[u32], excluded: &[bool]) {
         let cmax = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if cmax > self.m {
             if self.s > 0.0 {
@@ -344,7 +349,9 @@ impl RowState {
         self.t += t;
         if self.top_k > 0 {
             for (i, &v) in z.iter().enumerate() {
-                if self.top.len() < self.top_k || v > self.top[self.top.len() - 1].1 {
+                if (self.top.len() < self.top_k || v > self.top[self.top.len() - 1].1)
+                    && !excluded.get(v0 + i).copied().unwrap_or(false)
+                {
                     let at = self.top.partition_point(|&(_, w)| w >= v);
                     self.top.insert(at, ((v0 + i) as u32, v));
                     self.top.truncate(self.top_k);
@@ -476,7 +483,7 @@ mod tests {
         let targets = [5u32, 9_999];
         let mut st = RowState::new(3, targets.iter().map(|&t| z[t as usize]).collect());
         for (b, chunk) in z.chunks(777).enumerate() {
-            st.update(chunk, b * 777, &targets);
+            st.update(chunk, b * 777, &targets, &[]);
         }
         assert!(
             (st.entropy() as f64 - h).abs() < 1e-5,
@@ -495,5 +502,16 @@ mod tests {
             assert_eq!(st.target_above[k] + 1, rank);
             assert!(((st.target_z[k] - st.lse()).exp() as f64 - p[id as usize]).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn excluded_ids_never_enter_the_top_k() {
+        let z: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        let mut excluded = vec![false; 100];
+        excluded[99] = true;
+        excluded[97] = true;
+        let mut st = RowState::new(2, vec![]);
+        st.update(&z, 0, &[], &excluded);
+        assert_eq!(st.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![98, 96]);
     }
 }

@@ -55,6 +55,9 @@ struct ProbeArgs {
     /// Skip the per-layer mean max probability over all positions.
     #[arg(long)]
     no_summary: bool,
+    /// Keep special tokens, added tokens and vocabulary rows without a token out of top-k.
+    #[arg(long)]
+    exclude_special: bool,
     /// Use the prompt verbatim (an `<image>` marker places the image) instead of the chat template.
     #[arg(long)]
     no_chat_template: bool,
@@ -78,6 +81,7 @@ fn probe(a: ProbeArgs) -> Result<()> {
         target_ids: a.target_ids,
         summary: !a.no_summary,
         chat_template: !a.no_chat_template,
+        exclude_special: a.exclude_special,
     };
     let image = match &a.image {
         Some(p) => {

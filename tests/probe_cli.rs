@@ -40,6 +40,7 @@ fn probe_prints_the_api_body() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["model"], "qwen2vl-hub");
+    assert_eq!(v["family"], "qwen2_vl");
     let l = v["num_layers"].as_u64().unwrap() as usize;
     let layers = v["layers"].as_array().unwrap();
     assert_eq!(layers.len(), l + 1);

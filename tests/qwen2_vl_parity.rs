@@ -214,6 +214,7 @@ fn lens_probabilities_entropy_kl_and_summary_equal_transformers() {
                 top_k: 5,
                 targets: vec![3, 100, (vocab - 1) as u32],
                 summary: true,
+                excluded: vec![],
             };
             let out = lens_on(model.as_ref(), &p, &spec);
             let logprobs = r.f32s("lens_logprobs");
@@ -298,6 +299,7 @@ fn last_lens_layer_is_the_models_own_next_token_distribution() {
             top_k: 20,
             targets: vec![],
             summary: false,
+            excluded: vec![],
         };
         let out = lens_on(model.as_ref(), &p, &spec);
         let logits = r.f32s("logits");
@@ -374,6 +376,7 @@ fn applying_the_final_norm_twice_would_be_caught() {
         top_k: 1,
         targets: vec![],
         summary: false,
+        excluded: vec![],
     };
     let out = lens_on(model.as_ref(), &p, &spec);
     let (id, prob, _) = out[0].positions[0].top[0];
@@ -465,4 +468,65 @@ fn options_select_positions_layers_and_targets() {
     assert!(resp.input.tokens[g.first_position..][..g.rows * g.cols]
         .iter()
         .all(|t| t.kind == logit_lens::models::TokenKind::Image));
+}
+
+#[test]
+fn exclude_special_keeps_added_and_padding_rows_out_of_top_k() {
+    let model = load_model("qwen2vl-hub");
+    let case = &cases("qwen2vl")[0];
+    let run = |exclude_special: bool| {
+        let options = LensOptions {
+            top_k: 10,
+            positions: Positions::Keyword("all".into()),
+            exclude_special,
+            ..Default::default()
+        };
+        run_lens(
+            model.as_ref(),
+            &LensRequest {
+                prompt: case.prompt.clone(),
+                image: image(case),
+                options,
+            },
+        )
+        .unwrap()
+    };
+    let plain = run(false);
+    let tokenizer_size = model.tokenizer().get_vocab_size(true) as u32;
+    // Off by default: the numbers are transformers' own, padding rows included.
+    assert!(plain.excluded_ids.is_none());
+    let hits = plain
+        .layers
+        .iter()
+        .flat_map(|l| &l.positions)
+        .flat_map(|p| &p.top)
+        .filter(|t| t.id >= tokenizer_size)
+        .count();
+    assert!(
+        hits > 0,
+        "the fixture should put padding rows into some top-10"
+    );
+    let filtered = run(true);
+    // 14 special tokens then the rows past the tokenizer, up to the 768-row embedding.
+    assert_eq!(
+        filtered.excluded_ids,
+        Some(vec![[tokenizer_size - 14, 767]])
+    );
+    for (a, b) in plain.layers.iter().zip(&filtered.layers) {
+        assert_eq!(a.mean_max_prob, b.mean_max_prob);
+        for (pa, pb) in a.positions.iter().zip(&b.positions) {
+            assert!(pb.top.iter().all(|t| t.id < tokenizer_size - 14));
+            assert_eq!(pa.entropy, pb.entropy);
+            // The allowed ids keep their order and probabilities.
+            let kept: Vec<_> = pa
+                .top
+                .iter()
+                .filter(|t| t.id < tokenizer_size - 14)
+                .collect();
+            assert!(kept
+                .iter()
+                .zip(&pb.top)
+                .all(|(x, y)| x.id == y.id && x.prob == y.prob));
+        }
+    }
 }

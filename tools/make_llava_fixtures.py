@@ -55,8 +55,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import (AutoConfig, AutoProcessor, LlavaForConditionalGeneration,  # noqa: E402
-                          LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor)
+from transformers import (AutoConfig, AutoProcessor, CLIPImageProcessor, LlamaTokenizer,  # noqa: E402
+                          LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+                          LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, Qwen2Tokenizer)
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution  # noqa: E402
 from transformers.image_transforms import get_resize_output_image_size  # noqa: E402
 from transformers.image_utils import ChannelDimension  # noqa: E402
@@ -74,7 +75,9 @@ ONEVISION_SEED = 31
 
 LLAMA_BASE_SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama
 LLAMA_ADDED = ["<image>", "<pad>"]  # added by the llava-hf conversion right after the base vocabulary
-LLAMA_TRAINED_SIZE = 520  # BPE trainer vocabulary (3 specials + characters + merges); 256 byte tokens come on top
+LLAMA_TRAINED_SIZE = 520
+# the chat template's role words, so that they get pieces of their own (as in Llama's vocabulary)
+LLAMA_EXTRA_TEXT = ["USER: Describe the image. ASSISTANT: The image shows a cube.", "USER: Hello ASSISTANT: Hi"]  # BPE trainer vocabulary (3 specials + characters + merges); 256 byte tokens come on top
 
 ONEVISION_ADDED = ["<image>", "<video>"]  # after the Qwen2 special tokens
 
@@ -95,7 +98,7 @@ def train_llama_tokenizer() -> Tokenizer:
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     trainer = trainers.BpeTrainer(vocab_size=LLAMA_TRAINED_SIZE, min_frequency=1, show_progress=False,
                                   special_tokens=LLAMA_BASE_SPECIALS)
-    lines = [line for line in mf.CORPUS.splitlines() if line.strip()]
+    lines = [line for line in mf.CORPUS.splitlines() if line.strip()] + LLAMA_EXTRA_TEXT
     trainer_tok.train_from_iterator(lines * 3, trainer=trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
 
@@ -602,9 +605,9 @@ def token_count_table(tok: Tokenizer) -> dict:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "llava_fixture_tokenizer"
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "tokenizer.json").write_text(mf.tokenizer_json_text(tok), encoding="utf-8")
-    from transformers import Qwen2Tokenizer
     hf_tok = Qwen2Tokenizer(tokenizer_file=str(tmp / "tokenizer.json"))
-    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=hf_tok, video_processor=None,
+    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=hf_tok,
+                                        video_processor=LlavaOnevisionVideoProcessor(),
                                         num_image_tokens=per_tile, vision_feature_select_strategy="full",
                                         vision_aspect_ratio="anyres_max_9", chat_template=ONEVISION_CHAT_TEMPLATE)
     rows = []
@@ -639,7 +642,6 @@ RESIZE_PAIRS = [(480, 640), (640, 480), (500, 300), (333, 500), (1, 1000), (1000
 def resize_table() -> dict:
     rows = [clip_geometry(h, w, 336, 336) for h, w in RESIZE_PAIRS]
     # check the size arithmetic against the real processor where the resized image is small enough to make
-    from transformers import CLIPImageProcessor
     proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                               do_center_crop=False)
     for r in rows:
@@ -823,11 +825,16 @@ def make_family(family: str, fixtures: Path):
     print(f"[{family}] config read as:", json.dumps(describe_config(model.config), default=str))
     print(f"[{family}] processor:", json.dumps(processor_report(processor)))
     raw_tok = Tokenizer.from_file(str(hub / "tokenizer.json"))
+    # transformers 5.24 loads llava's tokenizer as TokenizersBackend (tokenizer.json verbatim: "llava" is in
+    # MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), while the class named in tokenizer_config.json rebuilds the
+    # pipeline from vocab + merges; the fixture must give the same ids both ways (checked per case below).
+    named_tok = (LlamaTokenizer if family == "llava15" else Qwen2Tokenizer).from_pretrained(str(hub))
 
     cases = []
     for name, image_rel, prompt in cases_def:
         tensors, meta, case, stats = reference_case(family, model, processor, raw_tok, name, image_rel, prompt,
                                                     fixtures)
+        assert named_tok(case["rendered_prompt"])["input_ids"] == raw_tok.encode(case["rendered_prompt"]).ids
         mf.save_safetensors(tensors, ref_dir / f"{name}.safetensors", metadata=meta)
         cases.append(case)
         extra = case.get("anyres") or {k: case[k] for k in ("clip_resize", "clip_crop_top_left") if k in case}
@@ -862,7 +869,7 @@ def make_fixtures(fixtures: Path):
 def make_bench(out: Path):
     """Mid-size random checkpoints, hub layout, float16: DIR/llava15-mid and DIR/onevision-mid."""
     torch.set_grad_enabled(False)
-    mf.write_bench_images()
+    image = REPO / "bench" / "images" / "coco_640x480.png"  # made by make_fixtures.py (read only here)
     for family, size, seed, shards in (("llava15", LLAVA_MID, LLAVA_SEED + 1, 2),
                                        ("onevision", ONEVISION_MID, ONEVISION_SEED + 1, 1)):
         d = out / f"{family}-mid"
@@ -870,8 +877,7 @@ def make_bench(out: Path):
             shutil.rmtree(d)
         _, _, model = build_checkpoint(family, d, size, seed, embed_std=0.15, n_shards=shards)
         processor = AutoProcessor.from_pretrained(str(d))
-        _, batch = mf.make_inputs(processor, REPO / "bench" / "images" / "coco_640x480.png",
-                                  "Color of the main object:")
+        _, batch = mf.make_inputs(processor, image, "Color of the main object:")
         n_img = int((batch["input_ids"] == model.config.image_token_id).sum())
         print(f"bench checkpoint {d}: {mf.dir_size(d) / 2**20:.1f} MiB, seq_len {batch['input_ids'].shape[1]}, "
               f"image tokens {n_img}, pixel_values {list(batch['pixel_values'].shape)}", flush=True)

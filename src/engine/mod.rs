@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::api::{input_info, layers_out, LensOptions, LensResponse, Timing};
+use crate::api::{id_ranges, input_info, layers_out, LensOptions, LensResponse, Timing};
 use crate::error::Result;
 use crate::lens::Lens;
 use crate::models::VisionLanguageModel;
@@ -32,8 +32,13 @@ pub fn run_lens(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<Le
     let tokenizer = model.tokenizer();
     let response = LensResponse {
         model: info.name.clone(),
+        family: info.family.to_string(),
         num_layers: info.num_layers,
         input: input_info(&inputs, tokenizer),
+        excluded_ids: req
+            .options
+            .exclude_special
+            .then(|| id_ranges(&spec.excluded)),
         layers: layers_out(stats, &targets, tokenizer),
         timing_ms: Timing {
             queue: None,

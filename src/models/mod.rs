@@ -90,8 +90,11 @@ pub trait VisionLanguageModel: Send + Sync {
 }
 
 /// The families this crate implements, by `architectures[0]` in config.json.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["Qwen2VLForConditionalGeneration", "LlavaForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "Qwen2VLForConditionalGeneration",
+    "LlavaForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+];
 
 /// Loads a snapshot directory, choosing the family from its config.
 pub fn load(
@@ -143,7 +146,9 @@ pub fn token_kinds(
 pub fn check_image_tokens(kinds: &[TokenKind], expected: usize) -> Result<()> {
     let found = kinds.iter().filter(|k| **k == TokenKind::Image).count();
     if found != expected {
-        return Err(Error::Internal(format!("expected {expected} image tokens after expansion, the tokenizer produced {found}")));
+        return Err(Error::Internal(format!(
+            "expected {expected} image tokens after expansion, the tokenizer produced {found}"
+        )));
     }
     Ok(())
 }
@@ -153,8 +158,17 @@ pub fn check_image_tokens(kinds: &[TokenKind], expected: usize) -> Result<()> {
 pub fn scatter_image_features(embeds: Tensor, features: Tensor, first: usize) -> Result<Tensor> {
     let (s, n) = (embeds.dim(0)?, features.dim(0)?);
     if first + n > s {
-        return Err(Error::Internal(format!("{n} image features at {first} overflow a {s}-token sequence")));
+        return Err(Error::Internal(format!(
+            "{n} image features at {first} overflow a {s}-token sequence"
+        )));
     }
     let features = features.to_dtype(embeds.dtype())?;
-    Ok(Tensor::cat(&[embeds.narrow(0, 0, first)?, features, embeds.narrow(0, first + n, s - first - n)?], 0)?)
+    Ok(Tensor::cat(
+        &[
+            embeds.narrow(0, 0, first)?,
+            features,
+            embeds.narrow(0, first + n, s - first - n)?,
+        ],
+        0,
+    )?)
 }

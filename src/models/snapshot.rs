@@ -93,7 +93,9 @@ impl Snapshot {
     /// A special token's text from `tokenizer_config.json` (`"bos_token": "<s>"` or
     /// `{"content": "<s>", ...}`), if set.
     pub fn special_token(&self, name: &str) -> Result<Option<String>> {
-        let Some(cfg) = self.json("tokenizer_config.json")? else { return Ok(None) };
+        let Some(cfg) = self.json("tokenizer_config.json")? else {
+            return Ok(None);
+        };
         Ok(match cfg.get(name) {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(String::from),
@@ -109,7 +111,10 @@ impl Snapshot {
         }
         match self.json("processor_config.json")? {
             Some(p) => Ok(p.get("image_processor").cloned().unwrap_or(p)),
-            None => Err(self.err("neither preprocessor_config.json nor processor_config.json is present")),
+            None => {
+                Err(self
+                    .err("neither preprocessor_config.json nor processor_config.json is present"))
+            }
         }
     }
 

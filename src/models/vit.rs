@@ -31,7 +31,9 @@ impl VitConfig {
     /// parent config class starts from when the file has no vision_config at all.
     pub fn from_json(v: Option<&Value>, defaults: &Value) -> Result<Self> {
         let v = v.filter(|v| v.is_object()).unwrap_or(defaults);
-        let model_type: String = field(v, "model_type")?.or(field(defaults, "model_type")?).unwrap_or_default();
+        let model_type: String = field(v, "model_type")?
+            .or(field(defaults, "model_type")?)
+            .unwrap_or_default();
         let clip = match model_type.as_str() {
             "clip_vision_model" => true,
             "siglip_vision_model" => false,
@@ -96,11 +98,25 @@ impl VisionTransformer {
         let emb = w.pp("embeddings");
         let patch = emb.pp("patch_embedding");
         let patch_weight = patch.get("weight", (d, c, p, p))?.reshape((d, c * p * p))?;
-        let patch_bias = if cfg.clip { None } else { Some(patch.get("bias", d)?) };
-        let class_embedding = if cfg.clip { Some(emb.get("class_embedding", d)?) } else { None };
-        let position_embedding = emb.pp("position_embedding").get("weight", (cfg.num_positions(), d))?;
+        let patch_bias = if cfg.clip {
+            None
+        } else {
+            Some(patch.get("bias", d)?)
+        };
+        let class_embedding = if cfg.clip {
+            Some(emb.get("class_embedding", d)?)
+        } else {
+            None
+        };
+        let position_embedding = emb
+            .pp("position_embedding")
+            .get("weight", (cfg.num_positions(), d))?;
         let eps = cfg.layer_norm_eps;
-        let pre_layernorm = if cfg.clip { Some(LayerNorm::load(&w.pp("pre_layrnorm"), d, eps)?) } else { None };
+        let pre_layernorm = if cfg.clip {
+            Some(LayerNorm::load(&w.pp("pre_layrnorm"), d, eps)?)
+        } else {
+            None
+        };
         let layers = (0..num_layers)
             .map(|i| {
                 let l = w.pp(format!("encoder.layers.{i}"));
@@ -163,7 +179,11 @@ impl VisionTransformer {
         for l in &self.layers {
             let h = l.ln1.forward(&x)?;
             let split = |lin: &Linear| -> Result<Tensor> {
-                Ok(lin.forward(&h)?.reshape((n, t, heads, hd))?.transpose(1, 2)?.contiguous()?)
+                Ok(lin
+                    .forward(&h)?
+                    .reshape((n, t, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
             };
             let a = attention(&split(&l.q)?, &split(&l.k)?, &split(&l.v)?, None, scale)?;
             let a = a.transpose(1, 2)?.reshape((n, t, d))?;
@@ -179,9 +199,15 @@ impl VisionTransformer {
 /// embeddings, entry i the output of layer i; negative indices count from the end).
 pub fn layers_for_feature(feature_layer: i64, num_layers: usize) -> Result<usize> {
     let n = num_layers as i64 + 1;
-    let idx = if feature_layer < 0 { n + feature_layer } else { feature_layer };
+    let idx = if feature_layer < 0 {
+        n + feature_layer
+    } else {
+        feature_layer
+    };
     if !(0..n).contains(&idx) {
-        return Err(Error::Internal(format!("vision_feature_layer {feature_layer} is outside the {num_layers}-layer tower")));
+        return Err(Error::Internal(format!(
+            "vision_feature_layer {feature_layer} is outside the {num_layers}-layer tower"
+        )));
     }
     Ok(idx as usize)
 }

@@ -254,7 +254,11 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
 
 /// Channel-first f32 pixels `[3, h, w]`, rescaled and normalised as transformers 5's torchvision
 /// backend does it, fused: `(x − mean/r) / (std/r)` with `r` the rescale factor.
-pub fn normalize_chw(img: &Rgb8, rescale: Option<f64>, mean_std: Option<([f32; 3], [f32; 3])>) -> Vec<f32> {
+pub fn normalize_chw(
+    img: &Rgb8,
+    rescale: Option<f64>,
+    mean_std: Option<([f32; 3], [f32; 3])>,
+) -> Vec<f32> {
     let r = rescale.unwrap_or(1.0);
     let (mean, std) = mean_std.unwrap_or(([0.0; 3], [1.0; 3]));
     let shift: Vec<f32> = (0..3).map(|c| (mean[c] as f64 / r) as f32).collect();
@@ -283,11 +287,18 @@ pub fn crop(img: &Rgb8, left: i64, top: i64, width: usize, height: usize) -> Rgb
             if sx < 0 || sx >= img.width as i64 {
                 continue;
             }
-            let (d, s) = ((y * width + x) * 3, (sy as usize * img.width + sx as usize) * 3);
+            let (d, s) = (
+                (y * width + x) * 3,
+                (sy as usize * img.width + sx as usize) * 3,
+            );
             data[d..d + 3].copy_from_slice(&img.data[s..s + 3]);
         }
     }
-    Rgb8 { width, height, data }
+    Rgb8 {
+        width,
+        height,
+        data,
+    }
 }
 
 #[cfg(test)]

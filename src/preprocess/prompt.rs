@@ -21,13 +21,23 @@ pub const IMAGE_MARKER: &str = "<image>";
 
 impl PromptFormat<'_> {
     /// The full prompt text with the image placeholder repeated `num_image_tokens` times.
-    pub fn render(&self, prompt: &str, with_image: bool, chat_template: bool, num_image_tokens: usize) -> Result<String> {
+    pub fn render(
+        &self,
+        prompt: &str,
+        with_image: bool,
+        chat_template: bool,
+        num_image_tokens: usize,
+    ) -> Result<String> {
         if prompt.trim().is_empty() {
-            return Err(Error::InvalidOption("the prompt is empty; send the text to ask about the image".into()));
+            return Err(Error::InvalidOption(
+                "the prompt is empty; send the text to ask about the image".into(),
+            ));
         }
         let text = if chat_template {
             let t = self.template.ok_or_else(|| {
-                Error::InvalidOption("this model's snapshot has no chat template; send chat_template: false".into())
+                Error::InvalidOption(
+                    "this model's snapshot has no chat template; send chat_template: false".into(),
+                )
             })?;
             // A user who types the placeholder token itself would shift every image position.
             if prompt.contains(self.image_token) {
@@ -59,13 +69,23 @@ impl PromptFormat<'_> {
                 self.image_token, with_image as usize
             )));
         }
-        Ok(if with_image { text.replacen(self.image_token, &self.image_token.repeat(num_image_tokens), 1) } else { text })
+        Ok(if with_image {
+            text.replacen(
+                self.image_token,
+                &self.image_token.repeat(num_image_tokens),
+                1,
+            )
+        } else {
+            text
+        })
     }
 }
 
 /// Tokenizes as transformers' processors do (`add_special_tokens=True`: the tokenizer's own
 /// post-processor decides about BOS).
 pub fn tokenize(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
-    let enc = tokenizer.encode(text, true).map_err(|e| Error::Internal(format!("tokenization failed: {e}")))?;
+    let enc = tokenizer
+        .encode(text, true)
+        .map_err(|e| Error::Internal(format!("tokenization failed: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }

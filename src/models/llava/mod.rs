@@ -17,8 +17,8 @@ use crate::models::layers::{Activation, Linear};
 use crate::models::snapshot::{field, Snapshot, Weights};
 use crate::models::vit::{layers_for_feature, VisionTransformer, VitConfig};
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead, ModelInfo,
-    PixelInputs, Prepared, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead,
+    ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::prompt::{tokenize, PromptFormat};
@@ -29,7 +29,10 @@ use processor::ClipProcessorConfig;
 pub const ALIASES: &[(&str, &str)] = &[
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.vision_model.", "model.vision_tower.vision_model."),
+    (
+        "vision_tower.vision_model.",
+        "model.vision_tower.vision_model.",
+    ),
     ("vision_tower.vision_model.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
     ("image_newline", "model.image_newline"),
@@ -70,38 +73,63 @@ impl LlavaParts {
     ) -> Result<Self> {
         let root = &snapshot.config;
         let cfg_err = |e: Error| snapshot.err(format!("config.json: {e}"));
-        let mut text_cfg = DecoderConfig::from_json(root.get("text_config").unwrap_or(&Value::Null), text_model_type)
-            .map_err(cfg_err)?;
-        text_cfg.tie_word_embeddings |= field::<bool>(root, "tie_word_embeddings").map_err(cfg_err)?.unwrap_or(false);
-        let vit = VitConfig::from_json(root.get("vision_config"), &vision_defaults).map_err(cfg_err)?;
-        let feature_layer: Value = root.get("vision_feature_layer").cloned().unwrap_or(json!(-2));
+        let mut text_cfg = DecoderConfig::from_json(
+            root.get("text_config").unwrap_or(&Value::Null),
+            text_model_type,
+        )
+        .map_err(cfg_err)?;
+        text_cfg.tie_word_embeddings |= field::<bool>(root, "tie_word_embeddings")
+            .map_err(cfg_err)?
+            .unwrap_or(false);
+        let vit =
+            VitConfig::from_json(root.get("vision_config"), &vision_defaults).map_err(cfg_err)?;
+        let feature_layer: Value = root
+            .get("vision_feature_layer")
+            .cloned()
+            .unwrap_or(json!(-2));
         let feature_layer = feature_layer.as_i64().ok_or_else(|| {
-            snapshot.err(format!("vision_feature_layer {feature_layer}: only a single layer index is supported"))
+            snapshot.err(format!(
+                "vision_feature_layer {feature_layer}: only a single layer index is supported"
+            ))
         })?;
-        let strategy: String = field(root, "vision_feature_select_strategy").map_err(cfg_err)?.unwrap_or_else(|| "default".into());
+        let strategy: String = field(root, "vision_feature_select_strategy")
+            .map_err(cfg_err)?
+            .unwrap_or_else(|| "default".into());
         let drop_first_token = match strategy.as_str() {
             "default" => true,
             "full" => false,
-            other => return Err(snapshot.err(format!("vision_feature_select_strategy `{other}` is not supported"))),
+            other => {
+                return Err(snapshot.err(format!(
+                    "vision_feature_select_strategy `{other}` is not supported"
+                )))
+            }
         };
         let image_token_id: u32 = field(root, "image_token_index")
             .map_err(cfg_err)?
             .or(field(root, "image_token_id").map_err(cfg_err)?)
             .unwrap_or(32000);
         let tokenizer = snapshot.tokenizer()?;
-        let image_token = tokenizer
-            .id_to_token(image_token_id)
-            .ok_or_else(|| snapshot.err(format!("the tokenizer has no token {image_token_id} (image_token_index)")))?;
+        let image_token = tokenizer.id_to_token(image_token_id).ok_or_else(|| {
+            snapshot.err(format!(
+                "the tokenizer has no token {image_token_id} (image_token_index)"
+            ))
+        })?;
         let template = snapshot
             .chat_template()?
             .map(|t| ChatTemplate::new(&t))
             .transpose()
             .map_err(|e| snapshot.err(e.to_string()))?;
         let weights = Weights::open(snapshot, ALIASES, dtype, device)?;
-        let n_layers = layers_for_feature(feature_layer, vit.num_hidden_layers).map_err(|e| snapshot.err(e.to_string()))?;
-        let vision = VisionTransformer::load(&weights.pp("vision_tower.vision_model"), &vit, n_layers)?;
-        let act: String = field(root, "projector_hidden_act").map_err(cfg_err)?.unwrap_or_else(|| "gelu".into());
-        let bias = field::<bool>(root, "multimodal_projector_bias").map_err(cfg_err)?.unwrap_or(true);
+        let n_layers = layers_for_feature(feature_layer, vit.num_hidden_layers)
+            .map_err(|e| snapshot.err(e.to_string()))?;
+        let vision =
+            VisionTransformer::load(&weights.pp("vision_tower.vision_model"), &vit, n_layers)?;
+        let act: String = field(root, "projector_hidden_act")
+            .map_err(cfg_err)?
+            .unwrap_or_else(|| "gelu".into());
+        let bias = field::<bool>(root, "multimodal_projector_bias")
+            .map_err(cfg_err)?
+            .unwrap_or(true);
         let proj = weights.pp("multi_modal_projector");
         let h = text_cfg.hidden_size;
         let projector = (
@@ -110,12 +138,16 @@ impl LlavaParts {
             Linear::load(&proj.pp("linear_2"), h, h, bias)?,
         );
         let text = Decoder::load(&weights.pp("language_model.model"), &text_cfg)?;
-        let unembed = if !text_cfg.tie_word_embeddings && weights.contains("language_model.lm_head.weight") {
-            weights.get("language_model.lm_head.weight", (text_cfg.vocab_size, h))?
-        } else {
-            text.embed_tokens.clone()
+        let unembed =
+            if !text_cfg.tie_word_embeddings && weights.contains("language_model.lm_head.weight") {
+                weights.get("language_model.lm_head.weight", (text_cfg.vocab_size, h))?
+            } else {
+                text.embed_tokens.clone()
+            };
+        let head = LensHead {
+            norm: text.norm.clone(),
+            unembed,
         };
-        let head = LensHead { norm: text.norm.clone(), unembed };
         let info = ModelInfo {
             name: name.to_string(),
             family,
@@ -153,12 +185,22 @@ impl LlavaParts {
     /// `pixels` `[n, 3, S, S]` → projected features `[n, tokens_per_tile, hidden]`.
     pub fn image_features(&self, pixels: &candle_core::Tensor) -> Result<candle_core::Tensor> {
         let x = self.vision.forward(&pixels.to_device(&self.device)?)?;
-        let x = if self.drop_first_token { x.narrow(1, 1, x.dim(1)? - 1)? } else { x };
+        let x = if self.drop_first_token {
+            x.narrow(1, 1, x.dim(1)? - 1)?
+        } else {
+            x
+        };
         let (l1, act, l2) = &self.projector;
         l2.forward(&act.forward(&l1.forward(&x)?)?)
     }
 
-    pub fn prompt_ids(&self, prompt: &str, with_image: bool, chat_template: bool, n_image: usize) -> Result<Vec<u32>> {
+    pub fn prompt_ids(
+        &self,
+        prompt: &str,
+        with_image: bool,
+        chat_template: bool,
+        n_image: usize,
+    ) -> Result<Vec<u32>> {
         let format = PromptFormat {
             template: self.template.as_ref(),
             bos_token: &self.bos_token,
@@ -166,7 +208,10 @@ impl LlavaParts {
             marker_replacement: &self.image_token,
             image_token: &self.image_token,
         };
-        tokenize(&self.tokenizer, &format.render(prompt, with_image, chat_template, n_image)?)
+        tokenize(
+            &self.tokenizer,
+            &format.render(prompt, with_image, chat_template, n_image)?,
+        )
     }
 }
 
@@ -180,7 +225,15 @@ impl Llava {
         // LlavaConfig's default vision tower (CLIP ViT-L/14-336).
         let vision_defaults = json!({"model_type": "clip_vision_model", "intermediate_size": 4096, "hidden_size": 1024,
             "patch_size": 14, "image_size": 336, "num_hidden_layers": 24, "num_attention_heads": 16});
-        let parts = LlavaParts::load(&snapshot, name, "llava", vision_defaults, "llama", device, dtype)?;
+        let parts = LlavaParts::load(
+            &snapshot,
+            name,
+            "llava",
+            vision_defaults,
+            "llama",
+            device,
+            dtype,
+        )?;
         let processor = ClipProcessorConfig::from_json(&snapshot.image_processor_config()?)
             .map_err(|e| snapshot.err(format!("image processor config: {e}")))?;
         Ok(Llava { parts, processor })
@@ -202,7 +255,9 @@ impl VisionLanguageModel for Llava {
 
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared> {
         let p = &self.parts;
-        let pixels = image.map(|img| processor::preprocess(img, &self.processor, &p.device)).transpose()?;
+        let pixels = image
+            .map(|img| processor::preprocess(img, &self.processor, &p.device))
+            .transpose()?;
         if let Some(px) = &pixels {
             let side = px.dim(2)?;
             if side != p.vit.image_size || px.dim(3)? != p.vit.image_size {
@@ -214,7 +269,11 @@ impl VisionLanguageModel for Llava {
                 )));
             }
         }
-        let n_image = if pixels.is_some() { p.tokens_per_tile() } else { 0 };
+        let n_image = if pixels.is_some() {
+            p.tokens_per_tile()
+        } else {
+            0
+        };
         let input_ids = p.prompt_ids(prompt, image.is_some(), chat_template, n_image)?;
         let kinds = token_kinds(&p.tokenizer, &input_ids, p.image_token_id);
         check_image_tokens(&kinds, n_image)?;
@@ -222,7 +281,10 @@ impl VisionLanguageModel for Llava {
         let image_grid = (n_image > 0 && n_image == g * g).then(|| ImageGrid {
             rows: g,
             cols: g,
-            first_position: input_ids.iter().position(|&id| id == p.image_token_id).unwrap_or(0),
+            first_position: input_ids
+                .iter()
+                .position(|&id| id == p.image_token_id)
+                .unwrap_or(0),
         });
         Ok(Prepared {
             input_ids,
@@ -241,10 +303,18 @@ impl VisionLanguageModel for Llava {
         let p = &self.parts;
         let mut embeds = p.text.embed(&inputs.input_ids)?;
         if let Some(px) = &inputs.pixels {
-            let first = inputs.kinds.iter().position(|k| *k == crate::models::TokenKind::Image).unwrap_or(0);
+            let first = inputs
+                .kinds
+                .iter()
+                .position(|k| *k == crate::models::TokenKind::Image)
+                .unwrap_or(0);
             let feats = p.image_features(&px.pixel_values)?.squeeze(0)?;
             embeds = scatter_image_features(embeds, feats, first)?;
         }
-        p.text.forward(embeds, &sequential_positions(inputs.input_ids.len()), observer)
+        p.text.forward(
+            embeds,
+            &sequential_positions(inputs.input_ids.len()),
+            observer,
+        )
     }
 }

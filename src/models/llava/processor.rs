@@ -39,7 +39,9 @@ impl ClipProcessorConfig {
             None
         } else if let Some(s) = field::<usize>(&size, "shortest_edge")? {
             Some(Resize::ShortestEdge(s))
-        } else if let (Some(height), Some(width)) = (field(&size, "height")?, field(&size, "width")?) {
+        } else if let (Some(height), Some(width)) =
+            (field(&size, "height")?, field(&size, "width")?)
+        {
             Some(Resize::Exact { height, width })
         } else if let Some(s) = field::<usize>(v, "size")? {
             Some(Resize::ShortestEdge(s))
@@ -48,8 +50,12 @@ impl ClipProcessorConfig {
         };
         let crop_size = v.get("crop_size").cloned().unwrap_or(Value::Null);
         let crop = if field::<bool>(v, "do_center_crop")?.unwrap_or(true) {
-            let h = field(&crop_size, "height")?.or(field(v, "crop_size")?).unwrap_or(224);
-            let w = field(&crop_size, "width")?.or(field(v, "crop_size")?).unwrap_or(224);
+            let h = field(&crop_size, "height")?
+                .or(field(v, "crop_size")?)
+                .unwrap_or(224);
+            let w = field(&crop_size, "width")?
+                .or(field(v, "crop_size")?)
+                .unwrap_or(224);
             Some((h, w))
         } else {
             None
@@ -61,7 +67,10 @@ impl ClipProcessorConfig {
                 .unwrap_or(true)
                 .then_some(field(v, "rescale_factor")?.unwrap_or(1.0 / 255.0)),
             mean_std: if field::<bool>(v, "do_normalize")?.unwrap_or(true) {
-                Some((triple(v, "image_mean", OPENAI_CLIP_MEAN)?, triple(v, "image_std", OPENAI_CLIP_STD)?))
+                Some((
+                    triple(v, "image_mean", OPENAI_CLIP_MEAN)?,
+                    triple(v, "image_std", OPENAI_CLIP_STD)?,
+                ))
             } else {
                 None
             },
@@ -72,7 +81,11 @@ impl ClipProcessorConfig {
 /// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side becomes
 /// `size`, the long side `int(size · long / short)` (truncated).
 pub fn shortest_edge_size(height: usize, width: usize, size: usize) -> (usize, usize) {
-    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
     let new_long = (size as f64 * long as f64 / short as f64) as usize;
     if width <= height {
         (new_long, size)
@@ -98,7 +111,11 @@ pub fn preprocess(img: &Rgb8, cfg: &ClipProcessorConfig, device: &Device) -> Res
         img = crop(&img, left, top, cw, ch);
     }
     let chw = normalize_chw(&img, cfg.rescale, cfg.mean_std);
-    Ok(Tensor::from_vec(chw, (1, 3, img.height, img.width), device)?)
+    Ok(Tensor::from_vec(
+        chw,
+        (1, 3, img.height, img.width),
+        device,
+    )?)
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use crate::models::decoder::sequential_positions;
 use crate::models::llava::LlavaParts;
 use crate::models::snapshot::{field, Snapshot};
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead, ModelInfo,
-    PixelInputs, Prepared, TokenKind, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead,
+    ModelInfo, PixelInputs, Prepared, TokenKind, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use processor::AnyResConfig;
@@ -32,36 +32,60 @@ impl LlavaOnevision {
         let vision_defaults = json!({"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
             "patch_size": 14, "image_size": 384, "num_hidden_layers": 26, "num_attention_heads": 16});
         let mut config = snapshot.config.clone();
-        for (key, default) in [("vision_feature_layer", json!(-1)), ("vision_feature_select_strategy", json!("full"))] {
+        for (key, default) in [
+            ("vision_feature_layer", json!(-1)),
+            ("vision_feature_select_strategy", json!("full")),
+        ] {
             if config.get(key).is_none() {
                 config[key] = default;
             }
         }
-        let snapshot = Snapshot { dir: snapshot.dir, config };
-        let parts = LlavaParts::load(&snapshot, name, "llava_onevision", vision_defaults, "qwen2", device, dtype)?;
+        let snapshot = Snapshot {
+            dir: snapshot.dir,
+            config,
+        };
+        let parts = LlavaParts::load(
+            &snapshot,
+            name,
+            "llava_onevision",
+            vision_defaults,
+            "qwen2",
+            device,
+            dtype,
+        )?;
         let cfg_err = |e: Error| snapshot.err(format!("config.json: {e}"));
-        let aspect: String = field(&snapshot.config, "vision_aspect_ratio").map_err(cfg_err)?.unwrap_or_else(|| "anyres_max_9".into());
+        let aspect: String = field(&snapshot.config, "vision_aspect_ratio")
+            .map_err(cfg_err)?
+            .unwrap_or_else(|| "anyres_max_9".into());
         let max_patches = processor::max_num_patches(&aspect).map_err(cfg_err)?;
-        let default_pinpoints: Vec<(usize, usize)> =
-            (1..=6).flat_map(|a| (1..=6).map(move |b| (a * 384, b * 384))).collect();
+        let default_pinpoints: Vec<(usize, usize)> = (1..=6)
+            .flat_map(|a| (1..=6).map(move |b| (a * 384, b * 384)))
+            .collect();
         let pinpoints = processor::parse_pinpoints(snapshot.config.get("image_grid_pinpoints"))
             .map_err(cfg_err)?
             .unwrap_or(default_pinpoints);
-        let processor = AnyResConfig::from_json(&snapshot.image_processor_config()?, &pinpoints, max_patches)
-            .map_err(|e| snapshot.err(format!("image processor config: {e}")))?;
+        let processor =
+            AnyResConfig::from_json(&snapshot.image_processor_config()?, &pinpoints, max_patches)
+                .map_err(|e| snapshot.err(format!("image processor config: {e}")))?;
         if processor.size != (parts.vit.image_size, parts.vit.image_size) {
             return Err(snapshot.err(format!(
                 "the image processor makes {:?} tiles, the vision tower takes {}",
                 processor.size, parts.vit.image_size
             )));
         }
-        let use_newline = field::<bool>(&snapshot.config, "use_image_newline_parameter").map_err(cfg_err)?.unwrap_or(true);
+        let use_newline = field::<bool>(&snapshot.config, "use_image_newline_parameter")
+            .map_err(cfg_err)?
+            .unwrap_or(true);
         let image_newline = if use_newline || parts.weights.contains("image_newline") {
             Some(parts.weights.get("image_newline", parts.info.hidden_size)?)
         } else {
             None
         };
-        Ok(LlavaOnevision { parts, processor, image_newline })
+        Ok(LlavaOnevision {
+            parts,
+            processor,
+            image_newline,
+        })
     }
 
     fn per_side(&self) -> usize {
@@ -81,10 +105,18 @@ impl LlavaOnevision {
             .permute((4, 0, 2, 1, 3))?
             .reshape((hidden, sh * p, sw * p))?;
         let (rows, cols, pad, along_rows) = processor::unpadded_grid(orig, (sh * p, sw * p));
-        let grid = if along_rows { grid.narrow(1, pad, rows)? } else { grid.narrow(2, pad, cols)? };
-        let (r2, c2, downscale) = processor::budget_grid(rows, cols, p, self.processor.max_num_patches);
+        let grid = if along_rows {
+            grid.narrow(1, pad, rows)?
+        } else {
+            grid.narrow(2, pad, cols)?
+        };
+        let (r2, c2, downscale) =
+            processor::budget_grid(rows, cols, p, self.processor.max_num_patches);
         let grid = if downscale {
-            grid.unsqueeze(0)?.contiguous()?.upsample_bilinear2d(r2, c2, false)?.squeeze(0)?
+            grid.unsqueeze(0)?
+                .contiguous()?
+                .upsample_bilinear2d(r2, c2, false)?
+                .squeeze(0)?
         } else {
             grid
         };
@@ -116,8 +148,12 @@ impl VisionLanguageModel for LlavaOnevision {
 
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared> {
         let p = &self.parts;
-        let processed = image.map(|img| processor::preprocess(img, &self.processor, &p.device)).transpose()?;
-        let n_image = image.map_or(0, |img| processor::num_image_tokens(img.height, img.width, &self.processor, self.per_side()));
+        let processed = image
+            .map(|img| processor::preprocess(img, &self.processor, &p.device))
+            .transpose()?;
+        let n_image = image.map_or(0, |img| {
+            processor::num_image_tokens(img.height, img.width, &self.processor, self.per_side())
+        });
         let input_ids = p.prompt_ids(prompt, image.is_some(), chat_template, n_image)?;
         let kinds = token_kinds(&p.tokenizer, &input_ids, p.image_token_id);
         check_image_tokens(&kinds, n_image)?;
@@ -126,18 +162,23 @@ impl VisionLanguageModel for LlavaOnevision {
         let image_grid = image.map(|_| ImageGrid {
             rows: g,
             cols: g,
-            first_position: input_ids.iter().position(|&id| id == p.image_token_id).unwrap_or(0),
+            first_position: input_ids
+                .iter()
+                .position(|&id| id == p.image_token_id)
+                .unwrap_or(0),
         });
         Ok(Prepared {
             input_ids,
             kinds,
             image_grid,
             num_image_tokens: n_image,
-            pixels: processed.zip(image).map(|((pixel_values, (rows, cols)), img)| PixelInputs {
-                pixel_values,
-                grid_thw: [1, rows, cols],
-                original_size: [img.height, img.width],
-            }),
+            pixels: processed
+                .zip(image)
+                .map(|((pixel_values, (rows, cols)), img)| PixelInputs {
+                    pixel_values,
+                    grid_thw: [1, rows, cols],
+                    original_size: [img.height, img.width],
+                }),
         })
     }
 
@@ -145,10 +186,18 @@ impl VisionLanguageModel for LlavaOnevision {
         let p = &self.parts;
         let mut embeds = p.text.embed(&inputs.input_ids)?;
         if let Some(px) = &inputs.pixels {
-            let first = inputs.kinds.iter().position(|k| *k == TokenKind::Image).unwrap_or(0);
+            let first = inputs
+                .kinds
+                .iter()
+                .position(|k| *k == TokenKind::Image)
+                .unwrap_or(0);
             let feats = p.image_features(&px.pixel_values)?;
             let [_, rows, cols] = px.grid_thw;
-            let packed = self.pack(&feats, (px.original_size[0], px.original_size[1]), (rows, cols))?;
+            let packed = self.pack(
+                &feats,
+                (px.original_size[0], px.original_size[1]),
+                (rows, cols),
+            )?;
             if packed.dim(0)? != inputs.num_image_tokens {
                 return Err(Error::Internal(format!(
                     "packing gave {} image features for {} image tokens",
@@ -158,6 +207,10 @@ impl VisionLanguageModel for LlavaOnevision {
             }
             embeds = scatter_image_features(embeds, packed, first)?;
         }
-        p.text.forward(embeds, &sequential_positions(inputs.input_ids.len()), observer)
+        p.text.forward(
+            embeds,
+            &sequential_positions(inputs.input_ids.len()),
+            observer,
+        )
     }
 }

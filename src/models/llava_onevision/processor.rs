@@ -40,7 +40,9 @@ pub fn parse_pinpoints(v: Option<&Value>) -> Result<Option<Vec<(usize, usize)>>>
             list.into_iter()
                 .map(|p| match p.as_slice() {
                     [h, w] if *h > 0 && *w > 0 => Ok((*h, *w)),
-                    _ => Err(Error::Internal(format!("image_grid_pinpoints entry {p:?} is not [height, width]"))),
+                    _ => Err(Error::Internal(format!(
+                        "image_grid_pinpoints entry {p:?} is not [height, width]"
+                    ))),
                 })
                 .collect::<Result<Vec<_>>>()
                 .map(Some)
@@ -53,15 +55,28 @@ pub fn max_num_patches(aspect: &str) -> Result<usize> {
     aspect
         .strip_prefix("anyres_max_")
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| Error::Internal(format!("vision_aspect_ratio `{aspect}` is not supported (anyres_max_N is)")))
+        .ok_or_else(|| {
+            Error::Internal(format!(
+                "vision_aspect_ratio `{aspect}` is not supported (anyres_max_N is)"
+            ))
+        })
 }
 
 impl AnyResConfig {
-    pub fn from_json(v: &Value, model_pinpoints: &[(usize, usize)], max_num_patches: usize) -> Result<Self> {
+    pub fn from_json(
+        v: &Value,
+        model_pinpoints: &[(usize, usize)],
+        max_num_patches: usize,
+    ) -> Result<Self> {
         let size = v.get("size").cloned().unwrap_or(Value::Null);
-        let h = field(&size, "height")?.or(field(&size, "shortest_edge")?).unwrap_or(384);
-        let w = field(&size, "width")?.or(field(&size, "shortest_edge")?).unwrap_or(384);
-        let pinpoints = parse_pinpoints(v.get("image_grid_pinpoints"))?.unwrap_or_else(|| model_pinpoints.to_vec());
+        let h = field(&size, "height")?
+            .or(field(&size, "shortest_edge")?)
+            .unwrap_or(384);
+        let w = field(&size, "width")?
+            .or(field(&size, "shortest_edge")?)
+            .unwrap_or(384);
+        let pinpoints = parse_pinpoints(v.get("image_grid_pinpoints"))?
+            .unwrap_or_else(|| model_pinpoints.to_vec());
         if pinpoints != model_pinpoints {
             return Err(Error::Internal(
                 "the image processor's image_grid_pinpoints differ from the model config's".into(),
@@ -74,7 +89,10 @@ impl AnyResConfig {
                 .unwrap_or(true)
                 .then_some(field(v, "rescale_factor")?.unwrap_or(1.0 / 255.0)),
             mean_std: if field::<bool>(v, "do_normalize")?.unwrap_or(true) {
-                Some((triple(v, "image_mean", OPENAI_CLIP_MEAN)?, triple(v, "image_std", OPENAI_CLIP_STD)?))
+                Some((
+                    triple(v, "image_mean", OPENAI_CLIP_MEAN)?,
+                    triple(v, "image_std", OPENAI_CLIP_STD)?,
+                ))
             } else {
                 None
             },
@@ -85,7 +103,11 @@ impl AnyResConfig {
 
 /// transformers' `select_best_resolution`: the candidate keeping the most of the image's pixels
 /// after an aspect-preserving downscale, ties broken by the least waste (first wins).
-pub fn select_best_resolution(height: usize, width: usize, candidates: &[(usize, usize)]) -> (usize, usize) {
+pub fn select_best_resolution(
+    height: usize,
+    width: usize,
+    candidates: &[(usize, usize)],
+) -> (usize, usize) {
     let (oh, ow) = (height as f64, width as f64);
     let mut best = candidates[0];
     let (mut max_eff, mut min_waste) = (0i64, i64::MAX);
@@ -136,10 +158,19 @@ pub fn unpadded_grid(orig: (usize, usize), current: (usize, usize)) -> (usize, u
 }
 
 /// The size after the anyres budget: `(rows, cols)` and whether a bilinear downscale is needed.
-pub fn budget_grid(rows: usize, cols: usize, per_side: usize, max_num_patches: usize) -> (usize, usize, bool) {
+pub fn budget_grid(
+    rows: usize,
+    cols: usize,
+    per_side: usize,
+    max_num_patches: usize,
+) -> (usize, usize, bool) {
     let ratio = ((rows * cols) as f64 / (max_num_patches * per_side * per_side) as f64).sqrt();
     if ratio > 1.1 {
-        ((rows as f64 / ratio).floor() as usize, (cols as f64 / ratio).floor() as usize, true)
+        (
+            (rows as f64 / ratio).floor() as usize,
+            (cols as f64 / ratio).floor() as usize,
+            true,
+        )
     } else {
         (rows, cols, false)
     }
@@ -156,7 +187,11 @@ pub fn num_image_tokens(height: usize, width: usize, cfg: &AnyResConfig, per_sid
 }
 
 /// `[1 + tiles, 3, S, S]` f32 pixel values and the tile grid `(rows, cols)`.
-pub fn preprocess(img: &Rgb8, cfg: &AnyResConfig, device: &Device) -> Result<(Tensor, (usize, usize))> {
+pub fn preprocess(
+    img: &Rgb8,
+    cfg: &AnyResConfig,
+    device: &Device,
+) -> Result<(Tensor, (usize, usize))> {
     let (th, tw) = cfg.size;
     let best = select_best_resolution(img.height, img.width, &cfg.pinpoints);
     let (nh, nw) = patch_output_size(img.height, img.width, best);
@@ -175,7 +210,10 @@ pub fn preprocess(img: &Rgb8, cfg: &AnyResConfig, device: &Device) -> Result<(Te
     for t in &tiles {
         data.extend(normalize_chw(t, cfg.rescale, cfg.mean_std));
     }
-    Ok((Tensor::from_vec(data, (tiles.len(), 3, th, tw), device)?, (rows, cols)))
+    Ok((
+        Tensor::from_vec(data, (tiles.len(), 3, th, tw), device)?,
+        (rows, cols),
+    ))
 }
 
 #[cfg(test)]
@@ -183,15 +221,25 @@ mod tests {
     use super::*;
 
     fn real() -> AnyResConfig {
-        let pinpoints: Vec<(usize, usize)> =
-            (1..=6).flat_map(|a| (1..=6).map(move |b| (a * 384, b * 384))).collect();
-        AnyResConfig { size: (384, 384), pinpoints, rescale: None, mean_std: None, max_num_patches: 9 }
+        let pinpoints: Vec<(usize, usize)> = (1..=6)
+            .flat_map(|a| (1..=6).map(move |b| (a * 384, b * 384)))
+            .collect();
+        AnyResConfig {
+            size: (384, 384),
+            pinpoints,
+            rescale: None,
+            mean_std: None,
+            max_num_patches: 9,
+        }
     }
 
     #[test]
     fn token_counts_match_models_md_checks() {
         let c = real();
-        assert_eq!(select_best_resolution(899, 1024, &c.pinpoints), (1152, 1152));
+        assert_eq!(
+            select_best_resolution(899, 1024, &c.pinpoints),
+            (1152, 1152)
+        );
         assert_eq!(num_image_tokens(899, 1024, &c, 27), 6551);
         assert_eq!(num_image_tokens(384, 384, &c, 27), 1485);
     }

@@ -15,8 +15,8 @@ use crate::error::Result;
 use crate::models::decoder::Decoder;
 use crate::models::snapshot::{Snapshot, Weights};
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead, ModelInfo, PixelInputs, Prepared,
-    VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead,
+    ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::prompt::{tokenize, PromptFormat};
@@ -63,7 +63,9 @@ impl Qwen2Vl {
                 )));
             }
         }
-        let eos_token = snapshot.special_token("eos_token")?.unwrap_or_else(|| "<|im_end|>".into());
+        let eos_token = snapshot
+            .special_token("eos_token")?
+            .unwrap_or_else(|| "<|im_end|>".into());
         let weights = Weights::open(
             &snapshot,
             &[
@@ -126,8 +128,12 @@ impl VisionLanguageModel for Qwen2Vl {
     }
 
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared> {
-        let processed = image.map(|img| processor::preprocess(img, &self.processor, &self.device)).transpose()?;
-        let num_image_tokens = processed.as_ref().map_or(0, |p| p.num_tokens(self.processor.merge_size));
+        let processed = image
+            .map(|img| processor::preprocess(img, &self.processor, &self.device))
+            .transpose()?;
+        let num_image_tokens = processed
+            .as_ref()
+            .map_or(0, |p| p.num_tokens(self.processor.merge_size));
         let format = PromptFormat {
             template: self.template.as_ref(),
             bos_token: "",
@@ -144,7 +150,10 @@ impl VisionLanguageModel for Qwen2Vl {
             ImageGrid {
                 rows: p.grid_thw[1] / m,
                 cols: p.grid_thw[2] / m,
-                first_position: input_ids.iter().position(|&id| id == self.cfg.image_token_id).unwrap_or(0),
+                first_position: input_ids
+                    .iter()
+                    .position(|&id| id == self.cfg.image_token_id)
+                    .unwrap_or(0),
             }
         });
         Ok(Prepared {
@@ -163,7 +172,9 @@ impl VisionLanguageModel for Qwen2Vl {
     fn forward(&self, inputs: &Prepared, observer: &mut dyn LayerObserver) -> Result<()> {
         let mut embeds = self.text.embed(&inputs.input_ids)?;
         if let (Some(px), Some(grid)) = (&inputs.pixels, inputs.image_grid) {
-            let feats = self.vision.forward(&px.pixel_values.to_device(&self.device)?, px.grid_thw)?;
+            let feats = self
+                .vision
+                .forward(&px.pixel_values.to_device(&self.device)?, px.grid_thw)?;
             embeds = scatter_image_features(embeds, feats, grid.first_position)?;
         }
         let positions = self.positions(inputs);
