@@ -8,7 +8,7 @@ use candle_core::Device;
 use common::*;
 use logit_lens::api::{Layers, LensOptions, Positions};
 use logit_lens::engine::{run_lens, LensRequest};
-use logit_lens::lens::{Lens, LensSpec};
+use logit_lens::lens::LensSpec;
 use logit_lens::models::qwen2_vl::processor::{preprocess, smart_resize, ImageProcessorConfig};
 use logit_lens::models::qwen2_vl::text::rope_positions;
 use logit_lens::models::snapshot::Snapshot;
@@ -122,212 +122,6 @@ fn smart_resize_agrees_with_transformers_including_its_errors() {
     }
 }
 
-/// Runs the model on transformers' own pixel_values, so the model is tested apart from the
-/// image preprocessing.
-fn prepared_with_python_pixels(
-    model: &dyn logit_lens::models::VisionLanguageModel,
-    case: &Case,
-    r: &Reference,
-) -> logit_lens::models::Prepared {
-    let mut p = model
-        .prepare(&case.prompt, image(case).as_ref(), true)
-        .unwrap();
-    if let Some(px) = p.pixels.as_mut() {
-        px.pixel_values = r.get("pixel_values").clone();
-    }
-    p
-}
-
-#[test]
-fn every_hidden_state_equals_transformers() {
-    for dir in FIXTURES {
-        let model = load_model(dir);
-        for case in cases("qwen2vl") {
-            let r = Reference::load("qwen2vl", &case.name);
-            let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
-            let mut rec = Recorder::default();
-            model.forward(&p, &mut rec).unwrap();
-            let want = r.get("hidden_states");
-            let l = want.dim(0).unwrap() - 1;
-            assert_eq!(rec.0.len(), l + 1);
-            for (i, h) in rec.0.iter().enumerate() {
-                let got = if i == l {
-                    // transformers' last entry is already normed; ours is the raw stream.
-                    let raw = h.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    let d = max_diff(&raw, &r.f32s("last_layer_raw"));
-                    assert!(
-                        d < 1e-4,
-                        "{dir}/{}: raw last layer differs by {d}",
-                        case.name
-                    );
-                    model.head().norm.forward(h).unwrap()
-                } else {
-                    h.clone()
-                };
-                let d = max_diff(
-                    &got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                    &want
-                        .get(i)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap(),
-                );
-                assert!(
-                    d < 1e-4,
-                    "{dir}/{}: hidden state {i} differs by {d}",
-                    case.name
-                );
-            }
-        }
-    }
-}
-
-fn lens_on(
-    model: &dyn logit_lens::models::VisionLanguageModel,
-    p: &logit_lens::models::Prepared,
-    spec: &LensSpec,
-) -> Vec<logit_lens::lens::LayerStats> {
-    let mut lens = Lens::new(model.head(), spec, model.info().num_layers).unwrap();
-    model.forward(p, &mut lens).unwrap();
-    lens.finish().unwrap()
-}
-
-#[test]
-fn lens_probabilities_entropy_kl_and_summary_equal_transformers() {
-    for dir in FIXTURES {
-        let model = load_model(dir);
-        for case in cases("qwen2vl") {
-            let r = Reference::load("qwen2vl", &case.name);
-            let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
-            let positions: Vec<usize> = r
-                .ids("lens_positions")
-                .iter()
-                .map(|&v| v as usize)
-                .collect();
-            let n_layers = model.info().num_layers;
-            let vocab = model.info().vocab_size;
-            let spec = LensSpec {
-                positions: positions.clone(),
-                layers: (0..=n_layers).collect(),
-                top_k: 5,
-                targets: vec![3, 100, (vocab - 1) as u32],
-                summary: true,
-                excluded: vec![],
-            };
-            let out = lens_on(model.as_ref(), &p, &spec);
-            let logprobs = r.f32s("lens_logprobs");
-            let top5 = r.ids("top5_ids");
-            let entropy = r.f32s("lens_entropy");
-            let kl = r.f32s("lens_kl_to_final");
-            let mmp = r.f32s("mean_max_prob");
-            let seq = p.input_ids.len();
-            assert_eq!(out.len(), n_layers + 1);
-            for (l, layer) in out.iter().enumerate() {
-                assert_eq!(layer.layer, l);
-                let m = layer.mean_max_prob.unwrap();
-                assert!(
-                    (m - mmp[l]).abs() < 1e-4,
-                    "{dir}/{}: layer {l} mean_max_prob {m} vs {}",
-                    case.name,
-                    mmp[l]
-                );
-                for (k, pos) in layer.positions.iter().enumerate() {
-                    let row = &logprobs
-                        [(l * positions.len() + k) * vocab..(l * positions.len() + k + 1) * vocab];
-                    let ctx = format!("{dir}/{} layer {l} position {}", case.name, pos.position);
-                    for (rank, &(id, prob, _)) in pos.top.iter().enumerate() {
-                        let want = row[id as usize].exp();
-                        assert!(
-                            (prob - want).abs() < 1e-4,
-                            "{ctx}: p({id}) {prob} vs {want}"
-                        );
-                        let want_id = top5[(l * positions.len() + k) * 5 + rank] as u32;
-                        // The same ids, unless two logits tie to within float noise.
-                        assert!(
-                            id == want_id
-                                || (row[id as usize] - row[want_id as usize]).abs() < 1e-5,
-                            "{ctx}: top-5 {:?} vs transformers' {:?}",
-                            pos.top.iter().map(|t| t.0).collect::<Vec<_>>(),
-                            &top5[(l * positions.len() + k) * 5..][..5]
-                        );
-                    }
-                    for (t, &(prob, rank)) in spec.targets.iter().zip(&pos.targets) {
-                        let want = row[*t as usize];
-                        assert!((prob - want.exp()).abs() < 1e-4, "{ctx}: target {t}");
-                        assert_eq!(
-                            rank,
-                            1 + row.iter().filter(|&&v| v > want).count(),
-                            "{ctx}: rank of {t}"
-                        );
-                    }
-                    let e = entropy[l * seq + pos.position];
-                    assert!(
-                        (pos.entropy - e).abs() < 1e-4 * e.max(1.0),
-                        "{ctx}: entropy {} vs {e}",
-                        pos.entropy
-                    );
-                    let want_kl = kl[l * seq + pos.position];
-                    assert!(
-                        (pos.kl_to_final - want_kl).abs() < 1e-4 * want_kl.max(1.0),
-                        "{ctx}: kl {} vs {want_kl}",
-                        pos.kl_to_final
-                    );
-                }
-            }
-        }
-    }
-}
-
-#[test]
-fn last_lens_layer_is_the_models_own_next_token_distribution() {
-    let model = load_model("qwen2vl-hub");
-    for case in cases("qwen2vl") {
-        let r = Reference::load("qwen2vl", &case.name);
-        let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
-        let positions: Vec<usize> = r
-            .ids("lens_positions")
-            .iter()
-            .map(|&v| v as usize)
-            .collect();
-        let n_layers = model.info().num_layers;
-        let vocab = model.info().vocab_size;
-        let spec = LensSpec {
-            positions: positions.clone(),
-            layers: vec![n_layers],
-            top_k: 20,
-            targets: vec![],
-            summary: false,
-            excluded: vec![],
-        };
-        let out = lens_on(model.as_ref(), &p, &spec);
-        let logits = r.f32s("logits");
-        for (k, pos) in out[0].positions.iter().enumerate() {
-            let row = &logits[k * vocab..(k + 1) * vocab];
-            let m = row.iter().copied().fold(f32::MIN, f32::max);
-            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
-            for &(id, prob, logit) in &pos.top {
-                assert!(
-                    (logit - row[id as usize]).abs() < 1e-4 * row[id as usize].abs().max(1.0),
-                    "{}: logit of {id}",
-                    case.name
-                );
-                assert!(
-                    (prob - (row[id as usize] - lse).exp()).abs() < 1e-5,
-                    "{}: prob of {id}",
-                    case.name
-                );
-            }
-            assert!(
-                pos.kl_to_final.abs() < 1e-5,
-                "KL of the final layer to itself is {}",
-                pos.kl_to_final
-            );
-        }
-    }
-}
-
 /// Published logit-lens code often feeds transformers' `hidden_states[-1]` (already normed)
 /// through the final norm again. With the fixture's random norm weights that changes the answer;
 /// this test proves the fixtures can tell, and that our last layer is not normed twice.
@@ -385,47 +179,28 @@ fn applying_the_final_norm_twice_would_be_caught() {
 }
 
 #[test]
-fn probe_pipeline_end_to_end_agrees_with_transformers_top1() {
-    // The whole path, Rust image decoding and preprocessing included.
-    let model = load_model("qwen2vl-hub");
-    for case in cases("qwen2vl") {
-        let r = Reference::load("qwen2vl", &case.name);
-        let req = LensRequest {
-            prompt: case.prompt.clone(),
-            image: image(&case),
-            options: LensOptions {
-                top_k: 1,
-                ..Default::default()
-            },
-        };
-        let resp = run_lens(model.as_ref(), &req).unwrap();
-        assert_eq!(resp.num_layers + 1, resp.layers.len());
-        assert_eq!(resp.input.num_tokens, case.num_tokens);
-        let top5 = r.ids("top5_ids");
-        let np = r.ids("lens_positions").len();
-        let mmp = r.f32s("mean_max_prob");
-        for layer in &resp.layers {
-            let want = top5[(layer.layer * np + np - 1) * 5];
-            assert_eq!(
-                layer.positions[0].top[0].id as i64,
-                want,
-                "{} layer {}: {:?} mmp {:?} vs {}",
-                case.name,
-                layer.layer,
-                layer.positions[0].top,
-                layer.mean_max_prob,
-                mmp[layer.layer]
-            );
-            assert!(
-                (layer.mean_max_prob.unwrap() - mmp[layer.layer]).abs() < 1e-4,
-                "{} layer {}: {:?} vs {}",
-                case.name,
-                layer.layer,
-                layer.mean_max_prob,
-                mmp[layer.layer]
-            );
-        }
+fn every_hidden_state_equals_transformers() {
+    for dir in FIXTURES {
+        check_inputs_and_hidden_states(dir, "qwen2vl");
     }
+}
+
+#[test]
+fn lens_probabilities_entropy_kl_and_summary_equal_transformers() {
+    for dir in FIXTURES {
+        check_lens(dir, "qwen2vl");
+    }
+}
+
+#[test]
+fn last_lens_layer_is_the_models_own_next_token_distribution() {
+    check_last_layer("qwen2vl-hub", "qwen2vl");
+}
+
+#[test]
+fn probe_pipeline_end_to_end_agrees_with_transformers() {
+    // The whole path, Rust image decoding and preprocessing included.
+    check_end_to_end("qwen2vl-hub", "qwen2vl");
 }
 
 #[test]

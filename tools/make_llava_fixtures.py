@@ -75,7 +75,7 @@ ONEVISION_SEED = 31
 
 LLAMA_BASE_SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama
 LLAMA_ADDED = ["<image>", "<pad>"]  # added by the llava-hf conversion right after the base vocabulary
-LLAMA_TRAINED_SIZE = 520
+LLAMA_TRAINED_SIZE = 500
 # the chat template's role words, so that they get pieces of their own (as in Llama's vocabulary)
 LLAMA_EXTRA_TEXT = ["USER: Describe the image. ASSISTANT: The image shows a cube.", "USER: Hello ASSISTANT: Hi"]  # BPE trainer vocabulary (3 specials + characters + merges); 256 byte tokens come on top
 
@@ -662,7 +662,6 @@ def resize_table() -> dict:
 LLAVA_CASES = [
     ("landscape_color", "landscape.png", "Color of the main object:"),
     ("portrait_doing", "portrait.png", "Answer with one word. What is the person doing:"),
-    ("tiny_describe", "tiny.png", "Describe the image."),
     ("text_only", None, "The capital of France is"),
 ]
 ONEVISION_CASES = [

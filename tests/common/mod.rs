@@ -90,3 +90,270 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs() / (y.abs() + 1.0))
         .fold(0.0, f32::max)
 }
+
+use logit_lens::api::LensOptions;
+use logit_lens::engine::{run_lens, LensRequest};
+use logit_lens::lens::{LayerStats, Lens, LensSpec};
+use logit_lens::models::Prepared;
+
+/// The model fed transformers' own pixel_values, so the model is tested apart from the image
+/// preprocessing.
+pub fn prepared_with_python_pixels(
+    model: &dyn VisionLanguageModel,
+    case: &Case,
+    r: &Reference,
+) -> Prepared {
+    let mut p = model
+        .prepare(&case.prompt, image(case).as_ref(), true)
+        .unwrap();
+    if let Some(px) = p.pixels.as_mut() {
+        px.pixel_values = r
+            .get("pixel_values")
+            .reshape(px.pixel_values.shape())
+            .unwrap();
+    }
+    p
+}
+
+pub fn lens_on(model: &dyn VisionLanguageModel, p: &Prepared, spec: &LensSpec) -> Vec<LayerStats> {
+    let mut lens = Lens::new(model.head(), spec, model.info().num_layers).unwrap();
+    model.forward(p, &mut lens).unwrap();
+    lens.finish().unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Input ids exactly, and every residual stream within 1e-4 of transformers' `hidden_states`
+/// (whose last entry is already normed; ours is the raw stream, compared to `last_layer_raw`).
+pub fn check_inputs_and_hidden_states(dir: &str, family: &str) {
+    let model = load_model(dir);
+    for case in cases(family) {
+        let r = Reference::load(family, &case.name);
+        let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
+        let ids: Vec<i64> = p.input_ids.iter().map(|&i| i as i64).collect();
+        assert_eq!(ids, r.ids("input_ids"), "{dir}/{}: input_ids", case.name);
+        assert_eq!(
+            p.num_image_tokens, case.num_image_tokens,
+            "{dir}/{}: image tokens",
+            case.name
+        );
+        let mut rec = Recorder::default();
+        model.forward(&p, &mut rec).unwrap();
+        let want = r.get("hidden_states");
+        let l = want.dim(0).unwrap() - 1;
+        assert_eq!(rec.0.len(), l + 1);
+        for (i, h) in rec.0.iter().enumerate() {
+            let got = if i == l {
+                let d = max_diff(&flat(h), &r.f32s("last_layer_raw"));
+                assert!(
+                    d < 1e-4,
+                    "{dir}/{}: raw last layer differs by {d}",
+                    case.name
+                );
+                model.head().norm.forward(h).unwrap()
+            } else {
+                h.clone()
+            };
+            let d = max_diff(&flat(&got), &flat(&want.get(i).unwrap()));
+            assert!(
+                d < 1e-4,
+                "{dir}/{}: hidden state {i} differs by {d}",
+                case.name
+            );
+        }
+    }
+}
+
+/// Per layer and position: top-5 ids and probabilities, target probabilities and ranks,
+/// entropy, KL to the final layer, and the mean-max-prob summary, against transformers.
+pub fn check_lens(dir: &str, family: &str) {
+    let model = load_model(dir);
+    for case in cases(family) {
+        let r = Reference::load(family, &case.name);
+        let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
+        let positions: Vec<usize> = r
+            .ids("lens_positions")
+            .iter()
+            .map(|&v| v as usize)
+            .collect();
+        let n_layers = model.info().num_layers;
+        let vocab = model.info().vocab_size;
+        let spec = LensSpec {
+            positions: positions.clone(),
+            layers: (0..=n_layers).collect(),
+            top_k: 5,
+            targets: vec![3, 100, (vocab - 1) as u32],
+            summary: true,
+            excluded: vec![],
+        };
+        let out = lens_on(model.as_ref(), &p, &spec);
+        let (logprobs, top5) = (r.f32s("lens_logprobs"), r.ids("top5_ids"));
+        let (entropy, kl, mmp) = (
+            r.f32s("lens_entropy"),
+            r.f32s("lens_kl_to_final"),
+            r.f32s("mean_max_prob"),
+        );
+        let seq = p.input_ids.len();
+        let np = positions.len();
+        assert_eq!(out.len(), n_layers + 1);
+        for (l, layer) in out.iter().enumerate() {
+            assert_eq!(layer.layer, l);
+            let m = layer.mean_max_prob.unwrap();
+            assert!(
+                (m - mmp[l]).abs() < 1e-4,
+                "{dir}/{}: layer {l} mean_max_prob {m} vs {}",
+                case.name,
+                mmp[l]
+            );
+            for (k, pos) in layer.positions.iter().enumerate() {
+                let row = &logprobs[(l * np + k) * vocab..(l * np + k + 1) * vocab];
+                let ctx = format!("{dir}/{} layer {l} position {}", case.name, pos.position);
+                for (rank, &(id, prob, _)) in pos.top.iter().enumerate() {
+                    let want = row[id as usize].exp();
+                    assert!(
+                        (prob - want).abs() < 1e-4,
+                        "{ctx}: p({id}) {prob} vs {want}"
+                    );
+                    let want_id = top5[(l * np + k) * 5 + rank] as u32;
+                    // The same ids, unless two logits tie to within float noise.
+                    assert!(
+                        id == want_id || (row[id as usize] - row[want_id as usize]).abs() < 1e-5,
+                        "{ctx}: top-5 {:?} vs transformers' {:?}",
+                        pos.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                        &top5[(l * np + k) * 5..][..5]
+                    );
+                }
+                for (t, &(prob, rank)) in spec.targets.iter().zip(&pos.targets) {
+                    let want = row[*t as usize];
+                    assert!((prob - want.exp()).abs() < 1e-4, "{ctx}: target {t}");
+                    assert_eq!(
+                        rank,
+                        1 + row.iter().filter(|&&v| v > want).count(),
+                        "{ctx}: rank of {t}"
+                    );
+                }
+                let e = entropy[l * seq + pos.position];
+                assert!(
+                    (pos.entropy - e).abs() < 1e-4 * e.max(1.0),
+                    "{ctx}: entropy {} vs {e}",
+                    pos.entropy
+                );
+                let want_kl = kl[l * seq + pos.position];
+                assert!(
+                    (pos.kl_to_final - want_kl).abs() < 1e-4 * want_kl.max(1.0),
+                    "{ctx}: kl {} vs {want_kl}",
+                    pos.kl_to_final
+                );
+            }
+        }
+    }
+}
+
+/// The last lens layer is the model's own next-token distribution (its logits).
+pub fn check_last_layer(dir: &str, family: &str) {
+    let model = load_model(dir);
+    for case in cases(family) {
+        let r = Reference::load(family, &case.name);
+        let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
+        let positions: Vec<usize> = r
+            .ids("lens_positions")
+            .iter()
+            .map(|&v| v as usize)
+            .collect();
+        let n_layers = model.info().num_layers;
+        let vocab = model.info().vocab_size;
+        let spec = LensSpec {
+            positions,
+            layers: vec![n_layers],
+            top_k: 20,
+            targets: vec![],
+            summary: false,
+            excluded: vec![],
+        };
+        let out = lens_on(model.as_ref(), &p, &spec);
+        let logits = r.f32s("logits");
+        for (k, pos) in out[0].positions.iter().enumerate() {
+            let row = &logits[k * vocab..(k + 1) * vocab];
+            let m = row.iter().copied().fold(f32::MIN, f32::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+            for &(id, prob, logit) in &pos.top {
+                let want = row[id as usize];
+                assert!(
+                    (logit - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "{}: logit of {id}",
+                    case.name
+                );
+                assert!(
+                    (prob - (want - lse).exp()).abs() < 1e-5,
+                    "{}: prob of {id}",
+                    case.name
+                );
+            }
+            assert_eq!(pos.kl_to_final, 0.0);
+        }
+    }
+}
+
+/// The whole path, Rust image decoding and preprocessing included: the pixel values equal
+/// transformers' to 1e-5, and the response's last-position top-1 and summary match.
+pub fn check_end_to_end(dir: &str, family: &str) {
+    let model = load_model(dir);
+    for case in cases(family) {
+        let r = Reference::load(family, &case.name);
+        let p = model
+            .prepare(&case.prompt, image(&case).as_ref(), true)
+            .unwrap();
+        if let Some(px) = &p.pixels {
+            let want = r.f32s("pixel_values");
+            let got = flat(&px.pixel_values);
+            assert_eq!(
+                got.len(),
+                want.len(),
+                "{dir}/{}: pixel_values size",
+                case.name
+            );
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-5,
+                "{dir}/{}: pixel values differ by up to {worst}",
+                case.name
+            );
+        }
+        let req = LensRequest {
+            prompt: case.prompt.clone(),
+            image: image(&case),
+            options: LensOptions {
+                top_k: 1,
+                ..Default::default()
+            },
+        };
+        let resp = run_lens(model.as_ref(), &req).unwrap();
+        assert_eq!(resp.num_layers + 1, resp.layers.len());
+        assert_eq!(resp.input.num_tokens, case.num_tokens);
+        let top5 = r.ids("top5_ids");
+        let np = r.ids("lens_positions").len();
+        let mmp = r.f32s("mean_max_prob");
+        for layer in &resp.layers {
+            let want = top5[(layer.layer * np + np - 1) * 5];
+            assert_eq!(
+                layer.positions[0].top[0].id as i64, want,
+                "{} layer {}",
+                case.name, layer.layer
+            );
+            let m = layer.mean_max_prob.unwrap();
+            assert!(
+                (m - mmp[layer.layer]).abs() < 1e-4,
+                "{} layer {}: {m} vs {}",
+                case.name,
+                layer.layer,
+                mmp[layer.layer]
+            );
+        }
+    }
+}
