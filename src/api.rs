@@ -2,6 +2,7 @@
 //! prints exactly what the service returns.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::error::{Error, Result};
 use crate::lens::{LayerStats, LensSpec};
@@ -9,7 +10,7 @@ use crate::models::{ImageGrid, Prepared, TokenKind};
 
 pub const MAX_TOP_K: usize = 100;
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum Positions {
     /// `"last"`, `"all"`, `"text"` or `"image"`
@@ -18,7 +19,7 @@ pub enum Positions {
     List(Vec<i64>),
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 #[serde(untagged)]
 pub enum Layers {
     /// `"all"`
@@ -26,7 +27,7 @@ pub enum Layers {
     List(Vec<i64>),
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LensOptions {
     pub top_k: usize,
@@ -225,7 +226,7 @@ pub fn id_ranges(mask: &[bool]) -> Vec<[u32; 2]> {
     out
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TokenInfo {
     pub position: usize,
     pub id: u32,
@@ -233,7 +234,7 @@ pub struct TokenInfo {
     pub kind: TokenKind,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct InputInfo {
     pub num_tokens: usize,
     pub num_image_tokens: usize,
@@ -242,7 +243,7 @@ pub struct InputInfo {
     pub tokens: Vec<TokenInfo>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TopToken {
     pub id: u32,
     pub token: String,
@@ -250,7 +251,7 @@ pub struct TopToken {
     pub logit: f32,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TargetOut {
     pub target: String,
     pub id: u32,
@@ -258,7 +259,7 @@ pub struct TargetOut {
     pub rank: usize,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct PositionOut {
     pub position: usize,
     pub top: Vec<TopToken>,
@@ -268,7 +269,7 @@ pub struct PositionOut {
     pub targets: Vec<TargetOut>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct LayerOut {
     pub layer: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -276,7 +277,7 @@ pub struct LayerOut {
     pub positions: Vec<PositionOut>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Timing {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue: Option<f64>,
@@ -286,7 +287,7 @@ pub struct Timing {
     pub total: f64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct LensResponse {
     pub model: String,
     /// `qwen2_vl`, `llava` or `llava_onevision`.

@@ -9,5 +9,6 @@ pub mod error;
 pub mod lens;
 pub mod models;
 pub mod preprocess;
+pub mod server;
 
 pub use error::{Error, Result};

@@ -25,6 +25,10 @@ struct Cli {
 enum Command {
     /// Runs the lens once and prints the JSON body that POST /lens returns.
     Probe(ProbeArgs),
+    /// Serves POST /lens and friends over HTTP (see /docs once it runs).
+    Serve(Box<logit_lens::server::ServeArgs>),
+    /// Prints the OpenAPI document (`logit-lens openapi > openapi/openapi.json` updates it).
+    Openapi,
 }
 
 #[derive(clap::Args)]
@@ -129,6 +133,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(a) => probe(a),
+        Command::Serve(a) => {
+            return match logit_lens::server::run(*a) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Openapi => {
+            print!("{}", logit_lens::server::openapi::spec_json());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,9 @@
 //! Runs one lens request on a resident model: prepare → instrumented forward with the lens as
-//! observer → response. The service's queue and batching worker will sit in this module.
+//! observer → response. [`worker`] holds the service's queue and the thread that owns the models.
+
+pub mod worker;
+
+pub use worker::{Engine, EngineConfig, JobError, JobResult, LoadState, ModelEntry, SubmitError};
 
 use std::time::Instant;
 

@@ -20,7 +20,9 @@ pub mod vit;
 pub use layers::RmsNorm;
 
 /// What kind of token sits at a position of the input sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenKind {
     Text,
@@ -29,7 +31,9 @@ pub enum TokenKind {
 }
 
 /// Where an image's tokens sit: a `rows × cols` grid in raster order from `first_position`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 pub struct ImageGrid {
     pub rows: usize,
     pub cols: usize,

@@ -1,0 +1,275 @@
+//! The queue and the worker: one dedicated OS thread owns the models and runs one job group at a
+//! time; the async side talks to it through a bounded channel and gets each answer back on a
+//! oneshot. Nothing here blocks the async runtime.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{run_lens, LensRequest};
+use crate::api::LensResponse;
+use crate::error::Error;
+use crate::models::{ModelInfo, VisionLanguageModel};
+
+/// Loads the models on the worker thread, so that they never leave it.
+pub type Loader =
+    Box<dyn FnOnce() -> crate::Result<Vec<Box<dyn VisionLanguageModel>>> + Send + 'static>;
+
+/// Called with the size of every group the worker runs (for metrics).
+pub type BatchHook = Arc<dyn Fn(usize) + Send + Sync>;
+
+pub struct EngineConfig {
+    /// Jobs that may wait in the queue; one more is refused with [`SubmitError::QueueFull`].
+    pub max_queue: usize,
+    /// The most jobs for one model run as one group.
+    pub max_batch_size: usize,
+    pub on_batch: Option<BatchHook>,
+}
+
+/// What the HTTP side may know about a resident model: its description and a tokenizer clone
+/// (for the prompt-length limit before queueing).
+pub struct ModelEntry {
+    pub info: ModelInfo,
+    pub tokenizer: tokenizers::Tokenizer,
+}
+
+#[derive(Clone)]
+pub enum LoadState {
+    Loading,
+    Ready(Arc<Vec<ModelEntry>>),
+    Failed(String),
+}
+
+/// Why a job got no lens response.
+#[derive(Debug)]
+pub enum JobError {
+    /// The request itself is bad or the computation failed.
+    Lens(Error),
+    /// The deadline passed before the job's turn came.
+    DeadlineExceeded,
+    /// The computation panicked; the message is the panic's.
+    Panicked(String),
+}
+
+pub type JobResult = Result<LensResponse, JobError>;
+
+pub struct Job {
+    /// Index into the loaded models.
+    pub model: usize,
+    pub request: LensRequest,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<JobResult>,
+    enqueued: Instant,
+}
+
+#[derive(Debug)]
+pub enum SubmitError {
+    QueueFull,
+    /// The worker is gone (shutting down or failed to load).
+    Closed,
+}
+
+/// The HTTP side's handle on the worker. Dropping it (and every clone of the sender) lets the
+/// worker finish what is queued and stop.
+pub struct Engine {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    depth: Arc<AtomicUsize>,
+    state: watch::Receiver<LoadState>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the worker thread; it loads the models, then serves the queue.
+    pub fn start(loader: Loader, config: EngineConfig) -> std::io::Result<Engine> {
+        let (tx, rx) = mpsc::channel(config.max_queue.max(1));
+        let (state_tx, state) = watch::channel(LoadState::Loading);
+        let depth = Arc::new(AtomicUsize::new(0));
+        let worker = Worker {
+            rx,
+            pending: VecDeque::new(),
+            depth: depth.clone(),
+            max_batch_size: config.max_batch_size.max(1),
+            on_batch: config.on_batch,
+        };
+        let thread = std::thread::Builder::new()
+            .name("lens-worker".into())
+            .spawn(move || worker.run(loader, state_tx))?;
+        Ok(Engine {
+            tx: Mutex::new(Some(tx)),
+            depth,
+            state,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a job, or refuses it at once when the queue is full.
+    pub fn submit(
+        &self,
+        model: usize,
+        request: LensRequest,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
+        let tx = lock(&self.tx).clone().ok_or(SubmitError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            model,
+            request,
+            deadline,
+            reply,
+            enqueued: Instant::now(),
+        };
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        match tx.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                    mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
+                })
+            }
+        }
+    }
+
+    /// Jobs accepted and not yet started.
+    pub fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    pub fn load_state(&self) -> LoadState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until the models are loaded (or failed to load).
+    pub async fn wait_loaded(&self) -> Result<Arc<Vec<ModelEntry>>, String> {
+        let mut state = self.state.clone();
+        loop {
+            match state.borrow_and_update().clone() {
+                LoadState::Ready(m) => return Ok(m),
+                LoadState::Failed(e) => return Err(e),
+                LoadState::Loading => {}
+            }
+            if state.changed().await.is_err() {
+                return Err("the worker thread stopped while loading".into());
+            }
+        }
+    }
+
+    /// Closes the queue and waits (on a blocking thread) for the worker to finish what is queued.
+    pub async fn shutdown(&self) {
+        lock(&self.tx).take();
+        let thread = lock(&self.thread).take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+struct Worker {
+    rx: mpsc::Receiver<Job>,
+    /// Jobs taken off the channel but not yet run (other models' jobs wait here in order).
+    pending: VecDeque<Job>,
+    depth: Arc<AtomicUsize>,
+    max_batch_size: usize,
+    on_batch: Option<BatchHook>,
+}
+
+impl Worker {
+    fn run(mut self, loader: Loader, state: watch::Sender<LoadState>) {
+        let models = match catch_unwind(AssertUnwindSafe(loader)) {
+            Ok(Ok(models)) => models,
+            Ok(Err(e)) => {
+                let _ = state.send(LoadState::Failed(format!("[{}] {e}", e.code())));
+                return;
+            }
+            Err(p) => {
+                let _ = state.send(LoadState::Failed(panic_message(p)));
+                return;
+            }
+        };
+        let entries = models
+            .iter()
+            .map(|m| ModelEntry {
+                info: m.info().clone(),
+                tokenizer: m.tokenizer().clone(),
+            })
+            .collect();
+        let _ = state.send(LoadState::Ready(Arc::new(entries)));
+        while let Some(group) = self.next_group() {
+            self.depth.fetch_sub(group.len(), Ordering::SeqCst);
+            if let Some(hook) = &self.on_batch {
+                hook(group.len());
+            }
+            let model = models[group[0].model].as_ref();
+            run_group(model, group);
+        }
+    }
+
+    /// Blocks for the next job, then takes every queued job for the same model, in arrival
+    /// order, up to the batch size. None once the queue is closed and empty.
+    fn next_group(&mut self) -> Option<Vec<Job>> {
+        if self.pending.is_empty() {
+            self.pending.push_back(self.rx.blocking_recv()?);
+        }
+        while let Ok(job) = self.rx.try_recv() {
+            self.pending.push_back(job);
+        }
+        let model = self.pending.front()?.model;
+        let mut group = Vec::new();
+        let mut rest = VecDeque::new();
+        for job in self.pending.drain(..) {
+            if job.model == model && group.len() < self.max_batch_size {
+                group.push(job);
+            } else {
+                rest.push_back(job);
+            }
+        }
+        self.pending = rest;
+        Some(group)
+    }
+}
+
+/// Runs one group of jobs for one model. The seam for a padded batched forward: today the jobs
+/// run one after another; a batched forward would prepare them all, pad, and run them together.
+fn run_group(model: &dyn VisionLanguageModel, group: Vec<Job>) {
+    for job in group {
+        if job.reply.is_closed() {
+            continue; // the client went away: its place is freed without running it
+        }
+        let started = Instant::now();
+        if started > job.deadline {
+            let _ = job.reply.send(Err(JobError::DeadlineExceeded));
+            continue;
+        }
+        let result = run_one(model, &job.request, started - job.enqueued);
+        let _ = job.reply.send(result);
+    }
+}
+
+fn run_one(model: &dyn VisionLanguageModel, request: &LensRequest, queued: Duration) -> JobResult {
+    match catch_unwind(AssertUnwindSafe(|| run_lens(model, request))) {
+        Ok(Ok(mut response)) => {
+            response.timing_ms.queue = Some(queued.as_secs_f64() * 1e3);
+            Ok(response)
+        }
+        Ok(Err(e)) => Err(JobError::Lens(e)),
+        Err(p) => Err(JobError::Panicked(panic_message(p))),
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the data is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}

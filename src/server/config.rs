@@ -1,0 +1,101 @@
+//! `logit-lens serve` flags. Every flag is also an environment variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Limits checked on the async side, before a request is queued.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_image_pixels: u64,
+    pub max_prompt_tokens: usize,
+    /// How long a request may wait in the queue before it gets 504.
+    pub queue_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 20 * 1024 * 1024,
+            max_image_pixels: 50_000_000,
+            max_prompt_tokens: 4096,
+            queue_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// A model to serve: NAME=DIR, DIR (named after the directory) or a Hugging Face id such as
+    /// Qwen/Qwen2-VL-2B-Instruct (read from the local Hugging Face cache). Repeatable; the
+    /// environment variable takes a comma-separated list. Default: the tiny demo model with random
+    /// weights from tests/fixtures.
+    #[arg(long = "model", env = "LOGIT_LENS_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
+    #[arg(long, env = "LOGIT_LENS_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "LOGIT_LENS_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// The most queued requests for one model run as one group.
+    #[arg(long, env = "LOGIT_LENS_MAX_BATCH_SIZE", default_value_t = 8)]
+    pub max_batch_size: usize,
+    /// Requests that may wait; one more gets 429 with Retry-After.
+    #[arg(long, env = "LOGIT_LENS_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// How long a request may wait for its turn before it gets 504.
+    #[arg(long, env = "LOGIT_LENS_QUEUE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub queue_timeout_ms: u64,
+    /// The largest request body (413 above it).
+    #[arg(long, env = "LOGIT_LENS_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// The most pixels (width × height, read from the header before decoding) an image may have.
+    #[arg(
+        long,
+        env = "LOGIT_LENS_MAX_IMAGE_PIXELS",
+        default_value_t = 50_000_000
+    )]
+    pub max_image_pixels: u64,
+    /// The most tokens the prompt text may have (image tokens not counted).
+    #[arg(long, env = "LOGIT_LENS_MAX_PROMPT_TOKENS", default_value_t = 4096)]
+    pub max_prompt_tokens: usize,
+    /// A file of API keys, one per line (`#` comments). With keys set, every route but /health
+    /// and /ready needs `Authorization: Bearer <key>`.
+    #[arg(long, env = "LOGIT_LENS_API_KEYS_FILE")]
+    pub api_keys: Option<PathBuf>,
+    /// API keys, comma-separated (added to those from --api-keys).
+    #[arg(
+        long,
+        env = "LOGIT_LENS_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_key: Vec<String>,
+}
+
+impl ServeArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_image_pixels: self.max_image_pixels,
+            max_prompt_tokens: self.max_prompt_tokens,
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+        }
+    }
+
+    /// The configured keys; empty means no authentication.
+    pub fn keys(&self) -> Result<Vec<String>, String> {
+        let mut keys: Vec<String> = self.api_key.iter().map(|k| k.trim().to_string()).collect();
+        if let Some(p) = &self.api_keys {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read the API key file {}: {e}", p.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        keys.retain(|k| !k.is_empty());
+        Ok(keys)
+    }
+}

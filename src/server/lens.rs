@@ -1,0 +1,199 @@
+//! POST /lens: parse → limits and image decoding (on a blocking thread) → queue → answer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::error::ApiError;
+use super::request::{self, LensInput};
+use super::AppState;
+use crate::api::LensResponse;
+use crate::engine::{LensRequest, ModelEntry, SubmitError};
+use crate::preprocess::image::{decode, peek_dimensions, Rgb8};
+use crate::Error;
+
+/// Runs the logit lens on one image and prompt.
+#[utoipa::path(
+    post,
+    path = "/lens",
+    tag = "lens",
+    request_body(
+        description = "The image, the prompt and the options",
+        content(
+            (super::schema::LensForm = "multipart/form-data"),
+            (super::schema::LensJsonRequest = "application/json"),
+        )
+    ),
+    responses(
+        (status = 200, description = "Every layer's distribution", body = LensResponse,
+            headers(
+                ("x-queue-time" = f64, description = "Milliseconds spent waiting in the queue"),
+                ("x-inference-time" = f64, description = "Milliseconds of preprocessing, forward and lens on the worker"),
+            )),
+        (status = 400, description = "Malformed multipart or JSON, or a bad option value", body = super::schema::ErrorBody),
+        (status = 401, description = "API keys are configured and the request has no valid one", body = super::schema::ErrorBody),
+        (status = 404, description = "Unknown model", body = super::schema::ErrorBody),
+        (status = 413, description = "Body, image dimensions or prompt length over the limits", body = super::schema::ErrorBody),
+        (status = 415, description = "Not an image, an unsupported image format, or an unsupported content type", body = super::schema::ErrorBody),
+        (status = 422, description = "Well-formed but impossible (position out of range, image too elongated)", body = super::schema::ErrorBody),
+        (status = 429, description = "Queue full; Retry-After says when to come back", body = super::schema::ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds"))),
+        (status = 500, description = "A bug: the computation failed", body = super::schema::ErrorBody),
+        (status = 503, description = "Models still loading, or shutting down", body = super::schema::ErrorBody),
+        (status = 504, description = "The deadline passed before the request's turn came", body = super::schema::ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn lens(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    match answer(&state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn answer(state: &AppState, req: Request) -> Result<Response, ApiError> {
+    let t0 = Instant::now();
+    let models = state.ready_models()?;
+    let input = read_body(state, req).await?;
+    let index = pick_model(&models, input.model.as_deref())?;
+    let limits = state.limits.clone();
+    let models_for_check = models.clone();
+    let LensInput {
+        prompt,
+        image,
+        options,
+        ..
+    } = input;
+    let checked = tokio::task::spawn_blocking(move || {
+        check_prompt(&models_for_check[index], &prompt, limits.max_prompt_tokens)?;
+        let image = image
+            .map(|b| decode_checked(&b, limits.max_image_pixels))
+            .transpose()?;
+        Ok::<_, Error>((prompt, image))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("the decoding task failed: {e}")))?;
+    let (prompt, image) = checked?;
+    let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let deadline = Instant::now() + state.limits.queue_timeout;
+    let request = LensRequest {
+        prompt,
+        image,
+        options,
+    };
+    let rx = state
+        .engine
+        .submit(index, request, deadline)
+        .map_err(|e| match e {
+            SubmitError::QueueFull => ApiError::queue_full(1),
+            SubmitError::Closed => ApiError::not_ready("the service is shutting down"),
+        })?;
+    let mut response: LensResponse = rx
+        .await
+        .map_err(|_| ApiError::not_ready("the service is shutting down"))??;
+    let queue_ms = response.timing_ms.queue.unwrap_or(0.0);
+    let inference_ms = response.timing_ms.total;
+    response.timing_ms.preprocess += decode_ms;
+    response.timing_ms.total = t0.elapsed().as_secs_f64() * 1e3;
+    state.metrics.timing(decode_ms, &response.timing_ms);
+
+    let mut http = (StatusCode::OK, Json(response)).into_response();
+    let headers = http.headers_mut();
+    headers.insert("x-queue-time", ms_header(queue_ms));
+    headers.insert("x-inference-time", ms_header(inference_ms));
+    Ok(http)
+}
+
+fn ms_header(ms: f64) -> HeaderValue {
+    HeaderValue::from_str(&format!("{ms:.3}")).unwrap_or(HeaderValue::from_static("0"))
+}
+
+async fn read_body(state: &AppState, req: Request) -> Result<LensInput, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let limit = state.limits.max_body_bytes;
+    if content_type.starts_with("multipart/form-data") {
+        let form = Multipart::from_request(req, &()).await.map_err(|e| {
+            ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+        })?;
+        request::from_multipart(form, limit).await
+    } else if content_type.starts_with("application/json") {
+        let body = Bytes::from_request(req, &()).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::body_too_large(limit)
+            } else {
+                ApiError::bad_request(format!("could not read the body: {}", e.body_text()))
+            }
+        })?;
+        request::from_json(&body)
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "content type {content_type:?} is not accepted; send multipart/form-data or application/json"
+            ),
+        ))
+    }
+}
+
+/// The index of the named model, or of the only one.
+fn pick_model(models: &[ModelEntry], name: Option<&str>) -> Result<usize, ApiError> {
+    let names = || {
+        models
+            .iter()
+            .map(|m| m.info.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match name {
+        None if models.len() == 1 => Ok(0),
+        None => Err(ApiError::bad_request(format!(
+            "several models are loaded; name one in `model`: {}",
+            names()
+        ))),
+        Some(n) => models.iter().position(|m| m.info.name == n).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_model",
+                format!("no model named {n:?} is loaded; loaded: {}", names()),
+            )
+        }),
+    }
+}
+
+fn check_prompt(model: &ModelEntry, prompt: &str, max: usize) -> Result<(), Error> {
+    let n = model
+        .tokenizer
+        .encode(prompt, false)
+        .map_err(|e| Error::InvalidOption(format!("the prompt cannot be tokenized: {e}")))?
+        .len();
+    if n > max {
+        return Err(Error::TooLarge(format!(
+            "the prompt has {n} tokens, over the limit of {max}; shorten it"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an image over the pixel limit from its header, before the pixels are expanded.
+fn decode_checked(bytes: &[u8], max_pixels: u64) -> Result<Rgb8, Error> {
+    let (format, w, h) = peek_dimensions(bytes)?;
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        return Err(Error::TooLarge(format!(
+            "the {format:?} image is {w}×{h} = {pixels} pixels, over the limit of {max_pixels}; downscale it"
+        )));
+    }
+    decode(bytes)
+}

@@ -1,0 +1,175 @@
+//! Reads POST /lens bodies, multipart or JSON, into one [`LensInput`]. Only parsing happens
+//! here: the image stays bytes, limits and decoding come next.
+
+use axum::body::Bytes;
+use axum::extract::multipart::{Multipart, MultipartError};
+use axum::http::StatusCode;
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::schema::LensJsonRequest;
+use crate::api::{Layers, LensOptions, Positions};
+use crate::Error;
+
+pub struct LensInput {
+    pub model: Option<String>,
+    pub prompt: String,
+    pub image: Option<Bytes>,
+    pub options: LensOptions,
+}
+
+const OPTION_FIELDS: &[&str] = &[
+    "top_k",
+    "positions",
+    "layers",
+    "targets",
+    "target_ids",
+    "summary",
+    "chat_template",
+    "exclude_special",
+];
+
+pub async fn from_multipart(mut form: Multipart, body_limit: usize) -> Result<LensInput, ApiError> {
+    let mut model = None;
+    let mut prompt = None;
+    let mut image = None;
+    let mut options = Map::new();
+    let mut fields = Map::new();
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, body_limit))?
+    {
+        let name = field.name().unwrap_or_default().to_string();
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| multipart_error(e, body_limit))?;
+        if name == "image" {
+            if image.is_some() {
+                return Err(ApiError::bad_request("send one `image` field, not several"));
+            }
+            image = Some(bytes);
+            continue;
+        }
+        let text = String::from_utf8(bytes.to_vec())
+            .map_err(|_| ApiError::bad_request(format!("form field `{name}` is not UTF-8 text")))?;
+        match name.as_str() {
+            "prompt" => prompt = Some(text),
+            "model" => model = Some(text),
+            "options" => {
+                options = match serde_json::from_str(&text) {
+                    Ok(Value::Object(m)) => m,
+                    _ => {
+                        return Err(Error::InvalidOption(format!(
+                            "`options` must be a JSON object such as {{\"top_k\": 3}}, got {text:?}"
+                        ))
+                        .into())
+                    }
+                }
+            }
+            n if OPTION_FIELDS.contains(&n) => {
+                fields.insert(name.clone(), option_field(&name, &text)?);
+            }
+            _ => return Err(ApiError::bad_request(format!(
+                "unknown form field `{name}`; send image, prompt, model, options or an option ({})",
+                OPTION_FIELDS.join(", ")
+            ))),
+        }
+    }
+    // A field sent on its own overrides the same field inside `options`.
+    options.extend(fields);
+    Ok(LensInput {
+        model,
+        prompt: prompt.ok_or_else(|| ApiError::bad_request("the form has no `prompt` field"))?,
+        image,
+        options: parse_options(Value::Object(options))?,
+    })
+}
+
+pub fn from_json(body: &[u8]) -> Result<LensInput, ApiError> {
+    let req: LensJsonRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the JSON body is not a valid request: {e}")))?;
+    let image = match req.image_base64 {
+        Some(s) => Some(Bytes::from(decode_base64(&s)?)),
+        None => None,
+    };
+    Ok(LensInput {
+        model: req.model,
+        prompt: req.prompt,
+        image,
+        options: req.options.unwrap_or_default(),
+    })
+}
+
+fn decode_base64(s: &str) -> Result<Vec<u8>, ApiError> {
+    // Accept data URLs (`data:image/png;base64,...`) and missing padding.
+    let s = s.split_once(";base64,").map_or(s, |(_, b)| b).trim();
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .map_err(|e| ApiError::bad_request(format!("`image_base64` is not valid base64: {e}")))
+}
+
+fn multipart_error(e: MultipartError, body_limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::body_too_large(body_limit)
+    } else {
+        ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+    }
+}
+
+fn parse_options(v: Value) -> Result<LensOptions, ApiError> {
+    serde_json::from_value(v).map_err(|e| {
+        Error::InvalidOption(format!(
+            "bad options: {e}; fields: {}",
+            OPTION_FIELDS.join(", ")
+        ))
+        .into()
+    })
+}
+
+/// One option sent as its own form field: the command-line forms (`0,-1`, ` red,Red`, `true`)
+/// or JSON.
+fn option_field(name: &str, text: &str) -> Result<Value, ApiError> {
+    let bad = |what: &str| -> ApiError {
+        Error::InvalidOption(format!("form field `{name}`: {what}, got {text:?}")).into()
+    };
+    let json = || serde_json::from_str::<Value>(text).ok();
+    Ok(match name {
+        "top_k" => Value::from(
+            text.trim()
+                .parse::<u64>()
+                .map_err(|_| bad("expected an integer between 1 and 100"))?,
+        ),
+        "positions" => match json() {
+            Some(v @ Value::Array(_)) => v,
+            _ => serde_json::to_value(Positions::parse(text.trim())?)
+                .map_err(|_| bad("bad positions"))?,
+        },
+        "layers" => match json() {
+            Some(v @ Value::Array(_)) => v,
+            _ => {
+                serde_json::to_value(Layers::parse(text.trim())?).map_err(|_| bad("bad layers"))?
+            }
+        },
+        "targets" => match json() {
+            Some(v @ Value::Array(_)) => v,
+            _ => Value::from(text.split(',').collect::<Vec<_>>()),
+        },
+        "target_ids" => match json() {
+            Some(v @ Value::Array(_)) => v,
+            _ => Value::from(
+                text.split(',')
+                    .map(|s| s.trim().parse::<u32>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| bad("expected comma-separated token ids"))?,
+            ),
+        },
+        _ => match text.trim() {
+            "true" | "1" | "on" => Value::Bool(true),
+            "false" | "0" | "off" => Value::Bool(false),
+            _ => return Err(bad("expected true or false")),
+        },
+    })
+}

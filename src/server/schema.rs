@@ -1,0 +1,90 @@
+//! The service's own request and response types (the lens body itself is [`crate::api`]).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::api::LensOptions;
+
+/// Every error: a stable code and a sentence a person can act on.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "invalid_image", "message": "the uploaded file is not a recognisable image; send PNG, JPEG, WebP, GIF, BMP or TIFF"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// e.g. `invalid_image`, `invalid_option`, `unknown_model`, `queue_full`.
+    pub code: String,
+    pub message: String,
+}
+
+/// POST /lens as `multipart/form-data`. Each field of `options` may also be sent as its own
+/// form field (`top_k=3`, `positions=last` or `positions=0,-1`, `targets= red, blue`, ...).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct LensForm {
+    /// PNG, JPEG, WebP, GIF (first frame), BMP or TIFF. Leave out for a text-only prompt.
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub image: Option<Vec<u8>>,
+    /// The user's text.
+    pub prompt: String,
+    /// A name from GET /models; default: the only loaded model.
+    pub model: Option<String>,
+    /// A JSON object with any of the options, e.g. `{"top_k": 3, "positions": "all"}`.
+    pub options: Option<String>,
+    pub top_k: Option<usize>,
+    /// `last`, `all`, `text`, `image`, or comma-separated indices (negative from the end).
+    pub positions: Option<String>,
+    /// `all` or comma-separated layer numbers.
+    pub layers: Option<String>,
+    /// Comma-separated strings, or a JSON array of strings.
+    pub targets: Option<String>,
+    /// Comma-separated token ids, or a JSON array.
+    pub target_ids: Option<String>,
+    pub summary: Option<bool>,
+    pub chat_template: Option<bool>,
+    pub exclude_special: Option<bool>,
+}
+
+/// POST /lens as `application/json`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"prompt": "Color of the main object:", "options": {"top_k": 3}}))]
+pub struct LensJsonRequest {
+    pub prompt: String,
+    /// A name from GET /models; default: the only loaded model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The image file's bytes, base64 (standard alphabet, padding optional).
+    #[serde(default)]
+    pub image_base64: Option<String>,
+    #[serde(default)]
+    pub options: Option<LensOptions>,
+}
+
+/// A resident model.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelOut {
+    pub name: String,
+    /// `qwen2_vl`, `llava` or `llava_onevision`.
+    pub family: String,
+    pub architecture: String,
+    /// Decoder blocks; the lens has `layers + 1` layers.
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub vocab: usize,
+    pub dtype: String,
+    pub device: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    pub models: Vec<ModelOut>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    /// `ok`, `ready`, `loading` or `shutting_down`.
+    pub status: String,
+}
