@@ -55,6 +55,9 @@ pub struct LayerStats {
 /// GEMM at full speed.
 const ROW_BLOCK: usize = 512;
 const VOCAB_BLOCK: usize = 4096;
+/// On an accelerator the block only bounds memory (`rows × block × 4` bytes); fewer, larger
+/// blocks mean fewer kernel launches.
+const DEVICE_VOCAB_BLOCK: usize = 65536;
 
 /// Collects the lens as the forward pass produces layers.
 pub struct Lens<'a> {
@@ -68,6 +71,8 @@ pub struct Lens<'a> {
     /// From the final layer, per position: `Wᵀ p_L` and `H(p_L)`.
     final_parts: Option<Vec<(Vec<f32>, f32)>>,
     pub seconds: f64,
+    /// Use the tensor-operation reduction even on the CPU (tests compare the two paths).
+    tensor_path: bool,
 }
 
 impl<'a> Lens<'a> {
@@ -77,14 +82,21 @@ impl<'a> Lens<'a> {
         }
         Ok(Lens {
             head,
-            unembed: head.unembed.to_dtype(DType::F32)?,
+            unembed: head.unembed.clone(),
             spec,
             num_layers,
             layers: Vec::new(),
             kl_parts: Vec::new(),
             final_parts: None,
             seconds: 0.0,
+            tensor_path: false,
         })
+    }
+
+    /// Reduces with tensor operations, as on an accelerator, even on the CPU.
+    pub fn with_tensor_path(mut self) -> Self {
+        self.tensor_path = true;
+        self
     }
 
     /// The finished lens, one entry per requested layer.
@@ -118,7 +130,8 @@ impl<'a> Lens<'a> {
                 "position {p} is past the end of the {seq}-token input"
             )));
         }
-        let normed = self.head.norm.forward(hidden)?.to_dtype(DType::F32)?;
+        // In the model's dtype for the GEMM (f32 on the CPU); logits are reduced in f32.
+        let normed = self.head.norm.forward(hidden)?;
         // All rows for the summary, else only the requested positions.
         let summary = report && self.spec.summary;
         let rows: Vec<usize> = if summary {
@@ -164,7 +177,7 @@ impl<'a> Lens<'a> {
             let mut parts = Vec::with_capacity(requested.len());
             for (k, (&r, n)) in requested
                 .iter()
-                .zip(n_requested.to_vec2::<f32>()?)
+                .zip(n_requested.to_dtype(DType::F32)?.to_vec2::<f32>()?)
                 .enumerate()
             {
                 let st = &states[r];
@@ -222,6 +235,9 @@ impl<'a> Lens<'a> {
 
     /// One pass over the vocabulary in blocks: a GEMM, then one fused reduction of every row.
     fn reduce_vocabulary(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
+        if !n_block.device().is_cpu() || self.tensor_path {
+            return self.reduce_vocabulary_tensors(n_block, states);
+        }
         let vocab = self.unembed.dim(0)?;
         for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
             let vc = VOCAB_BLOCK.min(vocab - v0);
@@ -238,6 +254,61 @@ impl<'a> Lens<'a> {
         Ok(())
     }
 
+    /// The same reduction with tensor operations where the logits live (the GPU): the online
+    /// max and sums for every row stay on the device in f32; only the rows whose position was
+    /// asked for travel to the host for top-k and target ranks.
+    fn reduce_vocabulary_tensors(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
+        let vocab = self.unembed.dim(0)?;
+        let rows = n_block.dim(0)?;
+        let dev = n_block.device();
+        let detail: Vec<u32> = (0..rows as u32)
+            .filter(|&r| states[r as usize].wants_detail())
+            .collect();
+        let detail_idx = Tensor::from_slice(&detail, detail.len(), dev)?;
+        // A finite floor instead of −inf keeps (m − m')·s at 0, not NaN, before the first block.
+        let mut m = Tensor::full(-1e30f32, (rows, 1), dev)?;
+        let mut s = Tensor::zeros((rows, 1), DType::F32, dev)?;
+        let mut t = Tensor::zeros((rows, 1), DType::F32, dev)?;
+        for v0 in (0..vocab).step_by(DEVICE_VOCAB_BLOCK) {
+            let vc = DEVICE_VOCAB_BLOCK.min(vocab - v0);
+            let w = self.unembed.narrow(0, v0, vc)?;
+            let z = n_block.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+            let m_new = m.maximum(&z.max_keepdim(1)?)?;
+            let d = (&m - &m_new)?;
+            let f = d.exp()?;
+            let zc = z.broadcast_sub(&m_new)?;
+            let e = zc.exp()?;
+            t = ((&f * (&t + (&d * &s)?)?)? + (&e * &zc)?.sum_keepdim(1)?)?;
+            s = ((&f * &s)? + e.sum_keepdim(1)?)?;
+            m = m_new;
+            if !detail.is_empty() {
+                let zd = z
+                    .index_select(&detail_idx, 0)?
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_vec2::<f32>()?;
+                for (&r, row) in detail.iter().zip(&zd) {
+                    states[r as usize].update_ranked(
+                        row,
+                        v0,
+                        &self.spec.targets,
+                        &self.spec.excluded,
+                    );
+                }
+            }
+        }
+        let (m, s, t) = (
+            m.flatten_all()?.to_vec1::<f32>()?,
+            s.flatten_all()?.to_vec1::<f32>()?,
+            t.flatten_all()?.to_vec1::<f32>()?,
+        );
+        for (i, st) in states.iter_mut().enumerate() {
+            st.m = m[i];
+            st.s = s[i] as f64;
+            st.t = t[i] as f64;
+        }
+        Ok(())
+    }
+
     /// For the final layer's requested rows: `u = Wᵀ p_L` (a second pass over the vocabulary,
     /// now that each row's log-sum-exp is known) and the entropy `H(p_L)`.
     fn final_parts(&self, n_rows: &Tensor, states: &[&RowState]) -> Result<Vec<(Vec<f32>, f32)>> {
@@ -248,8 +319,12 @@ impl<'a> Lens<'a> {
         for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
             let vc = VOCAB_BLOCK.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
-            let p = n_rows.matmul(&w.t()?)?.broadcast_sub(&lse_t)?.exp()?;
-            let part = p.matmul(&w)?;
+            let p = n_rows
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?
+                .broadcast_sub(&lse_t)?
+                .exp()?;
+            let part = p.matmul(&w.to_dtype(DType::F32)?)?;
             u = Some(match u {
                 Some(acc) => (acc + part)?,
                 None => part,
@@ -333,6 +408,12 @@ impl RowState {
     }
 
     fn update(&mut self, z: &[f32], v0: usize, targets: &[u32], excluded: &[bool]) {
+        self.update_softmax(z);
+        self.update_ranked(z, v0, targets, excluded);
+    }
+
+    /// The running max and the two sums.
+    fn update_softmax(&mut self, z: &[f32]) {
         let cmax = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if cmax > self.m {
             if self.s > 0.0 {
@@ -347,6 +428,10 @@ impl RowState {
         let (s, t) = kernels::sum_exp(z, self.m);
         self.s += s;
         self.t += t;
+    }
+
+    /// Top-k and target ranks (rows whose position was asked for).
+    fn update_ranked(&mut self, z: &[f32], v0: usize, targets: &[u32], excluded: &[bool]) {
         if self.top_k > 0 {
             for (i, &v) in z.iter().enumerate() {
                 if (self.top.len() < self.top_k || v > self.top[self.top.len() - 1].1)
@@ -369,6 +454,10 @@ impl RowState {
             }
             self.target_above[j] += above;
         }
+    }
+
+    fn wants_detail(&self) -> bool {
+        self.top_k > 0 || !self.target_cmp.is_empty()
     }
 
     fn lse(&self) -> f32 {

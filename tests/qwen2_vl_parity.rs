@@ -305,3 +305,58 @@ fn exclude_special_keeps_added_and_padding_rows_out_of_top_k() {
         }
     }
 }
+
+/// The accelerator's reduction (tensor operations, rows copied to the host only for top-k)
+/// gives the CPU path's numbers; run here on the CPU so CI covers the GPU's logic.
+#[test]
+fn tensor_reduction_path_equals_the_fused_cpu_path() {
+    let model = load_model("qwen2vl-hub");
+    for case in cases("qwen2vl") {
+        let p = model
+            .prepare(&case.prompt, image(&case).as_ref(), true)
+            .unwrap();
+        let n = model.info().num_layers;
+        let spec = LensSpec {
+            positions: vec![0, p.input_ids.len() / 2, p.input_ids.len() - 1],
+            layers: (0..=n).collect(),
+            top_k: 5,
+            targets: vec![3, 700],
+            summary: true,
+            excluded: vec![],
+        };
+        let run = |tensor_path: bool| {
+            let lens = logit_lens::lens::Lens::new(model.head(), &spec, n).unwrap();
+            let mut lens = if tensor_path {
+                lens.with_tensor_path()
+            } else {
+                lens
+            };
+            model.forward(&p, &mut lens).unwrap();
+            lens.finish().unwrap()
+        };
+        let (fused, tensors) = (run(false), run(true));
+        for (a, b) in fused.iter().zip(&tensors) {
+            assert!((a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-5);
+            for (pa, pb) in a.positions.iter().zip(&b.positions) {
+                assert_eq!(
+                    pa.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                    pb.top.iter().map(|t| t.0).collect::<Vec<_>>()
+                );
+                for (x, y) in pa.top.iter().zip(&pb.top) {
+                    assert!((x.1 - y.1).abs() < 1e-5);
+                }
+                assert!(
+                    (pa.entropy - pb.entropy).abs() < 1e-4,
+                    "{} vs {}",
+                    pa.entropy,
+                    pb.entropy
+                );
+                assert!((pa.kl_to_final - pb.kl_to_final).abs() < 1e-4);
+                assert_eq!(
+                    pa.targets.iter().map(|t| t.1).collect::<Vec<_>>(),
+                    pb.targets.iter().map(|t| t.1).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+}
