@@ -113,6 +113,12 @@ pub fn load(
         "Qwen2VLForConditionalGeneration" | "qwen2_vl" => Ok(Box::new(qwen2_vl::Qwen2Vl::load(
             snapshot, name, device, dtype,
         )?)),
+        "LlavaForConditionalGeneration" | "llava" => {
+            Ok(Box::new(llava::Llava::load(snapshot, name, device, dtype)?))
+        }
+        "LlavaOnevisionForConditionalGeneration" | "llava_onevision" => Ok(Box::new(
+            llava_onevision::LlavaOnevision::load(snapshot, name, device, dtype)?,
+        )),
         other => Err(Error::UnsupportedArchitecture(format!(
             "{}: architecture `{other}` is not supported; supported: {}",
             dir.display(),

@@ -43,19 +43,17 @@ impl ClipProcessorConfig {
             (field(&size, "height")?, field(&size, "width")?)
         {
             Some(Resize::Exact { height, width })
-        } else if let Some(s) = field::<usize>(v, "size")? {
-            Some(Resize::ShortestEdge(s))
+        } else if let Some(s) = size.as_u64() {
+            Some(Resize::ShortestEdge(s as usize))
         } else {
             Some(Resize::ShortestEdge(224))
         };
         let crop_size = v.get("crop_size").cloned().unwrap_or(Value::Null);
         let crop = if field::<bool>(v, "do_center_crop")?.unwrap_or(true) {
-            let h = field(&crop_size, "height")?
-                .or(field(v, "crop_size")?)
-                .unwrap_or(224);
-            let w = field(&crop_size, "width")?
-                .or(field(v, "crop_size")?)
-                .unwrap_or(224);
+            // `{"height": h, "width": w}`, or one number for both.
+            let both = crop_size.as_u64().map(|c| c as usize);
+            let h = field(&crop_size, "height")?.or(both).unwrap_or(224);
+            let w = field(&crop_size, "width")?.or(both).unwrap_or(224);
             Some((h, w))
         } else {
             None
@@ -94,6 +92,16 @@ pub fn shortest_edge_size(height: usize, width: usize, size: usize) -> (usize, u
     }
 }
 
+/// transformers 5's `center_crop`: a side shorter than the crop is padded with black (the
+/// smaller half first), a longer one is cut at `int((size − crop) / 2)`.
+pub fn center_crop_offset(size: usize, crop: usize) -> i64 {
+    if crop > size {
+        -(((crop - size) / 2) as i64)
+    } else {
+        ((size - crop) / 2) as i64
+    }
+}
+
 /// `[1, 3, h, w]` f32 pixel values.
 pub fn preprocess(img: &Rgb8, cfg: &ClipProcessorConfig, device: &Device) -> Result<Tensor> {
     let mut img = match cfg.resize {
@@ -105,9 +113,7 @@ pub fn preprocess(img: &Rgb8, cfg: &ClipProcessorConfig, device: &Device) -> Res
         None => img.clone(),
     };
     if let Some((ch, cw)) = cfg.crop {
-        // torchvision's center_crop: offsets int(round((size − crop) / 2)), half to even.
-        let top = ((img.height as f64 - ch as f64) / 2.0).round_ties_even() as i64;
-        let left = ((img.width as f64 - cw as f64) / 2.0).round_ties_even() as i64;
+        let (top, left) = (center_crop_offset(img.height, ch), center_crop_offset(img.width, cw));
         img = crop(&img, left, top, cw, ch);
     }
     let chw = normalize_chw(&img, cfg.rescale, cfg.mean_std);
