@@ -127,6 +127,31 @@ pub fn load(
     }
 }
 
+/// The dtype the weights are stored in, from config.json (`torch_dtype`, or transformers 5's
+/// `dtype`), top level or in `text_config`; f32 when none is given.
+pub fn checkpoint_dtype(dir: &Path) -> Result<DType> {
+    let snapshot = snapshot::Snapshot::open(dir)?;
+    let c = &snapshot.config;
+    let name = ["torch_dtype", "dtype"]
+        .iter()
+        .find_map(|k| c.get(*k).or_else(|| c.get("text_config").and_then(|t| t.get(*k))).and_then(|v| v.as_str()))
+        .unwrap_or("float32");
+    Ok(match name {
+        "bfloat16" => DType::BF16,
+        "float16" => DType::F16,
+        _ => DType::F32,
+    })
+}
+
+/// Half precision only on an accelerator: on the CPU every model computes in f32.
+pub fn working_dtype(dir: &Path, device: &Device) -> Result<DType> {
+    if device.is_cpu() {
+        Ok(DType::F32)
+    } else {
+        checkpoint_dtype(dir)
+    }
+}
+
 /// Token kinds from the tokenizer's special tokens and the family's image placeholder id.
 pub fn token_kinds(
     tokenizer: &tokenizers::Tokenizer,
