@@ -22,11 +22,13 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start-up: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Runs the lens once and prints the JSON body that POST /lens returns.
     Probe(ProbeArgs),
     /// Serves POST /lens and friends over HTTP (see /docs once it runs).
-    Serve(Box<logit_lens::server::ServeArgs>),
+    Serve(logit_lens::server::ServeArgs),
     /// Prints the OpenAPI document (`logit-lens openapi > openapi/openapi.json` updates it).
     Openapi,
 }
@@ -134,7 +136,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Probe(a) => probe(a),
         Command::Serve(a) => {
-            return match logit_lens::server::run(*a) {
+            return match logit_lens::server::run(a) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

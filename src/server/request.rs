@@ -72,10 +72,12 @@ pub async fn from_multipart(mut form: Multipart, body_limit: usize) -> Result<Le
             n if OPTION_FIELDS.contains(&n) => {
                 fields.insert(name.clone(), option_field(&name, &text)?);
             }
-            _ => return Err(ApiError::bad_request(format!(
+            _ => {
+                return Err(ApiError::bad_request(format!(
                 "unknown form field `{name}`; send image, prompt, model, options or an option ({})",
                 OPTION_FIELDS.join(", ")
-            ))),
+            )))
+            }
         }
     }
     // A field sent on its own overrides the same field inside `options`.

@@ -1,0 +1,629 @@
+//! The service over a real loopback socket: same answers as `run_lens` (what `probe` prints),
+//! concurrency without mix-ups, overload, every error row of API.md, auth, shutdown, metrics,
+//! docs and the OpenAPI drift check.
+
+mod server_common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use logit_lens::api::{LensOptions, Positions};
+use logit_lens::server::{Limits, QueueConfig};
+use serde_json::{json, Value};
+use server_common::*;
+
+fn options(top_k: usize, positions: Positions, targets: &[&str]) -> LensOptions {
+    LensOptions {
+        top_k,
+        positions,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        ..LensOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_request_gets_the_same_lens_as_run_lens() {
+    let server = Server::start(Setup::default()).await;
+    let model = load("qwen2vl-hub", DEMO);
+    let img = image_bytes("landscape.png");
+    let opts = options(3, Positions::List(vec![0, -1]), &[" red", "Red"]);
+    let want = expected(
+        model.as_ref(),
+        "Color of the main object:",
+        Some(&img),
+        opts.clone(),
+    );
+
+    // Multipart, options as separate fields.
+    let r = server
+        .lens_form(
+            &[
+                ("prompt", "Color of the main object:"),
+                ("model", DEMO),
+                ("top_k", "3"),
+                ("positions", "0,-1"),
+                ("targets", " red,Red"),
+            ],
+            Some(img.clone()),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-queue-time"));
+    assert!(r.headers().contains_key("x-inference-time"));
+    let body: Value = r.json().await.unwrap();
+    assert!(answer(&body) == answer(&want), "multipart fields");
+    assert!(
+        body["timing_ms"]["queue"].as_f64().is_some(),
+        "{}",
+        body["timing_ms"]
+    );
+
+    // Multipart, options as one JSON field.
+    let r = server
+        .lens_form(
+            &[
+                ("prompt", "Color of the main object:"),
+                ("model", DEMO),
+                ("options", &serde_json::to_string(&opts).unwrap()),
+            ],
+            Some(img.clone()),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        answer(&r.json().await.unwrap()) == answer(&want),
+        "options field"
+    );
+
+    // JSON with base64.
+    let r = server
+        .lens_json(&json!({
+            "prompt": "Color of the main object:",
+            "model": DEMO,
+            "image_base64": base64::engine::general_purpose::STANDARD.encode(&img),
+            "options": opts,
+        }))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(answer(&r.json().await.unwrap()) == answer(&want), "JSON");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_mixed_requests_each_get_their_own_answer() {
+    let server = Server::start(Setup::default()).await;
+    let models = [
+        load("qwen2vl-hub", DEMO),
+        load("qwen2vl-tf5", "qwen2vl-tf5"),
+    ];
+    let images = [
+        None,
+        Some("landscape.png"),
+        Some("portrait.png"),
+        Some("tiny.png"),
+    ];
+    let prompts = [
+        "Color?",
+        "What is this a picture of?",
+        "Describe",
+        "Count the shapes now",
+    ];
+    let mut cases = Vec::new();
+    for i in 0..64 {
+        let model = i % 2;
+        let image = images[i % 4].map(image_bytes);
+        let prompt = prompts[(i / 4) % 4];
+        let opts = options(1 + i % 5, Positions::Keyword("all".into()), &[]);
+        let want = expected(
+            models[model].as_ref(),
+            prompt,
+            image.as_deref(),
+            opts.clone(),
+        );
+        cases.push((model, image, prompt, opts, want));
+    }
+    let names = [DEMO, "qwen2vl-tf5"];
+    let server = std::sync::Arc::new(server);
+    let tasks: Vec<_> = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (model, image, prompt, opts, want))| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let r = if i % 3 == 0 {
+                    let mut body =
+                        json!({"prompt": prompt, "model": names[model], "options": opts});
+                    if let Some(b) = &image {
+                        body["image_base64"] =
+                            base64::engine::general_purpose::STANDARD.encode(b).into();
+                    }
+                    server.lens_json(&body).await
+                } else {
+                    let opts = serde_json::to_string(&opts).unwrap();
+                    server
+                        .lens_form(
+                            &[
+                                ("prompt", prompt),
+                                ("model", names[model]),
+                                ("options", &opts),
+                            ],
+                            image,
+                        )
+                        .await
+                };
+                assert_eq!(r.status(), 200, "request {i}");
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(
+                    answer(&body),
+                    answer(&want),
+                    "request {i} got another's answer"
+                );
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains("logit_lens_requests_total{route=\"/lens\",status=\"200\"} 64"),
+        "{text}"
+    );
+    assert!(text.contains("logit_lens_batch_size_count"), "{text}");
+    assert!(
+        text.contains("logit_lens_stage_seconds_count{stage=\"forward\"} 64"),
+        "{text}"
+    );
+    assert!(text.contains("logit_lens_queue_depth 0"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_yields_only_200s_and_429s_and_loses_nothing() {
+    let server = std::sync::Arc::new(
+        Server::start(Setup {
+            queue: QueueConfig {
+                max_queue: 2,
+                max_batch_size: 1,
+            },
+            faulty: true,
+            ..Setup::default()
+        })
+        .await,
+    );
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let prompt = format!("SLOW {i}");
+                let r = server
+                    .lens_form(&[("prompt", &prompt), ("model", DEMO)], None)
+                    .await;
+                let status = r.status().as_u16();
+                let retry = r.headers().get("retry-after").is_some();
+                let body: Value = r.json().await.unwrap();
+                (status, retry, body, prompt)
+            })
+        })
+        .collect();
+    let (mut ok, mut full) = (0, 0);
+    for t in tasks {
+        let (status, retry, body, prompt) = t.await.unwrap();
+        match status {
+            200 => {
+                ok += 1;
+                // Its own prompt, not another's: the user turn's text comes back in the tokens.
+                let text: String = body["input"]["tokens"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t["text"].as_str().unwrap())
+                    .collect();
+                assert!(text.contains(&prompt), "{prompt} got {text}");
+            }
+            429 => {
+                full += 1;
+                assert!(retry, "429 without Retry-After");
+                assert_eq!(body["error"]["code"], "queue_full");
+            }
+            s => panic!("status {s}: {body}"),
+        }
+    }
+    assert_eq!(ok + full, 24);
+    assert!(ok >= 1 && full >= 1, "{ok} ok, {full} refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_deadline_passes_in_the_queue_gets_504() {
+    let server = std::sync::Arc::new(
+        Server::start(Setup {
+            limits: Limits {
+                queue_timeout: Duration::from_millis(100),
+                ..Limits::default()
+            },
+            faulty: true,
+            ..Setup::default()
+        })
+        .await,
+    );
+    let slow = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .lens_form(&[("prompt", "SLOW"), ("model", DEMO)], None)
+                .await
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = server
+        .lens_form(&[("prompt", "Color?"), ("model", DEMO)], None)
+        .await;
+    assert_eq!(error_code(r, 504).await, "deadline_exceeded");
+    assert_eq!(slow.await.unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_one_request_is_500_and_the_worker_goes_on() {
+    let server = Server::start(Setup {
+        faulty: true,
+        ..Setup::default()
+    })
+    .await;
+    let r = server
+        .lens_form(&[("prompt", "PANIC"), ("model", DEMO)], None)
+        .await;
+    assert_eq!(error_code(r, 500).await, "internal");
+    let r = server
+        .lens_form(&[("prompt", "Color?"), ("model", DEMO)], None)
+        .await;
+    assert_eq!(r.status(), 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_and_bad_options_are_400() {
+    let server = Server::start(Setup::default()).await;
+    let c = &server.client;
+    let r = c
+        .post(server.url("/lens"))
+        .header("content-type", "multipart/form-data; boundary=XYZ")
+        .body("--XYZ\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 400).await, "malformed_request");
+    let r = c
+        .post(server.url("/lens"))
+        .header("content-type", "application/json")
+        .body("{\"prompt\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 400).await, "malformed_request");
+    let r = server.lens_form(&[("model", DEMO)], None).await;
+    assert_eq!(error_code(r, 400).await, "malformed_request");
+    let r = server
+        .lens_form(
+            &[("prompt", "Hi"), ("model", DEMO), ("colour", "red")],
+            None,
+        )
+        .await;
+    assert_eq!(error_code(r, 400).await, "malformed_request");
+    for (field, value) in [
+        ("top_k", "0"),
+        ("top_k", "101"),
+        ("top_k", "many"),
+        ("positions", "middle"),
+        ("layers", "some"),
+        ("summary", "perhaps"),
+        ("options", "{\"top_k\": 3, \"colour\": 1}"),
+        ("options", "[1]"),
+    ] {
+        let r = server
+            .lens_form(&[("prompt", "Hi"), ("model", DEMO), (field, value)], None)
+            .await;
+        assert_eq!(
+            error_code(r, 400).await,
+            "invalid_option",
+            "{field}={value}"
+        );
+    }
+    let r = server
+        .lens_json(&json!({"prompt": "Hi", "model": DEMO, "options": {"top_k": 0}}))
+        .await;
+    assert_eq!(error_code(r, 400).await, "invalid_option");
+    let r = server
+        .lens_json(&json!({"prompt": "Hi", "model": DEMO, "image_base64": "@@@"}))
+        .await;
+    assert_eq!(error_code(r, 400).await, "malformed_request");
+    // Two models are loaded: one must be named.
+    let r = server.lens_json(&json!({"prompt": "Hi"})).await;
+    assert_eq!(error_code(r, 400).await, "malformed_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_model_is_404() {
+    let server = Server::start(Setup::default()).await;
+    let r = server
+        .lens_form(&[("prompt", "Hi"), ("model", "gpt-17")], None)
+        .await;
+    assert_eq!(error_code(r, 404).await, "unknown_model");
+}
+
+/// A PNG whose header claims `w × h` and that holds no pixel data (an empty IDAT): it can only be refused from
+/// its header, since decoding it would fail.
+fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    out.extend(13u32.to_be_bytes());
+    out.extend(&ihdr);
+    out.extend(crc32(&ihdr).to_be_bytes());
+    // An empty IDAT: the header reader stops at the first one.
+    out.extend(0u32.to_be_bytes());
+    out.extend(b"IDAT");
+    out.extend(crc32(b"IDAT").to_be_bytes());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_limits_is_413() {
+    let server = Server::start(Setup {
+        limits: Limits {
+            max_body_bytes: 64 * 1024,
+            max_image_pixels: 1_000_000,
+            max_prompt_tokens: 50,
+            ..Limits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let big = vec![b'a'; 200 * 1024];
+    let r = server
+        .lens_form(&[("prompt", "Hi"), ("model", DEMO)], Some(big.clone()))
+        .await;
+    assert_eq!(error_code(r, 413).await, "too_large");
+    let r = server
+        .lens_json(&json!({"prompt": String::from_utf8(big).unwrap(), "model": DEMO}))
+        .await;
+    assert_eq!(error_code(r, 413).await, "too_large");
+    // A decompression bomb's header: refused before decoding.
+    let r = server
+        .lens_form(
+            &[("prompt", "Hi"), ("model", DEMO)],
+            Some(png_header_only(50_000, 50_000)),
+        )
+        .await;
+    assert_eq!(error_code(r, 413).await, "too_large");
+    let long = "word ".repeat(200);
+    let r = server
+        .lens_form(&[("prompt", &long), ("model", DEMO)], None)
+        .await;
+    assert_eq!(error_code(r, 413).await, "too_large");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_an_image_or_an_unsupported_one_is_415() {
+    let server = Server::start(Setup::default()).await;
+    let r = server
+        .lens_form(
+            &[("prompt", "Hi"), ("model", DEMO)],
+            Some(b"hello, not an image".to_vec()),
+        )
+        .await;
+    assert_eq!(error_code(r, 415).await, "invalid_image");
+    let r = server
+        .lens_form(
+            &[("prompt", "Hi"), ("model", DEMO)],
+            Some(b"P3\n1 1\n255\n0 0 0\n".to_vec()),
+        )
+        .await;
+    assert_eq!(error_code(r, 415).await, "unsupported_image_format");
+    let r = server
+        .client
+        .post(server.url("/lens"))
+        .header("content-type", "text/plain")
+        .body("Hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 415).await, "unsupported_media_type");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_requests_are_422() {
+    let server = Server::start(Setup::default()).await;
+    let r = server
+        .lens_form(
+            &[("prompt", "Hi"), ("model", DEMO), ("positions", "5000")],
+            None,
+        )
+        .await;
+    assert_eq!(error_code(r, 422).await, "unprocessable");
+    let r = server
+        .lens_form(&[("prompt", "Hi"), ("model", DEMO)], Some(png(1, 10_000)))
+        .await;
+    assert_eq!(error_code(r, 422).await, "image_not_accepted");
+    let r = server
+        .lens_form(
+            &[("prompt", "Hi"), ("model", DEMO), ("positions", "image")],
+            None,
+        )
+        .await;
+    assert_eq!(error_code(r, 422).await, "unprocessable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_api_keys_only_a_valid_bearer_key_passes_and_health_stays_open() {
+    let server = Server::start(Setup {
+        keys: vec!["k1".into(), "k2".into()],
+        ..Setup::default()
+    })
+    .await;
+    let c = &server.client;
+    for path in ["/models", "/metrics"] {
+        let r = c.get(server.url(path)).send().await.unwrap();
+        assert_eq!(error_code(r, 401).await, "unauthorized");
+        let r = c
+            .get(server.url(path))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r, 401).await, "unauthorized");
+        let r = c
+            .get(server.url(path))
+            .bearer_auth("k2")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let r = server
+        .lens_form(&[("prompt", "Hi"), ("model", DEMO)], None)
+        .await;
+    assert_eq!(error_code(r, 401).await, "unauthorized");
+    let r = c
+        .post(server.url("/lens"))
+        .bearer_auth("k1")
+        .json(&json!({"prompt": "Hi", "model": DEMO}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for path in ["/health", "/ready"] {
+        assert_eq!(
+            c.get(server.url(path)).send().await.unwrap().status(),
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_lists_the_resident_models() {
+    let server = Server::start(Setup::default()).await;
+    let body: Value = server
+        .client
+        .get(server.url("/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let m = &body["models"][0];
+    assert_eq!(m["name"], DEMO);
+    assert_eq!(m["family"], "qwen2_vl");
+    assert_eq!(m["layers"], 3);
+    assert_eq!(m["vocab"], 768);
+    assert_eq!(m["dtype"], "f32");
+    assert_eq!(m["device"], "cpu");
+    assert_eq!(body["models"][1]["name"], "qwen2vl-tf5");
+    let r = server
+        .client
+        .get(server.url("/nowhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r, 404).await, "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_queued_requests() {
+    let server = std::sync::Arc::new(
+        Server::start(Setup {
+            faulty: true,
+            ..Setup::default()
+        })
+        .await,
+    );
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                server
+                    .lens_form(&[("prompt", "SLOW"), ("model", DEMO)], None)
+                    .await
+                    .status()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // One runs, two wait in the queue; shutting down must still answer all three.
+    server.stop().await;
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docs_work_offline() {
+    let server = Server::start(Setup::default()).await;
+    let c = &server.client;
+    let page = c
+        .get(server.url("/docs"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("/docs/swagger-ui-bundle.js") && !page.contains("https://"),
+        "{page}"
+    );
+    for asset in ["/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"] {
+        let r = c.get(server.url(asset)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.unwrap().len() > 10_000, "{asset}");
+    }
+    let spec: Value = c
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(spec["paths"]["/lens"]["post"].is_object());
+}
+
+/// openapi/openapi.json must be what the code generates. To update it:
+/// `UPDATE_OPENAPI=1 cargo test --release --test server openapi` or
+/// `logit-lens openapi > openapi/openapi.json`.
+#[test]
+fn the_committed_openapi_spec_matches_the_code() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi/openapi.json");
+    let generated = logit_lens::server::openapi::spec_json();
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "openapi/openapi.json is stale: run `UPDATE_OPENAPI=1 cargo test --release --test server openapi` and commit it"
+    );
+}

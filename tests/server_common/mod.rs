@@ -1,0 +1,221 @@
+//! The service on a real loopback socket, in-process, with the tiny fixture models; and a model
+//! wrapper that panics or sleeps on command, to test the worker.
+#![allow(dead_code)]
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use logit_lens::api::LensOptions;
+use logit_lens::engine::{run_lens, LensRequest};
+use logit_lens::models::{LayerObserver, LensHead, ModelInfo, Prepared, VisionLanguageModel};
+use logit_lens::preprocess::image::{decode, Rgb8};
+use logit_lens::server::{serve, AppState, Limits, QueueConfig};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const DEMO: &str = "qwen2vl-demo";
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn load(dir: &str, name: &str) -> Box<dyn VisionLanguageModel> {
+    logit_lens::models::load(&fixtures().join(dir), name, &Device::Cpu, DType::F32).unwrap()
+}
+
+pub fn image_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join("images").join(name)).unwrap()
+}
+
+pub fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 90]));
+    let mut out = Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+/// What `run_lens` (the `probe` path) answers, as JSON, for comparison with the service.
+pub fn expected(
+    model: &dyn VisionLanguageModel,
+    prompt: &str,
+    image: Option<&[u8]>,
+    options: LensOptions,
+) -> Value {
+    let req = LensRequest {
+        prompt: prompt.into(),
+        image: image.map(|b| decode(b).unwrap()),
+        options,
+    };
+    // Through text, as the client sees it: f32s print as their shortest form.
+    let text = serde_json::to_string(&run_lens(model, &req).unwrap()).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The parts of a response that must not depend on how it was served.
+pub fn answer(body: &Value) -> (Value, Value, Value) {
+    (
+        body["model"].clone(),
+        body["input"].clone(),
+        body["layers"].clone(),
+    )
+}
+
+/// Wraps a model: prompt `PANIC` panics inside the worker; a prompt starting with `SLOW` sleeps
+/// 300 ms in preprocessing.
+pub struct Faulty(pub Box<dyn VisionLanguageModel>);
+
+impl VisionLanguageModel for Faulty {
+    fn info(&self) -> &ModelInfo {
+        self.0.info()
+    }
+    fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        self.0.tokenizer()
+    }
+    fn prepare(
+        &self,
+        prompt: &str,
+        image: Option<&Rgb8>,
+        chat_template: bool,
+    ) -> logit_lens::Result<Prepared> {
+        if prompt == "PANIC" {
+            panic!("the test model panics on purpose");
+        }
+        if prompt.starts_with("SLOW") {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        self.0.prepare(prompt, image, chat_template)
+    }
+    fn forward(
+        &self,
+        inputs: &Prepared,
+        observer: &mut dyn LayerObserver,
+    ) -> logit_lens::Result<()> {
+        self.0.forward(inputs, observer)
+    }
+    fn head(&self) -> &LensHead {
+        self.0.head()
+    }
+}
+
+pub struct Setup {
+    pub queue: QueueConfig,
+    pub limits: Limits,
+    pub keys: Vec<String>,
+    /// Serve the demo model wrapped in [`Faulty`].
+    pub faulty: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            queue: QueueConfig {
+                max_queue: 128,
+                max_batch_size: 8,
+            },
+            limits: Limits::default(),
+            keys: Vec::new(),
+            faulty: false,
+        }
+    }
+}
+
+pub struct Server {
+    pub base: String,
+    pub state: Arc<AppState>,
+    pub client: reqwest::Client,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    task: Mutex<Option<JoinHandle<std::io::Result<()>>>>,
+}
+
+impl Server {
+    /// Serves `qwen2vl-demo` (the hub fixture) and `qwen2vl-tf5` on 127.0.0.1:0 and waits
+    /// until they are loaded.
+    pub async fn start(setup: Setup) -> Server {
+        let faulty = setup.faulty;
+        let loader: logit_lens::engine::worker::Loader = Box::new(move || {
+            let demo = load("qwen2vl-hub", DEMO);
+            let demo: Box<dyn VisionLanguageModel> =
+                if faulty { Box::new(Faulty(demo)) } else { demo };
+            Ok(vec![demo, load("qwen2vl-tf5", "qwen2vl-tf5")])
+        });
+        let state = AppState::start(loader, setup.queue, setup.limits, setup.keys).unwrap();
+        state.engine.wait_loaded().await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, state.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Server {
+            base,
+            state,
+            client: reqwest::Client::new(),
+            stop: Mutex::new(Some(stop)),
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POST /lens as multipart with the given text fields and an optional PNG.
+    pub async fn lens_form(
+        &self,
+        fields: &[(&str, &str)],
+        image: Option<Vec<u8>>,
+    ) -> reqwest::Response {
+        let mut form = reqwest::multipart::Form::new();
+        for (k, v) in fields {
+            form = form.text(k.to_string(), v.to_string());
+        }
+        if let Some(bytes) = image {
+            form = form.part(
+                "image",
+                reqwest::multipart::Part::bytes(bytes).file_name("image.png"),
+            );
+        }
+        self.client
+            .post(self.url("/lens"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn lens_json(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/lens"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Graceful shutdown; returns once the server and the worker have stopped.
+    pub async fn stop(&self) {
+        if let Some(s) = self.stop.lock().unwrap().take() {
+            let _ = s.send(());
+        }
+        let task = self.task.lock().unwrap().take();
+        if let Some(t) = task {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// The error code of a JSON error response, after checking its status.
+pub async fn error_code(r: reqwest::Response, status: u16) -> String {
+    let got = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(got, status, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "an error needs a message: {body}");
+    body["error"]["code"].as_str().unwrap().to_string()
+}
