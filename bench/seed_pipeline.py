@@ -23,12 +23,19 @@ Usage (from the repository root, with the tools venv):
 
 The checkpoint comes from ``tools/make_fixtures.py --bench bench/checkpoints/qwen2vl-mid``; the tiny
 fixture ``tests/fixtures/qwen2vl-hub`` works too.
+
+LLaVA-1.5 and LLaVA-OneVision checkpoints (llava-hf hub layout) work the same way; the family is read from
+``config.json`` (``model_type`` qwen2_vl / llava / llava_onevision) and printed as ``family``. Mid-size ones come
+from ``tools/make_llava_fixtures.py --bench bench/checkpoints`` (``llava15-mid``, ``onevision-mid``); the tiny
+fixtures ``tests/fixtures/llava15-hub`` and ``tests/fixtures/onevision-hub`` work too. For OneVision the
+processor's ``image_sizes`` is printed as well.
 """
 import argparse
 import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -36,7 +43,22 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import (AutoProcessor, LlavaForConditionalGeneration,  # noqa: E402
+                          LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration)
+
+# config.json model_type -> (family name, model class)
+FAMILIES = {
+    "qwen2_vl": ("qwen2vl", Qwen2VLForConditionalGeneration),
+    "llava": ("llava15", LlavaForConditionalGeneration),
+    "llava_onevision": ("onevision", LlavaOnevisionForConditionalGeneration),
+}
+
+
+def detect_family(model_dir):
+    model_type = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type not in FAMILIES:
+        raise SystemExit(f"{model_dir}: unsupported model_type {model_type!r} (known: {sorted(FAMILIES)})")
+    return FAMILIES[model_type]
 
 
 def norm_head(model):
@@ -75,10 +97,10 @@ def main():
 
     torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
+    family, model_class = detect_family(a.model)
     t0 = time.perf_counter()
     processor = AutoProcessor.from_pretrained(a.model)
-    model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=torch.float32,
-                                                        attn_implementation="eager").eval()
+    model = model_class.from_pretrained(a.model, dtype=torch.float32, attn_implementation="eager").eval()
     load_s = time.perf_counter() - t0
     image = Image.open(a.image).convert("RGB") if a.image else None
 
@@ -103,6 +125,7 @@ def main():
     print(json.dumps({
         "pipeline": "seed_lens (transformers)",
         "model": a.model,
+        "family": family,
         "image": a.image,
         "prompt": a.prompt,
         "threads": a.threads,
@@ -110,6 +133,7 @@ def main():
         "seq_len": int(ids.shape[0]),
         "num_image_tokens": int((ids == model.config.image_token_id).sum()),
         "image_grid_thw": batch["image_grid_thw"][0].tolist() if "image_grid_thw" in batch else None,
+        **({"image_sizes": batch["image_sizes"][0].tolist()} if "image_sizes" in batch else {}),
         "median_ms": round(statistics.median(totals), 2),
         "min_ms": round(min(totals), 2),
         "preprocess_median_ms": round(statistics.median(pres), 2),

@@ -21,8 +21,8 @@ The companion of make_fixtures.py (Qwen2-VL); same conventions, same reference t
   ``image_features`` (the rows scattered into the ``<image>`` positions) and, for OneVision, ``image_sizes`` and
   ``num_image_tokens``.
 * ``reference/onevision/token_counts.json``  the processor's ``<image>`` count at the REAL scale (384-px tiles,
-  729 tokens per tile, 36 pinpoints) for a list of (H, W), with the best resolution and the packing branch, checked
-  against the model's own packing code.
+  729 tokens per tile, 36 pinpoints) and at the fixture scale for a list of (H, W), with the best resolution and
+  the packing branch, checked against the full processor and the model's own packing code.
 * ``reference/llava15/resize.json``  the CLIP short-side resize (shortest_edge 336) and center-crop offsets.
 
 With ``--bench DIR`` it writes ``DIR/llava15-mid`` and ``DIR/onevision-mid`` instead: mid-size random checkpoints
@@ -53,7 +53,6 @@ import make_fixtures as mf  # noqa: E402  (tokenizer corpus, Qwen2 BPE, safetens
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import (AutoConfig, AutoProcessor, CLIPImageProcessor, LlamaTokenizer,  # noqa: E402
                           LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
@@ -66,8 +65,8 @@ from transformers.models.llava_onevision.image_processing_llava_onevision import
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel  # noqa: E402
 
 REPO = mf.REPO
-LLAVA_SEED = 21
-ONEVISION_SEED = 31
+LLAVA_SEED = 30  # chosen (0..39) for the largest smallest top-5 gap over the cases
+ONEVISION_SEED = 51  # chosen (0..109) likewise
 
 # --------------------------------------------------------------------------------------------------------------
 # 1. Tokenizers
@@ -75,9 +74,9 @@ ONEVISION_SEED = 31
 
 LLAMA_BASE_SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama
 LLAMA_ADDED = ["<image>", "<pad>"]  # added by the llava-hf conversion right after the base vocabulary
-LLAMA_TRAINED_SIZE = 500
+LLAMA_TRAINED_SIZE = 500  # BPE trainer vocabulary (3 specials + characters + merges); 256 byte tokens come on top
 # the chat template's role words, so that they get pieces of their own (as in Llama's vocabulary)
-LLAMA_EXTRA_TEXT = ["USER: Describe the image. ASSISTANT: The image shows a cube.", "USER: Hello ASSISTANT: Hi"]  # BPE trainer vocabulary (3 specials + characters + merges); 256 byte tokens come on top
+LLAMA_EXTRA_TEXT = ["USER: Describe the image. ASSISTANT: The image shows a cube.", "USER: Hello ASSISTANT: Hi"]
 
 ONEVISION_ADDED = ["<image>", "<video>"]  # after the Qwen2 special tokens
 
@@ -591,17 +590,47 @@ def model_packed_length(h: int, w: int, grid_pinpoints: list, tile: int, patch: 
 TOKEN_COUNT_SIZES = [(899, 1024), (384, 384), (480, 640), (640, 480), (320, 480), (1, 1), (10, 2000), (2000, 10),
                      (1000, 300), (4000, 3000), (3000, 4000), (500, 300), (336, 336), (768, 768), (1152, 1152),
                      (1080, 1920), (1920, 1080), (224, 224), (383, 385), (100, 1000), (50, 2304), (2304, 2304),
-                     (800, 1200), (700, 2000), (401, 1600), (20, 30), (28, 32)]
+                     (800, 1200), (700, 2000), (401, 1600), (20, 30), (28, 32), (1, 2000), (1, 10000)]
 
 
-def token_count_table(tok: Tokenizer) -> dict:
-    """Processor count at the real hub scale (384-px tiles, 729 per tile, 36 pinpoints), checked three ways:
-    the processor's _get_number_of_features, the step-by-step layout, and (for the count) the model's packing.
-    For sizes up to 2304 on the long side the full processor is also run on a synthetic image."""
-    tile, per_tile, pins = 384, 729, pinpoints(384)
-    image_processor = LlavaOnevisionImageProcessor(size={"height": tile, "width": tile}, image_grid_pinpoints=pins,
-                                                   image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, resample=3,
-                                                   do_pad=True)
+def count_rows(processor, sizes, tile: int, per_tile: int, patch: int, run_max_side: int) -> list:
+    """For each (H, W): the step-by-step layout, checked against the processor's _get_number_of_features and
+    _get_num_multimodal_tokens and the model's packing (model_packed_length); for images with a long side up to
+    run_max_side the full processor is run on a synthetic image too (expanded <image> count, patches)."""
+    pins = processor.image_processor.image_grid_pinpoints
+    rows = []
+    for h, w in sizes:
+        row = onevision_layout(h, w, pins, tile, per_tile)
+        n_proc = processor._get_number_of_features(h, w, tile, tile)
+        n_multi = processor._get_num_multimodal_tokens(image_sizes=[[h, w]])["num_image_tokens"][0]
+        assert n_proc == n_multi == row["num_image_tokens"], (h, w, n_proc, n_multi, row)
+        row["model_packed_length"] = model_packed_length(h, w, pins, tile, patch)
+        assert row["model_packed_length"] == n_proc, row
+        if max(h, w) <= run_max_side:
+            img = Image.new("RGB", (w, h), (120, 60, 200))
+            text = "<|im_start|>user <image>\nx<|im_end|><|im_start|>assistant\n"
+            b = processor(text=[text], images=[img], return_tensors="pt")
+            row["processor_pixel_values_shape"] = list(b["pixel_values"].shape)
+            row["processor_expanded_count"] = int((b["input_ids"] == processor.image_token_id).sum())
+            assert row["processor_expanded_count"] == n_proc
+            assert b["pixel_values"].shape[1] == row["num_patches"]
+        rows.append(row)
+    return rows
+
+
+# Fixture-scale (28-px tiles, 2x2 patches per tile) sizes: the cases, two that unpad to an EMPTY grid (only the 4
+# base tokens remain), ones that unpad and downscale, and degenerate shapes.
+FIXTURE_COUNT_SIZES = [(480, 640), (500, 300), (28, 28), (32, 44), (30, 20), (8, 20), (20, 8), (60, 148),
+                       (88, 104), (1, 1), (1, 10000), (2000, 10)]
+
+
+def token_count_table(tok: Tokenizer, fixture_processor) -> dict:
+    """Processor counts at the REAL hub scale (384-px tiles, 729 per tile, 36 pinpoints of 384; processor built in
+    memory with the hub's settings) and at the fixture scale (the onevision-hub processor)."""
+    tile, per_tile = 384, 729
+    image_processor = LlavaOnevisionImageProcessor(size={"height": tile, "width": tile},
+                                                   image_grid_pinpoints=pinpoints(tile), image_mean=SIGLIP_MEAN,
+                                                   image_std=SIGLIP_STD, resample=3, do_pad=True)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "llava_fixture_tokenizer"
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "tokenizer.json").write_text(mf.tokenizer_json_text(tok), encoding="utf-8")
@@ -610,29 +639,16 @@ def token_count_table(tok: Tokenizer) -> dict:
                                         video_processor=LlavaOnevisionVideoProcessor(),
                                         num_image_tokens=per_tile, vision_feature_select_strategy="full",
                                         vision_aspect_ratio="anyres_max_9", chat_template=ONEVISION_CHAT_TEMPLATE)
-    rows = []
-    for h, w in TOKEN_COUNT_SIZES:
-        row = onevision_layout(h, w, pins, tile, per_tile)
-        n_proc = processor._get_number_of_features(h, w, tile, tile)
-        n_multi = processor._get_num_multimodal_tokens(image_sizes=[[h, w]])["num_image_tokens"][0]
-        assert n_proc == n_multi == row["num_image_tokens"], (h, w, n_proc, n_multi, row)
-        row["model_packed_length"] = model_packed_length(h, w, pins, tile, 14)
-        if max(h, w) <= 2304:
-            img = Image.new("RGB", (w, h), (120, 60, 200))
-            text = f"<|im_start|>user <image>\nx<|im_end|><|im_start|>assistant\n"
-            b = processor(text=[text], images=[img], return_tensors="pt")
-            row["processor_pixel_values_shape"] = list(b["pixel_values"].shape)
-            row["processor_expanded_count"] = int((b["input_ids"] == processor.image_token_id).sum())
-            assert row["processor_expanded_count"] == n_proc
-            assert b["pixel_values"].shape[1] == row["num_patches"]
-        rows.append(row)
-    return {"settings": {"tile": tile, "patch_size": 14, "num_image_tokens_per_tile": per_tile,
-                         "vision_aspect_ratio": "anyres_max_9", "image_grid_pinpoints": pins,
-                         "vision_feature_select_strategy": "full"},
-            "note": "num_image_tokens = 729 (base) + final_grid[0] * final_grid[1] + final_grid[0] (newlines). "
-                    "model_packed_length is LlavaOnevisionModel.pack_image_features on dummy features "
-                    "(a string if it raised); sizes are (height, width).",
-            "rows": rows}
+    settings = lambda t, n: {"tile": t, "patch_size": 14, "num_image_tokens_per_tile": n,
+                             "vision_aspect_ratio": "anyres_max_9", "vision_feature_select_strategy": "full",
+                             "image_grid_pinpoints": pinpoints(t)}
+    return {"note": "num_image_tokens = per-tile count (base image) + final_grid[0] * final_grid[1] + final_grid[0] "
+                    "(one newline per row). model_packed_length is LlavaOnevisionModel.pack_image_features run "
+                    "on dummy features. Sizes are (height, width).",
+            "real": {"settings": settings(tile, per_tile),
+                     "rows": count_rows(processor, TOKEN_COUNT_SIZES, tile, per_tile, 14, run_max_side=2304)},
+            "fixture": {"settings": settings(28, 4),
+                        "rows": count_rows(fixture_processor, FIXTURE_COUNT_SIZES, 28, 4, 14, run_max_side=10000)}}
 
 
 RESIZE_PAIRS = [(480, 640), (640, 480), (500, 300), (333, 500), (1, 1000), (1000, 1), (336, 336), (337, 1000),
@@ -819,7 +835,8 @@ def make_family(family: str, fixtures: Path):
         tok, cfg, model = build_checkpoint(family, hub, ONEVISION_TINY, ONEVISION_SEED, embed_std=0.5, n_shards=1)
         specials, cases_def = mf.SPECIAL_TOKENS + ONEVISION_ADDED, ONEVISION_CASES
     processor = AutoProcessor.from_pretrained(str(hub))
-    print(f"[{family}] tokenizer: {tok.get_vocab_size()} tokens, config vocab_size {cfg['vocab_size'] if 'vocab_size' in cfg else cfg['text_config']['vocab_size']}")
+    print(f"[{family}] tokenizer: {tok.get_vocab_size()} tokens, config vocab_size "
+          f"{cfg['text_config']['vocab_size']}")
     print(f"[{family}] special token ids:", {t: tok.token_to_id(t) for t in specials})
     print(f"[{family}] config read as:", json.dumps(describe_config(model.config), default=str))
     print(f"[{family}] processor:", json.dumps(processor_report(processor)))
@@ -857,7 +874,13 @@ def make_fixtures(fixtures: Path):
         hub, ref_dir, tok = make_family(family, fixtures)
         dirs += [hub, ref_dir]
     mf.write_json(fixtures / "reference" / "llava15" / "resize.json", resize_table())
-    mf.write_json(fixtures / "reference" / "onevision" / "token_counts.json", token_count_table(tok))
+    counts = token_count_table(tok, AutoProcessor.from_pretrained(str(hub)))
+    mf.write_json(fixtures / "reference" / "onevision" / "token_counts.json", counts)
+    for scale in ("real", "fixture"):
+        print(f"token counts ({scale} scale), (H, W) -> best resolution, unpadded grid, ratio, final grid, tokens:")
+        for r in counts[scale]["rows"]:
+            print(f"  ({r['height']}, {r['width']}) -> {r['best_resolution']}, {r['unpadded_grid']}, {r['ratio']}, "
+                  f"{r['final_grid']}, {r['num_image_tokens']}")
     total = 0
     for d in dirs:
         total += mf.dir_size(d)
