@@ -197,8 +197,13 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         specs
             .iter()
             .map(|s| {
-                eprintln!("loading `{}` from {}", s.name, s.dir.display());
-                crate::models::load(&s.dir, &s.name, &device, candle_core::DType::F32)
+                let dtype = crate::models::working_dtype(&s.dir, &device)?;
+                eprintln!(
+                    "loading `{}` from {} ({dtype:?} on {device:?})",
+                    s.name,
+                    s.dir.display()
+                );
+                crate::models::load(&s.dir, &s.name, &device, dtype)
             })
             .collect()
     });
