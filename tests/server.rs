@@ -269,6 +269,51 @@ async fn a_request_whose_deadline_passes_in_the_queue_gets_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_its_place_without_running() {
+    let server = std::sync::Arc::new(
+        Server::start(Setup {
+            faulty: true,
+            ..Setup::default()
+        })
+        .await,
+    );
+    let slow = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .lens_form(&[("prompt", "SLOW"), ("model", DEMO)], None)
+                .await
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let impatient = server
+        .client
+        .post(server.url("/lens"))
+        .timeout(Duration::from_millis(100))
+        .json(&json!({"prompt": "Color?", "model": DEMO}))
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the client should have timed out");
+    assert_eq!(slow.await.unwrap(), 200);
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains("logit_lens_jobs_dropped_total{reason=\"client_gone\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("logit_lens_requests_total{route=\"/lens\",status=\"200\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_one_request_is_500_and_the_worker_goes_on() {
     let server = Server::start(Setup {
         faulty: true,

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -74,11 +74,21 @@ pub enum SubmitError {
     Closed,
 }
 
+/// Jobs the worker dropped without running them.
+#[derive(Default)]
+pub struct Dropped {
+    /// The client went away before the job's turn.
+    pub client_gone: AtomicU64,
+    /// The deadline passed before the job's turn (answered 504).
+    pub deadline: AtomicU64,
+}
+
 /// The HTTP side's handle on the worker. Dropping it (and every clone of the sender) lets the
 /// worker finish what is queued and stop.
 pub struct Engine {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     depth: Arc<AtomicUsize>,
+    dropped: Arc<Dropped>,
     state: watch::Receiver<LoadState>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -89,10 +99,12 @@ impl Engine {
         let (tx, rx) = mpsc::channel(config.max_queue.max(1));
         let (state_tx, state) = watch::channel(LoadState::Loading);
         let depth = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(Dropped::default());
         let worker = Worker {
             rx,
             pending: VecDeque::new(),
             depth: depth.clone(),
+            dropped: dropped.clone(),
             max_batch_size: config.max_batch_size.max(1),
             on_batch: config.on_batch,
         };
@@ -102,6 +114,7 @@ impl Engine {
         Ok(Engine {
             tx: Mutex::new(Some(tx)),
             depth,
+            dropped,
             state,
             thread: Mutex::new(Some(thread)),
         })
@@ -141,6 +154,10 @@ impl Engine {
         self.depth.load(Ordering::SeqCst)
     }
 
+    pub fn dropped(&self) -> &Dropped {
+        &self.dropped
+    }
+
     pub fn load_state(&self) -> LoadState {
         self.state.borrow().clone()
     }
@@ -175,6 +192,7 @@ struct Worker {
     /// Jobs taken off the channel but not yet run (other models' jobs wait here in order).
     pending: VecDeque<Job>,
     depth: Arc<AtomicUsize>,
+    dropped: Arc<Dropped>,
     max_batch_size: usize,
     on_batch: Option<BatchHook>,
 }
@@ -206,7 +224,7 @@ impl Worker {
                 hook(group.len());
             }
             let model = models[group[0].model].as_ref();
-            run_group(model, group);
+            run_group(model, group, &self.dropped);
         }
     }
 
@@ -236,13 +254,16 @@ impl Worker {
 
 /// Runs one group of jobs for one model. The seam for a padded batched forward: today the jobs
 /// run one after another; a batched forward would prepare them all, pad, and run them together.
-fn run_group(model: &dyn VisionLanguageModel, group: Vec<Job>) {
+fn run_group(model: &dyn VisionLanguageModel, group: Vec<Job>, dropped: &Dropped) {
     for job in group {
         if job.reply.is_closed() {
-            continue; // the client went away: its place is freed without running it
+            // The client went away: its place is freed without running it.
+            dropped.client_gone.fetch_add(1, Ordering::Relaxed);
+            continue;
         }
         let started = Instant::now();
         if started > job.deadline {
+            dropped.deadline.fetch_add(1, Ordering::Relaxed);
             let _ = job.reply.send(Err(JobError::DeadlineExceeded));
             continue;
         }

@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use crate::api::Timing;
+use crate::engine::worker::Dropped;
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -122,7 +124,7 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, queue_depth: usize) -> String {
+    pub fn render(&self, queue_depth: usize, dropped: &Dropped) -> String {
         let inner = self.inner();
         let mut out = String::new();
         out.push_str(
@@ -138,6 +140,20 @@ impl Metrics {
         out.push_str("# HELP logit_lens_queue_depth Requests queued and not yet started.\n");
         out.push_str("# TYPE logit_lens_queue_depth gauge\n");
         let _ = writeln!(out, "logit_lens_queue_depth {queue_depth}");
+        out.push_str(
+            "# HELP logit_lens_jobs_dropped_total Queued jobs not run: client gone or deadline passed.\n",
+        );
+        out.push_str("# TYPE logit_lens_jobs_dropped_total counter\n");
+        for (reason, n) in [
+            ("client_gone", &dropped.client_gone),
+            ("deadline", &dropped.deadline),
+        ] {
+            let _ = writeln!(
+                out,
+                "logit_lens_jobs_dropped_total{{reason=\"{reason}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         out.push_str("# HELP logit_lens_batch_size Jobs per group the worker ran.\n");
         out.push_str("# TYPE logit_lens_batch_size histogram\n");
         inner
