@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
 # The notebook's pipeline (transformers on the CPU, bench/seed_pipeline.py) beside `logit-lens probe`
-# on the same mid-size random Qwen2-VL checkpoint (real 151936-token vocabulary) and the same inputs:
-# summary over every position and layer, top-3 at the last position. Model load excluded on both sides.
+# on the same mid-size random checkpoints (Qwen2-VL, LLaVA-1.5, LLaVA-OneVision, each with its real
+# vocabulary) and the same inputs: summary over every position and layer, top-3 at the last position.
+# Model load excluded on both sides.
 #
-# Usage: bench/cpu.sh [ITERS]      (needs the tools venv: see tools/README.md)
+# Usage: bench/cpu.sh [ITERS] [MODELS]   (needs the tools venv: see tools/README.md)
+#        MODELS defaults to "qwen2vl-mid llava15-mid onevision-mid"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 iters=${1:-5}
 py=${PYTHON:-$HOME/.venvs/tools/bin/python}
-ckpt=bench/checkpoints/qwen2vl-mid
-[[ -d $ckpt ]] || "$py" tools/make_fixtures.py --bench "$ckpt"
+models=${2:-qwen2vl-mid llava15-mid onevision-mid}
+[[ -d bench/checkpoints/qwen2vl-mid ]] || "$py" tools/make_fixtures.py --bench bench/checkpoints/qwen2vl-mid
+[[ -d bench/checkpoints/llava15-mid ]] || "$py" tools/make_llava_fixtures.py --bench bench/checkpoints
 cargo build --release -q
 threads=$(nproc)
 prompt="Color of the main object:"
-printf '%-20s %6s %12s %12s %8s %s\n' image tokens seed_ms rust_ms speedup same_outputs
+printf '%-15s %-15s %6s %10s %10s %8s %s\n' model image tokens seed_ms rust_ms speedup same_outputs
+for model in $models; do
+ckpt=bench/checkpoints/$model
 for img in coco_640x480 clevr_480x320; do
   seed=$("$py" bench/seed_pipeline.py --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
          --iters "$iters" --threads "$threads" 2>/dev/null | tail -1)
   rust_json=$(./target/release/logit-lens probe --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
               --top-k 3 --repeat "$iters" 2>/tmp/rust_timings.txt)
-  python3 - "$seed" "$rust_json" /tmp/rust_timings.txt "$img" <<'PY'
+  python3 - "$seed" "$rust_json" /tmp/rust_timings.txt "$img" "$model" <<'PY'
 import json, statistics, sys
-seed, rust, timings, img = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+seed, rust, timings, img, model = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 runs = [json.loads(l)["total"] for l in open(timings) if l.startswith("{")] or [rust["timing_ms"]["total"]]
 rust_ms = statistics.median(runs)
 curve = [l["mean_max_prob"] for l in rust["layers"]]
@@ -30,6 +35,7 @@ top3 = [[t["id"] for t in l["positions"][0]["top"]] for l in rust["layers"]]
 # last layer is compared with the model's own top-3 instead.
 same = (all(abs(a - b) < 1e-4 for a, b in zip(curve[:-1], seed["mean_max_prob"][:-1]))
         and top3[:-1] == seed["top3_last"][:-1] and top3[-1] == seed["model_top3_last"])
-print(f'{img:<20} {seed["seq_len"]:>6} {seed["median_ms"]:>12.0f} {rust_ms:>12.0f} {seed["median_ms"]/rust_ms:>7.2f}x {same}')
+print(f'{model:<15} {img:<15} {seed["seq_len"]:>6} {seed["median_ms"]:>10.0f} {rust_ms:>10.0f} {seed["median_ms"]/rust_ms:>7.2f}x {same}')
 PY
+done
 done

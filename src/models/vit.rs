@@ -153,7 +153,11 @@ impl VisionTransformer {
         let g = s / p;
         let d = self.cfg.hidden_size;
         // [n, C, g, p, g, p] → [n, g, g, C, p, p]: one row per patch in (c, ky, kx) order.
+        // A stride-p convolution ignores the last `s mod p` rows and columns (384 px, 14-px
+        // patches: 27 patches, 6 px unused).
         let patches = pixels
+            .narrow(2, 0, g * p)?
+            .narrow(3, 0, g * p)?
             .to_dtype(self.patch_weight.dtype())?
             .reshape((n, c, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
