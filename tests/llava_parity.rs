@@ -104,3 +104,35 @@ fn families_are_reported() {
         assert_eq!(load_model(dir).info().family, family);
     }
 }
+
+/// SigLIP's 384-px tiles with 14-px patches leave 6 px over (27 patches a side); a tower whose
+/// image size is not a multiple of its patch size must still run. The fixture, switched to 30-px
+/// tiles (2 patches a side and 2 px over), exercises that path.
+#[test]
+fn a_tile_size_that_is_not_a_multiple_of_the_patch_size_runs() {
+    let dir = std::env::temp_dir().join(format!("logit-lens-ov30-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("onevision-hub")).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_owned();
+        let text = std::fs::read(&p).unwrap();
+        let text = match name.to_str().unwrap() {
+            "config.json" | "preprocessor_config.json" => String::from_utf8(text)
+                .unwrap()
+                .replace("\"image_size\": 28", "\"image_size\": 30")
+                .replace("\"height\": 28", "\"height\": 30")
+                .replace("\"width\": 28", "\"width\": 30")
+                .into_bytes(),
+            _ => text,
+        };
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(cfg.contains("\"image_size\": 30"), "the fixture's config changed shape: {cfg}");
+    let model = logit_lens::models::load(&dir, "ov30", &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let img = image(&cases("onevision")[0]);
+    let req = logit_lens::engine::LensRequest { prompt: "Color?".into(), image: img, options: Default::default() };
+    let resp = logit_lens::engine::run_lens(model.as_ref(), &req).unwrap();
+    assert!(resp.input.num_image_tokens > 4);
+    std::fs::remove_dir_all(&dir).ok();
+}
