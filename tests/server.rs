@@ -672,3 +672,22 @@ fn the_committed_openapi_spec_matches_the_code() {
         "openapi/openapi.json is stale: run `UPDATE_OPENAPI=1 cargo test --release --test server openapi` and commit it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_file_field_from_a_browser_form_means_no_image() {
+    let server = Server::start(Setup::default()).await;
+    let form = reqwest::multipart::Form::new()
+        .text("prompt", "Hi")
+        .text("model", DEMO)
+        .part("image", reqwest::multipart::Part::bytes(Vec::new()));
+    let r = server
+        .client
+        .post(server.url("/lens"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["input"]["num_image_tokens"], 0);
+}

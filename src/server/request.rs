@@ -42,11 +42,16 @@ pub async fn from_multipart(mut form: Multipart, body_limit: usize) -> Result<Le
         .map_err(|e| multipart_error(e, body_limit))?
     {
         let name = field.name().unwrap_or_default().to_string();
+        let no_file_chosen = field.file_name().is_none_or(str::is_empty);
         let bytes = field
             .bytes()
             .await
             .map_err(|e| multipart_error(e, body_limit))?;
         if name == "image" {
+            // A browser form with no file chosen sends an empty, unnamed part: no image.
+            if bytes.is_empty() && no_file_chosen {
+                continue;
+            }
             if image.is_some() {
                 return Err(ApiError::bad_request("send one `image` field, not several"));
             }
