@@ -73,6 +73,9 @@ struct ProbeArgs {
     /// Run the request this many times after loading, for timing; prints the last response.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// auto (the GPU when built with CUDA and one is present), cpu, cuda or cuda:N.
+    #[arg(long, env = "LOGIT_LENS_DEVICE", default_value = "auto")]
+    device: String,
     /// Pretty-print the JSON.
     #[arg(long)]
     pretty: bool,
@@ -103,12 +106,9 @@ fn probe(a: ProbeArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
-    let model = models::load(
-        &a.model,
-        &name,
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )?;
+    let device = models::parse_device(&a.device)?;
+    let dtype = models::working_dtype(&a.model, &device)?;
+    let model = models::load(&a.model, &name, &device, dtype)?;
     let req = LensRequest {
         prompt: a.prompt,
         image,

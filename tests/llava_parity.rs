@@ -62,7 +62,11 @@ fn clip_short_side_resize_and_crop_match_transformers() {
         let g = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}")) as usize;
         let (h, w) = shortest_edge_size(g("height"), g("width"), size);
         assert_eq!((h, w), (g("resized_height"), g("resized_width")), "{r}");
-        assert_eq!((center_crop_offset(h, crop), center_crop_offset(w, crop)), (g("crop_top") as i64, g("crop_left") as i64), "{r}");
+        assert_eq!(
+            (center_crop_offset(h, crop), center_crop_offset(w, crop)),
+            (g("crop_top") as i64, g("crop_left") as i64),
+            "{r}"
+        );
     }
 }
 
@@ -75,23 +79,57 @@ fn onevision_image_token_counts_match_the_processor_at_real_scale() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_u64().unwrap() as usize))
+        .map(|p| {
+            (
+                p[0].as_u64().unwrap() as usize,
+                p[1].as_u64().unwrap() as usize,
+            )
+        })
         .collect();
     assert_eq!(pinpoints.len(), 36);
-    let cfg = AnyResConfig { size: (384, 384), pinpoints, rescale: None, mean_std: None, max_num_patches: 9 };
-    let pair = |x: &serde_json::Value| (x[0].as_u64().unwrap() as usize, x[1].as_u64().unwrap() as usize);
+    let cfg = AnyResConfig {
+        size: (384, 384),
+        pinpoints,
+        rescale: None,
+        mean_std: None,
+        max_num_patches: 9,
+    };
+    let pair = |x: &serde_json::Value| {
+        (
+            x[0].as_u64().unwrap() as usize,
+            x[1].as_u64().unwrap() as usize,
+        )
+    };
     let mut saw_6551 = false;
     for r in real["rows"].as_array().unwrap() {
-        let (h, w) = (r["height"].as_u64().unwrap() as usize, r["width"].as_u64().unwrap() as usize);
+        let (h, w) = (
+            r["height"].as_u64().unwrap() as usize,
+            r["width"].as_u64().unwrap() as usize,
+        );
         let best = select_best_resolution(h, w, &cfg.pinpoints);
         assert_eq!(best, pair(&r["best_resolution"]), "{h}×{w}");
-        assert_eq!(patch_output_size(h, w, best), pair(&r["resized_for_patching"]), "{h}×{w}");
+        assert_eq!(
+            patch_output_size(h, w, best),
+            pair(&r["resized_for_patching"]),
+            "{h}×{w}"
+        );
         let n = num_image_tokens(h, w, &cfg, 27);
-        assert_eq!(n, r["num_image_tokens"].as_u64().unwrap() as usize, "{h}×{w}");
-        assert_eq!(n, r["model_packed_length"].as_u64().unwrap() as usize, "{h}×{w}: the model packs as many");
+        assert_eq!(
+            n,
+            r["num_image_tokens"].as_u64().unwrap() as usize,
+            "{h}×{w}"
+        );
+        assert_eq!(
+            n,
+            r["model_packed_length"].as_u64().unwrap() as usize,
+            "{h}×{w}: the model packs as many"
+        );
         saw_6551 |= (h, w, n) == (899, 1024, 6551);
     }
-    assert!(saw_6551, "MODELS.md's 899×1024 → 6551 check must be among the cases");
+    assert!(
+        saw_6551,
+        "MODELS.md's 899×1024 → 6551 check must be among the cases"
+    );
 }
 
 #[test]
@@ -128,10 +166,23 @@ fn a_tile_size_that_is_not_a_multiple_of_the_patch_size_runs() {
         std::fs::write(dir.join(name), text).unwrap();
     }
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    assert!(cfg.contains("\"image_size\": 30"), "the fixture's config changed shape: {cfg}");
-    let model = logit_lens::models::load(&dir, "ov30", &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    assert!(
+        cfg.contains("\"image_size\": 30"),
+        "the fixture's config changed shape: {cfg}"
+    );
+    let model = logit_lens::models::load(
+        &dir,
+        "ov30",
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
     let img = image(&cases("onevision")[0]);
-    let req = logit_lens::engine::LensRequest { prompt: "Color?".into(), image: img, options: Default::default() };
+    let req = logit_lens::engine::LensRequest {
+        prompt: "Color?".into(),
+        image: img,
+        options: Default::default(),
+    };
     let resp = logit_lens::engine::run_lens(model.as_ref(), &req).unwrap();
     assert!(resp.input.num_image_tokens > 4);
     std::fs::remove_dir_all(&dir).ok();

@@ -134,13 +134,40 @@ pub fn checkpoint_dtype(dir: &Path) -> Result<DType> {
     let c = &snapshot.config;
     let name = ["torch_dtype", "dtype"]
         .iter()
-        .find_map(|k| c.get(*k).or_else(|| c.get("text_config").and_then(|t| t.get(*k))).and_then(|v| v.as_str()))
+        .find_map(|k| {
+            c.get(*k)
+                .or_else(|| c.get("text_config").and_then(|t| t.get(*k)))
+                .and_then(|v| v.as_str())
+        })
         .unwrap_or("float32");
     Ok(match name {
         "bfloat16" => DType::BF16,
         "float16" => DType::F16,
         _ => DType::F32,
     })
+}
+
+/// `auto` (the first GPU when built with CUDA and one is present, else the CPU), `cpu`, `cuda`
+/// or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let cuda = |n: usize| {
+        Device::new_cuda(n).map_err(|e| {
+            Error::InvalidOption(format!(
+                "device `{spec}` is not available ({e}); this binary needs the `cuda` feature and a visible GPU"
+            ))
+        })
+    };
+    match spec {
+        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => cuda(0),
+        s => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => cuda(n),
+            None => Err(Error::InvalidOption(format!(
+                "device `{spec}`: use auto, cpu, cuda or cuda:N"
+            ))),
+        },
+    }
 }
 
 /// Half precision only on an accelerator: on the CPU every model computes in f32.

@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// weights from tests/fixtures.
     #[arg(long = "model", env = "LOGIT_LENS_MODELS", value_delimiter = ',')]
     pub models: Vec<String>,
+    /// auto (the GPU when built with CUDA and one is present), cpu, cuda or cuda:N. Weights stay in
+    /// their checkpoint dtype on a GPU and are computed in f32 on the CPU.
+    #[arg(long, env = "LOGIT_LENS_DEVICE", default_value = "auto")]
+    pub device: String,
     #[arg(long, env = "LOGIT_LENS_HOST", default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, env = "LOGIT_LENS_PORT", default_value_t = 8000)]

@@ -192,8 +192,8 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         }
     }
     let keys = args.keys()?;
+    let device = crate::models::parse_device(&args.device).map_err(|e| e.to_string())?;
     let loader: Loader = Box::new(move || {
-        let device = candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
         specs
             .iter()
             .map(|s| {

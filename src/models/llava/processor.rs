@@ -113,7 +113,10 @@ pub fn preprocess(img: &Rgb8, cfg: &ClipProcessorConfig, device: &Device) -> Res
         None => img.clone(),
     };
     if let Some((ch, cw)) = cfg.crop {
-        let (top, left) = (center_crop_offset(img.height, ch), center_crop_offset(img.width, cw));
+        let (top, left) = (
+            center_crop_offset(img.height, ch),
+            center_crop_offset(img.width, cw),
+        );
         img = crop(&img, left, top, cw, ch);
     }
     let chw = normalize_chw(&img, cfg.rescale, cfg.mean_std);

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One prepared GPU benchmark (issue 5), to run on a lent H100/H200 in one call:
+#   real-size random Qwen2-VL-2B-Instruct and LLaVA-1.5-7B checkpoints made with the machine's transformers,
+#   `logit-lens serve` on the GPU (bf16 / fp16), concurrent clients at concurrency 1 and 8 on a 640×480 and a
+#   480×320 image (summary on, top-5 at the last position), peak GPU memory, bf16 parity against transformers,
+#   and ../shared/baselines/seed_baseline.py in the same call, then one table.
+#
+# Usage (repository root):  bench/gpu/run.sh [--small] [--models qwen2vl,llava15] [--bin PATH]
+#   --small  small shapes on whatever device is there (the CPU dry run of this script).
+# Results: $OUT (or bench/results/gpu-<date>) holds results.jsonl, the server logs and table.txt.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+small=""; models=qwen2vl,llava15; bin=${BIN:-}
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --small) small=--small; shift ;;
+    --models) models=$2; shift 2 ;;
+    --bin) bin=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+out=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+[[ -n $bin ]] || bin=$( [[ -x .gpu/logit-lens ]] && echo .gpu/logit-lens || echo target/release/logit-lens )
+ckpt=${CKPT:-/tmp/logit-lens-ckpt}
+res=$out/results.jsonl
+: > "$res"
+log() { echo "[$(date +%T)] $*" >&2; }
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+log "checkpoints ($models${small:+, small})"
+$py bench/gpu/make_checkpoints.py --out "$ckpt" --models "$models" $small >> "$res" || exit 1
+
+peak_mem() {  # samples used GPU memory (MiB) until the flag file disappears
+  local peak=0 m
+  while [[ -e $1 ]]; do
+    m=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1)
+    [[ -n $m && $m -gt $peak ]] && peak=$m
+    sleep 0.05
+  done
+  echo "$peak"
+}
+
+port=8765
+for family in ${models//,/ }; do
+  dir=$ckpt/$family
+  log "serve $family"
+  "$bin" serve --model "$family=$dir" --port $port --max-batch-size 8 --max-queue 256 > "$out/serve-$family.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
+    kill -0 $pid 2>/dev/null || { log "serve exited"; tail -20 "$out/serve-$family.log"; break; }
+    sleep 0.5
+  done
+  weights=$(du -cb "$dir"/*.safetensors | tail -1 | cut -f1)
+  flag=$out/sampling; touch "$flag"
+  if command -v nvidia-smi >/dev/null; then peak_mem "$flag" > "$out/peak-$family.txt" & fi
+  for img in coco_640x480 clevr_480x320; do
+    for c in 1 8; do
+      n=$(( c == 1 ? 10 : 64 ))
+      [[ -n $small ]] && n=$(( c == 1 ? 3 : 16 ))
+      $py bench/gpu/load.py --url "http://127.0.0.1:$port" --model "$family" --image "bench/images/$img.png" \
+        --concurrency $c --requests $n >> "$res" || log "load failed"
+    done
+  done
+  rm -f "$flag"; sleep 0.3
+  peak=$(cat "$out/peak-$family.txt" 2>/dev/null || echo 0)
+  echo "{\"memory\": \"$family\", \"weights_bytes\": $weights, \"peak_gpu_mib\": ${peak:-0}}" >> "$res"
+  log "parity $family"
+  $py bench/gpu/parity.py --url "http://127.0.0.1:$port" --model "$family" --checkpoint "$dir" \
+    --image bench/images/coco_640x480.png >> "$res" || log "parity failed"
+  kill $pid; wait $pid 2>/dev/null
+done
+
+log "seed baseline"
+seed_models=$models
+$py ../shared/baselines/seed_baseline.py --iters 5 ${small:+--tiny} --models "$seed_models" --out "$out/seed.json" \
+  > "$out/seed.log" 2>&1 || log "seed baseline failed"
+
+$py bench/gpu/table.py "$res" "$out/seed.json" | tee "$out/table.txt"

@@ -1,0 +1,27 @@
+"""Prints bench/gpu/run.sh's results beside the notebook's figures from seed_baseline.py (same call)."""
+import json
+import sys
+from pathlib import Path
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+seed = json.loads(Path(sys.argv[2]).read_text()) if len(sys.argv) > 2 and Path(sys.argv[2]).exists() else {}
+seed_rows = {(r["model"], r["image"]): r for r in seed.get("rows", [])}
+name = {"qwen2vl": "qwen2vl", "llava15": "llava15"}
+print(f"device: {seed.get('device', '?')}, torch {seed.get('torch', '?')}")
+print(f"{'model':<9} {'image':<14} {'conc':>4} {'ms/req':>8} {'p50 ms':>8} {'ok':>4} | "
+      f"{'seed lens':>9} {'fused b8':>8} {'fwd only':>8}")
+for r in rows:
+    if "concurrency" not in r:
+        continue
+    s = seed_rows.get((name.get(r["model"], r["model"]), r["image"].replace(".png", "")), {})
+    print(f"{r['model']:<9} {r['image'].replace('.png', ''):<14} {r['concurrency']:>4} "
+          f"{r['throughput_ms_per_request']:>8} {r['latency_ms_median']:>8} {r['ok']:>4} | "
+          f"{s.get('seed_lens_ms_median', '-'):>9} {s.get('fused_lens_b8_per_req_ms_median', '-'):>8} "
+          f"{s.get('forward_only_ms_median', '-'):>8}")
+for r in rows:
+    if "memory" in r:
+        print(f"memory {r['memory']}: weights {r['weights_bytes'] / 2**30:.2f} GiB, peak GPU {r['peak_gpu_mib'] / 1024:.2f} GiB")
+    if "top1_agreement" in r:
+        print(f"parity {r['model']} {r['image']}: same ids {r['same_input_ids']}, top-1 agreement "
+              f"{r['top1_agreement']:.4f} over {r['layer_position_pairs']} pairs, max top-1 prob diff "
+              f"{r['max_top1_prob_diff']}, max mean_max_prob diff {r['max_mean_max_prob_diff']}, pass {r['pass']}")
