@@ -255,8 +255,9 @@ impl<'a> Lens<'a> {
     }
 
     /// The same reduction with tensor operations where the logits live (the GPU): the online
-    /// max and sums for every row stay on the device in f32; only the rows whose position was
-    /// asked for travel to the host for top-k and target ranks.
+    /// max and sum of exponentials for every row stay on the device in f32 (all the summary
+    /// needs); the rows whose position was asked for travel to the host, where the fused
+    /// reduction adds entropy, top-k and target ranks.
     fn reduce_vocabulary_tensors(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
         let vocab = self.unembed.dim(0)?;
         let rows = n_block.dim(0)?;
@@ -265,21 +266,16 @@ impl<'a> Lens<'a> {
             .filter(|&r| states[r as usize].wants_detail())
             .collect();
         let detail_idx = Tensor::from_slice(&detail, detail.len(), dev)?;
-        // A finite floor instead of −inf keeps (m − m')·s at 0, not NaN, before the first block.
-        let mut m = Tensor::full(-1e30f32, (rows, 1), dev)?;
+        let mut m = Tensor::full(f32::NEG_INFINITY, (rows, 1), dev)?;
         let mut s = Tensor::zeros((rows, 1), DType::F32, dev)?;
-        let mut t = Tensor::zeros((rows, 1), DType::F32, dev)?;
         for v0 in (0..vocab).step_by(DEVICE_VOCAB_BLOCK) {
             let vc = DEVICE_VOCAB_BLOCK.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
             let z = n_block.matmul(&w.t()?)?.to_dtype(DType::F32)?;
             let m_new = m.maximum(&z.max_keepdim(1)?)?;
-            let d = (&m - &m_new)?;
-            let f = d.exp()?;
-            let zc = z.broadcast_sub(&m_new)?;
-            let e = zc.exp()?;
-            t = ((&f * (&t + (&d * &s)?)?)? + (&e * &zc)?.sum_keepdim(1)?)?;
-            s = ((&f * &s)? + e.sum_keepdim(1)?)?;
+            // e^(m − m') is 0 for the −∞ start, and s is 0 then: no NaN.
+            s = ((&s * (&m - &m_new)?.exp()?)?
+                + z.broadcast_sub(&m_new)?.exp()?.sum_keepdim(1)?)?;
             m = m_new;
             if !detail.is_empty() {
                 let zd = z
@@ -287,24 +283,19 @@ impl<'a> Lens<'a> {
                     .to_device(&candle_core::Device::Cpu)?
                     .to_vec2::<f32>()?;
                 for (&r, row) in detail.iter().zip(&zd) {
-                    states[r as usize].update_ranked(
-                        row,
-                        v0,
-                        &self.spec.targets,
-                        &self.spec.excluded,
-                    );
+                    states[r as usize].update(row, v0, &self.spec.targets, &self.spec.excluded);
                 }
             }
         }
-        let (m, s, t) = (
+        let (m, s) = (
             m.flatten_all()?.to_vec1::<f32>()?,
             s.flatten_all()?.to_vec1::<f32>()?,
-            t.flatten_all()?.to_vec1::<f32>()?,
         );
         for (i, st) in states.iter_mut().enumerate() {
-            st.m = m[i];
-            st.s = s[i] as f64;
-            st.t = t[i] as f64;
+            if !st.wants_detail() {
+                st.m = m[i];
+                st.s = s[i] as f64;
+            }
         }
         Ok(())
     }
