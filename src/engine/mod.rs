@@ -7,10 +7,10 @@ pub use worker::{Engine, EngineConfig, JobError, JobResult, LoadState, ModelEntr
 
 use std::time::Instant;
 
-use crate::api::{id_ranges, input_info, layers_out, LensOptions, LensResponse, Timing};
+use crate::api::{id_ranges, input_info, layers_out, LensOptions, LensResponse, Target, Timing};
 use crate::error::Result;
-use crate::lens::Lens;
-use crate::models::VisionLanguageModel;
+use crate::lens::{Lens, LensSpec};
+use crate::models::{LayerObserver, Prepared, VisionLanguageModel};
 use crate::preprocess::image::Rgb8;
 
 /// A request after decoding: the prompt, the decoded image, the options.
@@ -21,40 +21,151 @@ pub struct LensRequest {
 }
 
 pub fn run_lens(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<LensResponse> {
-    let t0 = Instant::now();
-    let inputs = model.prepare(&req.prompt, req.image.as_ref(), req.options.chat_template)?;
+    run_lens_batch(model, &[req], usize::MAX)
+        .pop()
+        .unwrap_or_else(|| Err(crate::Error::Internal("no result".into())))
+}
+
+/// A request that passed preparation: its inputs and its lens specification.
+struct Ready<'r> {
+    index: usize,
+    inputs: Prepared,
+    spec: LensSpec,
+    targets: Vec<Target>,
+    options: &'r LensOptions,
+    preprocess_ms: f64,
+}
+
+/// Runs several requests for one model: each is prepared alone (a bad one fails alone), then
+/// they go through the decoder together in groups of at most `max_batch_tokens` padded tokens.
+/// Results come back in the order of `reqs`.
+pub fn run_lens_batch(
+    model: &dyn VisionLanguageModel,
+    reqs: &[&LensRequest],
+    max_batch_tokens: usize,
+) -> Vec<Result<LensResponse>> {
     let info = model.info();
-    let (spec, targets) =
-        req.options
-            .resolve(&inputs, model.tokenizer(), info.num_layers, info.vocab_size)?;
+    let mut results: Vec<Option<Result<LensResponse>>> = (0..reqs.len()).map(|_| None).collect();
+    let mut ready = Vec::new();
+    for (index, req) in reqs.iter().enumerate() {
+        let t0 = Instant::now();
+        let prepared = model
+            .prepare(&req.prompt, req.image.as_ref(), req.options.chat_template)
+            .and_then(|inputs| {
+                let (spec, targets) = req.options.resolve(
+                    &inputs,
+                    model.tokenizer(),
+                    info.num_layers,
+                    info.vocab_size,
+                )?;
+                Ok((inputs, spec, targets))
+            });
+        match prepared {
+            Ok((inputs, spec, targets)) => ready.push(Ready {
+                index,
+                inputs,
+                spec,
+                targets,
+                options: &req.options,
+                preprocess_ms: ms(t0.elapsed()),
+            }),
+            Err(e) => results[index] = Some(Err(e)),
+        }
+    }
+    // Greedy groups under the padded-token budget, in arrival order.
+    let mut groups: Vec<Vec<Ready>> = Vec::new();
+    for r in ready {
+        let len = r.inputs.input_ids.len();
+        let fits = groups.last().is_some_and(|g| {
+            let longest = g
+                .iter()
+                .map(|x| x.inputs.input_ids.len())
+                .max()
+                .unwrap_or(0)
+                .max(len);
+            (g.len() + 1) * longest <= max_batch_tokens
+        });
+        match groups.last_mut() {
+            Some(g) if fits => g.push(r),
+            _ => groups.push(vec![r]),
+        }
+    }
+    for group in groups {
+        for (index, result) in run_group(model, group) {
+            results[index] = Some(result);
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(crate::Error::Internal("request lost".into()))))
+        .collect()
+}
+
+fn run_group(
+    model: &dyn VisionLanguageModel,
+    group: Vec<Ready>,
+) -> Vec<(usize, Result<LensResponse>)> {
+    let info = model.info();
     let t1 = Instant::now();
-    let mut lens = Lens::new(model.head(), &spec, info.num_layers)?;
-    model.forward(&inputs, &mut lens)?;
-    let lens_s = lens.seconds;
-    let stats = lens.finish()?;
-    let t2 = Instant::now();
-    let tokenizer = model.tokenizer();
-    let response = LensResponse {
-        model: info.name.clone(),
-        family: info.family.to_string(),
-        num_layers: info.num_layers,
-        input: input_info(&inputs, tokenizer),
-        excluded_ids: req
-            .options
-            .exclude_special
-            .then(|| id_ranges(&spec.excluded)),
-        layers: layers_out(stats, &targets, tokenizer),
-        timing_ms: Timing {
-            queue: None,
-            preprocess: ms(t1 - t0),
-            forward: ms(t2 - t1) - lens_s * 1e3,
-            lens: lens_s * 1e3,
-            total: 0.0,
-        },
+    let lenses: Result<Vec<Lens>> = group
+        .iter()
+        .map(|r| Lens::new(model.head(), &r.spec, info.num_layers))
+        .collect();
+    let forward = lenses.and_then(|mut lenses| {
+        let inputs: Vec<&Prepared> = group.iter().map(|r| &r.inputs).collect();
+        let mut observers: Vec<&mut dyn LayerObserver> = lenses
+            .iter_mut()
+            .map(|l| l as &mut dyn LayerObserver)
+            .collect();
+        model.forward_batch(&inputs, &mut observers)?;
+        Ok(lenses)
+    });
+    let lenses = match forward {
+        Ok(l) => l,
+        Err(e) => {
+            return group
+                .iter()
+                .map(|r| (r.index, Err(clone_error(&e))))
+                .collect()
+        }
     };
-    let mut response = response;
-    response.timing_ms.total = ms(t0.elapsed());
-    Ok(response)
+    let forward_ms = ms(t1.elapsed()) - lenses.iter().map(|l| l.seconds * 1e3).sum::<f64>();
+    let tokenizer = model.tokenizer();
+    group
+        .iter()
+        .zip(lenses)
+        .map(|(r, lens)| {
+            let lens_ms = lens.seconds * 1e3;
+            let response = lens.finish().map(|stats| LensResponse {
+                model: info.name.clone(),
+                family: info.family.to_string(),
+                num_layers: info.num_layers,
+                input: input_info(&r.inputs, tokenizer),
+                excluded_ids: r
+                    .options
+                    .exclude_special
+                    .then(|| id_ranges(&r.spec.excluded)),
+                layers: layers_out(stats, &r.targets, tokenizer),
+                timing_ms: Timing {
+                    queue: None,
+                    preprocess: r.preprocess_ms,
+                    forward: forward_ms,
+                    lens: lens_ms,
+                    total: r.preprocess_ms + forward_ms + lens_ms,
+                },
+            });
+            (r.index, response)
+        })
+        .collect()
+}
+
+/// One failure reported to every request of a group.
+fn clone_error(e: &crate::Error) -> crate::Error {
+    match e {
+        crate::Error::Unprocessable(m) => crate::Error::Unprocessable(m.clone()),
+        crate::Error::InvalidOption(m) => crate::Error::InvalidOption(m.clone()),
+        other => crate::Error::Internal(other.to_string()),
+    }
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{run_lens, LensRequest};
+use super::{run_lens, run_lens_batch, LensRequest};
 use crate::api::LensResponse;
 use crate::error::Error;
 use crate::models::{ModelInfo, VisionLanguageModel};
@@ -28,6 +28,8 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// The most jobs for one model run as one group.
     pub max_batch_size: usize,
+    /// The most padded tokens (requests × longest sequence) one decoder pass takes.
+    pub max_batch_tokens: usize,
     pub on_batch: Option<BatchHook>,
 }
 
@@ -106,6 +108,7 @@ impl Engine {
             depth: depth.clone(),
             dropped: dropped.clone(),
             max_batch_size: config.max_batch_size.max(1),
+            max_batch_tokens: config.max_batch_tokens.max(1),
             on_batch: config.on_batch,
         };
         let thread = std::thread::Builder::new()
@@ -194,6 +197,7 @@ struct Worker {
     depth: Arc<AtomicUsize>,
     dropped: Arc<Dropped>,
     max_batch_size: usize,
+    max_batch_tokens: usize,
     on_batch: Option<BatchHook>,
 }
 
@@ -224,7 +228,7 @@ impl Worker {
                 hook(group.len());
             }
             let model = models[group[0].model].as_ref();
-            run_group(model, group, &self.dropped);
+            run_group(model, group, &self.dropped, self.max_batch_tokens);
         }
     }
 
@@ -252,33 +256,68 @@ impl Worker {
     }
 }
 
-/// Runs one group of jobs for one model. The seam for a padded batched forward: today the jobs
-/// run one after another; a batched forward would prepare them all, pad, and run them together.
-fn run_group(model: &dyn VisionLanguageModel, group: Vec<Job>, dropped: &Dropped) {
+/// Runs one group of jobs for one model: the live ones (client still there, deadline not
+/// passed) go through the decoder together (`run_lens_batch`, padded, under the token budget).
+/// If that panics, each runs alone so that only the request that panics gets a 500.
+fn run_group(
+    model: &dyn VisionLanguageModel,
+    group: Vec<Job>,
+    dropped: &Dropped,
+    max_batch_tokens: usize,
+) {
+    let started = Instant::now();
+    let mut live = Vec::with_capacity(group.len());
     for job in group {
         if job.reply.is_closed() {
             // The client went away: its place is freed without running it.
             dropped.client_gone.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        let started = Instant::now();
-        if started > job.deadline {
+        } else if started > job.deadline {
             dropped.deadline.fetch_add(1, Ordering::Relaxed);
             let _ = job.reply.send(Err(JobError::DeadlineExceeded));
-            continue;
+        } else {
+            live.push(job);
         }
-        let result = run_one(model, &job.request, started - job.enqueued);
-        let _ = job.reply.send(result);
+    }
+    if live.is_empty() {
+        return;
+    }
+    let requests: Vec<&LensRequest> = live.iter().map(|j| &j.request).collect();
+    match catch_unwind(AssertUnwindSafe(|| {
+        run_lens_batch(model, &requests, max_batch_tokens)
+    })) {
+        Ok(results) => {
+            for (job, result) in live.into_iter().zip(results) {
+                let queued = started - job.enqueued;
+                let _ = job.reply.send(finish(result, queued));
+            }
+        }
+        Err(_) if live.len() > 1 => {
+            for job in live {
+                let result = run_one(model, &job.request, started - job.enqueued);
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(p) => {
+            if let Some(job) = live.into_iter().next() {
+                let _ = job.reply.send(Err(JobError::Panicked(panic_message(p))));
+            }
+        }
+    }
+}
+
+fn finish(result: crate::Result<crate::api::LensResponse>, queued: Duration) -> JobResult {
+    match result {
+        Ok(mut response) => {
+            response.timing_ms.queue = Some(queued.as_secs_f64() * 1e3);
+            Ok(response)
+        }
+        Err(e) => Err(JobError::Lens(e)),
     }
 }
 
 fn run_one(model: &dyn VisionLanguageModel, request: &LensRequest, queued: Duration) -> JobResult {
     match catch_unwind(AssertUnwindSafe(|| run_lens(model, request))) {
-        Ok(Ok(mut response)) => {
-            response.timing_ms.queue = Some(queued.as_secs_f64() * 1e3);
-            Ok(response)
-        }
-        Ok(Err(e)) => Err(JobError::Lens(e)),
+        Ok(result) => finish(result, queued),
         Err(p) => Err(JobError::Panicked(panic_message(p))),
     }
 }

@@ -181,29 +181,74 @@ impl Decoder {
         ))
     }
 
-    /// Runs the blocks over `embeds` `[seq, hidden]`, handing the residual stream to `observer`
-    /// before the first block (lens layer 0) and after every block.
-    pub fn forward(
+    /// Runs the blocks over a batch of sequences (`embeds[i]`: `[len_i, hidden]`), right-padded to
+    /// the longest, and hands request i's residual stream `[len_i, hidden]` to `observers[i]`
+    /// before the first block (lens layer 0) and after every block. Right padding keeps every
+    /// request's numbers what they are alone: the causal mask already hides later positions.
+    pub fn forward_batch(
         &self,
-        embeds: Tensor,
-        positions: &[[u32; 3]],
-        observer: &mut dyn LayerObserver,
+        embeds: Vec<Tensor>,
+        positions: &[Vec<[u32; 3]>],
+        observers: &mut [&mut dyn LayerObserver],
     ) -> Result<()> {
-        let device = embeds.device().clone();
-        let s = embeds.dim(0)?;
+        let b = embeds.len();
+        if b == 0 || positions.len() != b || observers.len() != b {
+            return Err(Error::Internal(
+                "forward_batch: inputs, positions and observers differ in number".into(),
+            ));
+        }
+        let lens: Vec<usize> = embeds
+            .iter()
+            .map(|e| e.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        let s = *lens.iter().max().unwrap_or(&0);
+        let device = embeds[0].device().clone();
+        let dtype = embeds[0].dtype();
+        let hidden = self.cfg.hidden_size;
+        let padded: Vec<Tensor> = embeds
+            .into_iter()
+            .zip(&lens)
+            .map(|(e, &n)| {
+                if n == s {
+                    Ok(e)
+                } else {
+                    Ok(Tensor::cat(
+                        &[e, Tensor::zeros((s - n, hidden), dtype, &device)?],
+                        0,
+                    )?)
+                }
+            })
+            .collect::<Result<_>>()?;
+        let mut all_pos = Vec::with_capacity(b * s);
+        for (p, &n) in positions.iter().zip(&lens) {
+            all_pos.extend_from_slice(&p[..n]);
+            all_pos.extend(std::iter::repeat_n([0u32; 3], s - n));
+        }
+        let (cos, sin) = self.rope_tables(&all_pos, &device)?;
+        let (cos, sin) = if b == 1 {
+            (cos, sin)
+        } else {
+            (cos.reshape((b, s, ()))?, sin.reshape((b, s, ()))?)
+        };
         let hd = self.cfg.head_dim;
         let (nh, nkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
-        let (cos, sin) = self.rope_tables(positions, &device)?;
-        let mask = causal_mask(s, embeds.dtype(), &device)?;
+        let mask = causal_mask(s, dtype, &device)?;
         let scale = (hd as f64).powf(-0.5);
-        let mut h = embeds.unsqueeze(0)?; // [1, s, hidden]
-        observer.observe(0, &h.squeeze(0)?)?;
+        let mut h = Tensor::stack(&padded, 0)?; // [b, s, hidden]
+        let observe =
+            |index: usize, h: &Tensor, observers: &mut [&mut dyn LayerObserver]| -> Result<()> {
+                for (i, (obs, &n)) in observers.iter_mut().zip(&lens).enumerate() {
+                    obs.observe(index, &h.get(i)?.narrow(0, 0, n)?)?;
+                }
+                Ok(())
+            };
+        observe(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let x = layer.input_layernorm.forward(&h)?;
             let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
                 Ok(lin
                     .forward(&x)?
-                    .reshape((1, s, n, hd))?
+                    .reshape((b, s, n, hd))?
                     .transpose(1, 2)?
                     .contiguous()?)
             };
@@ -212,14 +257,14 @@ impl Decoder {
             let v = heads(&layer.v, nkv)?;
             let a = attention(&q, &k, &v, Some(&mask), scale)?
                 .transpose(1, 2)?
-                .reshape((1, s, nh * hd))?;
+                .reshape((b, s, nh * hd))?;
             h = (h + layer.o.forward(&a)?)?;
             let x = layer.post_attention_layernorm.forward(&h)?;
             let mlp = layer
                 .down
                 .forward(&(self.act.forward(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?)?;
             h = (h + mlp)?;
-            observer.observe(l + 1, &h.squeeze(0)?)?;
+            observe(l + 1, &h, observers)?;
         }
         Ok(())
     }

@@ -88,9 +88,33 @@ pub trait VisionLanguageModel: Send + Sync {
     fn tokenizer(&self) -> &tokenizers::Tokenizer;
     /// Templating, image processing, placeholder expansion and tokenization.
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared>;
-    /// The instrumented forward: calls `observer` for lens layers `0..=num_layers`, in order.
-    fn forward(&self, inputs: &Prepared, observer: &mut dyn LayerObserver) -> Result<()>;
+    /// The decoder's input: token embeddings with the image features in place, and each
+    /// token's `(t, h, w)` position.
+    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)>;
+    fn decoder(&self) -> &decoder::Decoder;
     fn head(&self) -> &LensHead;
+
+    /// The instrumented forward: calls `observer` for lens layers `0..=num_layers`, in order.
+    fn forward(&self, inputs: &Prepared, observer: &mut dyn LayerObserver) -> Result<()> {
+        self.forward_batch(&[inputs], &mut [observer])
+    }
+
+    /// Several requests in one decoder pass (right-padded, so each request's numbers are what it
+    /// gets alone); `observers[i]` sees request i's layers.
+    fn forward_batch(
+        &self,
+        inputs: &[&Prepared],
+        observers: &mut [&mut dyn LayerObserver],
+    ) -> Result<()> {
+        let mut embeds = Vec::with_capacity(inputs.len());
+        let mut positions = Vec::with_capacity(inputs.len());
+        for p in inputs {
+            let (e, pos) = self.embed(p)?;
+            embeds.push(e);
+            positions.push(pos);
+        }
+        self.decoder().forward_batch(embeds, &positions, observers)
+    }
 }
 
 /// The families this crate implements, by `architectures[0]` in config.json.

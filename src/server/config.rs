@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// The most queued requests for one model run as one group.
     #[arg(long, env = "LOGIT_LENS_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
+    /// The most padded tokens (requests × longest sequence) one batched decoder pass takes.
+    #[arg(long, env = "LOGIT_LENS_MAX_BATCH_TOKENS", default_value_t = 16_384)]
+    pub max_batch_tokens: usize,
     /// Requests that may wait; one more gets 429 with Retry-After.
     #[arg(long, env = "LOGIT_LENS_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,

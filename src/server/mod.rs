@@ -45,6 +45,7 @@ pub struct AppState {
 pub struct QueueConfig {
     pub max_queue: usize,
     pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
 }
 
 impl AppState {
@@ -62,6 +63,7 @@ impl AppState {
             EngineConfig {
                 max_queue: queue.max_queue,
                 max_batch_size: queue.max_batch_size,
+                max_batch_tokens: queue.max_batch_tokens,
                 on_batch: Some(Arc::new(move |n| hook.batch(n))),
             },
         )?;
@@ -192,8 +194,10 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         }
     }
     let keys = args.keys()?;
-    let device = crate::models::parse_device(&args.device).map_err(|e| e.to_string())?;
+    // The device is opened on the worker thread that will use it (a CUDA context belongs to a thread).
+    let device_spec = args.device.clone();
     let loader: Loader = Box::new(move || {
+        let device = crate::models::parse_device(&device_spec)?;
         specs
             .iter()
             .map(|s| {
@@ -210,6 +214,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     let queue = QueueConfig {
         max_queue: args.max_queue,
         max_batch_size: args.max_batch_size,
+        max_batch_tokens: args.max_batch_tokens,
     };
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start tokio: {e}"))?;
     runtime.block_on(async move {

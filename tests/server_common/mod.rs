@@ -10,7 +10,7 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use logit_lens::api::LensOptions;
 use logit_lens::engine::{run_lens, LensRequest};
-use logit_lens::models::{LayerObserver, LensHead, ModelInfo, Prepared, VisionLanguageModel};
+use logit_lens::models::{LensHead, ModelInfo, Prepared, VisionLanguageModel};
 use logit_lens::preprocess::image::{decode, Rgb8};
 use logit_lens::server::{serve, AppState, Limits, QueueConfig};
 use serde_json::Value;
@@ -57,6 +57,49 @@ pub fn expected(
     serde_json::from_str(&text).unwrap()
 }
 
+/// Asserts two answers are the same: every id, token and count exactly, probabilities and
+/// logits to 1e-5, entropy and KL to 1e-4 (a padded batch sums in another order than a request
+/// alone, and KL weighs the last layer's tiny differences by log-probabilities of −30).
+pub fn assert_same_answer(got: &Value, want: &Value, what: &str) {
+    fn walk(a: &Value, b: &Value, path: &str) {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                let tol = if path.ends_with("kl_to_final") || path.ends_with("entropy") {
+                    1e-4
+                } else {
+                    1e-5
+                };
+                assert!(
+                    (x - y).abs() <= tol * y.abs().max(1.0),
+                    "{path}: {x} vs {y}"
+                );
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                assert_eq!(x.len(), y.len(), "{path}: length");
+                for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                    walk(p, q, &format!("{path}[{i}]"));
+                }
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                assert_eq!(
+                    x.keys().collect::<Vec<_>>(),
+                    y.keys().collect::<Vec<_>>(),
+                    "{path}: keys"
+                );
+                for (k, p) in x {
+                    walk(p, &y[k], &format!("{path}.{k}"));
+                }
+            }
+            _ => assert_eq!(a, b, "{path}"),
+        }
+    }
+    let (g, w) = (answer(got), answer(want));
+    walk(&g.0, &w.0, &format!("{what}.model"));
+    walk(&g.1, &w.1, &format!("{what}.input"));
+    walk(&g.2, &w.2, &format!("{what}.layers"));
+}
+
 /// The parts of a response that must not depend on how it was served.
 pub fn answer(body: &Value) -> (Value, Value, Value) {
     (
@@ -91,12 +134,11 @@ impl VisionLanguageModel for Faulty {
         }
         self.0.prepare(prompt, image, chat_template)
     }
-    fn forward(
-        &self,
-        inputs: &Prepared,
-        observer: &mut dyn LayerObserver,
-    ) -> logit_lens::Result<()> {
-        self.0.forward(inputs, observer)
+    fn embed(&self, inputs: &Prepared) -> logit_lens::Result<(candle_core::Tensor, Vec<[u32; 3]>)> {
+        self.0.embed(inputs)
+    }
+    fn decoder(&self) -> &logit_lens::models::decoder::Decoder {
+        self.0.decoder()
     }
     fn head(&self) -> &LensHead {
         self.0.head()
@@ -117,6 +159,7 @@ impl Default for Setup {
             queue: QueueConfig {
                 max_queue: 128,
                 max_batch_size: 8,
+                max_batch_tokens: 16_384,
             },
             limits: Limits::default(),
             keys: Vec::new(),

@@ -8,7 +8,7 @@
 
 pub mod processor;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -17,8 +17,8 @@ use crate::models::layers::{Activation, Linear};
 use crate::models::snapshot::{field, Snapshot, Weights};
 use crate::models::vit::{layers_for_feature, VisionTransformer, VitConfig};
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead,
-    ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LensHead, ModelInfo,
+    PixelInputs, Prepared, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::prompt::{tokenize, PromptFormat};
@@ -299,7 +299,11 @@ impl VisionLanguageModel for Llava {
         })
     }
 
-    fn forward(&self, inputs: &Prepared, observer: &mut dyn LayerObserver) -> Result<()> {
+    fn decoder(&self) -> &Decoder {
+        &self.parts.text
+    }
+
+    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)> {
         let p = &self.parts;
         let mut embeds = p.text.embed(&inputs.input_ids)?;
         if let Some(px) = &inputs.pixels {
@@ -311,10 +315,6 @@ impl VisionLanguageModel for Llava {
             let feats = p.image_features(&px.pixel_values)?.squeeze(0)?;
             embeds = scatter_image_features(embeds, feats, first)?;
         }
-        p.text.forward(
-            embeds,
-            &sequential_positions(inputs.input_ids.len()),
-            observer,
-        )
+        Ok((embeds, sequential_positions(inputs.input_ids.len())))
     }
 }

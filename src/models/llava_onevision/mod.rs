@@ -10,12 +10,12 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::models::decoder::sequential_positions;
+use crate::models::decoder::{sequential_positions, Decoder};
 use crate::models::llava::LlavaParts;
 use crate::models::snapshot::{field, Snapshot};
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead,
-    ModelInfo, PixelInputs, Prepared, TokenKind, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LensHead, ModelInfo,
+    PixelInputs, Prepared, TokenKind, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use processor::AnyResConfig;
@@ -182,7 +182,11 @@ impl VisionLanguageModel for LlavaOnevision {
         })
     }
 
-    fn forward(&self, inputs: &Prepared, observer: &mut dyn LayerObserver) -> Result<()> {
+    fn decoder(&self) -> &Decoder {
+        &self.parts.text
+    }
+
+    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)> {
         let p = &self.parts;
         let mut embeds = p.text.embed(&inputs.input_ids)?;
         if let Some(px) = &inputs.pixels {
@@ -207,10 +211,6 @@ impl VisionLanguageModel for LlavaOnevision {
             }
             embeds = scatter_image_features(embeds, packed, first)?;
         }
-        p.text.forward(
-            embeds,
-            &sequential_positions(inputs.input_ids.len()),
-            observer,
-        )
+        Ok((embeds, sequential_positions(inputs.input_ids.len())))
     }
 }

@@ -9,14 +9,14 @@ pub mod processor;
 pub mod text;
 pub mod vision;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::models::decoder::Decoder;
 use crate::models::snapshot::{Snapshot, Weights};
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LayerObserver, LensHead,
-    ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LensHead, ModelInfo,
+    PixelInputs, Prepared, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::prompt::{tokenize, PromptFormat};
@@ -169,7 +169,11 @@ impl VisionLanguageModel for Qwen2Vl {
         })
     }
 
-    fn forward(&self, inputs: &Prepared, observer: &mut dyn LayerObserver) -> Result<()> {
+    fn decoder(&self) -> &Decoder {
+        &self.text
+    }
+
+    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)> {
         let mut embeds = self.text.embed(&inputs.input_ids)?;
         if let (Some(px), Some(grid)) = (&inputs.pixels, inputs.image_grid) {
             let feats = self
@@ -177,8 +181,7 @@ impl VisionLanguageModel for Qwen2Vl {
                 .forward(&px.pixel_values.to_device(&self.device)?, px.grid_thw)?;
             embeds = scatter_image_features(embeds, feats, grid.first_position)?;
         }
-        let positions = self.positions(inputs);
-        self.text.forward(embeds, &positions, observer)
+        Ok((embeds, self.positions(inputs)))
     }
 }
 

@@ -1,0 +1,116 @@
+//! A request's result is the same alone or in a padded batch with others of different image
+//! sizes and prompt lengths, for every family.
+
+mod common;
+
+use common::*;
+use logit_lens::api::{LensOptions, Positions};
+use logit_lens::engine::{run_lens, run_lens_batch, LensRequest};
+
+fn requests(family: &str) -> Vec<LensRequest> {
+    let cases = cases(family);
+    let mut out: Vec<LensRequest> = cases
+        .iter()
+        .map(|c| LensRequest {
+            prompt: c.prompt.clone(),
+            image: image(c),
+            options: LensOptions {
+                top_k: 3,
+                positions: Positions::List(vec![0, -1]),
+                targets: vec!["red".into()],
+                ..Default::default()
+            },
+        })
+        .collect();
+    // One that fails alone must not disturb the others.
+    out.insert(
+        1,
+        LensRequest {
+            prompt: "   ".into(),
+            image: None,
+            options: LensOptions::default(),
+        },
+    );
+    out
+}
+
+fn check(dir: &str, family: &str) {
+    let model = load_model(dir);
+    let reqs = requests(family);
+    let refs: Vec<&LensRequest> = reqs.iter().collect();
+    let batched = run_lens_batch(model.as_ref(), &refs, usize::MAX);
+    assert_eq!(batched.len(), reqs.len());
+    for (req, got) in reqs.iter().zip(batched) {
+        match run_lens(model.as_ref(), req) {
+            Err(e) => assert_eq!(got.unwrap_err().code(), e.code()),
+            Ok(alone) => {
+                let got = got.unwrap();
+                assert_eq!(got.input, alone.input);
+                for (a, b) in alone.layers.iter().zip(&got.layers) {
+                    assert!(
+                        (a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-5,
+                        "{dir} layer {}",
+                        a.layer
+                    );
+                    for (pa, pb) in a.positions.iter().zip(&b.positions) {
+                        assert_eq!(
+                            pa.top.iter().map(|t| t.id).collect::<Vec<_>>(),
+                            pb.top.iter().map(|t| t.id).collect::<Vec<_>>()
+                        );
+                        for (x, y) in pa.top.iter().zip(&pb.top) {
+                            assert!(
+                                (x.prob - y.prob).abs() < 1e-5,
+                                "{dir}: {} vs {}",
+                                x.prob,
+                                y.prob
+                            );
+                        }
+                        assert!((pa.entropy - pb.entropy).abs() < 1e-4);
+                        assert!((pa.kl_to_final - pb.kl_to_final).abs() < 1e-4);
+                        assert_eq!(pa.targets[0].rank, pb.targets[0].rank);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn qwen2_vl_batch_equals_alone() {
+    check("qwen2vl-hub", "qwen2vl");
+}
+
+#[test]
+fn llava_batch_equals_alone() {
+    check("llava15-hub", "llava15");
+}
+
+#[test]
+fn onevision_batch_equals_alone() {
+    check("onevision-hub", "onevision");
+}
+
+#[test]
+fn the_token_budget_splits_a_batch_without_changing_results() {
+    let model = load_model("qwen2vl-hub");
+    let reqs = requests("qwen2vl");
+    let refs: Vec<&LensRequest> = reqs.iter().collect();
+    let whole = run_lens_batch(model.as_ref(), &refs, usize::MAX);
+    let split = run_lens_batch(model.as_ref(), &refs, 100); // at most one or two requests a pass
+    for (a, b) in whole.into_iter().zip(split) {
+        match (a, b) {
+            (Ok(a), Ok(b)) => assert_eq!(
+                a.layers
+                    .iter()
+                    .map(|l| l.positions[1].top[0].id)
+                    .collect::<Vec<_>>(),
+                b.layers
+                    .iter()
+                    .map(|l| l.positions[1].top[0].id)
+                    .collect::<Vec<_>>()
+            ),
+            (Err(a), Err(b)) => assert_eq!(a.code(), b.code()),
+            _ => panic!("one failed, the other did not"),
+        }
+    }
+}
