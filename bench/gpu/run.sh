@@ -28,9 +28,16 @@ res=$out/results.jsonl
 : > "$res"
 log() { echo "[$(date +%T)] $*" >&2; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# Fail fast (device time is scarce): the binary must start and see the device it is meant for.
+"$bin" --version || { ldd "$bin" | grep "not found"; exit 1; }
+"$bin" probe --model tests/fixtures/qwen2vl-hub --prompt "smoke test" --top-k 1 --layers -1 > "$out/smoke.json" \
+  || { log "the binary cannot run the demo model here"; exit 1; }
 
-log "checkpoints ($models${small:+, small})"
-$py bench/gpu/make_checkpoints.py --out "$ckpt" --models "$models" $small >> "$res" || exit 1
+log "seed baseline (the notebook's pipeline and torch variants, same card)"
+seed_script=${SEED_BASELINE:-../shared/baselines/seed_baseline.py}
+[[ -f $seed_script ]] || seed_script=.gpu/seed_baseline.py  # carried next to the binary
+$py "$seed_script" --iters 5 ${small:+--tiny} --models "$models" --out "$out/seed.json" \
+  > "$out/seed.log" 2>&1 || log "seed baseline failed"
 
 peak_mem() {  # samples used GPU memory (MiB) until the flag file disappears
   local peak=0 m
@@ -45,6 +52,8 @@ peak_mem() {  # samples used GPU memory (MiB) until the flag file disappears
 port=8765
 for family in ${models//,/ }; do
   dir=$ckpt/$family
+  log "checkpoint $family${small:+ (small)}"
+  $py bench/gpu/make_checkpoints.py --out "$ckpt" --models "$family" $small >> "$res" || { log "checkpoint failed"; continue; }
   log "serve $family"
   "$bin" serve --model "$family=$dir" --port $port --max-batch-size 8 --max-queue 256 > "$out/serve-$family.log" 2>&1 &
   pid=$!
@@ -71,11 +80,8 @@ for family in ${models//,/ }; do
   $py bench/gpu/parity.py --url "http://127.0.0.1:$port" --model "$family" --checkpoint "$dir" \
     --image bench/images/coco_640x480.png >> "$res" || log "parity failed"
   kill $pid; wait $pid 2>/dev/null
+  rm -rf "$dir"  # the next checkpoint needs the disk
 done
 
-log "seed baseline"
-seed_models=$models
-$py ../shared/baselines/seed_baseline.py --iters 5 ${small:+--tiny} --models "$seed_models" --out "$out/seed.json" \
-  > "$out/seed.log" 2>&1 || log "seed baseline failed"
 
 $py bench/gpu/table.py "$res" "$out/seed.json" | tee "$out/table.txt"
