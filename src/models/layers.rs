@@ -65,8 +65,17 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
+        if x.dtype() == DType::F32 {
+            return Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps as f32,
+            )?);
+        }
+        // Half precision, as transformers rounds it: normalise in f32, cast back, then multiply
+        // by the weight in the model dtype (two roundings where a fused kernel has one).
+        Ok(candle_nn::ops::rms_norm_slow(
+            x,
             &self.weight,
             self.eps as f32,
         )?)
@@ -138,9 +147,25 @@ impl Activation {
 }
 
 /// Rotate-half rotary embedding. `x`: `[batch, heads, seq, head_dim]`; `cos`/`sin`:
-/// `[seq, head_dim/2]` (the first half of transformers' duplicated `cat(freqs, freqs)` table).
+/// `[seq, head_dim/2]` or `[batch, seq, head_dim/2]` (the first half of transformers' duplicated
+/// `cat(freqs, freqs)` table). In f32 one fused kernel; in half precision transformers' own
+/// order, `x·cos + rotate_half(x)·sin`, each product and the sum rounded to the model dtype.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
+    if x.dtype() == DType::F32 {
+        return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+    }
+    let full = |t: &Tensor| -> Result<Tensor> {
+        let t = Tensor::cat(&[t, t], t.rank() - 1)?;
+        Ok(if t.rank() == 2 {
+            t.unsqueeze(0)?.unsqueeze(0)?
+        } else {
+            t.unsqueeze(1)?
+        })
+    };
+    let d = x.dim(3)?;
+    let (x1, x2) = (x.narrow(3, 0, d / 2)?, x.narrow(3, d / 2, d / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    Ok((x.broadcast_mul(&full(cos)?)? + rotated.broadcast_mul(&full(sin)?)?)?)
 }
 
 /// Scaled dot-product attention as transformers' eager path computes it: `softmax(q kᵀ · scale +

@@ -8,6 +8,7 @@
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -211,19 +212,23 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
     let mut cur = img.clone();
     if out_w != cur.width {
         let (coeffs, bits) = coefficients(cur.width, out_w);
+        let in_w = cur.width;
         let mut data = vec![0u8; cur.height * out_w * 3];
-        for y in 0..cur.height {
-            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
-            for (x, (xmin, k)) in coeffs.iter().enumerate() {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (bits - 1);
-                    for (i, &w) in k.iter().enumerate() {
-                        acc += row[(xmin + i) * 3 + c] as i64 * w as i64;
+        // Rows are independent: one rayon task per output row.
+        data.par_chunks_mut(out_w * 3)
+            .enumerate()
+            .for_each(|(y, out)| {
+                let row = &cur.data[y * in_w * 3..(y + 1) * in_w * 3];
+                for (x, (xmin, k)) in coeffs.iter().enumerate() {
+                    for c in 0..3 {
+                        let mut acc: i64 = 1 << (bits - 1);
+                        for (i, &w) in k.iter().enumerate() {
+                            acc += row[(xmin + i) * 3 + c] as i64 * w as i64;
+                        }
+                        out[x * 3 + c] = clip8(acc, bits);
                     }
-                    data[(y * out_w + x) * 3 + c] = clip8(acc, bits);
                 }
-            }
-        }
+            });
         cur = Rgb8 {
             width: out_w,
             height: cur.height,
@@ -234,15 +239,17 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
         let (coeffs, bits) = coefficients(cur.height, out_h);
         let w = cur.width;
         let mut data = vec![0u8; out_h * w * 3];
-        for (y, (ymin, k)) in coeffs.iter().enumerate() {
-            for x in 0..w * 3 {
-                let mut acc: i64 = 1 << (bits - 1);
-                for (i, &wt) in k.iter().enumerate() {
-                    acc += cur.data[(ymin + i) * w * 3 + x] as i64 * wt as i64;
+        data.par_chunks_mut(w * 3)
+            .zip(coeffs.par_iter())
+            .for_each(|(out, (ymin, k))| {
+                for (x, o) in out.iter_mut().enumerate() {
+                    let mut acc: i64 = 1 << (bits - 1);
+                    for (i, &wt) in k.iter().enumerate() {
+                        acc += cur.data[(ymin + i) * w * 3 + x] as i64 * wt as i64;
+                    }
+                    *o = clip8(acc, bits);
                 }
-                data[y * w * 3 + x] = clip8(acc, bits);
-            }
-        }
+            });
         cur = Rgb8 {
             width: w,
             height: out_h,

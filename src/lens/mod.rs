@@ -12,6 +12,9 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 use crate::error::{Error, Result};
 use crate::models::{LayerObserver, LensHead};
 
@@ -235,7 +238,7 @@ impl<'a> Lens<'a> {
 
     /// One pass over the vocabulary in blocks: a GEMM, then one fused reduction of every row.
     fn reduce_vocabulary(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
-        if !n_block.device().is_cpu() || self.tensor_path {
+        if !n_block.device().is_cpu() || self.tensor_path || n_block.dtype() != DType::F32 {
             return self.reduce_vocabulary_tensors(n_block, states);
         }
         let vocab = self.unembed.dim(0)?;
@@ -259,6 +262,10 @@ impl<'a> Lens<'a> {
     /// needs); the rows whose position was asked for travel to the host, where the fused
     /// reduction adds entropy, top-k and target ranks.
     fn reduce_vocabulary_tensors(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if n_block.device().is_cuda() && !self.tensor_path {
+            return self.reduce_vocabulary_cuda(n_block, states);
+        }
         let vocab = self.unembed.dim(0)?;
         let rows = n_block.dim(0)?;
         let dev = n_block.device();
@@ -295,6 +302,37 @@ impl<'a> Lens<'a> {
             if !st.wants_detail() {
                 st.m = m[i];
                 st.s = s[i] as f64;
+            }
+        }
+        Ok(())
+    }
+
+    /// On the GPU: the whole vocabulary in one GEMM (rows × vocab in the model dtype, 155 MB for
+    /// 512 rows of Qwen2's 152k) and one fused kernel for every row's max and sum of exponentials;
+    /// the requested rows go to the host for entropy, top-k and ranks.
+    #[cfg(feature = "cuda")]
+    fn reduce_vocabulary_cuda(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
+        let logits = n_block.matmul(&self.unembed.t()?)?;
+        let ms = cuda::row_max_sumexp(&logits)?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec2::<f32>()?;
+        let detail: Vec<u32> = (0..states.len() as u32)
+            .filter(|&r| states[r as usize].wants_detail())
+            .collect();
+        if !detail.is_empty() {
+            let idx = Tensor::from_slice(&detail, detail.len(), n_block.device())?;
+            let rows = logits
+                .index_select(&idx, 0)?
+                .to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?;
+            for (&r, row) in detail.iter().zip(rows.to_vec2::<f32>()?) {
+                states[r as usize].update(&row, 0, &self.spec.targets, &self.spec.excluded);
+            }
+        }
+        for (st, ms) in states.iter_mut().zip(ms) {
+            if !st.wants_detail() {
+                st.m = ms[0];
+                st.s = ms[1] as f64;
             }
         }
         Ok(())
