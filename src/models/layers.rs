@@ -137,6 +137,19 @@ impl Activation {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        if dtype != DType::F32 && dtype != DType::F64 {
+            // Half precision as torch computes it: each op in f32, rounded once to the model dtype
+            // (candle's half kernels for GELU and f16 SiLU compute in half arithmetic).
+            let x32 = x.to_dtype(DType::F32)?;
+            return Ok(match self {
+                Activation::QuickGelu => {
+                    let a = scale_like_torch(x, 1.702)?.to_dtype(DType::F32)?;
+                    (x * candle_nn::ops::sigmoid(&a)?.to_dtype(dtype)?)?
+                }
+                other => other.forward(&x32)?.to_dtype(dtype)?,
+            });
+        }
         Ok(match self {
             Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Activation::Gelu => x.gelu_erf()?,
@@ -192,14 +205,26 @@ pub fn attention(
     } else {
         (k.clone(), v.clone())
     };
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = scale_like_torch(&q.contiguous()?.matmul(&k.t()?.contiguous()?)?, scale)?;
+    let dtype = scores.dtype();
+    let scores = scores.to_dtype(DType::F32)?;
+    // The mask is 0 or −∞: adding it in f32 gives what transformers' half-precision add gives.
     let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
+        Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
         None => scores,
     };
-    let dtype = scores.dtype();
-    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// `x · c` as torch computes a Python float times a half-precision tensor: in f32, rounded once.
+/// (candle's scalar multiply rounds `c` itself to the tensor's dtype first: 1.702 becomes
+/// 1.703125 in bf16, 128^-0.5 loses its fourth digit; over dozens of layers that shows.)
+pub fn scale_like_torch(x: &Tensor, c: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F32 || x.dtype() == DType::F64 {
+        return Ok((x * c)?);
+    }
+    Ok((x.to_dtype(DType::F32)? * c)?.to_dtype(x.dtype())?)
 }
 
 /// Additive causal mask `[s, s]`: 0 on and below the diagonal, -inf above.

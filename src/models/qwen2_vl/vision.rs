@@ -152,7 +152,7 @@ impl VisionTower {
         }
         let m2 = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
         let x = self.ln_q.forward(&x)?.reshape((n / m2, e * m2))?;
-        let x = self.merger_fc1.forward(&x)?.gelu_erf()?;
+        let x = Activation::Gelu.forward(&self.merger_fc1.forward(&x)?)?;
         self.merger_fc2.forward(&x)
     }
 }
