@@ -7,6 +7,8 @@ pub use worker::{Engine, EngineConfig, JobError, JobResult, LoadState, ModelEntr
 
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use crate::api::{id_ranges, input_info, layers_out, LensOptions, LensResponse, Target, Timing};
 use crate::error::Result;
 use crate::lens::{Lens, LensSpec};
@@ -25,6 +27,9 @@ pub fn run_lens(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<Le
         .pop()
         .unwrap_or_else(|| Err(crate::Error::Internal("no result".into())))
 }
+
+/// Prepared inputs, the lens specification and the traced targets of one request.
+type Resolved = (Prepared, LensSpec, Vec<Target>);
 
 /// A request that passed preparation: its inputs and its lens specification.
 struct Ready<'r> {
@@ -46,28 +51,37 @@ pub fn run_lens_batch(
 ) -> Vec<Result<LensResponse>> {
     let info = model.info();
     let mut results: Vec<Option<Result<LensResponse>>> = (0..reqs.len()).map(|_| None).collect();
+    // Preparation is CPU work (image processing, templating, tokenization) and independent per
+    // request: in parallel, off the device.
+    let prepared: Vec<(usize, Result<Resolved>, f64)> = reqs
+        .par_iter()
+        .enumerate()
+        .map(|(index, req)| {
+            let t0 = Instant::now();
+            let r = model
+                .prepare(&req.prompt, req.image.as_ref(), req.options.chat_template)
+                .and_then(|inputs| {
+                    let (spec, targets) = req.options.resolve(
+                        &inputs,
+                        model.tokenizer(),
+                        info.num_layers,
+                        info.vocab_size,
+                    )?;
+                    Ok((inputs, spec, targets))
+                });
+            (index, r, ms(t0.elapsed()))
+        })
+        .collect();
     let mut ready = Vec::new();
-    for (index, req) in reqs.iter().enumerate() {
-        let t0 = Instant::now();
-        let prepared = model
-            .prepare(&req.prompt, req.image.as_ref(), req.options.chat_template)
-            .and_then(|inputs| {
-                let (spec, targets) = req.options.resolve(
-                    &inputs,
-                    model.tokenizer(),
-                    info.num_layers,
-                    info.vocab_size,
-                )?;
-                Ok((inputs, spec, targets))
-            });
-        match prepared {
+    for (index, r, preprocess_ms) in prepared {
+        match r {
             Ok((inputs, spec, targets)) => ready.push(Ready {
                 index,
                 inputs,
                 spec,
                 targets,
-                options: &req.options,
-                preprocess_ms: ms(t0.elapsed()),
+                options: &reqs[index].options,
+                preprocess_ms,
             }),
             Err(e) => results[index] = Some(Err(e)),
         }
@@ -135,8 +149,12 @@ fn run_group(
         .iter()
         .zip(lenses)
         .map(|(r, lens)| {
-            let lens_ms = lens.seconds * 1e3;
-            let response = lens.finish().map(|stats| LensResponse {
+            // The lens's work during the forward pass, plus what it defers to `finish`.
+            let finishing = Instant::now();
+            let during_ms = lens.seconds * 1e3;
+            let stats = lens.finish();
+            let lens_ms = during_ms + ms(finishing.elapsed());
+            let response = stats.map(|stats| LensResponse {
                 model: info.name.clone(),
                 family: info.family.to_string(),
                 num_layers: info.num_layers,

@@ -58,8 +58,10 @@ pub struct LayerStats {
 /// GEMM at full speed.
 const ROW_BLOCK: usize = 512;
 const VOCAB_BLOCK: usize = 4096;
-/// On an accelerator the block only bounds memory (`rows × block × 4` bytes); fewer, larger
-/// blocks mean fewer kernel launches.
+/// On an accelerator (and the tensor path): rows per unembedding GEMM over the whole vocabulary
+/// (1024 × 152k in bf16 is 311 MB).
+const DEVICE_ROWS: usize = 1024;
+/// Vocabulary rows per block when the final layer's `Wᵀ p_L` is accumulated in f32.
 const DEVICE_VOCAB_BLOCK: usize = 65536;
 
 /// Collects the lens as the forward pass produces layers.
@@ -76,6 +78,24 @@ pub struct Lens<'a> {
     pub seconds: f64,
     /// Use the tensor-operation reduction even on the CPU (tests compare the two paths).
     tensor_path: bool,
+    /// Tensor path: layers planned as the forward pass produces them, reduced together in
+    /// `finish` (no host round trip per layer while the forward pass is running).
+    pending: Vec<LayerPlan>,
+}
+
+/// One lens layer's work: the normed rows to read out and their running reductions.
+struct LayerPlan {
+    index: usize,
+    report: bool,
+    is_final: bool,
+    summary: bool,
+    seq: usize,
+    /// Normed residual rows `[rows, hidden]` in the model dtype: every position for the summary,
+    /// else the requested ones.
+    normed_rows: Tensor,
+    /// Per requested position, its row in `normed_rows`.
+    requested: Vec<usize>,
+    states: Vec<RowState>,
 }
 
 impl<'a> Lens<'a> {
@@ -93,6 +113,7 @@ impl<'a> Lens<'a> {
             final_parts: None,
             seconds: 0.0,
             tensor_path: false,
+            pending: Vec::new(),
         })
     }
 
@@ -104,6 +125,15 @@ impl<'a> Lens<'a> {
 
     /// The finished lens, one entry per requested layer.
     pub fn finish(mut self) -> Result<Vec<LayerStats>> {
+        if !self.pending.is_empty() {
+            let t = Instant::now();
+            let mut plans = std::mem::take(&mut self.pending);
+            self.reduce_layers(&mut plans)?;
+            for plan in plans {
+                self.record(plan)?;
+            }
+            self.seconds += t.elapsed().as_secs_f64();
+        }
         let finals = self.final_parts.take().ok_or_else(|| {
             Error::Internal("the forward pass stopped before the last layer".into())
         })?;
@@ -122,10 +152,29 @@ impl<'a> Lens<'a> {
     }
 
     fn process(&mut self, index: usize, hidden: &Tensor) -> Result<()> {
+        let Some(mut plan) = self.plan(index, hidden)? else {
+            return Ok(());
+        };
+        if hidden.device().is_cpu() && hidden.dtype() == DType::F32 && !self.tensor_path {
+            // The fused CPU reduction, layer by layer, in blocks of rows that stay in cache.
+            for start in (0..plan.states.len()).step_by(ROW_BLOCK) {
+                let n = ROW_BLOCK.min(plan.states.len() - start);
+                let block = plan.normed_rows.narrow(0, start, n)?;
+                self.reduce_vocabulary(&block, &mut plan.states[start..start + n])?;
+            }
+            self.record(plan)
+        } else {
+            self.pending.push(plan);
+            Ok(())
+        }
+    }
+
+    /// What layer `index` needs: nothing unless it is reported or the final one (KL needs it).
+    fn plan(&self, index: usize, hidden: &Tensor) -> Result<Option<LayerPlan>> {
         let report = self.spec.layers.binary_search(&index).is_ok();
         let is_final = index == self.num_layers;
         if !report && !is_final {
-            return Ok(());
+            return Ok(None);
         }
         let seq = hidden.dim(0)?;
         if let Some(&p) = self.spec.positions.iter().find(|&&p| p >= seq) {
@@ -135,42 +184,54 @@ impl<'a> Lens<'a> {
         }
         // In the model's dtype for the GEMM (f32 on the CPU); logits are reduced in f32.
         let normed = self.head.norm.forward(hidden)?;
-        // All rows for the summary, else only the requested positions.
         let summary = report && self.spec.summary;
-        let rows: Vec<usize> = if summary {
-            (0..seq).collect()
+        let (normed_rows, requested) = if summary {
+            (normed, self.spec.positions.clone())
         } else {
-            self.spec.positions.clone()
+            (
+                gather_rows(&normed, &self.spec.positions)?,
+                (0..self.spec.positions.len()).collect(),
+            )
         };
-        // The row that serves each requested position.
-        let requested: Vec<usize> = (0..self.spec.positions.len())
-            .map(|k| if summary { self.spec.positions[k] } else { k })
-            .collect();
-        let mut wants_detail = vec![false; rows.len()];
+        let n_rows = normed_rows.dim(0)?;
+        let mut detail = vec![false; n_rows];
         for &r in &requested {
-            wants_detail[r] = true;
+            detail[r] = true;
         }
-        let mut states: Vec<RowState> = Vec::with_capacity(rows.len());
-        for start in (0..rows.len()).step_by(ROW_BLOCK) {
-            let block = &rows[start..(start + ROW_BLOCK).min(rows.len())];
-            let n_block = gather_rows(&normed, block)?;
-            let detail = &wants_detail[start..start + block.len()];
-            let target_logits = self.target_logits(&n_block, detail)?;
-            let mut block_states: Vec<RowState> = detail
-                .iter()
-                .zip(target_logits)
-                .map(|(&d, tz)| RowState::new(if d { self.spec.top_k } else { 0 }, tz))
-                .collect();
-            self.reduce_vocabulary(&n_block, &mut block_states)?;
-            states.extend(block_states);
-        }
+        let target_logits = self.target_logits(&normed_rows, &detail)?;
+        let states = detail
+            .iter()
+            .zip(target_logits)
+            .map(|(&d, tz)| RowState::new(if d { self.spec.top_k } else { 0 }, tz))
+            .collect();
+        Ok(Some(LayerPlan {
+            index,
+            report,
+            is_final,
+            summary,
+            seq,
+            normed_rows,
+            requested,
+            states,
+        }))
+    }
+
+    /// Turns a reduced layer into its report (and, for the final layer, the parts KL needs).
+    fn record(&mut self, plan: LayerPlan) -> Result<()> {
+        let LayerPlan {
+            index,
+            report,
+            is_final,
+            summary,
+            seq,
+            normed_rows,
+            requested,
+            states,
+        } = plan;
         // max prob = e^(max − lse) = 1 / s.
         let mean_max_prob =
             summary.then(|| (states.iter().map(|st| 1.0 / st.s).sum::<f64>() / seq as f64) as f32);
-        let n_requested = gather_rows(
-            &normed,
-            &requested.iter().map(|&r| rows[r]).collect::<Vec<_>>(),
-        )?;
+        let n_requested = gather_rows(&normed_rows, &requested)?;
         if is_final {
             let finals: Vec<&RowState> = requested.iter().map(|&r| &states[r]).collect();
             self.final_parts = Some(self.final_parts(&n_requested, &finals)?);
@@ -238,9 +299,6 @@ impl<'a> Lens<'a> {
 
     /// One pass over the vocabulary in blocks: a GEMM, then one fused reduction of every row.
     fn reduce_vocabulary(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
-        if !n_block.device().is_cpu() || self.tensor_path || n_block.dtype() != DType::F32 {
-            return self.reduce_vocabulary_tensors(n_block, states);
-        }
         let vocab = self.unembed.dim(0)?;
         for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
             let vc = VOCAB_BLOCK.min(vocab - v0);
@@ -257,82 +315,75 @@ impl<'a> Lens<'a> {
         Ok(())
     }
 
-    /// The same reduction with tensor operations where the logits live (the GPU): the online
-    /// max and sum of exponentials for every row stay on the device in f32 (all the summary
-    /// needs); the rows whose position was asked for travel to the host, where the fused
-    /// reduction adds entropy, top-k and target ranks.
-    fn reduce_vocabulary_tensors(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
-        #[cfg(feature = "cuda")]
-        if n_block.device().is_cuda() && !self.tensor_path {
-            return self.reduce_vocabulary_cuda(n_block, states);
-        }
-        let vocab = self.unembed.dim(0)?;
-        let rows = n_block.dim(0)?;
-        let dev = n_block.device();
-        let detail: Vec<u32> = (0..rows as u32)
-            .filter(|&r| states[r as usize].wants_detail())
-            .collect();
-        let detail_idx = Tensor::from_slice(&detail, detail.len(), dev)?;
-        let mut m = Tensor::full(f32::NEG_INFINITY, (rows, 1), dev)?;
-        let mut s = Tensor::zeros((rows, 1), DType::F32, dev)?;
-        for v0 in (0..vocab).step_by(DEVICE_VOCAB_BLOCK) {
-            let vc = DEVICE_VOCAB_BLOCK.min(vocab - v0);
-            let w = self.unembed.narrow(0, v0, vc)?;
-            let z = n_block.matmul(&w.t()?)?.to_dtype(DType::F32)?;
-            let m_new = m.maximum(&z.max_keepdim(1)?)?;
-            // e^(m − m') is 0 for the −∞ start, and s is 0 then: no NaN.
-            s = ((&s * (&m - &m_new)?.exp()?)?
-                + z.broadcast_sub(&m_new)?.exp()?.sum_keepdim(1)?)?;
-            m = m_new;
-            if !detail.is_empty() {
-                let zd = z
-                    .index_select(&detail_idx, 0)?
-                    .to_device(&candle_core::Device::Cpu)?
-                    .to_vec2::<f32>()?;
-                for (&r, row) in detail.iter().zip(&zd) {
-                    states[r as usize].update(row, v0, &self.spec.targets, &self.spec.excluded);
+    /// Every planned layer at once, where the logits live (the GPU): the rows of all layers go
+    /// through the unembedding in chunks of `DEVICE_ROWS` rows × the whole vocabulary; each
+    /// chunk's per-row max and sum of exponentials come from one fused kernel (CUDA) or a few
+    /// tensor ops, and stay on the device; the requested rows are gathered there too. The host
+    /// waits once for the sums and once per chunk of requested rows, then reduces those rows
+    /// (entropy, top-k, ranks) in parallel.
+    fn reduce_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
+        let rows: Vec<&Tensor> = plans.iter().map(|p| &p.normed_rows).collect();
+        let all = Tensor::cat(&rows, 0)?;
+        let total = all.dim(0)?;
+        let mut detail = Vec::new(); // global row → (plan, row)
+        let mut owner = Vec::with_capacity(total);
+        for (pi, p) in plans.iter().enumerate() {
+            for (r, st) in p.states.iter().enumerate() {
+                if st.wants_detail() {
+                    detail.push(owner.len() as u32);
                 }
+                owner.push((pi, r));
             }
         }
-        let (m, s) = (
-            m.flatten_all()?.to_vec1::<f32>()?,
-            s.flatten_all()?.to_vec1::<f32>()?,
-        );
-        for (i, st) in states.iter_mut().enumerate() {
-            if !st.wants_detail() {
-                st.m = m[i];
-                st.s = s[i] as f64;
+        let mut sums = Vec::new();
+        let mut detail_rows = Vec::new();
+        for start in (0..total).step_by(DEVICE_ROWS) {
+            let n = DEVICE_ROWS.min(total - start);
+            let logits = all.narrow(0, start, n)?.matmul(&self.unembed.t()?)?;
+            sums.push(row_max_sumexp(&logits)?);
+            let here: Vec<u32> = detail
+                .iter()
+                .filter(|&&g| (g as usize) >= start && (g as usize) < start + n)
+                .map(|&g| g - start as u32)
+                .collect();
+            if !here.is_empty() {
+                let idx = Tensor::from_slice(&here, here.len(), logits.device())?;
+                detail_rows.push(logits.index_select(&idx, 0)?);
             }
         }
-        Ok(())
-    }
-
-    /// On the GPU: the whole vocabulary in one GEMM (rows × vocab in the model dtype, 155 MB for
-    /// 512 rows of Qwen2's 152k) and one fused kernel for every row's max and sum of exponentials;
-    /// the requested rows go to the host for entropy, top-k and ranks.
-    #[cfg(feature = "cuda")]
-    fn reduce_vocabulary_cuda(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
-        let logits = n_block.matmul(&self.unembed.t()?)?;
-        let ms = cuda::row_max_sumexp(&logits)?
+        let sums = Tensor::cat(&sums, 0)?
             .to_device(&candle_core::Device::Cpu)?
             .to_vec2::<f32>()?;
-        let detail: Vec<u32> = (0..states.len() as u32)
-            .filter(|&r| states[r as usize].wants_detail())
-            .collect();
-        if !detail.is_empty() {
-            let idx = Tensor::from_slice(&detail, detail.len(), n_block.device())?;
-            let rows = logits
-                .index_select(&idx, 0)?
-                .to_dtype(DType::F32)?
-                .to_device(&candle_core::Device::Cpu)?;
-            for (&r, row) in detail.iter().zip(rows.to_vec2::<f32>()?) {
-                states[r as usize].update(&row, 0, &self.spec.targets, &self.spec.excluded);
-            }
-        }
-        for (st, ms) in states.iter_mut().zip(ms) {
+        for (g, ms) in sums.iter().enumerate() {
+            let (pi, r) = owner[g];
+            let st = &mut plans[pi].states[r];
             if !st.wants_detail() {
                 st.m = ms[0];
                 st.s = ms[1] as f64;
+            }
+        }
+        let mut next = 0;
+        for block in detail_rows {
+            let block = block
+                .to_device(&candle_core::Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            let ids = &detail[next..next + block.len()];
+            next += block.len();
+            // Each requested row is reduced on the host, in parallel.
+            let places: Vec<(usize, usize)> = ids.iter().map(|&g| owner[g as usize]).collect();
+            let mut states: Vec<RowState> = places
+                .iter()
+                .map(|&(pi, r)| plans[pi].states[r].clone())
+                .collect();
+            states
+                .par_iter_mut()
+                .zip(block.par_iter())
+                .for_each(|(st, row)| {
+                    st.update(row, 0, &self.spec.targets, &self.spec.excluded);
+                });
+            for ((pi, r), st) in places.into_iter().zip(states) {
+                plans[pi].states[r] = st;
             }
         }
         Ok(())
@@ -345,8 +396,13 @@ impl<'a> Lens<'a> {
         let lse: Vec<f32> = states.iter().map(|s| s.lse()).collect();
         let lse_t = Tensor::from_slice(&lse, (lse.len(), 1), n_rows.device())?;
         let mut u: Option<Tensor> = None;
-        for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
-            let vc = VOCAB_BLOCK.min(vocab - v0);
+        let step = if n_rows.device().is_cpu() {
+            VOCAB_BLOCK
+        } else {
+            DEVICE_VOCAB_BLOCK
+        };
+        for v0 in (0..vocab).step_by(step) {
+            let vc = step.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
             let p = n_rows
                 .matmul(&w.t()?)?
@@ -367,6 +423,19 @@ impl<'a> Lens<'a> {
             .map(|(u, s)| (u, s.entropy()))
             .collect())
     }
+}
+
+/// Per row of a logits block `[rows, vocab]`: `[rows, 2]` f32 (max, Σ e^(z − max)). One fused
+/// kernel on CUDA; generic tensor operations elsewhere.
+fn row_max_sumexp(logits: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return Ok(cuda::row_max_sumexp(logits)?);
+    }
+    let z = logits.to_dtype(DType::F32)?;
+    let m = z.max_keepdim(1)?;
+    let s = z.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?;
+    Ok(Tensor::cat(&[m, s], 1)?)
 }
 
 fn gather_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {

@@ -256,7 +256,7 @@ impl VisionLanguageModel for Llava {
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared> {
         let p = &self.parts;
         let pixels = image
-            .map(|img| processor::preprocess(img, &self.processor, &p.device))
+            .map(|img| processor::preprocess(img, &self.processor, &Device::Cpu))
             .transpose()?;
         if let Some(px) = &pixels {
             let side = px.dim(2)?;

@@ -149,7 +149,7 @@ impl VisionLanguageModel for LlavaOnevision {
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared> {
         let p = &self.parts;
         let processed = image
-            .map(|img| processor::preprocess(img, &self.processor, &p.device))
+            .map(|img| processor::preprocess(img, &self.processor, &Device::Cpu))
             .transpose()?;
         let n_image = image.map_or(0, |img| {
             processor::num_image_tokens(img.height, img.width, &self.processor, self.per_side())

@@ -129,7 +129,7 @@ impl VisionLanguageModel for Qwen2Vl {
 
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared> {
         let processed = image
-            .map(|img| processor::preprocess(img, &self.processor, &self.device))
+            .map(|img| processor::preprocess(img, &self.processor, &Device::Cpu))
             .transpose()?;
         let num_image_tokens = processed
             .as_ref()
