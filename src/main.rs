@@ -76,6 +76,9 @@ struct ProbeArgs {
     /// auto (the GPU when built with CUDA and one is present), cpu, cuda or cuda:N.
     #[arg(long, env = "LOGIT_LENS_DEVICE", default_value = "auto")]
     device: String,
+    /// auto (f32 on the CPU, the checkpoint's dtype on a GPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Pretty-print the JSON.
     #[arg(long)]
     pretty: bool,
@@ -107,7 +110,17 @@ fn probe(a: ProbeArgs) -> Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let device = models::parse_device(&a.device)?;
-    let dtype = models::working_dtype(&a.model, &device)?;
+    let dtype = match a.dtype.as_str() {
+        "auto" => models::working_dtype(&a.model, &device)?,
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        other => {
+            return Err(Error::InvalidOption(format!(
+                "--dtype {other}: use auto, f32, bf16 or f16"
+            )))
+        }
+    };
     let model = models::load(&a.model, &name, &device, dtype)?;
     let req = LensRequest {
         prompt: a.prompt,

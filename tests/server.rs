@@ -442,7 +442,9 @@ async fn over_the_limits_is_413() {
         ..Setup::default()
     })
     .await;
-    let big = vec![b'a'; 200 * 1024];
+    // Just over the limit: a body far larger can be cut off mid-send when the server answers
+    // early (a connection reset rather than a response), which says nothing about the service.
+    let big = vec![b'a'; 80 * 1024];
     let r = server
         .lens_form(&[("prompt", "Hi"), ("model", DEMO)], Some(big.clone()))
         .await;

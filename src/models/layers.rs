@@ -1,7 +1,7 @@
 //! Building blocks shared by the model families, written to follow transformers' eager modules
 //! operation by operation (see ../shared/docs/MODELS.md §6 for why the op order matters).
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::models::snapshot::Prefixed;
@@ -99,13 +99,20 @@ impl LayerNorm {
         })
     }
 
+    /// As torch computes it: in f32 with a two-pass (stable) variance, weight and bias applied in
+    /// f32, one rounding to the model dtype. (candle's fused kernel takes E[x²] − E[x]², which
+    /// loses digits when the mean is large against the spread, as it is deep in a ViT.)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps as f32,
-        )?)
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = y
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
+        Ok(y.to_dtype(dtype)?)
     }
 }
 
