@@ -20,13 +20,14 @@ printf '%-15s %-15s %6s %10s %10s %8s %s\n' model image tokens seed_ms rust_ms s
 for model in $models; do
 ckpt=bench/checkpoints/$model
 for img in coco_640x480 clevr_480x320; do
-  seed=$("$py" bench/seed_pipeline.py --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
-         --iters "$iters" --threads "$threads" 2>/dev/null | tail -1)
-  rust_json=$(./target/release/logit-lens probe --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
-              --top-k 3 --repeat "$iters" 2>/tmp/rust_timings.txt)
-  python3 - "$seed" "$rust_json" /tmp/rust_timings.txt "$img" "$model" <<'PY'
+  "$py" bench/seed_pipeline.py --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
+         --iters "$iters" --threads "$threads" 2>/dev/null | tail -1 > /tmp/seed.json
+  ./target/release/logit-lens probe --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
+              --top-k 3 --repeat "$iters" > /tmp/rust.json 2>/tmp/rust_timings.txt
+  python3 - /tmp/seed.json /tmp/rust.json /tmp/rust_timings.txt "$img" "$model" <<'PY'
 import json, statistics, sys
-seed, rust, timings, img, model = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+seed, rust = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+timings, img, model = sys.argv[3], sys.argv[4], sys.argv[5]
 runs = [json.loads(l)["total"] for l in open(timings) if l.startswith("{")] or [rust["timing_ms"]["total"]]
 rust_ms = statistics.median(runs)
 curve = [l["mean_max_prob"] for l in rust["layers"]]
