@@ -259,13 +259,43 @@ pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
     cur
 }
 
+/// Per-channel mean and standard deviation.
+pub type MeanStd = ([f32; 3], [f32; 3]);
+
+/// The rescale and normalisation settings of an image processor config (`do_rescale`,
+/// `rescale_factor`, `do_normalize`, `image_mean`, `image_std`; class defaults: 1/255 and CLIP's).
+pub fn normalization(v: &serde_json::Value) -> Result<(Option<f64>, Option<MeanStd>)> {
+    use crate::models::snapshot::field;
+    let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
+        Ok(match field::<Vec<f32>>(v, key)? {
+            Some(x) if x.len() == 3 => [x[0], x[1], x[2]],
+            Some(x) if x.len() == 1 => [x[0]; 3],
+            Some(x) => {
+                return Err(Error::Internal(format!(
+                    "{key} should have 3 values, has {}",
+                    x.len()
+                )))
+            }
+            None => default,
+        })
+    };
+    let rescale = match field::<bool>(v, "do_rescale")?.unwrap_or(true) {
+        true => Some(field(v, "rescale_factor")?.unwrap_or(1.0 / 255.0)),
+        false => None,
+    };
+    let mean_std = match field::<bool>(v, "do_normalize")?.unwrap_or(true) {
+        true => Some((
+            triple("image_mean", crate::preprocess::OPENAI_CLIP_MEAN)?,
+            triple("image_std", crate::preprocess::OPENAI_CLIP_STD)?,
+        )),
+        false => None,
+    };
+    Ok((rescale, mean_std))
+}
+
 /// Channel-first f32 pixels `[3, h, w]`, rescaled and normalised as transformers 5's torchvision
 /// backend does it, fused: `(x − mean/r) / (std/r)` with `r` the rescale factor.
-pub fn normalize_chw(
-    img: &Rgb8,
-    rescale: Option<f64>,
-    mean_std: Option<([f32; 3], [f32; 3])>,
-) -> Vec<f32> {
+pub fn normalize_chw(img: &Rgb8, rescale: Option<f64>, mean_std: Option<MeanStd>) -> Vec<f32> {
     let r = rescale.unwrap_or(1.0);
     let (mean, std) = mean_std.unwrap_or(([0.0; 3], [1.0; 3]));
     let shift: Vec<f32> = (0..3).map(|c| (mean[c] as f64 / r) as f32).collect();

@@ -7,8 +7,7 @@ use serde_json::Value;
 
 use crate::error::Result;
 use crate::models::snapshot::field;
-use crate::preprocess::image::{crop, normalize_chw, resize_bicubic, Rgb8};
-use crate::preprocess::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
+use crate::preprocess::image::{crop, normalization, normalize_chw, resize_bicubic, Rgb8};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resize {
@@ -22,14 +21,6 @@ pub struct ClipProcessorConfig {
     pub crop: Option<(usize, usize)>,
     pub rescale: Option<f64>,
     pub mean_std: Option<([f32; 3], [f32; 3])>,
-}
-
-fn triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3]> {
-    Ok(match field::<Vec<f32>>(v, key)? {
-        Some(x) if x.len() == 3 => [x[0], x[1], x[2]],
-        Some(x) if x.len() == 1 => [x[0]; 3],
-        _ => default,
-    })
 }
 
 impl ClipProcessorConfig {
@@ -58,20 +49,12 @@ impl ClipProcessorConfig {
         } else {
             None
         };
+        let (rescale, mean_std) = normalization(v)?;
         Ok(ClipProcessorConfig {
             resize,
             crop,
-            rescale: field::<bool>(v, "do_rescale")?
-                .unwrap_or(true)
-                .then_some(field(v, "rescale_factor")?.unwrap_or(1.0 / 255.0)),
-            mean_std: if field::<bool>(v, "do_normalize")?.unwrap_or(true) {
-                Some((
-                    triple(v, "image_mean", OPENAI_CLIP_MEAN)?,
-                    triple(v, "image_std", OPENAI_CLIP_STD)?,
-                ))
-            } else {
-                None
-            },
+            rescale,
+            mean_std,
         })
     }
 }

@@ -8,8 +8,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::snapshot::field;
-use crate::preprocess::image::{crop, normalize_chw, resize_bicubic, Rgb8};
-use crate::preprocess::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
+use crate::preprocess::image::{crop, normalization, normalize_chw, resize_bicubic, Rgb8};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AnyResConfig {
@@ -21,14 +20,6 @@ pub struct AnyResConfig {
     pub mean_std: Option<([f32; 3], [f32; 3])>,
     /// N of `anyres_max_N`: the tile budget for unpadded features.
     pub max_num_patches: usize,
-}
-
-fn triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3]> {
-    Ok(match field::<Vec<f32>>(v, key)? {
-        Some(x) if x.len() == 3 => [x[0], x[1], x[2]],
-        Some(x) if x.len() == 1 => [x[0]; 3],
-        _ => default,
-    })
 }
 
 pub fn parse_pinpoints(v: Option<&Value>) -> Result<Option<Vec<(usize, usize)>>> {
@@ -82,20 +73,12 @@ impl AnyResConfig {
                 "the image processor's image_grid_pinpoints differ from the model config's".into(),
             ));
         }
+        let (rescale, mean_std) = normalization(v)?;
         Ok(AnyResConfig {
             size: (h, w),
             pinpoints,
-            rescale: field::<bool>(v, "do_rescale")?
-                .unwrap_or(true)
-                .then_some(field(v, "rescale_factor")?.unwrap_or(1.0 / 255.0)),
-            mean_std: if field::<bool>(v, "do_normalize")?.unwrap_or(true) {
-                Some((
-                    triple(v, "image_mean", OPENAI_CLIP_MEAN)?,
-                    triple(v, "image_std", OPENAI_CLIP_STD)?,
-                ))
-            } else {
-                None
-            },
+            rescale,
+            mean_std,
             max_num_patches,
         })
     }
