@@ -6,6 +6,12 @@
 //! entropy, top-k, targets) in one fused pass; no `[layers × positions × vocab]` tensor exists.
 //! KL to the final layer is recovered without keeping any earlier layer's distribution:
 //! `KL(p_L ‖ p_l) = lse_l − (Wᵀ p_L)·n_l − H(p_L)`, where `n_l` is the normed hidden state.
+//!
+//! Two ways to run it, same numbers (a test compares them): on the CPU in f32, each layer as it
+//! arrives, GEMMs over cache-sized vocabulary blocks feeding one fused pass per row; elsewhere (the
+//! GPU, half precision), layers are planned as they arrive and reduced together at the end, a GEMM
+//! over the whole vocabulary per chunk of rows and one kernel (cuda.rs) for max and sum-exp, so
+//! that the forward pass never waits on the host.
 
 use std::time::Instant;
 
