@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::snapshot::{field, Snapshot};
-use crate::preprocess::image::{normalize_chw, resize_bicubic, Rgb8};
+use crate::preprocess::image::{normalization, normalize_chw, resize_bicubic, MeanStd, Rgb8};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageProcessorConfig {
@@ -16,11 +16,8 @@ pub struct ImageProcessorConfig {
     pub patch_size: usize,
     pub temporal_patch_size: usize,
     pub merge_size: usize,
-    pub image_mean: [f32; 3],
-    pub image_std: [f32; 3],
-    pub rescale_factor: f64,
-    pub do_rescale: bool,
-    pub do_normalize: bool,
+    pub rescale: Option<f64>,
+    pub mean_std: Option<MeanStd>,
 }
 
 impl ImageProcessorConfig {
@@ -42,30 +39,15 @@ impl ImageProcessorConfig {
             .or(field(&size, "longest_edge")?)
             .or(field(&size, "max_pixels")?)
             .unwrap_or(28 * 28 * 1280);
-        let triple = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
-            Ok(match field::<Vec<f32>>(v, key)? {
-                Some(x) if x.len() == 3 => [x[0], x[1], x[2]],
-                Some(x) if x.len() == 1 => [x[0]; 3],
-                Some(x) => {
-                    return Err(Error::Internal(format!(
-                        "{key} should have 3 values, has {}",
-                        x.len()
-                    )))
-                }
-                None => default,
-            })
-        };
+        let (rescale, mean_std) = normalization(v)?;
         Ok(ImageProcessorConfig {
             min_pixels,
             max_pixels,
             patch_size: field(v, "patch_size")?.unwrap_or(14),
             temporal_patch_size: field(v, "temporal_patch_size")?.unwrap_or(2),
             merge_size: field(v, "merge_size")?.unwrap_or(2),
-            image_mean: triple("image_mean", crate::preprocess::OPENAI_CLIP_MEAN)?,
-            image_std: triple("image_std", crate::preprocess::OPENAI_CLIP_STD)?,
-            rescale_factor: field(v, "rescale_factor")?.unwrap_or(1.0 / 255.0),
-            do_rescale: field(v, "do_rescale")?.unwrap_or(true),
-            do_normalize: field(v, "do_normalize")?.unwrap_or(true),
+            rescale,
+            mean_std,
         })
     }
 
@@ -132,11 +114,7 @@ pub fn preprocess(
         cfg.max_pixels,
     )?;
     let resized = resize_bicubic(img, rw, rh);
-    let chw = normalize_chw(
-        &resized,
-        cfg.do_rescale.then_some(cfg.rescale_factor),
-        cfg.do_normalize.then_some((cfg.image_mean, cfg.image_std)),
-    );
+    let chw = normalize_chw(&resized, cfg.rescale, cfg.mean_std);
     let (p, m, t) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
     let (gh, gw) = (rh / p, rw / p);
     let row_len = 3 * t * p * p;
