@@ -65,6 +65,27 @@ pub struct LensHead {
     pub unembed: Tensor,
 }
 
+impl LensHead {
+    /// The decoder's final norm and the unembedding: `lm_head` when the snapshot has one and
+    /// the config does not tie it, else the token embeddings (transformers' tying rule).
+    pub fn new(
+        text: &decoder::Decoder,
+        weights: &snapshot::Weights,
+        lm_head: &str,
+        tied: bool,
+    ) -> Result<Self> {
+        let unembed = if !tied && weights.contains(lm_head) {
+            weights.get(lm_head, text.embed_tokens.dims())?
+        } else {
+            text.embed_tokens.clone()
+        };
+        Ok(LensHead {
+            norm: text.norm.clone(),
+            unembed,
+        })
+    }
+}
+
 /// Receives the residual stream `[seq, hidden]` at lens layer `index` (0 = input of block 1,
 /// i = output of block i), as the forward pass produces it.
 pub trait LayerObserver {

@@ -138,16 +138,12 @@ impl LlavaParts {
             Linear::load(&proj.pp("linear_2"), h, h, bias)?,
         );
         let text = Decoder::load(&weights.pp("language_model.model"), &text_cfg)?;
-        let unembed =
-            if !text_cfg.tie_word_embeddings && weights.contains("language_model.lm_head.weight") {
-                weights.get("language_model.lm_head.weight", (text_cfg.vocab_size, h))?
-            } else {
-                text.embed_tokens.clone()
-            };
-        let head = LensHead {
-            norm: text.norm.clone(),
-            unembed,
-        };
+        let head = LensHead::new(
+            &text,
+            &weights,
+            "language_model.lm_head.weight",
+            text_cfg.tie_word_embeddings,
+        )?;
         let info = ModelInfo {
             name: name.to_string(),
             family,

@@ -77,18 +77,7 @@ impl Qwen2Vl {
         )?;
         let vision = vision::VisionTower::load(&weights.pp("visual"), &cfg.vision)?;
         let text = Decoder::load(&weights.pp("model"), &cfg.text)?;
-        let unembed = if !cfg.tie_word_embeddings && weights.contains("lm_head.weight") {
-            weights.get(
-                "lm_head.weight",
-                (cfg.text.vocab_size, cfg.text.hidden_size),
-            )?
-        } else {
-            text.embed_tokens.clone()
-        };
-        let head = LensHead {
-            norm: text.norm.clone(),
-            unembed,
-        };
+        let head = LensHead::new(&text, &weights, "lm_head.weight", cfg.tie_word_embeddings)?;
         let info = ModelInfo {
             name: name.to_string(),
             family: "qwen2_vl",
