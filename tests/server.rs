@@ -655,6 +655,54 @@ async fn docs_work_offline() {
     assert!(spec["paths"]["/lens"]["post"].is_object());
 }
 
+/// The viewer (GET /) is served by the binary with its script and stylesheet, refers to nothing
+/// outside the service, and is open without an API key (its API calls carry the key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_is_served_offline_and_without_a_key() {
+    let server = Server::start(Setup {
+        keys: vec!["k1".into()],
+        ..Setup::default()
+    })
+    .await;
+    let c = &server.client;
+    let r = c.get(server.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("/viewer/viewer.js") && page.contains("/viewer/viewer.css"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "{page}"
+    );
+    for (asset, kind) in [
+        ("/viewer/viewer.js", "text/javascript"),
+        ("/viewer/viewer.css", "text/css"),
+    ] {
+        let r = c.get(server.url(asset)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{asset}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with(kind));
+        let body = r.text().await.unwrap();
+        assert!(body.len() > 1000, "{asset}");
+        assert!(
+            !body.contains("https://") && !body.contains("import "),
+            "{asset}"
+        );
+    }
+    // The API behind it still wants the key.
+    let r = c.get(server.url("/models")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}
+
 /// openapi/openapi.json must be what the code generates. To update it:
 /// `UPDATE_OPENAPI=1 cargo test --release --test server openapi` or
 /// `logit-lens openapi > openapi/openapi.json`.

@@ -13,6 +13,7 @@ pub mod request;
 pub mod resolve;
 pub mod routes;
 pub mod schema;
+pub mod viewer;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,6 +103,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route_layer(from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .merge(keyed)
+        .route("/", get(viewer::index))
+        .route("/viewer/viewer.js", get(viewer::script))
+        .route("/viewer/viewer.css", get(viewer::stylesheet))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/openapi.json", get(docs::openapi_json))
