@@ -65,7 +65,11 @@ rendered=()
 for dir in deploy/overlays/*/; do
     name=$(basename "$dir")
     echo "== kustomize: $dir"
-    "$kubectl" kustomize "$dir" > "$out/$name.yaml" 2> "$out/$name.stderr"
+    if ! "$kubectl" kustomize "$dir" > "$out/$name.yaml" 2> "$out/$name.stderr"; then
+        cat "$out/$name.stderr" >&2
+        echo "deploy/validate.sh: kustomize cannot render $dir (above)" >&2
+        exit 1
+    fi
     if [[ -s $out/$name.stderr ]]; then
         cat "$out/$name.stderr" >&2
         echo "deploy/validate.sh: kustomize warned about $dir (above): fix the kustomization" >&2
