@@ -6,6 +6,7 @@
 #
 # Usage: bench/cpu.sh [ITERS] [MODELS]   (needs the tools venv: see tools/README.md)
 #        MODELS defaults to "qwen2vl-mid llava15-mid onevision-mid"
+#        BIN=path/to/logit-lens uses that binary instead of building target/release/logit-lens
 set -euo pipefail
 cd "$(dirname "$0")/.."
 iters=${1:-5}
@@ -13,7 +14,11 @@ py=${PYTHON:-$HOME/.venvs/tools/bin/python}
 models=${2:-qwen2vl-mid llava15-mid onevision-mid}
 [[ -d bench/checkpoints/qwen2vl-mid ]] || "$py" tools/make_fixtures.py --bench bench/checkpoints/qwen2vl-mid
 [[ -d bench/checkpoints/llava15-mid ]] || "$py" tools/make_llava_fixtures.py --bench bench/checkpoints
-cargo build --release -q
+bin=${BIN:-}
+if [[ -z $bin ]]; then
+    cargo build --release -q
+    bin=./target/release/logit-lens
+fi
 threads=$(nproc)
 prompt="Color of the main object:"
 printf '%-15s %-15s %6s %10s %10s %8s %s\n' model image tokens seed_ms rust_ms speedup same_outputs
@@ -22,7 +27,7 @@ ckpt=bench/checkpoints/$model
 for img in coco_640x480 clevr_480x320; do
   "$py" bench/seed_pipeline.py --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
          --iters "$iters" --threads "$threads" 2>/dev/null | tail -1 > /tmp/seed.json
-  ./target/release/logit-lens probe --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
+  "$bin" probe --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
               --top-k 3 --repeat "$iters" > /tmp/rust.json 2>/tmp/rust_timings.txt
   python3 - /tmp/seed.json /tmp/rust.json /tmp/rust_timings.txt "$img" "$model" <<'PY'
 import json, statistics, sys

@@ -161,9 +161,42 @@ try {
   check((await page.isVisible("#tooltip")) && tipRows === 3 + 2, `hovering a cell shows its top-3 and the 2 targets (${tipRows} rows)`);
   await page.mouse.move(0, 0);
 
+  // 3. The image tokens over the image: one patch per image token, coloured by its top-1
+  // probability at the layer the slider picks (the last layer first).
+  await page.selectOption("#positions", "image");
+  await page.click("#submit");
+  await page.waitForSelector("body[data-state=done]", { timeout: 120000 });
+  await page.waitForSelector("#heat", { state: "visible", timeout: 10000 });
+  const imageForm = new FormData();
+  imageForm.append("prompt", prompt);
+  imageForm.append("model", model);
+  imageForm.append("options", JSON.stringify({ top_k: 3, positions: "image", targets: [" red", " blue"] }));
+  imageForm.append("image", new Blob([fs.readFileSync(imagePath)], { type: "image/png" }), "landscape.png");
+  const imageAnswer = await (await fetch(base + "/lens", { method: "POST", body: imageForm })).json();
+  const g = imageAnswer.input.image_grid;
+  const heatProbs = async () => page.$$eval("#heat-grid div", (ds) => ds.map((d) => Number(d.dataset.prob)));
+  const near = (a, b) => a.length === b.length && a.every((x, i) => Math.abs(x - b[i]) <= 1e-5);
+  const topAt = (layer) => layer.positions.map((p) => p.top[0].prob);
+  let probs = await heatProbs();
+  check(probs.length === g.rows * g.cols, `the image map has rows × cols = ${g.rows * g.cols} patches (got ${probs.length})`);
+  check(near(probs, topAt(imageAnswer.layers[imageAnswer.layers.length - 1])), "the image map shows the last layer's top-1 probabilities");
+  await page.$eval("#heat-layer", (s) => {
+    s.value = "0";
+    s.dispatchEvent(new Event("input"));
+  });
+  probs = await heatProbs();
+  check(near(probs, topAt(imageAnswer.layers[0])), "moving the slider to layer 0 shows layer 0's probabilities");
+  await page.selectOption("#heat-by", "target:1");
+  probs = await heatProbs();
+  check(
+    near(probs, imageAnswer.layers[0].positions.map((p) => p.targets[1].prob)),
+    "colouring by a target shows that target's probabilities",
+  );
+  await page.screenshot({ path: path.join(outDir, "viewer-image-tokens.png"), fullPage: true });
+
   check(problems.length === 0, "no console errors: " + problems.join("; "));
 
-  // 3. A file that is not an image: the service's message is shown, the page still works.
+  // 4. A file that is not an image: the service's message is shown, the page still works.
   const bad = path.join(outDir, "not-an-image.png");
   fs.writeFileSync(bad, "this is not a PNG");
   await page.setInputFiles("#image", bad);

@@ -91,7 +91,8 @@ async function loadModels() {
 }
 
 function chooseFile(file) {
-  if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+  // The URL stays alive while the image map shows it.
+  if (state.previewUrl && state.previewUrl !== state.heatUrl) URL.revokeObjectURL(state.previewUrl);
   state.file = file;
   state.previewUrl = file ? URL.createObjectURL(file) : null;
   const img = $("preview");
@@ -145,6 +146,7 @@ async function submit(event) {
   form.append("model", $("model").value);
   form.append("options", JSON.stringify(opts));
   if (state.file) form.append("image", state.file, state.file.name);
+  const sentUrl = state.file ? state.previewUrl : null;
   const button = $("submit");
   button.disabled = true;
   setStatus("running…");
@@ -160,7 +162,7 @@ async function submit(event) {
     }
     const answer = await resp.json();
     state.answer = answer;
-    render(answer);
+    render(answer, sentUrl);
     const ms = performance.now() - started;
     setStatus(`done in ${ms.toFixed(0)} ms (model ${answer.timing_ms.total.toFixed(0)} ms)`);
     document.body.dataset.state = "done";
@@ -173,7 +175,7 @@ async function submit(event) {
   }
 }
 
-function render(answer) {
+function render(answer, imageUrl) {
   $("results").hidden = false;
   const t = answer.input;
   $("summary-line").textContent =
@@ -181,6 +183,7 @@ function render(answer) {
     (t.num_image_tokens ? `, ${t.num_image_tokens} of them image tokens` : "") +
     (answer.excluded_ids ? `; ${answer.excluded_ids.length} excluded id range(s)` : "");
   renderGrid(answer);
+  renderHeat(answer, imageUrl);
   renderCharts(answer);
   const link = $("download");
   if (link.href.startsWith("blob:")) URL.revokeObjectURL(link.href);
@@ -230,6 +233,74 @@ function renderGrid(answer) {
       td.addEventListener("mouseleave", hideTooltip);
     }
   }
+}
+
+// The image tokens as the model sees them: a rows × cols grid over the image (LLaVA-1.5 sees the
+// centre crop, OneVision's base tile and Qwen2-VL see the whole image), each patch coloured by the
+// top-1 probability or a target's probability at the chosen layer.
+function renderHeat(answer, imageUrl) {
+  const grid = answer.input.image_grid;
+  const section = $("heat");
+  const byPos = new Map(answer.layers.length ? answer.layers[0].positions.map((p, i) => [p.position, i]) : []);
+  const cells = grid ? grid.rows * grid.cols : 0;
+  let shown = 0;
+  for (let i = 0; i < cells; i++) if (byPos.has(grid.first_position + i)) shown++;
+  section.hidden = !(grid && imageUrl && shown > 0);
+  section.dataset.cells = section.hidden ? 0 : shown;
+  if (section.hidden) return;
+  const img = $("heat-image");
+  if (state.heatUrl && state.heatUrl !== imageUrl && state.heatUrl !== state.previewUrl) {
+    URL.revokeObjectURL(state.heatUrl);
+  }
+  state.heatUrl = imageUrl;
+  img.src = imageUrl;
+  img.style.objectFit = answer.family === "llava" ? "cover" : "fill";
+  const box = $("heat-box");
+  box.style.aspectRatio = `${grid.cols} / ${grid.rows}`;
+  const g = $("heat-grid");
+  g.style.gridTemplateColumns = `repeat(${grid.cols}, 1fr)`;
+  g.style.gridTemplateRows = `repeat(${grid.rows}, 1fr)`;
+  const by = $("heat-by");
+  by.replaceChildren();
+  const first = answer.layers[0].positions[0];
+  const choices = [["top1", "the top-1 probability"]].concat(
+    (first.targets || []).map((t, i) => ["target:" + i, `P(${display(t.target)})`]),
+  );
+  for (const [value, label] of choices) {
+    const opt = document.createElement("option");
+    opt.value = value;
+    opt.textContent = label;
+    by.append(opt);
+  }
+  const slider = $("heat-layer");
+  slider.max = answer.layers.length - 1;
+  slider.value = answer.layers.length - 1;
+  const draw = () => {
+    const layer = answer.layers[Number(slider.value)];
+    $("heat-layer-out").textContent = String(layer.layer);
+    const mode = by.value;
+    g.replaceChildren();
+    for (let i = 0; i < cells; i++) {
+      const div = document.createElement("div");
+      const j = byPos.get(grid.first_position + i);
+      if (j === undefined) {
+        div.className = "missing";
+      } else {
+        const p = layer.positions[j];
+        const prob = mode === "top1" ? p.top[0].prob : p.targets[Number(mode.slice(7))].prob;
+        div.style.background = `rgba(36, 86, 199, ${(0.85 * Math.sqrt(prob)).toFixed(3)})`;
+        div.dataset.prob = prob;
+        if (grid.cols <= 32) div.textContent = display(p.top[0].token);
+        div.addEventListener("mouseenter", (e) => showTooltip(e, layer, p));
+        div.addEventListener("mousemove", moveTooltip);
+        div.addEventListener("mouseleave", hideTooltip);
+      }
+      g.append(div);
+    }
+  };
+  slider.oninput = draw;
+  by.onchange = draw;
+  draw();
 }
 
 function showTooltip(event, layer, p) {
@@ -439,5 +510,5 @@ function init() {
   loadModels();
 }
 
-window.logitLens = { display, render };
+window.logitLens = { display };
 document.addEventListener("DOMContentLoaded", init);
