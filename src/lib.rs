@@ -4,11 +4,13 @@
 //! [`lens`] as observer) → [`api`] response.
 
 pub mod api;
+pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod lens;
 pub mod models;
 pub mod preprocess;
+pub mod report;
 pub mod server;
 
 pub use error::{Error, Result};

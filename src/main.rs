@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use logit_lens::api::{Layers, LensOptions, Positions};
+use logit_lens::cli::plot::PlotArgs;
+use logit_lens::cli::run::RunArgs;
+use logit_lens::cli::LensArgs;
 use logit_lens::engine::{run_lens, LensRequest};
 use logit_lens::preprocess::image::decode;
 use logit_lens::{models, Error, Result};
@@ -29,6 +31,11 @@ enum Command {
     Probe(ProbeArgs),
     /// Serves POST /lens and friends over HTTP (see /docs once it runs).
     Serve(logit_lens::server::ServeArgs),
+    /// Runs the lens on every image × prompt of a dataset (in this process or against a server)
+    /// and writes results.jsonl, summary.csv and figures; resumes where a previous run stopped.
+    Run(RunArgs),
+    /// Draws summary.csv and the figures again from a results.jsonl.
+    Plot(PlotArgs),
     /// Prints the OpenAPI document (`logit-lens openapi > openapi/openapi.json` updates it).
     Openapi,
 }
@@ -43,30 +50,11 @@ struct ProbeArgs {
     image: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
-    /// Tokens reported per layer and position (1..=100).
-    #[arg(long, default_value_t = 5)]
-    top_k: usize,
-    /// last | all | text | image | comma-separated indices (negative from the end).
-    #[arg(long, default_value = "last", allow_hyphen_values = true)]
-    positions: String,
-    /// all | comma-separated layer numbers (0 = embeddings, L = last block).
-    #[arg(long, default_value = "all", allow_hyphen_values = true)]
-    layers: String,
-    /// Comma-separated strings whose first token is traced through the layers.
-    #[arg(long, value_delimiter = ',')]
-    targets: Vec<String>,
-    /// Comma-separated raw token ids to trace.
-    #[arg(long, value_delimiter = ',')]
-    target_ids: Vec<u32>,
+    #[command(flatten)]
+    lens: LensArgs,
     /// Skip the per-layer mean max probability over all positions.
     #[arg(long)]
     no_summary: bool,
-    /// Keep special tokens, added tokens and vocabulary rows without a token out of top-k.
-    #[arg(long)]
-    exclude_special: bool,
-    /// Use the prompt verbatim (an `<image>` marker places the image) instead of the chat template.
-    #[arg(long)]
-    no_chat_template: bool,
     /// The model name reported in the response (default: the directory name).
     #[arg(long)]
     name: Option<String>,
@@ -85,16 +73,7 @@ struct ProbeArgs {
 }
 
 fn probe(a: ProbeArgs) -> Result<()> {
-    let options = LensOptions {
-        top_k: a.top_k,
-        positions: Positions::parse(&a.positions)?,
-        layers: Layers::parse(&a.layers)?,
-        targets: a.targets,
-        target_ids: a.target_ids,
-        summary: !a.no_summary,
-        chat_template: !a.no_chat_template,
-        exclude_special: a.exclude_special,
-    };
+    let options = a.lens.options(!a.no_summary)?;
     let image = match &a.image {
         Some(p) => {
             let bytes = std::fs::read(p)
@@ -110,17 +89,7 @@ fn probe(a: ProbeArgs) -> Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let device = models::parse_device(&a.device)?;
-    let dtype = match a.dtype.as_str() {
-        "auto" => models::working_dtype(&a.model, &device)?,
-        "f32" => candle_core::DType::F32,
-        "bf16" => candle_core::DType::BF16,
-        "f16" => candle_core::DType::F16,
-        other => {
-            return Err(Error::InvalidOption(format!(
-                "--dtype {other}: use auto, f32, bf16 or f16"
-            )))
-        }
-    };
+    let dtype = logit_lens::cli::parse_dtype(&a.dtype, &a.model, &device)?;
     let model = models::load(&a.model, &name, &device, dtype)?;
     let req = LensRequest {
         prompt: a.prompt,
@@ -157,6 +126,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Run(a) => match logit_lens::cli::run::run(a) {
+            // Some cases failed: they are recorded, the rest is written; 1, not 2.
+            Ok(outcome) if outcome.failed > 0 => return ExitCode::from(1),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        },
+        Command::Plot(a) => logit_lens::cli::plot::plot(a),
         Command::Openapi => {
             print!("{}", logit_lens::server::openapi::spec_json());
             Ok(())
