@@ -78,6 +78,12 @@ pub struct Row {
     pub mean_kl_to_final: Option<f64>,
 }
 
+/// An f32 of a response as the decimal results.jsonl writes for it (its shortest round-trip
+/// form), so that the summary is the mean of the numbers a reader of the file sees.
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     (n > 0).then(|| sum / n as f64)
@@ -107,11 +113,11 @@ pub fn summarize(cases: &[&Case], prompts: &[String]) -> Vec<Row> {
                 prompt: prompt.clone(),
                 layer,
                 n_images: points.len(),
-                mean_max_prob: over(&|p| p.mean_max_prob.map(f64::from)),
-                last_top1_prob: over(&|p| p.at.top.first().map(|t| f64::from(t.prob))),
+                mean_max_prob: over(&|p| p.mean_max_prob.map(decimal)),
+                last_top1_prob: over(&|p| p.at.top.first().map(|t| decimal(t.prob))),
                 top1_agreement: over(&|p| p.agrees.map(|a| if a { 1.0 } else { 0.0 })),
-                mean_entropy: over(&|p| Some(f64::from(p.at.entropy))),
-                mean_kl_to_final: over(&|p| Some(f64::from(p.at.kl_to_final))),
+                mean_entropy: over(&|p| Some(decimal(p.at.entropy))),
+                mean_kl_to_final: over(&|p| Some(decimal(p.at.kl_to_final))),
             });
         }
     }
