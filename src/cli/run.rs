@@ -277,6 +277,8 @@ pub fn run(args: RunArgs) -> Result<RunOutcome> {
         }
     }
 
+    let cases_s = started.elapsed().as_secs_f64();
+    let report_started = Instant::now();
     // One line per case, in case order; then the report over everything the folder holds.
     let order: Vec<(String, String)> = cases
         .iter()
@@ -303,10 +305,11 @@ pub fn run(args: RunArgs) -> Result<RunOutcome> {
         .filter(|r| r.error.is_some() && wanted.contains(&r.key()))
         .collect();
     eprintln!(
-        "{} new results, {} failed, in {:.1} s; {} ({} cases), {}, {} case figures drawn, {} prompt figures",
+        "{} new results, {} failed, in {:.2} s (+ {:.2} s for the summary and figures); {} ({} cases), {}, {} case figures drawn, {} prompt figures",
         fresh.len(),
         failed.len(),
-        started.elapsed().as_secs_f64(),
+        cases_s,
+        report_started.elapsed().as_secs_f64(),
         results_path.display(),
         finished.len(),
         written.summary.display(),

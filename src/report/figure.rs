@@ -63,6 +63,16 @@ pub fn display_token(s: &str) -> String {
     out
 }
 
+/// A top-k cell's token; an id the tokenizer has no text for (a padding row of the vocabulary)
+/// as `#id`.
+fn cell_text(t: &crate::api::TopToken) -> String {
+    if t.token.is_empty() {
+        format!("#{}", t.id)
+    } else {
+        display_token(&t.token)
+    }
+}
+
 /// Free text (titles, prompts): control characters escaped, missing glyphs escaped.
 fn display_text(s: &str) -> String {
     let Ok(font) = font() else {
@@ -531,11 +541,7 @@ fn draw_table<DB: DrawingBackend>(
             let prob = format!("{:.2}", t.prob);
             let prob_w = text_width(&prob, 11.0);
             area.draw_text(
-                &fit(
-                    &display_token(&t.token),
-                    12.0,
-                    f64::from(COL_W) - 14.0 - prob_w,
-                ),
+                &fit(&cell_text(t), 12.0, f64::from(COL_W) - 14.0 - prob_w),
                 &font_style(12.0)
                     .color(&ink)
                     .pos(Pos::new(HPos::Left, VPos::Center)),
