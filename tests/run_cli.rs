@@ -576,3 +576,53 @@ async fn run_against_a_server_with_requests_in_flight_gets_the_same_answers() {
     assert_eq!(batches(&server).await.0, after.0);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_against_a_server_with_api_keys_needs_the_key() {
+    let server = Server::start(Setup {
+        keys: vec!["sesame".into()],
+        ..Setup::default()
+    })
+    .await;
+    let d = dataset("run-auth", &["square.png"], "Color of the main object:\n");
+    let args = |key: Option<&str>| {
+        let mut a: Vec<String> = [
+            "run",
+            "--images",
+            &d.s("images"),
+            "--prompts",
+            &d.s("prompts.txt"),
+            "--server",
+            &server.base,
+            "--model-name",
+            DEMO,
+            "--out",
+            &d.s("out"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(k) = key {
+            a.extend(["--api-key".to_string(), k.to_string()]);
+        }
+        a
+    };
+    let run = |a: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            bin(&a)
+        })
+    };
+    let refused = run(args(None)).await.unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("LOGIT_LENS_API_KEY"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!d.path("out/results.jsonl").exists());
+    let ok = run(args(Some("sesame"))).await.unwrap();
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert_eq!(lines(&d.path("out/results.jsonl")).len(), 1);
+    server.stop().await;
+}
