@@ -9,7 +9,7 @@ pub mod summary;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -188,14 +188,18 @@ impl Results {
         let io = |e: std::io::Error| {
             Error::Internal(format!("cannot write {}: {e}", self.path.display()))
         };
-        let mut file = OpenOptions::new()
+        OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&self.path)
+            .and_then(|f| f.set_len(self.valid_len))
             .map_err(io)?;
-        file.set_len(self.valid_len).map_err(io)?;
-        file.seek(SeekFrom::End(0)).map_err(io)?;
+        // O_APPEND: every line lands at the end, whole, whatever else writes to the file.
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
         if self.missing_newline {
             file.write_all(b"\n").map_err(io)?;
         }
@@ -471,4 +475,84 @@ fn relative(base: &Path, p: &Path) -> String {
         .unwrap_or(p)
         .to_string_lossy()
         .replace('\\', "/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(image: &str, ok: bool) -> String {
+        if ok {
+            format!(r#"{{"image":"{image}","prompt":"p","response":{{"layers":[]}}}}"#)
+        } else {
+            format!(
+                r#"{{"image":"{image}","prompt":"p","error":{{"code":"invalid_image","message":"m"}}}}"#
+            )
+        }
+    }
+
+    #[test]
+    fn reading_keeps_whole_records_and_appending_starts_on_a_clean_line() {
+        let path = std::env::temp_dir().join(format!("ll-results-{}.jsonl", std::process::id()));
+        // A retried case, a blank line, a garbage line, and a last record without its newline.
+        let text = format!(
+            "{}\n\n{}\nnot json\n{}\n{}",
+            line("a", false),
+            line("b", true),
+            line("a", true),
+            line("c", true)
+        );
+        std::fs::write(&path, &text).unwrap();
+        let r = Results::read(&path).unwrap();
+        assert_eq!(r.records.len(), 4);
+        assert_eq!(r.bad_lines, [4]);
+        assert!(!r.torn_tail);
+        let latest: Vec<(&str, bool)> = r
+            .latest()
+            .iter()
+            .map(|x| (x.image.as_str(), x.response.is_some()))
+            .collect();
+        assert_eq!(latest, [("a", true), ("b", true), ("c", true)]);
+        r.append()
+            .unwrap()
+            .append(&Record::failed(
+                "d",
+                "p",
+                CaseError {
+                    code: "x".into(),
+                    message: "y".into(),
+                },
+            ))
+            .unwrap();
+        let again = Results::read(&path).unwrap();
+        assert_eq!(again.records.len(), 5, "c kept, d on its own line");
+
+        // A line cut mid-write is dropped, and cut off the file before the next append.
+        std::fs::write(
+            &path,
+            format!("{}\n{}", line("a", true), &line("b", true)[..20]),
+        )
+        .unwrap();
+        let r = Results::read(&path).unwrap();
+        assert!(r.torn_tail);
+        assert_eq!(r.records.len(), 1);
+        r.append().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", line("a", true))
+        );
+
+        // Compaction: one line per case, in the given order.
+        std::fs::write(&path, text).unwrap();
+        let r = Results::read(&path).unwrap();
+        compact(&r, &[("c".into(), "p".into()), ("a".into(), "p".into())]).unwrap();
+        let images: Vec<String> = Results::read(&path)
+            .unwrap()
+            .records
+            .iter()
+            .map(|x| x.image.clone())
+            .collect();
+        assert_eq!(images, ["c", "a", "b"]);
+        let _ = std::fs::remove_file(&path);
+    }
 }
