@@ -235,6 +235,58 @@ async fn overload_yields_only_200s_and_429s_and_loses_nothing() {
     assert!(ok >= 1 && full >= 1, "{ok} ok, {full} refused");
 }
 
+/// Retry-After follows the worker's pace: with requests that take ≥ 0.3 s and 8 waiting, a
+/// refused client is told to come back in ≥ 3 s, not the 1 s given before anything has run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_follows_the_queue_and_the_pace() {
+    let server = std::sync::Arc::new(
+        Server::start(Setup {
+            queue: QueueConfig {
+                max_queue: 8,
+                max_batch_size: 1,
+                max_batch_tokens: 16_384,
+            },
+            faulty: true,
+            ..Setup::default()
+        })
+        .await,
+    );
+    // Two slow requests alone set the pace (≥ 300 ms each).
+    for _ in 0..2 {
+        let r = server
+            .lens_form(&[("prompt", "SLOW"), ("model", DEMO)], None)
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let prompt = format!("SLOW {i}");
+                let r = server
+                    .lens_form(&[("prompt", &prompt), ("model", DEMO)], None)
+                    .await;
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+                (r.status().as_u16(), retry)
+            })
+        })
+        .collect();
+    let mut hints = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, None) => {}
+            (429, Some(s)) => hints.push(s),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!hints.is_empty(), "nothing was refused");
+    // A refused request saw a full queue (8 waiting, or 7 if one had just been taken).
+    assert!(hints.iter().all(|&s| (3..=120).contains(&s)), "{hints:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_deadline_passes_in_the_queue_gets_504() {
     let server = std::sync::Arc::new(
@@ -585,6 +637,12 @@ async fn models_lists_the_resident_models() {
     assert_eq!(m["vocab"], 768);
     assert_eq!(m["dtype"], "f32");
     assert_eq!(m["device"], "cpu");
+    // Every tensor of the checkpoint is used (its embeddings are tied: no lm_head in the files),
+    // held in f32 on the CPU. The reference is the safetensors headers, read here directly.
+    let params = checkpoint_elements("tests/fixtures/qwen2vl-hub");
+    assert!(params > 100_000, "{params}");
+    assert_eq!(m["parameters"], params);
+    assert_eq!(m["weight_bytes"], 4 * params);
     assert_eq!(body["models"][1]["name"], "qwen2vl-tf5");
     let r = server
         .client
@@ -737,4 +795,30 @@ async fn an_empty_file_field_from_a_browser_form_means_no_image() {
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["input"]["num_image_tokens"], 0);
+}
+
+/// The number of elements in every tensor of a snapshot's safetensors files, from their headers.
+fn checkpoint_elements(dir: &str) -> u64 {
+    let mut total = 0u64;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        for (name, t) in header.as_object().unwrap() {
+            if name == "__metadata__" {
+                continue;
+            }
+            total += t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product::<u64>();
+        }
+    }
+    total
 }

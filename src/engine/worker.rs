@@ -90,6 +90,8 @@ pub struct Dropped {
 pub struct Engine {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     depth: Arc<AtomicUsize>,
+    /// Moving average of the worker's wall time per request, in microseconds (0: none yet).
+    per_request_us: Arc<AtomicU64>,
     dropped: Arc<Dropped>,
     state: watch::Receiver<LoadState>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -102,10 +104,12 @@ impl Engine {
         let (state_tx, state) = watch::channel(LoadState::Loading);
         let depth = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(Dropped::default());
+        let per_request_us = Arc::new(AtomicU64::new(0));
         let worker = Worker {
             rx,
             pending: VecDeque::new(),
             depth: depth.clone(),
+            per_request_us: per_request_us.clone(),
             dropped: dropped.clone(),
             max_batch_size: config.max_batch_size.max(1),
             max_batch_tokens: config.max_batch_tokens.max(1),
@@ -117,6 +121,7 @@ impl Engine {
         Ok(Engine {
             tx: Mutex::new(Some(tx)),
             depth,
+            per_request_us,
             dropped,
             state,
             thread: Mutex::new(Some(thread)),
@@ -157,6 +162,15 @@ impl Engine {
         self.depth.load(Ordering::SeqCst)
     }
 
+    /// When a refused client should come back: the time the worker needs for the requests
+    /// waiting now, at its recent pace (1 s before it has run anything), between 1 and 120 s.
+    pub fn retry_after_s(&self) -> u64 {
+        retry_after_s(
+            self.queue_depth(),
+            self.per_request_us.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn dropped(&self) -> &Dropped {
         &self.dropped
     }
@@ -195,6 +209,7 @@ struct Worker {
     /// Jobs taken off the channel but not yet run (other models' jobs wait here in order).
     pending: VecDeque<Job>,
     depth: Arc<AtomicUsize>,
+    per_request_us: Arc<AtomicU64>,
     dropped: Arc<Dropped>,
     max_batch_size: usize,
     max_batch_tokens: usize,
@@ -228,7 +243,13 @@ impl Worker {
                 hook(group.len());
             }
             let model = models[group[0].model].as_ref();
+            let (n, started) = (group.len() as u64, Instant::now());
             run_group(model, group, &self.dropped, self.max_batch_tokens);
+            let per = started.elapsed().as_micros() as u64 / n.max(1);
+            let old = self.per_request_us.load(Ordering::Relaxed);
+            // Exponential moving average, weight 1/4 on the newest group.
+            let new = if old == 0 { per } else { (3 * old + per) / 4 };
+            self.per_request_us.store(new.max(1), Ordering::Relaxed);
         }
     }
 
@@ -322,6 +343,15 @@ fn run_one(model: &dyn VisionLanguageModel, request: &LensRequest, queued: Durat
     }
 }
 
+fn retry_after_s(waiting: usize, per_request_us: u64) -> u64 {
+    if per_request_us == 0 {
+        return 1;
+    }
+    (waiting as u64 * per_request_us)
+        .div_ceil(1_000_000)
+        .clamp(1, 120)
+}
+
 /// A poisoned lock only means another thread panicked while holding it; the data is still usable.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -332,4 +362,20 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_after_s;
+
+    #[test]
+    fn retry_after_is_the_time_to_serve_the_waiting_requests() {
+        // Nothing run yet: the smallest hint.
+        assert_eq!(retry_after_s(64, 0), 1);
+        // 8 waiting at 0.3 s each: 2.4 s, rounded up.
+        assert_eq!(retry_after_s(8, 300_000), 3);
+        // A fast worker still says at least 1 s; a very slow one at most 2 minutes.
+        assert_eq!(retry_after_s(64, 100), 1);
+        assert_eq!(retry_after_s(64, 10_000_000), 120);
+    }
 }

@@ -102,6 +102,10 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub dtype: String,
     pub device: String,
+    /// Parameters loaded from the checkpoint (tied embeddings counted once).
+    pub parameters: u64,
+    /// Their size in `dtype`.
+    pub weight_bytes: u64,
 }
 
 pub trait VisionLanguageModel: Send + Sync {

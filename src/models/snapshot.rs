@@ -181,6 +181,8 @@ pub struct Weights {
     dir: PathBuf,
     pub dtype: DType,
     pub device: Device,
+    /// Every checkpoint tensor loaded so far and its element count (a name counts once).
+    loaded: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Weights {
@@ -206,6 +208,7 @@ impl Weights {
             dir: snapshot.dir.clone(),
             dtype,
             device: device.clone(),
+            loaded: Default::default(),
         })
     }
 
@@ -249,7 +252,21 @@ impl Weights {
             .st
             .load(&actual, &self.device)
             .map_err(|e| Error::snapshot(&self.dir, format!("weight {actual}: {e}")))?;
+        if let Ok(mut loaded) = self.loaded.lock() {
+            loaded.insert(actual, t.elem_count());
+        }
         Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// The parameters loaded so far, and their size in the working dtype (what they hold in
+    /// memory: on the GPU, the card's share of the model).
+    pub fn loaded(&self) -> (u64, u64) {
+        let params: u64 = self
+            .loaded
+            .lock()
+            .map(|l| l.values().map(|&n| n as u64).sum())
+            .unwrap_or(0);
+        (params, params * self.dtype.size_in_bytes() as u64)
     }
 
     pub fn pp(&self, prefix: impl AsRef<str>) -> Prefixed<'_> {

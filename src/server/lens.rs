@@ -91,7 +91,7 @@ async fn answer(state: &AppState, req: Request) -> Result<Response, ApiError> {
         .engine
         .submit(index, request, deadline)
         .map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::queue_full(1),
+            SubmitError::QueueFull => ApiError::queue_full(state.engine.retry_after_s()),
             SubmitError::Closed => ApiError::not_ready("the service is shutting down"),
         })?;
     let mut response: LensResponse = rx

@@ -36,6 +36,8 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList
                 vocab: m.info.vocab_size,
                 dtype: m.info.dtype.clone(),
                 device: m.info.device.clone(),
+                parameters: m.info.parameters,
+                weight_bytes: m.info.weight_bytes,
             })
             .collect(),
     }))

@@ -76,6 +76,10 @@ pub struct ModelOut {
     pub vocab: usize,
     pub dtype: String,
     pub device: String,
+    /// Parameters loaded from the checkpoint (tied embeddings counted once).
+    pub parameters: u64,
+    /// The weights' size in `dtype` where they live (`device`).
+    pub weight_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -144,6 +144,7 @@ impl LlavaParts {
             "language_model.lm_head.weight",
             text_cfg.tie_word_embeddings,
         )?;
+        let (parameters, weight_bytes) = weights.loaded();
         let info = ModelInfo {
             name: name.to_string(),
             family,
@@ -153,6 +154,8 @@ impl LlavaParts {
             vocab_size: text_cfg.vocab_size,
             dtype: format!("{dtype:?}").to_lowercase(),
             device: format!("{device:?}").to_lowercase(),
+            parameters,
+            weight_bytes,
         };
         Ok(LlavaParts {
             info,

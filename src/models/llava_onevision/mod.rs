@@ -81,6 +81,8 @@ impl LlavaOnevision {
         } else {
             None
         };
+        let mut parts = parts;
+        (parts.info.parameters, parts.info.weight_bytes) = parts.weights.loaded();
         Ok(LlavaOnevision {
             parts,
             processor,

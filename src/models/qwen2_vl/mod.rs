@@ -78,6 +78,7 @@ impl Qwen2Vl {
         let vision = vision::VisionTower::load(&weights.pp("visual"), &cfg.vision)?;
         let text = Decoder::load(&weights.pp("model"), &cfg.text)?;
         let head = LensHead::new(&text, &weights, "lm_head.weight", cfg.tie_word_embeddings)?;
+        let (parameters, weight_bytes) = weights.loaded();
         let info = ModelInfo {
             name: name.to_string(),
             family: "qwen2_vl",
@@ -87,6 +88,8 @@ impl Qwen2Vl {
             vocab_size: cfg.text.vocab_size,
             dtype: format!("{dtype:?}").to_lowercase(),
             device: format!("{device:?}").to_lowercase(),
+            parameters,
+            weight_bytes,
         };
         Ok(Qwen2Vl {
             info,

@@ -81,13 +81,20 @@ async function loadModels() {
   for (const m of list.models) {
     const opt = document.createElement("option");
     opt.value = m.name;
-    opt.textContent = `${m.name} (${m.family}, ${m.layers} layers, ${m.dtype} on ${m.device})`;
+    opt.textContent = `${m.name} (${m.family}, ${m.layers} layers, ${size(m.parameters)} parameters, ${m.dtype} on ${m.device})`;
     select.append(opt);
   }
   if (previous && list.models.some((m) => m.name === previous)) select.value = previous;
   showError("");
   setStatus(`${list.models.length} model(s) ready`);
   document.body.dataset.models = "loaded";
+}
+
+function size(n) {
+  for (const [d, unit] of [[1e9, "B"], [1e6, "M"], [1e3, "k"]]) {
+    if (n >= d) return (n / d).toPrecision(3) + unit;
+  }
+  return String(n);
 }
 
 function chooseFile(file) {
