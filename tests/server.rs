@@ -482,6 +482,76 @@ fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
+/// `Content-Type: multipart/form-data` with no boundary (what openapi-python-client sends): the
+/// boundary is read off the body's first line and the answer is the one a well-formed request
+/// gets; a body that does not start with one is a clear 400, and the body limit still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_without_a_boundary_parameter_is_read_from_the_body() {
+    let server = Server::start(Setup {
+        limits: Limits {
+            max_body_bytes: 64 * 1024,
+            ..Limits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let image = image_bytes("tiny.png");
+    let mut body = Vec::new();
+    let boundary = "a1b2c3d4e5f6";
+    for (name, value) in [("prompt", "Color of the main object:"), ("top_k", "3")] {
+        body.extend(
+            format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        )
+            .bytes(),
+        );
+    }
+    body.extend(
+        format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"tiny.png\"\r\n\
+         Content-Type: image/png\r\n\r\n"
+    )
+        .bytes(),
+    );
+    body.extend(&image);
+    body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+    let send = |content_type: &'static str, body: Vec<u8>| {
+        server
+            .client
+            .post(server.url("/lens"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let bare: Value = send("multipart/form-data", body.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let proper: Value = server
+        .lens_form(
+            &[("prompt", "Color of the main object:"), ("top_k", "3")],
+            Some(image.clone()),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bare["layers"], proper["layers"], "{bare}");
+    assert_eq!(bare["input"], proper["input"]);
+
+    let r = send("multipart/form-data", b"prompt=hello".to_vec())
+        .await
+        .unwrap();
+    let code = error_code(r, 400).await;
+    assert_eq!(code, "malformed_request");
+    let mut big = format!("--{boundary}\r\n").into_bytes();
+    big.extend(vec![b'a'; 80 * 1024]);
+    let r = send("multipart/form-data", big).await.unwrap();
+    assert_eq!(error_code(r, 413).await, "too_large");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_limits_is_413() {
     let server = Server::start(Setup {

@@ -123,6 +123,11 @@ async fn read_body(state: &AppState, req: Request) -> Result<LensInput, ApiError
         .to_ascii_lowercase();
     let limit = state.limits.max_body_bytes;
     if content_type.starts_with("multipart/form-data") {
+        let req = if content_type.contains("boundary=") {
+            req
+        } else {
+            with_sniffed_boundary(req, limit).await?
+        };
         let form = Multipart::from_request(req, &()).await.map_err(|e| {
             ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
         })?;
@@ -145,6 +150,39 @@ async fn read_body(state: &AppState, req: Request) -> Result<LensInput, ApiError
             ),
         ))
     }
+}
+
+/// `multipart/form-data` without its `boundary` parameter (some generated clients, e.g.
+/// openapi-python-client's for a body with two content types, set the bare type and let the
+/// HTTP library write the body): the body's first line, `--BOUNDARY`, names it.
+async fn with_sniffed_boundary(req: Request, limit: usize) -> Result<Request, ApiError> {
+    let (mut parts, body) = req.into_parts();
+    // Read through the extractor so that the body limit (kept in the extensions) applies.
+    let mut whole = Request::new(body);
+    *whole.headers_mut() = parts.headers.clone();
+    *whole.extensions_mut() = parts.extensions.clone();
+    let bytes = Bytes::from_request(whole, &()).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::body_too_large(limit)
+        } else {
+            ApiError::bad_request(format!("could not read the body: {}", e.body_text()))
+        }
+    })?;
+    let first = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    let boundary = std::str::from_utf8(first)
+        .ok()
+        .and_then(|l| l.trim_end().strip_prefix("--"))
+        .filter(|b| !b.is_empty() && b.len() <= 70 && b.bytes().all(|c| c.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "multipart/form-data without a boundary parameter, and the body does not start with \
+                 one; send `Content-Type: multipart/form-data; boundary=...`",
+            )
+        })?;
+    let value = HeaderValue::from_str(&format!("multipart/form-data; boundary={boundary}"))
+        .map_err(|_| ApiError::bad_request("the multipart boundary is not a valid header value"))?;
+    parts.headers.insert(header::CONTENT_TYPE, value);
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 /// The index of the named model, or of the only one.
