@@ -112,6 +112,10 @@ try {
     })),
   );
   check(rows.length === answer.num_layers + 1, `the grid has L+1 = ${answer.num_layers + 1} rows (got ${rows.length})`);
+  check(
+    JSON.stringify(rows.map((r) => r.layer)) === JSON.stringify(answer.layers.map((l) => l.layer).reverse()),
+    "the final layer is the top row, layer 0 the bottom one",
+  );
   const positions = answer.layers[0].positions.map((p) => p.position);
   const textPositions = answer.input.tokens.filter((t) => t.kind !== "image").map((t) => t.position);
   check(
@@ -123,8 +127,8 @@ try {
   let tokensMatch = rows.length === answer.layers.length;
   let probsMatch = tokensMatch;
   const displayed = [];
-  rows.forEach((row, i) => {
-    const layer = answer.layers[i];
+  rows.forEach((row) => {
+    const layer = answer.layers.find((l) => l.layer === row.layer);
     if (!layer || row.layer !== layer.layer || row.cells.length !== layer.positions.length) {
       tokensMatch = false;
       return;
@@ -145,6 +149,14 @@ try {
     return back === token;
   });
   check(shown, "each cell shows its token's text");
+
+  await page.uncheck("#final-on-top");
+  const flipped = await page.$$eval("#grid tbody tr", (trs) => trs.map((tr) => Number(tr.dataset.layer)));
+  check(
+    JSON.stringify(flipped) === JSON.stringify(answer.layers.map((l) => l.layer)),
+    "unticking 'final layer on top' puts layer 0 first",
+  );
+  await page.check("#final-on-top");
 
   // Curves: confidence (summary and last position), entropy, KL, and the two targets.
   const series = await page.$$eval(".charts figure", (fs) => fs.map((f) => [f.id, Number(f.dataset.series), f.querySelectorAll("polyline").length]));

@@ -220,7 +220,8 @@ function renderGrid(answer) {
     head.append(th);
   }
   const body = table.createTBody();
-  for (const layer of answer.layers) {
+  const layers = $("final-on-top").checked ? [...answer.layers].reverse() : answer.layers;
+  for (const layer of layers) {
     const row = body.insertRow();
     row.dataset.layer = layer.layer;
     const th = document.createElement("th");
@@ -505,6 +506,9 @@ function setupDrop() {
 function init() {
   setupDrop();
   $("lens-form").addEventListener("submit", submit);
+  $("final-on-top").addEventListener("change", () => {
+    if (state.answer) renderGrid(state.answer);
+  });
   $("positions").addEventListener("change", () => {
     $("positions-custom").hidden = $("positions").value !== "custom";
   });
