@@ -7,7 +7,8 @@
 #
 # Usage (repository root):  bench/gpu/run.sh [--small] [--models qwen2vl,llava15] [--bin PATH]
 #   --small  small shapes on whatever device is there (the CPU dry run of this script).
-# Results: $OUT (or bench/results/gpu-<date>) holds results.jsonl, the server logs and table.txt.
+# Results: $OUT (or bench/results/gpu-<date>) holds results.jsonl, the server logs, table.txt and
+# profile-<model>.txt (stage timings of one request, LOGIT_LENS_PROFILE=1).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 small=""; models=qwen2vl,llava15; bin=${BIN:-}
@@ -54,6 +55,10 @@ for family in ${models//,/ }; do
   dir=$ckpt/$family
   log "checkpoint $family${small:+ (small)}"
   $py bench/gpu/make_checkpoints.py --out "$ckpt" --models "$family" $small >> "$res" || { log "checkpoint failed"; continue; }
+  # Where one request's time goes, stage by stage, with the device synchronised at each boundary.
+  LOGIT_LENS_PROFILE=1 "$bin" probe --model "$dir" --image bench/images/coco_640x480.png \
+    --prompt "Color of the main object:" --top-k 5 --repeat 3 > /dev/null 2> "$out/profile-$family.txt" \
+    || log "profile failed"
   log "serve $family"
   "$bin" serve --model "$family=$dir" --port $port --max-batch-size 8 --max-queue 256 > "$out/serve-$family.log" 2>&1 &
   pid=$!

@@ -152,7 +152,9 @@ fn run_group(
             // The lens's work during the forward pass, plus what it defers to `finish`.
             let finishing = Instant::now();
             let during_ms = lens.seconds * 1e3;
-            let stats = lens.finish();
+            let device = model.head().unembed.device();
+            let stats =
+                crate::models::profile::stage("lens (deferred part)", device, || lens.finish());
             let lens_ms = during_ms + ms(finishing.elapsed());
             let response = stats.map(|stats| LensResponse {
                 model: info.name.clone(),

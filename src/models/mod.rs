@@ -13,6 +13,7 @@ pub mod decoder;
 pub mod layers;
 pub mod llava;
 pub mod llava_onevision;
+pub mod profile;
 pub mod qwen2_vl;
 pub mod snapshot;
 pub mod vit;
@@ -131,14 +132,20 @@ pub trait VisionLanguageModel: Send + Sync {
         inputs: &[&Prepared],
         observers: &mut [&mut dyn LayerObserver],
     ) -> Result<()> {
+        let device = self.head().unembed.device().clone();
         let mut embeds = Vec::with_capacity(inputs.len());
         let mut positions = Vec::with_capacity(inputs.len());
         for p in inputs {
-            let (e, pos) = self.embed(p)?;
+            let (e, pos) =
+                profile::stage("embed (vision tower, projector)", &device, || self.embed(p))?;
             embeds.push(e);
             positions.push(pos);
         }
-        self.decoder().forward_batch(embeds, &positions, observers)
+        profile::stage(
+            &format!("decoder ({} sequence(s), lens per layer)", inputs.len()),
+            &device,
+            || self.decoder().forward_batch(embeds, &positions, observers),
+        )
     }
 }
 
