@@ -142,10 +142,15 @@ try {
   });
   check(tokensMatch, "every cell's top-1 token equals the API's answer");
   check(probsMatch, "every cell's probability equals the API's answer (1e-5)");
-  // What the cell shows is the token, with only spaces at its ends, newlines and tabs made visible.
+  // What the cell shows is the token, with only spaces at its ends, newlines, tabs and other control
+  // characters made visible.
   const shown = displayed.every(([text, token]) => {
     if (token === "") return text === "∅";
-    const back = text.replace(/↵/g, "\n").replace(/⇥/g, "\t").replace(/␣/g, " ");
+    const back = text
+      .replace(/↵/g, "\n")
+      .replace(/⇥/g, "\t")
+      .replace(/[\u2400-\u241f]/g, (c) => String.fromCharCode(c.charCodeAt(0) - 0x2400))
+      .replace(/␣/g, " ");
     return back === token;
   });
   check(shown, "each cell shows its token's text");

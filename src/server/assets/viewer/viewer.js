@@ -17,12 +17,14 @@ function headers() {
   return key ? { Authorization: "Bearer " + key } : {};
 }
 
-// Token text made visible: spaces at the ends, newlines and tabs get a glyph; empty becomes ∅.
+// Token text made visible: spaces at the ends, newlines and tabs get a glyph, other control
+// characters their Unicode control picture (ESC → ␛); empty becomes ∅.
 function display(token) {
   if (token === "") return "∅";
   return token
     .replace(/\n/g, "↵")
     .replace(/\t/g, "⇥")
+    .replace(/[\u0000-\u001f]/g, (c) => String.fromCharCode(0x2400 + c.charCodeAt(0)))
     .replace(/^ +| +$/g, (m) => "␣".repeat(m.length));
 }
 
