@@ -149,7 +149,7 @@ try {
     const back = text
       .replace(/↵/g, "\n")
       .replace(/⇥/g, "\t")
-      .replace(/[\u2400-\u241f]/g, (c) => String.fromCharCode(c.charCodeAt(0) - 0x2400))
+      .replace(/\\x([0-9a-f]{2})/g, (_, h) => String.fromCharCode(parseInt(h, 16)))
       .replace(/␣/g, " ");
     return back === token;
   });

@@ -18,13 +18,13 @@ function headers() {
 }
 
 // Token text made visible: spaces at the ends, newlines and tabs get a glyph, other control
-// characters their Unicode control picture (ESC → ␛); empty becomes ∅.
+// characters their escape (ESC → \x1b, which every font can draw); empty becomes ∅.
 function display(token) {
   if (token === "") return "∅";
   return token
     .replace(/\n/g, "↵")
     .replace(/\t/g, "⇥")
-    .replace(/[\u0000-\u001f]/g, (c) => String.fromCharCode(0x2400 + c.charCodeAt(0)))
+    .replace(/[\u0000-\u001f]/g, (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"))
     .replace(/^ +| +$/g, (m) => "␣".repeat(m.length));
 }
 
