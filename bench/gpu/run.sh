@@ -8,7 +8,8 @@
 # Usage (repository root):  bench/gpu/run.sh [--small] [--models qwen2vl,llava15] [--bin PATH]
 #   --small  small shapes on whatever device is there (the CPU dry run of this script).
 # Results: $OUT (or bench/results/gpu-<date>) holds results.jsonl, the server logs, table.txt and
-# profile-<model>.txt (stage timings of one request, LOGIT_LENS_PROFILE=1).
+# profile-<model>-fused{0,1}.txt (stage timings of one request, LOGIT_LENS_PROFILE=1, without and with
+# LOGIT_LENS_FUSED_SOFTMAX) and fused-softmax-<model>.txt (whether the two agree).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 small=""; models=qwen2vl,llava15; bin=${BIN:-}
@@ -55,10 +56,24 @@ for family in ${models//,/ }; do
   dir=$ckpt/$family
   log "checkpoint $family${small:+ (small)}"
   $py bench/gpu/make_checkpoints.py --out "$ckpt" --models "$family" $small >> "$res" || { log "checkpoint failed"; continue; }
-  # Where one request's time goes, stage by stage, with the device synchronised at each boundary.
-  LOGIT_LENS_PROFILE=1 "$bin" probe --model "$dir" --image bench/images/coco_640x480.png \
-    --prompt "Color of the main object:" --top-k 5 --repeat 3 > /dev/null 2> "$out/profile-$family.txt" \
-    || log "profile failed"
+  # Where one request's time goes, stage by stage, with the device synchronised at each boundary;
+  # with the attention softmax op by op (0) and as one kernel (1, LOGIT_LENS_FUSED_SOFTMAX), and
+  # whether the two answers agree (top-5 ids per layer, the confidence curve).
+  for fused in 0 1; do
+    LOGIT_LENS_FUSED_SOFTMAX=$fused LOGIT_LENS_PROFILE=1 "$bin" probe --model "$dir" \
+      --image bench/images/coco_640x480.png --prompt "Color of the main object:" --top-k 5 --repeat 3 \
+      > "$out/probe-$family-fused$fused.json" 2> "$out/profile-$family-fused$fused.txt" || log "profile failed"
+  done
+  python3 - "$out/probe-$family-fused0.json" "$out/probe-$family-fused1.json" <<'PY' | tee "$out/fused-softmax-$family.txt" || true
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+ids = lambda r: [[t["id"] for t in l["positions"][0]["top"]] for l in r["layers"]]
+top1 = sum(x[0] == y[0] for x, y in zip(ids(a), ids(b))) / len(ids(a))
+curve = max(abs(x["mean_max_prob"] - y["mean_max_prob"]) for x, y in zip(a["layers"], b["layers"]))
+print(f"fused softmax: top-1 agreement with the op-by-op path {top1:.3f} over {len(ids(a))} layers, "
+      f"same top-5 {ids(a) == ids(b)}, max confidence-curve diff {curve:.2e}; "
+      f"forward {a['timing_ms']['forward']:.1f} -> {b['timing_ms']['forward']:.1f} ms")
+PY
   log "serve $family"
   "$bin" serve --model "$family=$dir" --port $port --max-batch-size 8 --max-queue 256 > "$out/serve-$family.log" 2>&1 &
   pid=$!

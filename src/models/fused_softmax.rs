@@ -1,0 +1,254 @@
+//! Attention's softmax in one pass: `softmax(round(scores · scale) + mask)` in f32, rounded once
+//! to the scores' dtype. That is what transformers' eager attention computes in half precision
+//! with four full passes over the `[heads × queries × keys]` scores (a Python float times a half
+//! tensor is computed in f32 and rounded once; softmax upcasts to f32; the probabilities are cast
+//! back), and what [`super::layers::attention`] does op by op. On the GPU one kernel
+//! (`attention.cu`, compiled to PTX by build.rs) reads the scores and writes the probabilities
+//! once; on the CPU the same arithmetic in Rust is the reference the tests hold both to.
+//!
+//! Used on the GPU only when `LOGIT_LENS_FUSED_SOFTMAX=1` until its speed and parity have been
+//! measured on a card (bench/gpu/run.sh compares both).
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
+
+use crate::error::Result;
+
+/// `LOGIT_LENS_FUSED_SOFTMAX=1`: use the fused kernel for half-precision attention on a GPU.
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("LOGIT_LENS_FUSED_SOFTMAX").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+/// `scores` `[..., cols]` (f32, bf16 or f16); `mask` additive, `[mask_rows, cols]` (0 or −∞),
+/// row `r` of the flattened scores taking mask row `r % mask_rows` (a `[queries, keys]` mask
+/// for `[batch, heads, queries, keys]` scores); `None`: no mask.
+pub fn scaled_masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let dims = scores.dims().to_vec();
+    let cols = *dims.last().unwrap_or(&0);
+    let rows = scores.elem_count() / cols.max(1);
+    let x = scores.contiguous()?.reshape((rows, cols))?;
+    let mask = match mask {
+        Some(m) => m.to_dtype(DType::F32)?.contiguous()?,
+        None => Tensor::zeros((1, cols), DType::F32, scores.device())?,
+    };
+    let (mask_rows, mask_cols) = mask.dims2()?;
+    if mask_cols != cols || mask_rows == 0 || !rows.is_multiple_of(mask_rows) {
+        return Err(crate::Error::Internal(format!(
+            "fused softmax: mask {:?} does not tile scores {dims:?}",
+            mask.dims()
+        )));
+    }
+    let op = ScaledMaskedSoftmax {
+        scale: scale as f32,
+    };
+    Ok(x.apply_op2_no_bwd(&mask, &op)?.reshape(dims)?)
+}
+
+struct ScaledMaskedSoftmax {
+    scale: f32,
+}
+
+/// The reference arithmetic, row by row: the kernel does the same per CUDA block.
+fn rows<T: Copy>(
+    x: &[T],
+    mask: &[f32],
+    cols: usize,
+    scale: f32,
+    to: impl Fn(T) -> f32,
+    from: impl Fn(f32) -> T,
+) -> Vec<T> {
+    let mask_rows = mask.len() / cols;
+    let mut out = Vec::with_capacity(x.len());
+    let mut v = vec![0f32; cols];
+    for (r, row) in x.chunks_exact(cols).enumerate() {
+        let m = &mask[(r % mask_rows) * cols..][..cols];
+        for ((vj, &xj), &mj) in v.iter_mut().zip(row).zip(m) {
+            *vj = to(from(to(xj) * scale)) + mj;
+        }
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = v.iter().map(|&vj| (vj - max).exp()).sum();
+        out.extend(v.iter().map(|&vj| from((vj - max).exp() / sum)));
+    }
+    out
+}
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused softmax: non-contiguous input".into()))?;
+    Ok(&v[start..end])
+}
+
+impl candle_core::CustomOp2 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, cols) = l1.shape().dims2()?;
+        let mask = match s2 {
+            CpuStorage::F32(m) => contiguous(m, l2)?,
+            _ => candle_core::bail!("fused softmax: the mask must be f32"),
+        };
+        let s = self.scale;
+        let out = match s1 {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(rows(contiguous(x, l1)?, mask, cols, s, |a| a, |a| a))
+            }
+            CpuStorage::BF16(x) => CpuStorage::BF16(rows(
+                contiguous(x, l1)?,
+                mask,
+                cols,
+                s,
+                |a| a.to_f32(),
+                half::bf16::from_f32,
+            )),
+            CpuStorage::F16(x) => CpuStorage::F16(rows(
+                contiguous(x, l1)?,
+                mask,
+                cols,
+                s,
+                |a| a.to_f32(),
+                half::f16::from_f32,
+            )),
+            _ => candle_core::bail!("fused softmax: f32, bf16 or f16 scores only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+
+        let (rows, cols) = l1.shape().dims2()?;
+        let (mask_rows, _) = l2.shape().dims2()?;
+        let (start, _) = l1.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("fused softmax: non-contiguous scores".into())
+        })?;
+        let (mstart, _) = l2
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("fused softmax: non-contiguous mask".into()))?;
+        let dev = s1.device();
+        let mask = s2.as_cuda_slice::<f32>()?.slice(mstart..);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (mask_rows, cols_i) = (mask_rows as i64, cols as i64);
+        let scale = self.scale;
+        macro_rules! launch {
+            ($ty:ty, $name:literal) => {{
+                let func = dev.get_or_load_custom_func($name, "logit_lens_attention", PTX)?;
+                let src = s1.as_cuda_slice::<$ty>()?.slice(start..);
+                let out = dev.alloc_zeros::<$ty>(rows * cols)?;
+                let mut b = func.builder();
+                b.arg(&src);
+                b.arg(&mask);
+                b.arg(&mask_rows);
+                b.arg(&out);
+                b.arg(&cols_i);
+                b.arg(&scale);
+                // SAFETY: the kernel reads rows·cols scores and mask_rows·cols mask values, and
+                // writes rows·cols outputs.
+                unsafe { b.launch(cfg) }.w()?;
+                candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match s1.dtype() {
+            DType::F32 => launch!(f32, "scaled_masked_softmax_f32"),
+            DType::BF16 => launch!(half::bf16, "scaled_masked_softmax_bf16"),
+            DType::F16 => launch!(half::f16, "scaled_masked_softmax_f16"),
+            d => candle_core::bail!("fused softmax: unsupported dtype {d:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::layers::{causal_mask, scale_like_torch};
+    use candle_core::Device;
+
+    /// The op-by-op path of `layers::attention`: scale as torch rounds it, mask in f32, softmax
+    /// in f32, cast back.
+    fn reference(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
+        let dtype = scores.dtype();
+        let s = scale_like_torch(scores, scale)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let s = match mask {
+            Some(m) => s.broadcast_add(&m.to_dtype(DType::F32).unwrap()).unwrap(),
+            None => s,
+        };
+        candle_nn::ops::softmax_last_dim(&s)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    #[test]
+    fn one_pass_equals_the_op_by_op_path_in_every_dtype() {
+        let dev = Device::Cpu;
+        let (b, h, q, k) = (2, 3, 7, 7);
+        let scores = Tensor::randn(0f32, 3.0, (b, h, q, k), &dev).unwrap();
+        let scale = 64f64.powf(-0.5) * 1.37;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x = scores.to_dtype(dtype).unwrap();
+            let mask = causal_mask(q, dtype, &dev).unwrap();
+            for m in [None, Some(&mask)] {
+                let got = scaled_masked_softmax(&x, m, scale)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                let want = reference(&x, m, scale).to_dtype(DType::F32).unwrap();
+                let diff = (got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                // The same arithmetic in the same order (candle's CPU softmax also sums the
+                // exponentials left to right): bit for bit. A missed rounding of the scaled
+                // scores shows here.
+                assert_eq!(diff, 0.0, "{dtype:?} masked={}", m.is_some());
+                if m.is_some() {
+                    // Above the diagonal: exactly zero.
+                    let row0 = want.get(0).unwrap().get(0).unwrap().get(0).unwrap();
+                    assert_eq!(row0.to_vec1::<f32>().unwrap()[1..], [0.0; 6]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_mask_that_does_not_tile_the_scores_is_refused() {
+        let dev = Device::Cpu;
+        let scores = Tensor::zeros((2, 5, 4), DType::F32, &dev).unwrap();
+        let mask = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+        assert!(scaled_masked_softmax(&scores, Some(&mask), 1.0).is_err());
+    }
+}
