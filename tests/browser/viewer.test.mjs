@@ -209,6 +209,17 @@ try {
     near(probs, imageAnswer.layers[0].positions.map((p) => p.targets[1].prob)),
     "colouring by a target shows that target's probabilities",
   );
+  // Scaled to the map's largest value, the strongest patch is fully coloured.
+  await page.selectOption("#heat-scale", "relative");
+  const top = await page.$eval("#heat-grid", (g) => Number(g.dataset.top));
+  const target1 = imageAnswer.layers[0].positions.map((p) => p.targets[1].prob);
+  const alphas = await page.$$eval("#heat-grid div", (ds) =>
+    ds.map((d) => Number(getComputedStyle(d).backgroundColor.match(/[\d.]+\)$/)[0].slice(0, -1))),
+  );
+  check(
+    Math.abs(top - Math.max(...target1)) <= 1e-6 && Math.abs(Math.max(...alphas) - 0.85) < 0.01,
+    `relative scaling: the largest patch is fully coloured (max ${top.toExponential(2)}, alpha ${Math.max(...alphas)})`,
+  );
   await page.screenshot({ path: path.join(outDir, "viewer-image-tokens.png"), fullPage: true });
 
   check(problems.length === 0, "no console errors: " + problems.join("; "));

@@ -289,6 +289,17 @@ function renderHeat(answer, imageUrl) {
     const layer = answer.layers[Number(slider.value)];
     $("heat-layer-out").textContent = String(layer.layer);
     const mode = by.value;
+    const probOf = (p) => (mode === "top1" ? p.top[0].prob : p.targets[Number(mode.slice(7))].prob);
+    let top = 1;
+    if ($("heat-scale").value === "relative") {
+      top = 0;
+      for (let i = 0; i < cells; i++) {
+        const j = byPos.get(grid.first_position + i);
+        if (j !== undefined) top = Math.max(top, probOf(layer.positions[j]));
+      }
+      top = top > 0 ? top : 1;
+    }
+    g.dataset.top = top;
     g.replaceChildren();
     for (let i = 0; i < cells; i++) {
       const div = document.createElement("div");
@@ -297,8 +308,8 @@ function renderHeat(answer, imageUrl) {
         div.className = "missing";
       } else {
         const p = layer.positions[j];
-        const prob = mode === "top1" ? p.top[0].prob : p.targets[Number(mode.slice(7))].prob;
-        div.style.background = `rgba(36, 86, 199, ${(0.85 * Math.sqrt(prob)).toFixed(3)})`;
+        const prob = probOf(p);
+        div.style.background = `rgba(36, 86, 199, ${(0.85 * Math.sqrt(prob / top)).toFixed(3)})`;
         div.dataset.prob = prob;
         if (grid.cols <= 32) div.textContent = display(p.top[0].token);
         div.addEventListener("mouseenter", (e) => showTooltip(e, layer, p));
@@ -310,6 +321,7 @@ function renderHeat(answer, imageUrl) {
   };
   slider.oninput = draw;
   by.onchange = draw;
+  $("heat-scale").onchange = draw;
   draw();
 }
 
