@@ -1,5 +1,5 @@
 //! With the `cuda` feature: compiles the GPU kernels (src/lens/row_reduce.cu,
-//! src/models/attention.cu) to PTX with the CUDA toolkit's nvcc ($NVCC, else nvcc on PATH) for
+//! src/models/attention.cu, sharing src/lens/online_max_sum.cuh) to PTX with the CUDA toolkit's nvcc ($NVCC, else nvcc on PATH) for
 //! $CUDA_COMPUTE_CAP (default 90).
 
 const KERNELS: &[(&str, &str)] = &[
@@ -11,6 +11,7 @@ fn main() {
     for (src, _) in KERNELS {
         println!("cargo:rerun-if-changed={src}");
     }
+    println!("cargo:rerun-if-changed=src/lens/online_max_sum.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

@@ -187,26 +187,8 @@ impl candle_core::CustomOp2 for ScaledMaskedSoftmax {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::layers::{causal_mask, scale_like_torch};
+    use crate::models::layers::{attention_softmax, causal_mask};
     use candle_core::Device;
-
-    /// The op-by-op path of `layers::attention`: scale as torch rounds it, mask in f32, softmax
-    /// in f32, cast back.
-    fn reference(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
-        let dtype = scores.dtype();
-        let s = scale_like_torch(scores, scale)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let s = match mask {
-            Some(m) => s.broadcast_add(&m.to_dtype(DType::F32).unwrap()).unwrap(),
-            None => s,
-        };
-        candle_nn::ops::softmax_last_dim(&s)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
 
     #[test]
     fn one_pass_equals_the_op_by_op_path_in_every_dtype() {
@@ -222,7 +204,10 @@ mod tests {
                     .unwrap()
                     .to_dtype(DType::F32)
                     .unwrap();
-                let want = reference(&x, m, scale).to_dtype(DType::F32).unwrap();
+                let want = attention_softmax(&x, m, scale)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
                 let diff = (got - &want)
                     .unwrap()
                     .abs()

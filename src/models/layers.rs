@@ -214,24 +214,29 @@ pub fn attention(
     };
     let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
     // One kernel instead of four passes (see fused_softmax), for a `[queries, keys]` mask or none.
-    if scores.device().is_cuda()
+    let probs = if scores.device().is_cuda()
         && scores.dtype() != DType::F32
         && mask.is_none_or(|m| m.rank() == 2)
         && super::fused_softmax::enabled()
     {
-        let probs = super::fused_softmax::scaled_masked_softmax(&scores, mask, scale)?;
-        return Ok(probs.matmul(&v.contiguous()?)?);
-    }
-    let scores = scale_like_torch(&scores, scale)?;
+        super::fused_softmax::scaled_masked_softmax(&scores, mask, scale)?
+    } else {
+        attention_softmax(&scores, mask, scale)?
+    };
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// `softmax(scores · scale + mask)` op by op, as transformers' eager attention: the scale as torch
+/// rounds it, the mask and the softmax in f32, the result cast back to the scores' dtype.
+pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let dtype = scores.dtype();
-    let scores = scores.to_dtype(DType::F32)?;
+    let scores = scale_like_torch(scores, scale)?.to_dtype(DType::F32)?;
     // The mask is 0 or −∞: adding it in f32 gives what transformers' half-precision add gives.
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    Ok(probs.matmul(&v.contiguous()?)?)
+    Ok(candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?)
 }
 
 /// `x · c` as torch computes a Python float times a half-precision tensor: in f32, rounded once.
