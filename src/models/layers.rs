@@ -82,7 +82,7 @@ impl RmsNorm {
     }
 }
 
-/// LayerNorm with weight and bias.
+/// LayerNorm with weight and bias (kept in f32, where torch applies them; converted once at load).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -93,8 +93,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn load(w: &Prefixed, dim: usize, eps: f64) -> Result<Self> {
         Ok(LayerNorm {
-            weight: w.get("weight", dim)?,
-            bias: w.get("bias", dim)?,
+            weight: w.get("weight", dim)?.to_dtype(DType::F32)?,
+            bias: w.get("bias", dim)?.to_dtype(DType::F32)?,
             eps,
         })
     }
@@ -109,9 +109,7 @@ impl LayerNorm {
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = y
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
+        let y = y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
         Ok(y.to_dtype(dtype)?)
     }
 }
@@ -148,13 +146,12 @@ impl Activation {
         if dtype != DType::F32 && dtype != DType::F64 {
             // Half precision as torch computes it: each op in f32, rounded once to the model dtype
             // (candle's half kernels for GELU and f16 SiLU compute in half arithmetic).
-            let x32 = x.to_dtype(DType::F32)?;
             return Ok(match self {
                 Activation::QuickGelu => {
                     let a = scale_like_torch(x, 1.702)?.to_dtype(DType::F32)?;
                     (x * candle_nn::ops::sigmoid(&a)?.to_dtype(dtype)?)?
                 }
-                other => other.forward(&x32)?.to_dtype(dtype)?,
+                other => other.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
             });
         }
         Ok(match self {
@@ -186,6 +183,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (x1, x2) = (x.narrow(3, 0, d / 2)?, x.narrow(3, d / 2, d / 2)?);
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
     Ok((x.broadcast_mul(&full(cos)?)? + rotated.broadcast_mul(&full(sin)?)?)?)
+}
+
+/// Rotate-half RoPE computed in f32 and rounded once to `x`'s dtype (Qwen2-VL's vision tower:
+/// transformers upcasts q and k, rotates with f32 tables, casts back). `x`: `[batch, heads, seq,
+/// head_dim]` in any dtype; `cos`/`sin`: f32 `[seq, head_dim/2]`.
+pub fn rope_in_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(rope(&x.to_dtype(DType::F32)?, cos, sin)?.to_dtype(x.dtype())?)
 }
 
 /// Scaled dot-product attention as transformers' eager path computes it: `softmax(q kᵀ · scale +

@@ -2,11 +2,11 @@
 //! (a single matmul, since kernel = stride and the input is already one patch per row), 2-D
 //! rotary attention restricted to each image, QuickGELU MLPs, and the 2×2 patch merger.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::config::VisionConfig;
 use crate::error::Result;
-use crate::models::layers::{attention, inv_freq, rope, Activation, LayerNorm, Linear};
+use crate::models::layers::{attention, inv_freq, rope_in_f32, Activation, LayerNorm, Linear};
 use crate::models::snapshot::Prefixed;
 
 const LN_EPS: f64 = 1e-6;
@@ -121,14 +121,9 @@ impl VisionTower {
                 .forward(&h)?
                 .reshape((n, 3, heads, hd))?
                 .permute((1, 2, 0, 3))?; // [3, heads, n, hd]
-                                         // Rotation in f32 as transformers does, then back to the working dtype.
-            let rot = |t: Tensor| -> Result<Tensor> {
-                rope(&t.to_dtype(DType::F32)?.unsqueeze(0)?, &cos, &sin)?
-                    .to_dtype(dtype)
-                    .map_err(Into::into)
-            };
-            let q = rot(qkv.get(0)?)?;
-            let k = rot(qkv.get(1)?)?;
+            // Rotation in f32 as transformers does, then back to the working dtype.
+            let q = rope_in_f32(&qkv.get(0)?.unsqueeze(0)?, &cos, &sin)?;
+            let k = rope_in_f32(&qkv.get(1)?.unsqueeze(0)?, &cos, &sin)?;
             let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
             // Attention within each temporal frame (cu_seqlens): a still image is one frame.
             let mut outs = Vec::with_capacity(grid[0]);
