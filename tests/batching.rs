@@ -22,6 +22,19 @@ fn requests(family: &str) -> Vec<LensRequest> {
             },
         })
         .collect();
+    // The same image again with another prompt: the vision tower then takes runs of equal-size
+    // images through attention together.
+    let again = cases
+        .iter()
+        .find(|c| c.image.is_some())
+        .expect("a case with an image");
+    for prompt in ["Describe the picture.", "What is it?"] {
+        out.push(LensRequest {
+            prompt: prompt.into(),
+            image: image(again),
+            options: out[0].options.clone(),
+        });
+    }
     // One that fails alone must not disturb the others.
     out.insert(
         1,

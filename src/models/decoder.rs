@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::models::layers::{
     attention, causal_mask, embed, inv_freq, rope, Activation, Linear, RmsNorm,
 };
+use crate::models::profile;
 use crate::models::snapshot::{field, Prefixed};
 use crate::models::LayerObserver;
 
@@ -244,7 +245,9 @@ impl Decoder {
             };
         observe(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let x = layer.input_layernorm.forward(&h)?;
+            let x = profile::op("decoder norm", &device, || {
+                layer.input_layernorm.forward(&h)
+            })?;
             let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
                 Ok(lin
                     .forward(&x)?
@@ -252,19 +255,36 @@ impl Decoder {
                     .transpose(1, 2)?
                     .contiguous()?)
             };
-            let q = rope(&heads(&layer.q, nh)?, &cos, &sin)?;
-            let k = rope(&heads(&layer.k, nkv)?, &cos, &sin)?;
-            let v = heads(&layer.v, nkv)?;
-            let a = attention(&q, &k, &v, Some(&mask), scale)?
-                .transpose(1, 2)?
-                .reshape((b, s, nh * hd))?;
-            h = (h + layer.o.forward(&a)?)?;
-            let x = layer.post_attention_layernorm.forward(&h)?;
-            let mlp = layer
-                .down
-                .forward(&(self.act.forward(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?)?;
-            h = (h + mlp)?;
-            observe(l + 1, &h, observers)?;
+            let (q, k, v) = profile::op("decoder qkv", &device, || {
+                Ok((
+                    heads(&layer.q, nh)?,
+                    heads(&layer.k, nkv)?,
+                    heads(&layer.v, nkv)?,
+                ))
+            })?;
+            let (q, k) = profile::op("decoder rope", &device, || {
+                Ok((rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?))
+            })?;
+            let a = profile::op("decoder attention", &device, || {
+                Ok(attention(&q, &k, &v, Some(&mask), scale)?
+                    .transpose(1, 2)?
+                    .reshape((b, s, nh * hd))?)
+            })?;
+            h = profile::op("decoder o_proj + residual", &device, || {
+                Ok((&h + layer.o.forward(&a)?)?)
+            })?;
+            let x = profile::op("decoder norm", &device, || {
+                layer.post_attention_layernorm.forward(&h)
+            })?;
+            let mlp = profile::op("decoder mlp", &device, || {
+                layer.down.forward(
+                    &(self.act.forward(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?,
+                )
+            })?;
+            h = profile::op("decoder residual", &device, || Ok((&h + mlp)?))?;
+            profile::op("lens (per layer)", &device, || {
+                observe(l + 1, &h, observers)
+            })?;
         }
         Ok(())
     }

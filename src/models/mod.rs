@@ -115,9 +115,25 @@ pub trait VisionLanguageModel: Send + Sync {
     fn tokenizer(&self) -> &tokenizers::Tokenizer;
     /// Templating, image processing, placeholder expansion and tokenization.
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared>;
-    /// The decoder's input: token embeddings with the image features in place, and each
-    /// token's `(t, h, w)` position.
-    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)>;
+    /// The features of several requests' images, in as few passes through the vision tower as
+    /// the family allows (one, with attention kept within each image): entry i is image i's,
+    /// `[tokens, hidden]`, ready to be written over its placeholders, what it gets alone.
+    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<Tensor>>;
+    /// The decoder's input: token embeddings with the image's features (from
+    /// [`Self::image_features`]) in place, and each token's `(t, h, w)` position.
+    fn embed_with(
+        &self,
+        inputs: &Prepared,
+        features: Option<Tensor>,
+    ) -> Result<(Tensor, Vec<[u32; 3]>)>;
+    /// [`Self::embed_with`] the request's own image features.
+    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)> {
+        let features = match &inputs.pixels {
+            Some(px) => self.image_features(&[px])?.pop(),
+            None => None,
+        };
+        self.embed_with(inputs, features)
+    }
     fn decoder(&self) -> &decoder::Decoder;
     fn head(&self) -> &LensHead;
 
@@ -134,11 +150,34 @@ pub trait VisionLanguageModel: Send + Sync {
         observers: &mut [&mut dyn LayerObserver],
     ) -> Result<()> {
         let device = self.head().unembed.device().clone();
+        // Every image of the batch through the vision tower together.
+        let pixels: Vec<&PixelInputs> = inputs.iter().filter_map(|p| p.pixels.as_ref()).collect();
+        let features = if pixels.is_empty() {
+            Vec::new()
+        } else {
+            profile::stage(
+                &format!("vision tower + projector ({} image(s))", pixels.len()),
+                &device,
+                || self.image_features(&pixels),
+            )?
+        };
+        if features.len() != pixels.len() {
+            return Err(Error::Internal(format!(
+                "{} image features for {} images",
+                features.len(),
+                pixels.len()
+            )));
+        }
+        let mut features = features.into_iter();
         let mut embeds = Vec::with_capacity(inputs.len());
         let mut positions = Vec::with_capacity(inputs.len());
         for p in inputs {
-            let (e, pos) =
-                profile::stage("embed (vision tower, projector)", &device, || self.embed(p))?;
+            let f = if p.pixels.is_some() {
+                features.next()
+            } else {
+                None
+            };
+            let (e, pos) = self.embed_with(p, f)?;
             embeds.push(e);
             positions.push(pos);
         }
@@ -146,7 +185,9 @@ pub trait VisionLanguageModel: Send + Sync {
             &format!("decoder ({} sequence(s), lens per layer)", inputs.len()),
             &device,
             || self.decoder().forward_batch(embeds, &positions, observers),
-        )
+        )?;
+        profile::report_ops();
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::layers::{attention, Activation, LayerNorm, Linear};
+use crate::models::profile;
 use crate::models::snapshot::{field, Prefixed};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -180,8 +181,11 @@ impl VisionTransformer {
         let heads = self.cfg.num_attention_heads;
         let hd = d / heads;
         let scale = (hd as f64).powf(-0.5);
+        let dev = x.device().clone();
+        // Images (tiles) per attention call: their scores within the budget.
+        let per_chunk = (ATTENTION_SCORES_BUDGET / (heads * t * t).max(1)).clamp(1, n);
         for l in &self.layers {
-            let h = l.ln1.forward(&x)?;
+            let h = profile::op("vision norm", &dev, || l.ln1.forward(&x))?;
             let split = |lin: &Linear| -> Result<Tensor> {
                 Ok(lin
                     .forward(&h)?
@@ -189,15 +193,39 @@ impl VisionTransformer {
                     .transpose(1, 2)?
                     .contiguous()?)
             };
-            let a = attention(&split(&l.q)?, &split(&l.k)?, &split(&l.v)?, None, scale)?;
-            let a = a.transpose(1, 2)?.reshape((n, t, d))?;
-            x = (x + l.out.forward(&a)?)?;
-            let h = l.ln2.forward(&x)?;
-            x = (&x + l.fc2.forward(&self.act.forward(&l.fc1.forward(&h)?)?)?)?;
+            let (q, k, v) = profile::op("vision qkv", &dev, || {
+                Ok((split(&l.q)?, split(&l.k)?, split(&l.v)?))
+            })?;
+            let a = profile::op("vision attention", &dev, || {
+                let mut parts = Vec::with_capacity(n.div_ceil(per_chunk));
+                for at in (0..n).step_by(per_chunk) {
+                    let c = per_chunk.min(n - at);
+                    let part = |t: &Tensor| t.narrow(0, at, c);
+                    parts.push(attention(&part(&q)?, &part(&k)?, &part(&v)?, None, scale)?);
+                }
+                let a = if parts.len() == 1 {
+                    parts.remove(0)
+                } else {
+                    Tensor::cat(&parts, 0)?
+                };
+                Ok(a.transpose(1, 2)?.reshape((n, t, d))?)
+            })?;
+            x = profile::op("vision proj + residual", &dev, || {
+                Ok((&x + l.out.forward(&a)?)?)
+            })?;
+            let h = profile::op("vision norm", &dev, || l.ln2.forward(&x))?;
+            x = profile::op("vision mlp + residual", &dev, || {
+                Ok((&x + l.fc2.forward(&self.act.forward(&l.fc1.forward(&h)?)?)?)?)
+            })?;
         }
         Ok(x)
     }
 }
+
+/// The most attention-score elements (`images × heads × tokens²`) one attention call may hold:
+/// 2^27, 512 MiB in f32. Images batched from several requests go through attention in groups
+/// of this size, so batching does not multiply attention's transient memory.
+pub const ATTENTION_SCORES_BUDGET: usize = 1 << 27;
 
 /// How many encoder layers produce transformers' `hidden_states[feature_layer]` (entry 0 is the
 /// embeddings, entry i the output of layer i; negative indices count from the end).

@@ -134,8 +134,18 @@ impl VisionLanguageModel for Faulty {
         }
         self.0.prepare(prompt, image, chat_template)
     }
-    fn embed(&self, inputs: &Prepared) -> logit_lens::Result<(candle_core::Tensor, Vec<[u32; 3]>)> {
-        self.0.embed(inputs)
+    fn image_features(
+        &self,
+        pixels: &[&logit_lens::models::PixelInputs],
+    ) -> logit_lens::Result<Vec<candle_core::Tensor>> {
+        self.0.image_features(pixels)
+    }
+    fn embed_with(
+        &self,
+        inputs: &Prepared,
+        features: Option<candle_core::Tensor>,
+    ) -> logit_lens::Result<(candle_core::Tensor, Vec<[u32; 3]>)> {
+        self.0.embed_with(inputs, features)
     }
     fn decoder(&self) -> &logit_lens::models::decoder::Decoder {
         self.0.decoder()

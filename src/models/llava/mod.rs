@@ -193,6 +193,24 @@ impl LlavaParts {
         l2.forward(&act.forward(&l1.forward(&x)?)?)
     }
 
+    /// Several images' `[n_i, 3, S, S]` pixels through the tower together → each one's
+    /// `[n_i, tokens_per_tile, hidden]` features, what it gets alone.
+    pub fn image_features_many(&self, pixels: &[&Tensor]) -> Result<Vec<Tensor>> {
+        if let [one] = pixels {
+            return Ok(vec![self.image_features(one)?]);
+        }
+        let all = Tensor::cat(pixels, 0)?;
+        let feats = self.image_features(&all)?;
+        let mut out = Vec::with_capacity(pixels.len());
+        let mut at = 0;
+        for px in pixels {
+            let n = px.dim(0)?;
+            out.push(feats.narrow(0, at, n)?);
+            at += n;
+        }
+        Ok(out)
+    }
+
     pub fn prompt_ids(
         &self,
         prompt: &str,
@@ -302,16 +320,27 @@ impl VisionLanguageModel for Llava {
         &self.parts.text
     }
 
-    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)> {
-        let p = &self.parts;
-        let mut embeds = p.text.embed(&inputs.input_ids)?;
-        if let Some(px) = &inputs.pixels {
+    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<Tensor>> {
+        let px: Vec<&Tensor> = pixels.iter().map(|p| &p.pixel_values).collect();
+        self.parts
+            .image_features_many(&px)?
+            .into_iter()
+            .map(|f| Ok(f.squeeze(0)?))
+            .collect()
+    }
+
+    fn embed_with(
+        &self,
+        inputs: &Prepared,
+        features: Option<Tensor>,
+    ) -> Result<(Tensor, Vec<[u32; 3]>)> {
+        let mut embeds = self.parts.text.embed(&inputs.input_ids)?;
+        if let Some(feats) = features {
             let first = inputs
                 .kinds
                 .iter()
                 .position(|k| *k == crate::models::TokenKind::Image)
                 .unwrap_or(0);
-            let feats = p.image_features(&px.pixel_values)?.squeeze(0)?;
             embeds = scatter_image_features(embeds, feats, first)?;
         }
         Ok((embeds, sequential_positions(inputs.input_ids.len())))

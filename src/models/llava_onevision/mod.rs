@@ -188,22 +188,35 @@ impl VisionLanguageModel for LlavaOnevision {
         &self.parts.text
     }
 
-    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)> {
-        let p = &self.parts;
-        let mut embeds = p.text.embed(&inputs.input_ids)?;
-        if let Some(px) = &inputs.pixels {
+    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<Tensor>> {
+        let px: Vec<&Tensor> = pixels.iter().map(|p| &p.pixel_values).collect();
+        let feats = self.parts.image_features_many(&px)?;
+        pixels
+            .iter()
+            .zip(feats)
+            .map(|(px, feats)| {
+                let [_, rows, cols] = px.grid_thw;
+                self.pack(
+                    &feats,
+                    (px.original_size[0], px.original_size[1]),
+                    (rows, cols),
+                )
+            })
+            .collect()
+    }
+
+    fn embed_with(
+        &self,
+        inputs: &Prepared,
+        features: Option<Tensor>,
+    ) -> Result<(Tensor, Vec<[u32; 3]>)> {
+        let mut embeds = self.parts.text.embed(&inputs.input_ids)?;
+        if let Some(packed) = features {
             let first = inputs
                 .kinds
                 .iter()
                 .position(|k| *k == TokenKind::Image)
                 .unwrap_or(0);
-            let feats = p.image_features(&px.pixel_values)?;
-            let [_, rows, cols] = px.grid_thw;
-            let packed = self.pack(
-                &feats,
-                (px.original_size[0], px.original_size[1]),
-                (rows, cols),
-            )?;
             if packed.dim(0)? != inputs.num_image_tokens {
                 return Err(Error::Internal(format!(
                     "packing gave {} image features for {} image tokens",

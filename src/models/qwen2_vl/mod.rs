@@ -38,7 +38,6 @@ pub struct Qwen2Vl {
     vision: vision::VisionTower,
     text: Decoder,
     head: LensHead,
-    device: Device,
 }
 
 impl Qwen2Vl {
@@ -101,7 +100,6 @@ impl Qwen2Vl {
             vision,
             text,
             head,
-            device: device.clone(),
         })
     }
 }
@@ -165,13 +163,30 @@ impl VisionLanguageModel for Qwen2Vl {
         &self.text
     }
 
-    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)> {
+    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<Tensor>> {
+        let images: Vec<(&Tensor, [usize; 3])> = pixels
+            .iter()
+            .map(|p| (&p.pixel_values, p.grid_thw))
+            .collect();
+        self.vision.forward_many(&images)
+    }
+
+    fn embed_with(
+        &self,
+        inputs: &Prepared,
+        features: Option<Tensor>,
+    ) -> Result<(Tensor, Vec<[u32; 3]>)> {
         let mut embeds = self.text.embed(&inputs.input_ids)?;
-        if let (Some(px), Some(grid)) = (&inputs.pixels, inputs.image_grid) {
-            let feats = self
-                .vision
-                .forward(&px.pixel_values.to_device(&self.device)?, px.grid_thw)?;
-            embeds = scatter_image_features(embeds, feats, grid.first_position)?;
+        match (features, inputs.image_grid) {
+            (Some(feats), Some(grid)) => {
+                embeds = scatter_image_features(embeds, feats, grid.first_position)?
+            }
+            (None, None) => {}
+            _ => {
+                return Err(crate::Error::Internal(
+                    "image features and image placeholders do not match".into(),
+                ))
+            }
         }
         Ok((embeds, self.positions(inputs)))
     }

@@ -8,6 +8,7 @@ use super::config::VisionConfig;
 use crate::error::Result;
 use crate::models::layers::{attention, inv_freq, rope_in_f32, Activation, LayerNorm, Linear};
 use crate::models::snapshot::Prefixed;
+use crate::models::{profile, vit};
 
 const LN_EPS: f64 = 1e-6;
 const ROPE_THETA: f64 = 10_000.0;
@@ -106,48 +107,201 @@ impl VisionTower {
     /// `pixel_values` `[n, C·T·P·P]` for one image with grid `(t, h, w)` → merged features
     /// `[n / merge², hidden_size]`.
     pub fn forward(&self, pixel_values: &Tensor, grid: [usize; 3]) -> Result<Tensor> {
+        let mut out = self.forward_many(&[(pixel_values, grid)])?;
+        Ok(out.remove(0))
+    }
+
+    /// Several images in one pass, as transformers batches them: their patches concatenated, every
+    /// linear layer, norm and MLP over all rows at once, attention within each image's frames
+    /// (`cu_seqlens`). Entry i: image i's merged features `[n_i / merge², hidden_size]`, the same
+    /// as it gets alone.
+    pub fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<Tensor>> {
         let dtype = self.patch_embed.dtype();
-        let n = pixel_values.dim(0)?;
+        let dev = self.patch_embed.device().clone();
         let (heads, hd, e) = (self.cfg.num_heads, self.cfg.head_dim(), self.cfg.embed_dim);
-        let mut x = pixel_values
-            .to_dtype(dtype)?
-            .matmul(&self.patch_embed.t()?)?;
-        let (cos, sin) = self.rotary(grid)?;
-        let frame = grid[1] * grid[2];
+        let rows: Vec<usize> = images
+            .iter()
+            .map(|(px, _)| px.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        let n: usize = rows.iter().sum();
+        // Attention segments: one per frame of each image.
+        let segments: Vec<usize> = images
+            .iter()
+            .flat_map(|(_, g)| std::iter::repeat_n(g[1] * g[2], g[0]))
+            .collect();
+        let pixels: Vec<Tensor> = images
+            .iter()
+            .map(|(px, _)| px.to_device(&dev)?.to_dtype(dtype))
+            .collect::<candle_core::Result<_>>()?;
+        let mut x = profile::op("vision patch embed", &dev, || {
+            Ok(Tensor::cat(&pixels, 0)?.matmul(&self.patch_embed.t()?)?)
+        })?;
+        let tables: Vec<(Tensor, Tensor)> = images
+            .iter()
+            .map(|(_, g)| self.rotary(*g))
+            .collect::<Result<_>>()?;
+        let (cos, sin) = if tables.len() == 1 {
+            tables[0].clone()
+        } else {
+            let (c, s): (Vec<Tensor>, Vec<Tensor>) = tables.into_iter().unzip();
+            (Tensor::cat(&c, 0)?, Tensor::cat(&s, 0)?)
+        };
+        let scale = (hd as f64).powf(-0.5);
         for b in &self.blocks {
-            let h = b.norm1.forward(&x)?;
-            let qkv = b
-                .qkv
-                .forward(&h)?
-                .reshape((n, 3, heads, hd))?
-                .permute((1, 2, 0, 3))?; // [3, heads, n, hd]
+            let h = profile::op("vision norm", &dev, || b.norm1.forward(&x))?;
+            let qkv = profile::op("vision qkv", &dev, || {
+                Ok(b.qkv
+                    .forward(&h)?
+                    .reshape((n, 3, heads, hd))?
+                    .permute((1, 2, 0, 3))?) // [3, heads, n, hd]
+            })?;
             // Rotation in f32 as transformers does, then back to the working dtype.
-            let q = rope_in_f32(&qkv.get(0)?.unsqueeze(0)?, &cos, &sin)?;
-            let k = rope_in_f32(&qkv.get(1)?.unsqueeze(0)?, &cos, &sin)?;
-            let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
-            // Attention within each temporal frame (cu_seqlens): a still image is one frame.
-            let mut outs = Vec::with_capacity(grid[0]);
-            for f in 0..grid[0] {
-                let part = |t: &Tensor| t.narrow(2, f * frame, frame);
-                outs.push(attention(
-                    &part(&q)?,
-                    &part(&k)?,
-                    &part(&v)?,
-                    None,
-                    (hd as f64).powf(-0.5),
-                )?);
-            }
-            let o = Tensor::cat(&outs, 2)?
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .reshape((n, e))?;
-            x = (x + b.proj.forward(&o)?)?;
-            let h = b.norm2.forward(&x)?;
-            x = (&x + b.fc2.forward(&self.act.forward(&b.fc1.forward(&h)?)?)?)?;
+            let (q, k) = profile::op("vision rope", &dev, || {
+                Ok((
+                    rope_in_f32(&qkv.get(0)?.unsqueeze(0)?, &cos, &sin)?,
+                    rope_in_f32(&qkv.get(1)?.unsqueeze(0)?, &cos, &sin)?,
+                ))
+            })?;
+            let v = qkv.get(2)?.unsqueeze(0)?;
+            let o = profile::op("vision attention", &dev, || {
+                segmented_attention(&q, &k, &v, &segments, scale)
+            })?;
+            x = profile::op("vision proj + residual", &dev, || {
+                Ok((&x + b.proj.forward(&o)?)?)
+            })?;
+            let h = profile::op("vision norm", &dev, || b.norm2.forward(&x))?;
+            x = profile::op("vision mlp + residual", &dev, || {
+                Ok((&x + b.fc2.forward(&self.act.forward(&b.fc1.forward(&h)?)?)?)?)
+            })?;
         }
         let m2 = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
-        let x = self.ln_q.forward(&x)?.reshape((n / m2, e * m2))?;
-        let x = Activation::Gelu.forward(&self.merger_fc1.forward(&x)?)?;
-        self.merger_fc2.forward(&x)
+        // Merge groups are 4 consecutive rows of one image (each image's rows are a multiple of 4).
+        let merged = profile::op("vision merger", &dev, || {
+            let x = self.ln_q.forward(&x)?.reshape((n / m2, e * m2))?;
+            let x = Activation::Gelu.forward(&self.merger_fc1.forward(&x)?)?;
+            self.merger_fc2.forward(&x)
+        })?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut at = 0;
+        for r in rows {
+            out.push(merged.narrow(0, at, r / m2)?);
+            at += r / m2;
+        }
+        Ok(out)
+    }
+}
+
+/// Attention restricted to consecutive segments of the sequence (transformers' `cu_seqlens`).
+/// `q`, `k`, `v`: `[1, heads, n, hd]`; returns `[n, heads·hd]`. Runs of equal-length segments
+/// (the same image size from several requests) go through attention together, as many at a
+/// time as [`vit::ATTENTION_SCORES_BUDGET`] allows.
+fn segmented_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[usize],
+    scale: f64,
+) -> Result<Tensor> {
+    segmented_attention_within(q, k, v, segments, scale, vit::ATTENTION_SCORES_BUDGET)
+}
+
+fn segmented_attention_within(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[usize],
+    scale: f64,
+    budget: usize,
+) -> Result<Tensor> {
+    let (_, heads, n, hd) = q.dims4()?;
+    let per_chunk = |len: usize| (budget / (heads * len * len).max(1)).max(1);
+    let mut outs = Vec::new();
+    let (mut at, mut i) = (0, 0);
+    while i < segments.len() {
+        let len = segments[i];
+        let mut r = 1;
+        while i + r < segments.len() && segments[i + r] == len && r < per_chunk(len) {
+            r += 1;
+        }
+        // [1, heads, r·len, hd] → [r, heads, len, hd]
+        let part = |t: &Tensor| -> Result<Tensor> {
+            let t = t.narrow(2, at, r * len)?;
+            Ok(if r == 1 {
+                t
+            } else {
+                t.squeeze(0)?
+                    .reshape((heads, r, len, hd))?
+                    .transpose(0, 1)?
+            })
+        };
+        let a = attention(&part(q)?, &part(k)?, &part(v)?, None, scale)?; // [r, heads, len, hd]
+        outs.push(a.transpose(1, 2)?.reshape((r * len, heads * hd))?);
+        at += r * len;
+        i += r;
+    }
+    if at != n {
+        return Err(crate::Error::Internal(format!(
+            "vision attention: segments cover {at} of {n} patches"
+        )));
+    }
+    Ok(if outs.len() == 1 {
+        outs.remove(0)
+    } else {
+        Tensor::cat(&outs, 0)?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    /// Each segment alone through attention, as transformers' loop over `cu_seqlens` does.
+    fn one_by_one(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[usize]) -> Tensor {
+        let (_, heads, _, hd) = q.dims4().unwrap();
+        let mut outs = Vec::new();
+        let mut at = 0;
+        for &len in segments {
+            let part = |t: &Tensor| t.narrow(2, at, len).unwrap();
+            let a = attention(&part(q), &part(k), &part(v), None, 0.25).unwrap();
+            outs.push(
+                a.squeeze(0)
+                    .unwrap()
+                    .transpose(0, 1)
+                    .unwrap()
+                    .reshape((len, heads * hd))
+                    .unwrap(),
+            );
+            at += len;
+        }
+        Tensor::cat(&outs, 0).unwrap()
+    }
+
+    #[test]
+    fn segments_batched_in_runs_equal_segments_one_by_one() {
+        let dev = Device::Cpu;
+        let segments = [12, 12, 12, 7, 12, 12, 5];
+        let n: usize = segments.iter().sum();
+        let r = |_| Tensor::randn(0f32, 1.0, (1, 3, n, 8), &dev).unwrap();
+        let (q, k, v) = (r(0), r(1), r(2));
+        let want = one_by_one(&q, &k, &v, &segments);
+        // Budgets: everything in one run; two 12-token segments per call; one per call.
+        for budget in [usize::MAX, 2 * 3 * 144, 1] {
+            let got = segmented_attention_within(&q, &k, &v, &segments, 0.25, budget).unwrap();
+            assert_eq!(got.dims(), &[n, 24]);
+            let diff = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(D::Minus1)
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-6, "budget {budget}: {diff}");
+        }
+        // Segments that do not cover the sequence are refused.
+        assert!(segmented_attention_within(&q, &k, &v, &[12, 12], 0.25, usize::MAX).is_err());
     }
 }
