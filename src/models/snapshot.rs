@@ -296,4 +296,18 @@ impl<'a> Prefixed<'a> {
     pub fn contains(&self, name: &str) -> bool {
         self.w.contains(&format!("{}{name}", self.prefix))
     }
+    /// Tensor `name` of the sub-modules `subs` (`(prefix, rows)`), stacked along the first
+    /// dimension: q, k and v projections as one matrix, so that one GEMM computes all three.
+    /// `rest` is the shape after the first dimension (`[in]` for weights, `[]` for biases).
+    pub fn stacked(&self, subs: &[(&str, usize)], name: &str, rest: &[usize]) -> Result<Tensor> {
+        let parts = subs
+            .iter()
+            .map(|(sub, rows)| {
+                let shape: Vec<usize> =
+                    std::iter::once(*rows).chain(rest.iter().copied()).collect();
+                self.pp(sub).get(name, shape)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
 }

@@ -73,9 +73,8 @@ impl VitConfig {
 struct EncoderLayer {
     ln1: LayerNorm,
     ln2: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections stacked: one GEMM (rows `[q | k | v]`).
+    qkv: Linear,
     out: Linear,
     fc1: Linear,
     fc2: Linear,
@@ -125,9 +124,13 @@ impl VisionTransformer {
                 Ok(EncoderLayer {
                     ln1: LayerNorm::load(&l.pp("layer_norm1"), d, eps)?,
                     ln2: LayerNorm::load(&l.pp("layer_norm2"), d, eps)?,
-                    q: Linear::load(&a.pp("q_proj"), d, d, true)?,
-                    k: Linear::load(&a.pp("k_proj"), d, d, true)?,
-                    v: Linear::load(&a.pp("v_proj"), d, d, true)?,
+                    qkv: {
+                        let subs = [("q_proj", d), ("k_proj", d), ("v_proj", d)];
+                        Linear::from_weight(
+                            a.stacked(&subs, "weight", &[d])?,
+                            Some(a.stacked(&subs, "bias", &[])?),
+                        )
+                    },
                     out: Linear::load(&a.pp("out_proj"), d, d, true)?,
                     fc1: Linear::load(&l.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
                     fc2: Linear::load(&l.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
@@ -186,16 +189,15 @@ impl VisionTransformer {
         let per_chunk = (ATTENTION_SCORES_BUDGET / (heads * t * t).max(1)).clamp(1, n);
         for l in &self.layers {
             let h = profile::op("vision norm", &dev, || l.ln1.forward(&x))?;
-            let split = |lin: &Linear| -> Result<Tensor> {
-                Ok(lin
+            // [n, t, 3·d] → [3, n, heads, t, hd]
+            let qkv = profile::op("vision qkv", &dev, || {
+                Ok(l.qkv
                     .forward(&h)?
-                    .reshape((n, t, heads, hd))?
-                    .transpose(1, 2)?
+                    .reshape((n, t, 3, heads, hd))?
+                    .permute((2, 0, 3, 1, 4))?
                     .contiguous()?)
-            };
-            let (q, k, v) = profile::op("vision qkv", &dev, || {
-                Ok((split(&l.q)?, split(&l.k)?, split(&l.v)?))
             })?;
+            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
             let a = profile::op("vision attention", &dev, || {
                 let mut parts = Vec::with_capacity(n.div_ceil(per_chunk));
                 for at in (0..n).step_by(per_chunk) {

@@ -156,12 +156,11 @@ impl VisionTower {
                     .permute((1, 2, 0, 3))?) // [3, heads, n, hd]
             })?;
             // Rotation in f32 as transformers does, then back to the working dtype.
-            let (q, k) = profile::op("vision rope", &dev, || {
-                Ok((
-                    rope_in_f32(&qkv.get(0)?.unsqueeze(0)?, &cos, &sin)?,
-                    rope_in_f32(&qkv.get(1)?.unsqueeze(0)?, &cos, &sin)?,
-                ))
+            // q and k rotated together, as a batch of two.
+            let qk = profile::op("vision rope", &dev, || {
+                rope_in_f32(&qkv.narrow(0, 0, 2)?, &cos, &sin)
             })?;
+            let (q, k) = (qk.get(0)?.unsqueeze(0)?, qk.get(1)?.unsqueeze(0)?);
             let v = qkv.get(2)?.unsqueeze(0)?;
             let o = profile::op("vision attention", &dev, || {
                 segmented_attention(&q, &k, &v, &segments, scale)
