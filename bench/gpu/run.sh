@@ -7,9 +7,10 @@
 #
 # Usage (repository root):  bench/gpu/run.sh [--small] [--models qwen2vl,llava15] [--bin PATH]
 #   --small  small shapes on whatever device is there (the CPU dry run of this script).
-# Results: $OUT (or bench/results/gpu-<date>) holds results.jsonl, the server logs, table.txt and
-# profile-<model>-fused{0,1}.txt (stage timings of one request, LOGIT_LENS_PROFILE=1, without and with
-# LOGIT_LENS_FUSED_SOFTMAX) and fused-softmax-<model>.txt (whether the two agree).
+# Results: $OUT (or bench/results/gpu-<date>) holds results.jsonl, the server logs, table.txt,
+# profile-<model>-{none,fused}.txt (stage timings of one request, LOGIT_LENS_PROFILE=1, op by op and
+# with LOGIT_LENS_FUSED=all), profile-<model>-{none,fused}-ops.txt (LOGIT_LENS_PROFILE=2: per group of
+# operations, device and host-issue time) and fused-<model>.txt (whether the two agree, which is faster).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 small=""; models=qwen2vl,llava15; bin=${BIN:-}
@@ -56,26 +57,31 @@ for family in ${models//,/ }; do
   dir=$ckpt/$family
   log "checkpoint $family${small:+ (small)}"
   $py bench/gpu/make_checkpoints.py --out "$ckpt" --models "$family" $small >> "$res" || { log "checkpoint failed"; continue; }
-  # Where one request's time goes, stage by stage, with the device synchronised at each boundary;
-  # with the attention softmax op by op (0) and as one kernel (1, LOGIT_LENS_FUSED_SOFTMAX), and
-  # whether the two answers agree (top-5 ids per layer, the confidence curve).
-  for fused in 0 1; do
-    LOGIT_LENS_FUSED_SOFTMAX=$fused LOGIT_LENS_PROFILE=1 "$bin" probe --model "$dir" \
-      --image bench/images/coco_640x480.png --prompt "Color of the main object:" --top-k 5 --repeat 3 \
-      > "$out/probe-$family-fused$fused.json" 2> "$out/profile-$family-fused$fused.txt" || log "profile failed"
-  done
-  python3 - "$out/probe-$family-fused0.json" "$out/probe-$family-fused1.json" <<'PY' | tee "$out/fused-softmax-$family.txt" || true
-import json, sys
-a, b = (json.load(open(p)) for p in sys.argv[1:3])
-ids = lambda r: [[t["id"] for t in l["positions"][0]["top"]] for l in r["layers"]]
-top1 = sum(x[0] == y[0] for x, y in zip(ids(a), ids(b))) / len(ids(a))
-curve = max(abs(x["mean_max_prob"] - y["mean_max_prob"]) for x, y in zip(a["layers"], b["layers"]))
-print(f"fused softmax: top-1 agreement with the op-by-op path {top1:.3f} over {len(ids(a))} layers, "
-      f"same top-5 {ids(a) == ids(b)}, max confidence-curve diff {curve:.2e}; "
-      f"forward {a['timing_ms']['forward']:.1f} -> {b['timing_ms']['forward']:.1f} ms")
-PY
+  # One request, three ways, before serving (each probe loads the model afresh):
+  #   LOGIT_LENS_PROFILE=1, LOGIT_LENS_FUSED=none and all: stage timings with device syncs at stage
+  #     boundaries, the answer at every layer × position (top-1), op by op and with every fused kernel;
+  #   LOGIT_LENS_PROFILE=2 for both: where the time goes inside the blocks, device time and the host's
+  #     time issuing it per group of operations (host ≈ device: bound by per-operation overhead).
+  # bench/gpu/compare_fused.py says whether the fused kernels give the op-by-op answer (top-1 on at
+  # least 99.5 % of layer × position pairs) and are faster; then the server runs with them.
+  probe() {  # probe <fused> <profile level> <repeat> <name>
+    LOGIT_LENS_FUSED=$1 LOGIT_LENS_PROFILE=$2 "$bin" probe --model "$dir" \
+      --image bench/images/coco_640x480.png --prompt "Color of the main object:" --top-k 1 \
+      --positions all --repeat "$3" > "$out/probe-$family-$4.json" 2> "$out/profile-$family-$4.txt" \
+      || log "probe $4 failed"
+  }
+  probe none 1 5 none
+  probe all 1 5 fused
+  probe none 2 2 none-ops
+  probe all 2 2 fused-ops
+  fused_env=none
+  if $py bench/gpu/compare_fused.py "$out/probe-$family-none.json" "$out/probe-$family-fused.json" \
+       "$out/profile-$family-none.txt" "$out/profile-$family-fused.txt" | tee "$out/fused-$family.txt"; then
+    fused_env=all
+  fi
+  echo "{\"fused\": \"$family\", \"serve_with\": \"$fused_env\"}" >> "$res"
   log "serve $family"
-  "$bin" serve --model "$family=$dir" --port $port --max-batch-size 8 --max-queue 256 > "$out/serve-$family.log" 2>&1 &
+  LOGIT_LENS_FUSED=$fused_env "$bin" serve --model "$family=$dir" --port $port --max-batch-size 8 --max-queue 256 > "$out/serve-$family.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break

@@ -25,3 +25,6 @@ for r in rows:
         print(f"parity {r['model']} {r['image']}: same ids {r['same_input_ids']}, top-1 agreement "
               f"{r['top1_agreement']:.4f} over {r['layer_position_pairs']} pairs, max top-1 prob diff "
               f"{r['max_top1_prob_diff']}, max mean_max_prob diff {r['max_mean_max_prob_diff']}, pass {r['pass']}")
+for r in rows:
+    if "serve_with" in r:
+        print(f"served {r['fused']} with LOGIT_LENS_FUSED={r['serve_with']} (see fused-{r['fused']}.txt)")
