@@ -1,6 +1,6 @@
 // Shared by the lens's row reduction (row_reduce.cu) and attention's fused softmax
 // (../models/attention.cu): a row's max and sum of exp(v - max), accumulated online in f32, one
-// CUDA block per row.
+// CUDA block per row. Also the half <-> f32 conversions of every kernel (../models/fused.cu too).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -9,6 +9,12 @@
 __device__ __forceinline__ float as_f32(float x) { return x; }
 __device__ __forceinline__ float as_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float as_f32(__half x) { return __half2float(x); }
+
+// f32 to T, rounded to nearest even (as the half crate's from_f32).
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
 
 // Merges (m2, s2) into (m, s).
 __device__ __forceinline__ void combine(float &m, float &s, float m2, float s2) {

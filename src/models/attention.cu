@@ -5,11 +5,6 @@
 // then the output) and written once, instead of four full f32 passes.
 #include "../lens/online_max_sum.cuh"
 
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
-
 template <typename T>
 __device__ void scaled_masked_softmax(const T *x, const float *mask, long long mask_rows, T *y,
                                       long long cols, float scale) {

@@ -6,21 +6,18 @@
 //! (`attention.cu`, compiled to PTX by build.rs) reads the scores and writes the probabilities
 //! once; on the CPU the same arithmetic in Rust is the reference the tests hold both to.
 //!
-//! Used on the GPU only when `LOGIT_LENS_FUSED_SOFTMAX=1` until its speed and parity have been
-//! measured on a card (bench/gpu/run.sh compares both).
-
-use std::sync::OnceLock;
+//! Used on the GPU only when `LOGIT_LENS_FUSED` names `softmax` (or is `all`), or with the older
+//! `LOGIT_LENS_FUSED_SOFTMAX=1`, until its speed and parity have been measured on a card
+//! (bench/gpu/run.sh compares both). The other fused kernels are in `layers::fused`.
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
 use crate::error::Result;
+use crate::models::layers::fused::{self, Kernel};
 
-/// `LOGIT_LENS_FUSED_SOFTMAX=1`: use the fused kernel for half-precision attention on a GPU.
+/// Whether the switch turns this kernel on (see [`fused::enabled`]).
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("LOGIT_LENS_FUSED_SOFTMAX").is_ok_and(|v| !v.is_empty() && v != "0")
-    })
+    fused::enabled(Kernel::Softmax)
 }
 
 /// `scores` `[..., cols]` (f32, bf16 or f16); `mask` additive, `[mask_rows, cols]` (0 or −∞),

@@ -6,6 +6,12 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use crate::error::{Error, Result};
 use crate::models::snapshot::Prefixed;
 
+/// Fused GPU kernels for the half-precision paths below, behind `LOGIT_LENS_FUSED`.
+#[path = "fused/mod.rs"]
+pub mod fused;
+
+use fused::Kernel;
+
 /// `y = x Wᵀ + b` over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -73,7 +79,11 @@ impl RmsNorm {
             )?);
         }
         // Half precision, as transformers rounds it: normalise in f32, cast back, then multiply
-        // by the weight in the model dtype (two roundings where a fused kernel has one).
+        // by the weight in the model dtype (two roundings where candle's rms_norm has one; the
+        // fused kernel behind the switch keeps both).
+        if fused::applies(x, Kernel::RmsNorm) {
+            return fused::rms_norm(x, &self.weight, self.eps);
+        }
         Ok(candle_nn::ops::rms_norm_slow(
             x,
             &self.weight,
@@ -103,6 +113,9 @@ impl LayerNorm {
     /// f32, one rounding to the model dtype. (candle's fused kernel takes E[x²] − E[x]², which
     /// loses digits when the mean is large against the spread, as it is deep in a ViT.)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused::applies(x, Kernel::LayerNorm) {
+            return fused::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -146,6 +159,9 @@ impl Activation {
         if dtype != DType::F32 && dtype != DType::F64 {
             // Half precision as torch computes it: each op in f32, rounded once to the model dtype
             // (candle's half kernels for GELU and f16 SiLU compute in half arithmetic).
+            if fused::applies(x, Kernel::Act) {
+                return fused::activation(x, *self);
+            }
             return Ok(match self {
                 Activation::QuickGelu => {
                     let a = scale_like_torch(x, 1.702)?.to_dtype(DType::F32)?;
@@ -161,6 +177,18 @@ impl Activation {
             Activation::Silu => candle_nn::Activation::Silu.forward(x)?,
         })
     }
+
+    /// `act(gate) · up` (a gated MLP): in half precision on a GPU one fused kernel when the
+    /// switch names `act`, with the same roundings as `self.forward(gate)? * up`.
+    pub fn then_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if fused::applies(gate, Kernel::Act)
+            && gate.dims() == up.dims()
+            && gate.dtype() == up.dtype()
+        {
+            return fused::activation_mul(gate, up, *self);
+        }
+        Ok((self.forward(gate)? * up)?)
+    }
 }
 
 /// Rotate-half rotary embedding. `x`: `[batch, heads, seq, head_dim]`; `cos`/`sin`:
@@ -170,6 +198,10 @@ impl Activation {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if x.dtype() == DType::F32 {
         return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+    }
+    // Fused: one kernel with the same roundings; reads a strided view of x in place.
+    if fused::applies(x, Kernel::Rope) && fused::rope_fits(x, cos, sin, false) {
+        return fused::rope(x, cos, sin);
     }
     let full = |t: &Tensor| -> Result<Tensor> {
         let t = Tensor::cat(&[t, t], t.rank() - 1)?;
@@ -189,6 +221,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// transformers upcasts q and k, rotates with f32 tables, casts back). `x`: `[batch, heads, seq,
 /// head_dim]` in any dtype; `cos`/`sin`: f32 `[seq, head_dim/2]`.
 pub fn rope_in_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    // Fused: one kernel, reading a strided head view (e.g. a `narrow` of packed q/k/v heads) in
+    // place, without the f32 copies.
+    if fused::applies(x, Kernel::Rope) && fused::rope_fits(x, cos, sin, true) {
+        return fused::rope_in_f32(x, cos, sin);
+    }
     Ok(rope(&x.to_dtype(DType::F32)?, cos, sin)?.to_dtype(x.dtype())?)
 }
 
@@ -221,7 +258,7 @@ pub fn attention(
     let probs = if scores.device().is_cuda()
         && scores.dtype() != DType::F32
         && mask.is_none_or(|m| m.rank() == 2)
-        && super::fused_softmax::enabled()
+        && fused::enabled(Kernel::Softmax)
     {
         super::fused_softmax::scaled_masked_softmax(&scores, mask, scale)?
     } else {

@@ -1,0 +1,274 @@
+//! Fused GPU kernels for the half-precision forward pass: each computes in ONE launch what
+//! [`super`]'s op-by-op path computes with a chain of candle ops (one kernel each), with the same
+//! roundings in the same order (transformers' order, ../shared/docs/MODELS.md §6). On a GPU the
+//! op-by-op path is bound by per-op host overhead (~3700 launches per Qwen2-VL forward).
+//!
+//! Each kernel is a candle custom op: `cuda_fwd` launches the PTX kernel (`src/models/fused.cu`,
+//! compiled by build.rs; attention's softmax is in `attention.cu`), `cpu_fwd` is its CPU twin, the
+//! same arithmetic in Rust, which the tests hold bit for bit to the op-by-op path on the CPU.
+//!
+//! Reductions (LayerNorm's mean and variance, RMSNorm's mean square) are where the twin and the
+//! kernel part: a float sum depends on its order, so each follows its own device's candle sum.
+//! The twin sums as candle's CPU `sum_keepdim` does (candle's own `VecOps::vec_reduce_sum`); the
+//! kernel as candle's CUDA `fast_sum` does (blockDim = min(1024, n) rounded up to a power of two,
+//! strided per-thread sums, then a shared-memory tree; n ≤ 32: one thread, left to right). So each
+//! equals the op-by-op path on its own device bit for bit (on the GPU: to be confirmed on a card).
+//!
+//! Off by default; [`enabled`] reads the switch `LOGIT_LENS_FUSED` once:
+//! `all`, or a comma list of `softmax,layernorm,rmsnorm,rope,act`; empty, `0` or `none`: off.
+//! `LOGIT_LENS_FUSED_SOFTMAX=1` (the older switch) still turns on `softmax`.
+//!
+//! (This module is declared from layers.rs, as `layers::fused`, because models/mod.rs belongs to
+//! another change; attention's softmax stays in models/fused_softmax.rs for the same reason.)
+
+mod act;
+mod norm;
+mod rope;
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Layout, Tensor};
+
+pub use act::{activation, activation_mul};
+pub use norm::{layer_norm, rms_norm};
+pub use rope::{fits as rope_fits, rope, rope_in_f32};
+
+/// The fused kernels the switch names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// attention's `softmax(scores · scale + mask)` (models/fused_softmax.rs)
+    Softmax,
+    LayerNorm,
+    RmsNorm,
+    /// half-precision rotary embedding, with half or f32 tables
+    Rope,
+    /// activations, and the decoder MLP's `act(gate) · up`
+    Act,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 5] = [
+        Kernel::Softmax,
+        Kernel::LayerNorm,
+        Kernel::RmsNorm,
+        Kernel::Rope,
+        Kernel::Act,
+    ];
+
+    /// Its name in `LOGIT_LENS_FUSED`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Softmax => "softmax",
+            Kernel::LayerNorm => "layernorm",
+            Kernel::RmsNorm => "rmsnorm",
+            Kernel::Rope => "rope",
+            Kernel::Act => "act",
+        }
+    }
+}
+
+/// Which kernels are on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Switch(u8);
+
+impl Switch {
+    pub fn all() -> Self {
+        Kernel::ALL.into_iter().fold(Switch(0), Switch::with)
+    }
+
+    pub fn with(self, k: Kernel) -> Self {
+        Switch(self.0 | 1 << k as u8)
+    }
+
+    pub fn has(self, k: Kernel) -> bool {
+        self.0 & (1 << k as u8) != 0
+    }
+
+    /// `fused`: `LOGIT_LENS_FUSED`'s value; `softmax_alias`: `LOGIT_LENS_FUSED_SOFTMAX`'s. Returns
+    /// the switch and the names it did not know (ignored). Names are case-insensitive; blanks
+    /// around them and empty list items are ignored.
+    pub fn parse(fused: Option<&str>, softmax_alias: Option<&str>) -> (Self, Vec<String>) {
+        let mut on = Switch(0);
+        let mut unknown = Vec::new();
+        for item in fused.unwrap_or("").split(',') {
+            let item = item.trim().to_ascii_lowercase();
+            match item.as_str() {
+                "" | "0" | "none" => {}
+                "all" => on = Switch::all(),
+                name => match Kernel::ALL.into_iter().find(|k| k.name() == name) {
+                    Some(k) => on = on.with(k),
+                    None => unknown.push(item),
+                },
+            }
+        }
+        if softmax_alias.is_some_and(|v| !v.is_empty() && v != "0") {
+            on = on.with(Kernel::Softmax);
+        }
+        (on, unknown)
+    }
+}
+
+/// Whether `LOGIT_LENS_FUSED` (or the `LOGIT_LENS_FUSED_SOFTMAX` alias) turns kernel `k` on. Read
+/// once; unknown names are reported once on stderr and ignored.
+pub fn enabled(k: Kernel) -> bool {
+    static ON: OnceLock<Switch> = OnceLock::new();
+    ON.get_or_init(|| {
+        let var = |name: &str| std::env::var(name).ok();
+        let (on, unknown) = Switch::parse(
+            var("LOGIT_LENS_FUSED").as_deref(),
+            var("LOGIT_LENS_FUSED_SOFTMAX").as_deref(),
+        );
+        if !unknown.is_empty() {
+            let known: Vec<_> = Kernel::ALL.iter().map(|k| k.name()).collect();
+            eprintln!(
+                "warning: LOGIT_LENS_FUSED: unknown kernel name(s) {} ignored (known: all, none, {})",
+                unknown.join(", "),
+                known.join(", ")
+            );
+        }
+        on
+    })
+    .has(k)
+}
+
+/// Whether a half-precision op on `x` goes to fused kernel `k`: `x` on a GPU, bf16 or f16, and the
+/// switch names `k`. (The CPU and f32 paths never change.)
+pub fn applies(x: &Tensor, k: Kernel) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16) && enabled(k)
+}
+
+/// A contiguous layout's elements of `v`.
+fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("fused {what}: non-contiguous input")))?;
+    Ok(&v[start..end])
+}
+
+/// The PTX of src/models/fused.cu and how to launch it.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig};
+    use candle_core::CudaDevice;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+    pub fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+        dev.get_or_load_custom_func(name, "logit_lens_fused", PTX)
+    }
+
+    /// One block per row, as many threads as candle's CUDA `fast_sum` uses for a row of `n`
+    /// (the kernel sums in its order): min(1024, n) rounded up to a power of two, at least 32.
+    pub fn per_row(rows: usize, n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (n.clamp(32, 1024).next_power_of_two() as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One thread per element of `n`.
+    pub fn per_element(n: usize) -> LaunchConfig {
+        const THREADS: usize = 256;
+        LaunchConfig {
+            grid_dim: (n.div_ceil(THREADS).max(1) as u32, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// Half-precision conversions of the twins: `to` exact, `from` round-to-nearest-even (as
+/// `__float2bfloat16` / `__float2half` in the kernels).
+trait Half: Copy {
+    fn to(self) -> f32;
+    fn from(v: f32) -> Self;
+}
+
+impl Half for half::bf16 {
+    fn to(self) -> f32 {
+        self.to_f32()
+    }
+    fn from(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+impl Half for half::f16 {
+    fn to(self) -> f32 {
+        self.to_f32()
+    }
+    fn from(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_switch_names_kernels_or_all() {
+        let p = |f: Option<&str>, s: Option<&str>| Switch::parse(f, s);
+        for off in [None, Some(""), Some("0"), Some("none"), Some(" , ")] {
+            assert_eq!(p(off, None), (Switch(0), vec![]), "{off:?}");
+        }
+        let (all, unknown) = p(Some("all"), None);
+        assert!(unknown.is_empty());
+        assert!(Kernel::ALL.iter().all(|&k| all.has(k)));
+        let (s, unknown) = p(Some(" LayerNorm, rope,,bogus "), None);
+        assert_eq!(unknown, vec!["bogus".to_string()]);
+        for k in Kernel::ALL {
+            assert_eq!(
+                s.has(k),
+                matches!(k, Kernel::LayerNorm | Kernel::Rope),
+                "{k:?}"
+            );
+        }
+        // Every name parses to its kernel alone.
+        for k in Kernel::ALL {
+            assert_eq!(p(Some(k.name()), None), (Switch(0).with(k), vec![]));
+        }
+        // The older switch still turns the softmax on, alone or with others.
+        assert_eq!(p(None, Some("1")).0, Switch(0).with(Kernel::Softmax));
+        assert_eq!(p(None, Some("0")).0, Switch(0));
+        assert_eq!(p(None, Some("")).0, Switch(0));
+        assert_eq!(
+            p(Some("act"), Some("1")).0,
+            Switch(0).with(Kernel::Act).with(Kernel::Softmax)
+        );
+        assert_eq!(p(Some("all,none"), None).0, Switch::all());
+    }
+}
+
+/// Shared by the twins' tests: random half-precision data and bitwise comparison.
+#[cfg(test)]
+mod test_util {
+    use candle_core::{DType, Device, Tensor};
+
+    /// `shape` values `mean + spread · N(0, 1)`, rounded to `dtype`.
+    pub fn randn(shape: &[usize], mean: f32, spread: f32, dtype: DType) -> Tensor {
+        Tensor::randn(mean, spread, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    /// The number of elements whose bits differ (−0 and +0 differ; the shapes must agree).
+    pub fn bits_differ(a: &Tensor, b: &Tensor) -> usize {
+        assert_eq!(a.dims(), b.dims());
+        assert_eq!(a.dtype(), b.dtype());
+        let v = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f32::to_bits)
+                .collect()
+        };
+        v(a).iter().zip(v(b)).filter(|(x, y)| **x != *y).count()
+    }
+}
