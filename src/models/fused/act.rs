@@ -121,7 +121,11 @@ impl Act {
                 if n > 0 {
                     match s2 {
                         None => {
-                            let func = super::gpu::func(dev, $one)?;
+                            let func = dev.get_or_load_custom_func(
+                                $one,
+                                super::gpu::MODULE,
+                                super::gpu::PTX,
+                            )?;
                             let mut b = func.builder();
                             b.arg(&x);
                             b.arg(&out);
@@ -133,7 +137,11 @@ impl Act {
                         }
                         Some((s2, _)) => {
                             let up = s2.as_cuda_slice::<$ty>()?.slice(o2..);
-                            let func = super::gpu::func(dev, $two)?;
+                            let func = dev.get_or_load_custom_func(
+                                $two,
+                                super::gpu::MODULE,
+                                super::gpu::PTX,
+                            )?;
                             let mut b = func.builder();
                             b.arg(&x);
                             b.arg(&up);

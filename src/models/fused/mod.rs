@@ -148,14 +148,12 @@ fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<
 /// The PTX of src/models/fused.cu and how to launch it.
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig};
-    use candle_core::CudaDevice;
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
-
-    pub fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
-        dev.get_or_load_custom_func(name, "logit_lens_fused", PTX)
-    }
+    /// fused.cu, loaded once per device as module `MODULE` (`dev.get_or_load_custom_func(kernel,
+    /// MODULE, PTX)`).
+    pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+    pub const MODULE: &str = "logit_lens_fused";
 
     /// One block per row, as many threads as candle's CUDA `fast_sum` uses for a row of `n`
     /// (the kernel sums in its order): min(1024, n) rounded up to a power of two, at least 32.

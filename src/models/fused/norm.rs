@@ -206,7 +206,8 @@ impl candle_core::CustomOp3 for Norm {
         let (n_i, inv_n, eps) = (n as i64, self.inv_n, self.eps);
         macro_rules! launch {
             ($ty:ty, $wty:ty, $name:literal) => {{
-                let func = super::gpu::func(dev, $name)?;
+                let func =
+                    dev.get_or_load_custom_func($name, super::gpu::MODULE, super::gpu::PTX)?;
                 let x = s1.as_cuda_slice::<$ty>()?.slice(o1..);
                 let w = s2.as_cuda_slice::<$wty>()?.slice(o2..);
                 let b = s3.as_cuda_slice::<$wty>()?.slice(o3..);

@@ -249,7 +249,8 @@ impl candle_core::CustomOp3 for Rope {
         ];
         macro_rules! launch {
             ($ty:ty, $tty:ty, $name:literal) => {{
-                let func = super::gpu::func(dev, $name)?;
+                let func =
+                    dev.get_or_load_custom_func($name, super::gpu::MODULE, super::gpu::PTX)?;
                 let x = s1.as_cuda_slice::<$ty>()?.slice(o1..);
                 let cos = s2.as_cuda_slice::<$tty>()?.slice(o2..);
                 let sin = s3.as_cuda_slice::<$tty>()?.slice(o3..);
