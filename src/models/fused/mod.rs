@@ -270,3 +270,198 @@ mod test_util {
         v(a).iter().zip(v(b)).filter(|(x, y)| **x != *y).count()
     }
 }
+
+/// On a GPU (`cargo test --release --features cuda --lib fused -- --nocapture`, without
+/// `LOGIT_LENS_FUSED`): every kernel against candle's op-by-op path on the same GPU, and against
+/// its CPU twin. Skipped (passes) where no CUDA device opens.
+///
+/// Expected: bit for bit with the GPU's op-by-op path for the norms (same f32 sum order as
+/// candle's CUDA `fast_sum`), the activations (candle's own CUDA expressions) and the half rope.
+/// `rope_in_f32` is held to ≤ 1 ulp there: candle's CUDA f32 rope writes `x1·c − x2·s`, which
+/// nvcc may contract to a fused multiply-add; the kernel rounds each product, as torch and the CPU
+/// do. Against the CPU twin (printed only): the norms differ by summation order, the
+/// activations by CUDA's exp/erf/tanh against Rust's.
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use super::*;
+    use crate::models::layers::{self, Activation, LayerNorm, RmsNorm};
+    use candle_core::Device;
+
+    /// Half-precision bits as ordered integers (adjacent values differ by 1).
+    fn ordered(t: &Tensor) -> Vec<i32> {
+        let dtype = t.dtype();
+        let v = t
+            .flatten_all()
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        v.into_iter()
+            .map(|f| {
+                let bits = match dtype {
+                    DType::BF16 => half::bf16::from_f32(f).to_bits(),
+                    _ => half::f16::from_f32(f).to_bits(),
+                } as i32;
+                if bits & 0x8000 != 0 {
+                    -(bits & 0x7fff)
+                } else {
+                    bits
+                }
+            })
+            .collect()
+    }
+
+    /// (elements that differ, largest difference in ulps).
+    fn compare(a: &Tensor, b: &Tensor) -> (usize, i32) {
+        assert_eq!(a.dims(), b.dims());
+        let (a, b) = (ordered(a), ordered(b));
+        let d: Vec<i32> = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).collect();
+        (
+            d.iter().filter(|&&v| v != 0).count(),
+            d.into_iter().max().unwrap_or(0),
+        )
+    }
+
+    fn rand(shape: &[usize], mean: f32, spread: f32, dtype: DType, dev: &Device) -> Tensor {
+        Tensor::randn(mean, spread, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(dev)
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_kernels_equal_the_op_by_op_path_on_the_gpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        assert!(
+            Kernel::ALL.iter().all(|&k| !enabled(k)),
+            "run without LOGIT_LENS_FUSED: the op-by-op reference would be fused too"
+        );
+        let cpu = Device::Cpu;
+        let mut failures = Vec::new();
+        // name, GPU fused, GPU op by op, CPU twin, ulps allowed against the GPU op by op
+        let mut check = |name: String, fused: Tensor, op: Tensor, twin: Tensor, allowed: i32| {
+            let (n_op, u_op) = compare(&fused, &op);
+            let (n_twin, u_twin) = compare(&fused, &twin);
+            let total = fused.elem_count();
+            eprintln!(
+                "{name:44} vs op-by-op: {n_op:>8}/{total} differ (max {u_op} ulp); \
+                 vs CPU twin: {n_twin:>8} differ (max {u_twin} ulp)"
+            );
+            if u_op > allowed {
+                failures.push(format!("{name}: {n_op} differ, max {u_op} ulp"));
+            }
+        };
+        let on = |t: &Tensor, d: &Device| t.to_device(d).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            // LayerNorm: ViT widths, large means.
+            for (rows, n, mean) in [(4096, 1280, 0.0), (577, 1024, 30.0), (729, 1152, -200.0)] {
+                let x = rand(&[rows, n], mean, 2.0, dtype, &gpu);
+                let ln = LayerNorm {
+                    weight: rand(&[n], 1.0, 0.3, DType::F32, &gpu),
+                    bias: rand(&[n], 0.0, 0.5, DType::F32, &gpu),
+                    eps: 1e-6,
+                };
+                let fused = layer_norm(&x, &ln.weight, &ln.bias, ln.eps).unwrap();
+                let op = ln.forward(&x).unwrap();
+                let twin = layer_norm(
+                    &on(&x, &cpu),
+                    &on(&ln.weight, &cpu),
+                    &on(&ln.bias, &cpu),
+                    1e-6,
+                )
+                .unwrap();
+                check(
+                    format!("layernorm {dtype:?} [{rows}, {n}]"),
+                    fused,
+                    op,
+                    twin,
+                    0,
+                );
+            }
+            // RMSNorm: decoder widths.
+            for (rows, n) in [(1000, 1536), (300, 896), (64, 4096), (50, 20)] {
+                let x = rand(&[1, rows, n], 0.0, 1.5, dtype, &gpu);
+                let norm = RmsNorm {
+                    weight: rand(&[n], 1.0, 0.5, dtype, &gpu),
+                    eps: 1e-6,
+                };
+                let fused = rms_norm(&x, &norm.weight, norm.eps).unwrap();
+                let op = norm.forward(&x).unwrap();
+                let twin = rms_norm(&on(&x, &cpu), &on(&norm.weight, &cpu), 1e-6).unwrap();
+                check(
+                    format!("rmsnorm {dtype:?} [{rows}, {n}]"),
+                    fused,
+                    op,
+                    twin,
+                    0,
+                );
+            }
+            // Activations and act·mul.
+            for act in [
+                Activation::QuickGelu,
+                Activation::Gelu,
+                Activation::GeluTanh,
+                Activation::Silu,
+            ] {
+                let x = rand(&[1000, 5120], 0.0, 3.0, dtype, &gpu);
+                let fused = activation(&x, act).unwrap();
+                let op = act.forward(&x).unwrap();
+                let twin = activation(&on(&x, &cpu), act).unwrap();
+                check(format!("act {act:?} {dtype:?}"), fused, op, twin, 0);
+                let up = rand(&[1000, 5120], 0.0, 1.0, dtype, &gpu);
+                let fused = activation_mul(&x, &up, act).unwrap();
+                let op = (act.forward(&x).unwrap() * &up).unwrap();
+                let twin = activation_mul(&on(&x, &cpu), &on(&up, &cpu), act).unwrap();
+                check(format!("act·mul {act:?} {dtype:?}"), fused, op, twin, 0);
+            }
+            // Rope with half tables: the decoder's q and k heads, a view of the qkv heads.
+            let (b, nh, nkv, s, hd) = (1, 12, 2, 1000, 128);
+            let heads = rand(&[b, nh + 2 * nkv, s, hd], 0.0, 2.0, dtype, &gpu);
+            let x = heads.narrow(1, 0, nh + nkv).unwrap();
+            let inv = layers::inv_freq(1e6, hd);
+            let angles: Vec<f32> = (0..s)
+                .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
+                .collect();
+            let a = Tensor::from_vec(angles, (s, hd / 2), &gpu).unwrap();
+            let (c, sn) = (a.cos().unwrap(), a.sin().unwrap());
+            let (ch, sh) = (c.to_dtype(dtype).unwrap(), sn.to_dtype(dtype).unwrap());
+            let fused = rope(&x, &ch, &sh).unwrap();
+            let op = layers::rope(&x, &ch, &sh).unwrap();
+            let twin = rope(&on(&x, &cpu), &on(&ch, &cpu), &on(&sh, &cpu)).unwrap();
+            check(format!("rope {dtype:?} {:?}", x.dims()), fused, op, twin, 0);
+            // Rope with f32 tables: Qwen2-VL's vision q, a view of the packed qkv.
+            let (n, vh, vd) = (4096, 16, 80);
+            let qkv = rand(&[n, 3 * vh * vd], 0.0, 3.0, dtype, &gpu)
+                .reshape((n, 3, vh, vd))
+                .unwrap()
+                .permute((1, 2, 0, 3))
+                .unwrap();
+            let x = qkv.narrow(0, 0, 1).unwrap();
+            let inv = layers::inv_freq(10000.0, vd);
+            let angles: Vec<f32> = (0..n)
+                .flat_map(|p| inv.iter().map(move |f| (p % 64) as f32 * f))
+                .collect();
+            let a = Tensor::from_vec(angles, (n, vd / 2), &gpu).unwrap();
+            let (c, sn) = (a.cos().unwrap(), a.sin().unwrap());
+            let fused = rope_in_f32(&x, &c, &sn).unwrap();
+            let op = layers::rope_in_f32(&x, &c, &sn).unwrap();
+            let twin = rope_in_f32(&on(&x, &cpu), &on(&c, &cpu), &on(&sn, &cpu)).unwrap();
+            check(
+                format!("rope_in_f32 {dtype:?} {:?}", x.dims()),
+                fused,
+                op,
+                twin,
+                1,
+            );
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+}
