@@ -95,9 +95,8 @@ impl DecoderConfig {
 struct Layer {
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections stacked: one GEMM (rows `[q | k | v]`).
+    qkv: Linear,
     o: Linear,
     gate: Linear,
     up: Linear,
@@ -130,9 +129,15 @@ impl Decoder {
                         h,
                         eps,
                     )?,
-                    q: Linear::load(&a.pp("q_proj"), h, qd, cfg.qkv_bias)?,
-                    k: Linear::load(&a.pp("k_proj"), h, kvd, cfg.qkv_bias)?,
-                    v: Linear::load(&a.pp("v_proj"), h, kvd, cfg.qkv_bias)?,
+                    qkv: {
+                        let subs = [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)];
+                        Linear::from_weight(
+                            a.stacked(&subs, "weight", &[h])?,
+                            cfg.qkv_bias
+                                .then(|| a.stacked(&subs, "bias", &[]))
+                                .transpose()?,
+                        )
+                    },
                     o: Linear::load(&a.pp("o_proj"), qd, h, false)?,
                     gate: Linear::load(&m.pp("gate_proj"), h, i, false)?,
                     up: Linear::load(&m.pp("up_proj"), h, i, false)?,
@@ -248,23 +253,21 @@ impl Decoder {
             let x = profile::op("decoder norm", &device, || {
                 layer.input_layernorm.forward(&h)
             })?;
-            let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
-                Ok(lin
+            // [b, s, (nh + 2·nkv)·hd] → [b, nh + 2·nkv, s, hd]: q heads, then k, then v.
+            let qkv = profile::op("decoder qkv", &device, || {
+                Ok(layer
+                    .qkv
                     .forward(&x)?
-                    .reshape((b, s, n, hd))?
+                    .reshape((b, s, nh + 2 * nkv, hd))?
                     .transpose(1, 2)?
                     .contiguous()?)
-            };
-            let (q, k, v) = profile::op("decoder qkv", &device, || {
-                Ok((
-                    heads(&layer.q, nh)?,
-                    heads(&layer.k, nkv)?,
-                    heads(&layer.v, nkv)?,
-                ))
             })?;
-            let (q, k) = profile::op("decoder rope", &device, || {
-                Ok((rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?))
+            // q and k rotated together (the tables do not depend on the head).
+            let qk = profile::op("decoder rope", &device, || {
+                rope(&qkv.narrow(1, 0, nh + nkv)?, &cos, &sin)
             })?;
+            let (q, k) = (qk.narrow(1, 0, nh)?, qk.narrow(1, nh, nkv)?);
+            let v = qkv.narrow(1, nh + nkv, nkv)?;
             let a = profile::op("decoder attention", &device, || {
                 Ok(attention(&q, &k, &v, Some(&mask), scale)?
                     .transpose(1, 2)?
@@ -278,7 +281,9 @@ impl Decoder {
             })?;
             let mlp = profile::op("decoder mlp", &device, || {
                 layer.down.forward(
-                    &(self.act.forward(&layer.gate.forward(&x)?)? * layer.up.forward(&x)?)?,
+                    &self
+                        .act
+                        .then_mul(&layer.gate.forward(&x)?, &layer.up.forward(&x)?)?,
                 )
             })?;
             h = profile::op("decoder residual", &device, || Ok((&h + mlp)?))?;
