@@ -1,6 +1,6 @@
 // Shared by the lens's row reduction (row_reduce.cu) and attention's fused softmax
-// (../models/attention.cu): a row's max and sum of exp(v - max), accumulated online in f32, one
-// CUDA block per row. Also the half <-> f32 conversions of every kernel (../models/fused.cu too).
+// (../models/fused/attention.cu): a row's max and sum of exp(v - max), accumulated online in f32, one
+// CUDA block per row. Also the half <-> f32 conversions of every kernel (../models/fused/kernels.cu too).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -6,11 +6,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use crate::error::{Error, Result};
 use crate::models::snapshot::Prefixed;
 
-/// Fused GPU kernels for the half-precision paths below, behind `LOGIT_LENS_FUSED`.
-#[path = "fused/mod.rs"]
-pub mod fused;
-
-use fused::Kernel;
+use crate::models::fused::{self, Kernel};
 
 /// `y = x Wᵀ + b` over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
@@ -95,9 +91,9 @@ impl RmsNorm {
 /// LayerNorm with weight and bias (kept in f32, where torch applies them; converted once at load).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f64,
 }
 
 impl LayerNorm {
@@ -254,13 +250,13 @@ pub fn attention(
         (k.clone(), v.clone())
     };
     let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    // One kernel instead of four passes (see fused_softmax), for a `[queries, keys]` mask or none.
+    // One kernel instead of four passes (see fused::softmax), for a `[queries, keys]` mask or none.
     let probs = if scores.device().is_cuda()
         && scores.dtype() != DType::F32
         && mask.is_none_or(|m| m.rank() == 2)
         && fused::enabled(Kernel::Softmax)
     {
-        super::fused_softmax::scaled_masked_softmax(&scores, mask, scale)?
+        fused::softmax::scaled_masked_softmax(&scores, mask, scale)?
     } else {
         attention_softmax(&scores, mask, scale)?
     };

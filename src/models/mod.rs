@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::preprocess::image::Rgb8;
 
 pub mod decoder;
-pub mod fused_softmax;
+pub mod fused;
 pub mod layers;
 pub mod llava;
 pub mod llava_onevision;

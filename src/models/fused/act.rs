@@ -43,7 +43,7 @@ struct Act {
     act: Activation,
 }
 
-/// `Activation`'s number in fused.cu.
+/// `Activation`'s number in kernels.cu.
 #[cfg(feature = "cuda")]
 fn code(act: Activation) -> i32 {
     match act {

@@ -1,10 +1,10 @@
 //! Fused GPU kernels for the half-precision forward pass: each computes in ONE launch what
-//! [`super`]'s op-by-op path computes with a chain of candle ops (one kernel each), with the same
+//! [`super::layers`]' op-by-op path computes with a chain of candle ops (one kernel each), with the same
 //! roundings in the same order (transformers' order, ../shared/docs/MODELS.md §6). On a GPU the
 //! op-by-op path is bound by per-op host overhead (~3700 launches per Qwen2-VL forward).
 //!
-//! Each kernel is a candle custom op: `cuda_fwd` launches the PTX kernel (`src/models/fused.cu`,
-//! compiled by build.rs; attention's softmax is in `attention.cu`), `cpu_fwd` is its CPU twin, the
+//! Each kernel is a candle custom op: `cuda_fwd` launches the PTX kernel (`kernels.cu`,
+//! compiled by build.rs; attention's softmax: `softmax.rs` and `attention.cu`), `cpu_fwd` is its CPU twin, the
 //! same arithmetic in Rust, which the tests hold bit for bit to the op-by-op path on the CPU.
 //!
 //! Reductions (LayerNorm's mean and variance, RMSNorm's mean square) are where the twin and the
@@ -17,13 +17,11 @@
 //! Off by default; [`enabled`] reads the switch `LOGIT_LENS_FUSED` once:
 //! `all`, or a comma list of `softmax,layernorm,rmsnorm,rope,act`; empty, `0` or `none`: off.
 //! `LOGIT_LENS_FUSED_SOFTMAX=1` (the older switch) still turns on `softmax`.
-//!
-//! (This module is declared from layers.rs, as `layers::fused`, because models/mod.rs belongs to
-//! another change; attention's softmax stays in models/fused_softmax.rs for the same reason.)
 
 mod act;
 mod norm;
 mod rope;
+pub mod softmax;
 
 use std::sync::OnceLock;
 
@@ -36,7 +34,7 @@ pub use rope::{fits as rope_fits, rope, rope_in_f32};
 /// The fused kernels the switch names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// attention's `softmax(scores · scale + mask)` (models/fused_softmax.rs)
+    /// attention's `softmax(scores · scale + mask)` (softmax.rs)
     Softmax,
     LayerNorm,
     RmsNorm,
@@ -145,12 +143,12 @@ fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> candle_core::Result<
     Ok(&v[start..end])
 }
 
-/// The PTX of src/models/fused.cu and how to launch it.
+/// The PTX of src/models/fused/kernels.cu and how to launch it.
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 
-    /// fused.cu, loaded once per device as module `MODULE` (`dev.get_or_load_custom_func(kernel,
+    /// kernels.cu, loaded once per device as module `MODULE` (`dev.get_or_load_custom_func(kernel,
     /// MODULE, PTX)`).
     pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
     pub const MODULE: &str = "logit_lens_fused";

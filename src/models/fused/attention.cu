@@ -1,9 +1,9 @@
-// Attention's softmax in one pass (src/models/fused_softmax.rs): for each row of [rows, cols]
+// Attention's softmax in one pass (src/models/fused/softmax.rs): for each row of [rows, cols]
 // half-precision scores, v = round_T(x · scale) + mask (as transformers' eager attention: a Python
 // float times a half tensor is computed in f32 and rounded once; the mask is added in f32), then
 // softmax in f32, rounded once to T. One CUDA block per row; the row is read twice (max and sum,
 // then the output) and written once, instead of four full f32 passes.
-#include "../lens/online_max_sum.cuh"
+#include "../../lens/online_max_sum.cuh"
 
 template <typename T>
 __device__ void scaled_masked_softmax(const T *x, const float *mask, long long mask_rows, T *y,

@@ -13,7 +13,7 @@
 //   way so that nvcc compiles them the same way.
 // - Sums follow candle's CUDA fast_sum order (candle_sum below), so the norms equal candle's
 //   op-by-op result on the GPU, not only up to summation order.
-#include "../lens/online_max_sum.cuh"
+#include "../../lens/online_max_sum.cuh"
 
 #ifndef M_2_SQRTPI
 #define M_2_SQRTPI 1.12837916709551257390

@@ -8,12 +8,12 @@
 //!
 //! Used on the GPU only when `LOGIT_LENS_FUSED` names `softmax` (or is `all`), or with the older
 //! `LOGIT_LENS_FUSED_SOFTMAX=1`, until its speed and parity have been measured on a card
-//! (bench/gpu/run.sh compares both). The other fused kernels are in `layers::fused`.
+//! (bench/gpu/run.sh compares both). The other fused kernels are its siblings in `models::fused`.
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
 use crate::error::Result;
-use crate::models::layers::fused::{self, Kernel};
+use crate::models::fused::{self, Kernel};
 
 /// Whether the switch turns this kernel on (see [`fused::enabled`]).
 pub fn enabled() -> bool {
