@@ -235,21 +235,25 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, hq, _, d) = q.dims4()?;
-    let hkv = k.dim(1)?;
-    let (k, v) = if hkv != hq {
-        let rep = hq / hkv;
-        let expand = |t: &Tensor| -> Result<Tensor> {
-            let sk = t.dim(2)?;
-            Ok(t.unsqueeze(2)?
-                .expand((b, hkv, rep, sk, d))?
-                .reshape((b, hq, sk, d))?)
-        };
-        (expand(k)?, expand(v)?)
+    let (b, hq, s, d) = q.dims4()?;
+    let (hkv, sk) = (k.dim(1)?, k.dim(2)?);
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(Error::Internal(format!(
+            "attention: {hq} query heads for {hkv} key/value heads"
+        )));
+    }
+    // Grouped-query attention without copying k and v per query head: the `rep` query heads of a
+    // group are consecutive, so `[b, hq, s, d]` is `[b, hkv, rep·s, d]` as it lies in memory, and
+    // each group's queries meet its keys in one GEMM. Every score is the same dot product.
+    let rep = hq / hkv;
+    let q = q.contiguous()?.reshape((b, hkv, rep * s, d))?;
+    // kᵀ as a transposed view: the GEMM reads it in place.
+    let k = if k.is_contiguous() {
+        k.clone()
     } else {
-        (k.clone(), v.clone())
+        k.contiguous()?
     };
-    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let scores = q.matmul(&k.t()?)?.reshape((b, hq, s, sk))?;
     // One kernel instead of four passes (see fused::softmax), for a `[queries, keys]` mask or none.
     let probs = if scores.device().is_cuda()
         && scores.dtype() != DType::F32
@@ -260,7 +264,10 @@ pub fn attention(
     } else {
         attention_softmax(&scores, mask, scale)?
     };
-    Ok(probs.matmul(&v.contiguous()?)?)
+    let out = probs
+        .reshape((b, hkv, rep * s, sk))?
+        .matmul(&v.contiguous()?)?;
+    Ok(out.reshape((b, hq, s, d))?)
 }
 
 /// `softmax(scores · scale + mask)` op by op, as transformers' eager attention: the scale as torch
