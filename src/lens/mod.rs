@@ -9,9 +9,11 @@
 //!
 //! Two ways to run it, same numbers (a test compares them): on the CPU in f32, each layer as it
 //! arrives, GEMMs over cache-sized vocabulary blocks feeding one fused pass per row; elsewhere (the
-//! GPU, half precision), layers are planned as they arrive and reduced together at the end, a GEMM
-//! over the whole vocabulary per chunk of rows and one kernel (cuda.rs) for max and sum-exp, so
-//! that the forward pass never waits on the host.
+//! GPU, half precision), each layer's work is queued on the device as the layer arrives (a GEMM
+//! over the whole vocabulary per chunk of rows and one kernel, cuda.rs, for max and sum-exp), only
+//! its small results are kept (per row max and sum; the requested rows' logits), and the host
+//! collects them once at the end, so that the forward pass never waits on the host and no layer's
+//! normed rows outlive it.
 
 use std::time::Instant;
 
@@ -84,8 +86,8 @@ pub struct Lens<'a> {
     pub seconds: f64,
     /// Use the tensor-operation reduction even on the CPU (tests compare the two paths).
     tensor_path: bool,
-    /// Tensor path: layers planned as the forward pass produces them, reduced together in
-    /// `finish` (no host round trip per layer while the forward pass is running).
+    /// Tensor path: layers whose reduction is queued on the device, collected in `finish` (no
+    /// host round trip per layer while the forward pass is running).
     pending: Vec<LayerPlan>,
 }
 
@@ -97,8 +99,14 @@ struct LayerPlan {
     summary: bool,
     seq: usize,
     /// Normed residual rows `[rows, hidden]` in the model dtype: every position for the summary,
-    /// else the requested ones.
-    normed_rows: Tensor,
+    /// else the requested ones (dropped once the tensor path has queued their GEMMs).
+    normed_rows: Option<Tensor>,
+    /// The requested rows of `normed_rows` (for KL and the final layer's parts).
+    requested_rows: Tensor,
+    /// Tensor path, on the device until `finish`: per row `[max, Σ e^(z − max)]` (`[rows, 2]`
+    /// f32), and the logits of the rows that want detail (top-k, ranks), in row order.
+    device_sums: Option<Tensor>,
+    device_detail: Option<Tensor>,
     /// Per requested position, its row in `normed_rows`.
     requested: Vec<usize>,
     states: Vec<RowState>,
@@ -134,7 +142,7 @@ impl<'a> Lens<'a> {
         if !self.pending.is_empty() {
             let t = Instant::now();
             let mut plans = std::mem::take(&mut self.pending);
-            self.reduce_layers(&mut plans)?;
+            self.collect_layers(&mut plans)?;
             for plan in plans {
                 self.record(plan)?;
             }
@@ -165,15 +173,17 @@ impl<'a> Lens<'a> {
             // The fused CPU reduction, layer by layer, in blocks of rows that stay in cache.
             // Equal blocks of at most ROW_BLOCK rows (588 rows: 2 × 294, not 512 + 76: a thin
             // GEMM runs well below the machine's rate).
+            let normed = plan.normed_rows.take().expect("planned rows");
             let rows = plan.states.len();
             let block_rows = rows.div_ceil(rows.div_ceil(ROW_BLOCK).max(1)).max(1);
             for start in (0..rows).step_by(block_rows) {
                 let n = block_rows.min(rows - start);
-                let block = plan.normed_rows.narrow(0, start, n)?;
+                let block = normed.narrow(0, start, n)?;
                 self.reduce_vocabulary(&block, &mut plan.states[start..start + n])?;
             }
             self.record(plan)
         } else {
+            self.launch_layer(&mut plan)?;
             self.pending.push(plan);
             Ok(())
         }
@@ -214,13 +224,17 @@ impl<'a> Lens<'a> {
             .zip(target_logits)
             .map(|(&d, tz)| RowState::new(if d { self.spec.top_k } else { 0 }, tz))
             .collect();
+        let requested_rows = gather_rows(&normed_rows, &requested)?;
         Ok(Some(LayerPlan {
             index,
             report,
             is_final,
             summary,
             seq,
-            normed_rows,
+            normed_rows: Some(normed_rows),
+            requested_rows,
+            device_sums: None,
+            device_detail: None,
             requested,
             states,
         }))
@@ -234,14 +248,14 @@ impl<'a> Lens<'a> {
             is_final,
             summary,
             seq,
-            normed_rows,
+            requested_rows: n_requested,
             requested,
             states,
+            ..
         } = plan;
         // max prob = e^(max − lse) = 1 / s.
         let mean_max_prob =
             summary.then(|| (states.iter().map(|st| 1.0 / st.s).sum::<f64>() / seq as f64) as f32);
-        let n_requested = gather_rows(&normed_rows, &requested)?;
         if is_final {
             let finals: Vec<&RowState> = requested.iter().map(|&r| &states[r]).collect();
             self.final_parts = Some(self.final_parts(&n_requested, &finals)?);
@@ -325,77 +339,100 @@ impl<'a> Lens<'a> {
         Ok(())
     }
 
-    /// Every planned layer at once, where the logits live (the GPU): the rows of all layers go
-    /// through the unembedding in chunks of `DEVICE_ROWS` rows × the whole vocabulary; each
-    /// chunk's per-row max and sum of exponentials come from one fused kernel (CUDA) or a few
-    /// tensor ops, and stay on the device; the requested rows are gathered there too. The host
-    /// waits once for the sums and once per chunk of requested rows, then reduces those rows
-    /// (entropy, top-k, ranks) in parallel.
-    fn reduce_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
-        let rows: Vec<&Tensor> = plans.iter().map(|p| &p.normed_rows).collect();
-        let all = Tensor::cat(&rows, 0)?;
-        let total = all.dim(0)?;
-        let mut detail = Vec::new(); // global row → (plan, row)
-        let mut owner = Vec::with_capacity(total);
-        for (pi, p) in plans.iter().enumerate() {
-            for (r, st) in p.states.iter().enumerate() {
-                if st.wants_detail() {
-                    detail.push(owner.len() as u32);
-                }
-                owner.push((pi, r));
-            }
-        }
+    /// Queues one layer's reduction where its rows live (the GPU): the rows go through the
+    /// unembedding in chunks of `DEVICE_ROWS` rows × the whole vocabulary; each chunk's per-row
+    /// max and sum of exponentials come from one fused kernel (CUDA) or a few tensor ops, and the
+    /// rows that want detail are gathered; all of it stays on the device, nothing waits.
+    fn launch_layer(&self, plan: &mut LayerPlan) -> Result<()> {
+        let normed = plan.normed_rows.take().expect("planned rows");
+        let total = normed.dim(0)?;
+        let detail: Vec<u32> = (0..total as u32)
+            .filter(|&r| plan.states[r as usize].wants_detail())
+            .collect();
         let mut sums = Vec::new();
         let mut detail_rows = Vec::new();
         for start in (0..total).step_by(DEVICE_ROWS) {
             let n = DEVICE_ROWS.min(total - start);
-            let logits = all.narrow(0, start, n)?.matmul(&self.unembed.t()?)?;
+            let logits = normed.narrow(0, start, n)?.matmul(&self.unembed.t()?)?;
             sums.push(row_max_sumexp(&logits)?);
             let here: Vec<u32> = detail
                 .iter()
-                .filter(|&&g| (g as usize) >= start && (g as usize) < start + n)
-                .map(|&g| g - start as u32)
+                .filter(|&&r| (r as usize) >= start && (r as usize) < start + n)
+                .map(|&r| r - start as u32)
                 .collect();
             if !here.is_empty() {
                 let idx = Tensor::from_slice(&here, here.len(), logits.device())?;
                 detail_rows.push(logits.index_select(&idx, 0)?);
             }
         }
-        let sums = Tensor::cat(&sums, 0)?
-            .to_device(&candle_core::Device::Cpu)?
+        let cat = |mut v: Vec<Tensor>| -> Result<Option<Tensor>> {
+            Ok(match v.len() {
+                0 => None,
+                1 => v.pop(),
+                _ => Some(Tensor::cat(&v, 0)?),
+            })
+        };
+        plan.device_sums = cat(sums)?;
+        plan.device_detail = cat(detail_rows)?;
+        Ok(())
+    }
+
+    /// The host's side of the queued layers, once at the end: every layer's sums in one
+    /// transfer, the detail rows in another, then each detail row reduced (entropy, top-k, ranks)
+    /// in parallel.
+    fn collect_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
+        let cpu = candle_core::Device::Cpu;
+        let sums: Vec<Tensor> = plans.iter().filter_map(|p| p.device_sums.clone()).collect();
+        if !sums.is_empty() {
+            let sums = Tensor::cat(&sums, 0)?.to_device(&cpu)?.to_vec2::<f32>()?;
+            let mut rows = sums.iter();
+            for plan in plans.iter_mut() {
+                if plan.device_sums.take().is_none() {
+                    continue;
+                }
+                for st in plan.states.iter_mut() {
+                    let ms = rows
+                        .next()
+                        .ok_or_else(|| Error::Internal("lens: fewer sums than rows".into()))?;
+                    if !st.wants_detail() {
+                        st.m = ms[0];
+                        st.s = ms[1] as f64;
+                    }
+                }
+            }
+        }
+        let detail: Vec<Tensor> = plans
+            .iter()
+            .filter_map(|p| p.device_detail.clone())
+            .collect();
+        if detail.is_empty() {
+            return Ok(());
+        }
+        let block = Tensor::cat(&detail, 0)?
+            .to_device(&cpu)?
+            .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
-        for (g, ms) in sums.iter().enumerate() {
-            let (pi, r) = owner[g];
-            let st = &mut plans[pi].states[r];
-            if !st.wants_detail() {
-                st.m = ms[0];
-                st.s = ms[1] as f64;
+        // Each plan's detail rows, in row order, with their states.
+        let mut states: Vec<&mut RowState> = Vec::with_capacity(block.len());
+        for plan in plans.iter_mut() {
+            if plan.device_detail.take().is_none() {
+                continue;
             }
+            states.extend(plan.states.iter_mut().filter(|st| st.wants_detail()));
         }
-        let mut next = 0;
-        for block in detail_rows {
-            let block = block
-                .to_device(&candle_core::Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            let ids = &detail[next..next + block.len()];
-            next += block.len();
-            // Each requested row is reduced on the host, in parallel.
-            let places: Vec<(usize, usize)> = ids.iter().map(|&g| owner[g as usize]).collect();
-            let mut states: Vec<RowState> = places
-                .iter()
-                .map(|&(pi, r)| plans[pi].states[r].clone())
-                .collect();
-            states
-                .par_iter_mut()
-                .zip(block.par_iter())
-                .for_each(|(st, row)| {
-                    st.update(row, 0, &self.spec.targets, &self.spec.excluded);
-                });
-            for ((pi, r), st) in places.into_iter().zip(states) {
-                plans[pi].states[r] = st;
-            }
+        if states.len() != block.len() {
+            return Err(Error::Internal(format!(
+                "lens: {} detail rows for {} states",
+                block.len(),
+                states.len()
+            )));
         }
+        states
+            .into_par_iter()
+            .zip(block.par_iter())
+            .for_each(|(st, row)| {
+                st.update(row, 0, &self.spec.targets, &self.spec.excluded);
+            });
         Ok(())
     }
 
