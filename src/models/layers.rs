@@ -225,9 +225,17 @@ pub fn rope_in_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(rope(&x.to_dtype(DType::F32)?, cos, sin)?.to_dtype(x.dtype())?)
 }
 
+/// The most attention scores (`groups × queries × keys` elements) one pass of [`attention`] holds:
+/// 2^26. The op-by-op softmax keeps about 12 bytes per score in half precision (the scores, their
+/// f32 copy, the f32 softmax, the probabilities: ~800 MiB at this size), the fused one 4; a batch
+/// of requests, or a long sequence, goes through attention in slices of this size instead of
+/// multiplying the transient memory (issue 5's bar: peak ≤ weights + 2 GiB at batch 8).
+pub const ATTENTION_SCORES_BUDGET: usize = 1 << 26;
+
 /// Scaled dot-product attention as transformers' eager path computes it: `softmax(q kᵀ · scale +
-/// mask) v`, softmax in f32. `q`: `[b, hq, s, d]`, `k`/`v`: `[b, hkv, s, d]` with `hq` a multiple
-/// of `hkv` (grouped-query attention); `mask`: additive, broadcastable to `[b, hq, s, s]`.
+/// mask) v`, softmax in f32. `q`: `[b, hq, s, d]`, `k`/`v`: `[b, hkv, sk, d]` with `hq` a multiple
+/// of `hkv` (grouped-query attention); `mask`: additive `[s, sk]` (the same for every batch entry
+/// and head). Returns `[b, hq, s, d]`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -235,38 +243,70 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_within(q, k, v, mask, scale, ATTENTION_SCORES_BUDGET)
+}
+
+/// [`attention`] in slices of at most `budget` scores (at least one group per slice).
+pub fn attention_within(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    budget: usize,
+) -> Result<Tensor> {
     let (b, hq, s, d) = q.dims4()?;
     let (hkv, sk) = (k.dim(1)?, k.dim(2)?);
-    if hkv == 0 || hq % hkv != 0 {
+    if hkv == 0 || hq % hkv != 0 || k.dims()[0] != b || v.dims() != k.dims() {
         return Err(Error::Internal(format!(
-            "attention: {hq} query heads for {hkv} key/value heads"
+            "attention: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
         )));
     }
+    if let Some(m) = mask {
+        if m.dims() != [s, sk] {
+            return Err(Error::Internal(format!(
+                "attention: mask {:?} for {s} queries and {sk} keys",
+                m.dims()
+            )));
+        }
+    }
     // Grouped-query attention without copying k and v per query head: the `rep` query heads of a
-    // group are consecutive, so `[b, hq, s, d]` is `[b, hkv, rep·s, d]` as it lies in memory, and
+    // group are consecutive, so `[b, hq, s, d]` is `[b·hkv, rep·s, d]` as it lies in memory, and
     // each group's queries meet its keys in one GEMM. Every score is the same dot product.
-    let rep = hq / hkv;
-    let q = q.contiguous()?.reshape((b, hkv, rep * s, d))?;
-    // kᵀ as a transposed view: the GEMM reads it in place.
-    let k = if k.is_contiguous() {
-        k.clone()
+    let (rep, groups) = (hq / hkv, b * hkv);
+    let q = q.contiguous()?.reshape((groups, rep * s, d))?;
+    let k = k.contiguous()?.reshape((groups, sk, d))?;
+    let v = v.contiguous()?.reshape((groups, sk, d))?;
+    let per = (budget / (rep * s * sk).max(1)).clamp(1, groups.max(1));
+    let fused = q.device().is_cuda() && q.dtype() != DType::F32 && fused::enabled(Kernel::Softmax);
+    let mut outs = Vec::with_capacity(groups.div_ceil(per));
+    for g0 in (0..groups).step_by(per) {
+        let g = per.min(groups - g0);
+        // kᵀ as a transposed view: the GEMM reads it in place.
+        let scores = q
+            .narrow(0, g0, g)?
+            .matmul(&k.narrow(0, g0, g)?.t()?)?
+            .reshape((g, rep, s, sk))?;
+        // One kernel instead of four passes (see fused::softmax).
+        let probs = if fused {
+            fused::softmax::scaled_masked_softmax(&scores, mask, scale)?
+        } else {
+            attention_softmax(&scores, mask, scale)?
+        };
+        outs.push(
+            probs
+                .reshape((g, rep * s, sk))?
+                .matmul(&v.narrow(0, g0, g)?)?,
+        );
+    }
+    let out = if outs.len() == 1 {
+        outs.remove(0)
     } else {
-        k.contiguous()?
+        Tensor::cat(&outs, 0)?
     };
-    let scores = q.matmul(&k.t()?)?.reshape((b, hq, s, sk))?;
-    // One kernel instead of four passes (see fused::softmax), for a `[queries, keys]` mask or none.
-    let probs = if scores.device().is_cuda()
-        && scores.dtype() != DType::F32
-        && mask.is_none_or(|m| m.rank() == 2)
-        && fused::enabled(Kernel::Softmax)
-    {
-        fused::softmax::scaled_masked_softmax(&scores, mask, scale)?
-    } else {
-        attention_softmax(&scores, mask, scale)?
-    };
-    let out = probs
-        .reshape((b, hkv, rep * s, sk))?
-        .matmul(&v.contiguous()?)?;
     Ok(out.reshape((b, hq, s, d))?)
 }
 
@@ -312,4 +352,59 @@ pub fn inv_freq(base: f64, dim: usize) -> Vec<f32> {
 pub fn embed(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let idx = Tensor::from_slice(ids, ids.len(), table.device())?;
     Ok(table.index_select(&idx, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention written out head by head, as transformers' eager path: k and v repeated per
+    /// query head, scores, mask, softmax, weighted sum.
+    fn head_by_head(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+        let (b, hq, _, _) = q.dims4().unwrap();
+        let rep = hq / k.dim(1).unwrap();
+        let mut rows = Vec::new();
+        for bi in 0..b {
+            let mut heads = Vec::new();
+            for h in 0..hq {
+                let qh = q.get(bi).unwrap().get(h).unwrap();
+                let kh = k.get(bi).unwrap().get(h / rep).unwrap();
+                let vh = v.get(bi).unwrap().get(h / rep).unwrap();
+                let scores = (qh.matmul(&kh.t().unwrap()).unwrap() * scale).unwrap();
+                let p = candle_nn::ops::softmax_last_dim(&(scores + mask).unwrap()).unwrap();
+                heads.push(p.matmul(&vh).unwrap());
+            }
+            rows.push(Tensor::stack(&heads, 0).unwrap());
+        }
+        Tensor::stack(&rows, 0).unwrap()
+    }
+
+    #[test]
+    fn attention_in_slices_equals_attention_head_by_head() {
+        let dev = Device::Cpu;
+        let (b, hq, hkv, s, d) = (3, 6, 2, 5, 8);
+        let r = |h| Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap();
+        let (q, k, v) = (r(hq), r(hkv), r(hkv));
+        let mask = causal_mask(s, DType::F32, &dev).unwrap();
+        let want = head_by_head(&q, &k, &v, &mask, 0.3);
+        // One slice; a group (3 query heads × 5 × 5 scores) at a time; two groups; less than one.
+        for budget in [usize::MAX, 75, 150, 1] {
+            let got = attention_within(&q, &k, &v, Some(&mask), 0.3, budget).unwrap();
+            assert_eq!(got.dims(), &[b, hq, s, d]);
+            let diff = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "budget {budget}: {diff}");
+        }
+        // A mask of another shape is refused, not broadcast in some other way.
+        let bad = causal_mask(s + 1, DType::F32, &dev).unwrap();
+        assert!(attention(&q, &k, &v, Some(&bad), 0.3).is_err());
+    }
 }

@@ -185,8 +185,6 @@ impl VisionTransformer {
         let hd = d / heads;
         let scale = (hd as f64).powf(-0.5);
         let dev = x.device().clone();
-        // Images (tiles) per attention call: their scores within the budget.
-        let per_chunk = (ATTENTION_SCORES_BUDGET / (heads * t * t).max(1)).clamp(1, n);
         for l in &self.layers {
             let h = profile::op("vision norm", &dev, || l.ln1.forward(&x))?;
             // [n, t, 3·d] → [3, n, heads, t, hd]
@@ -198,19 +196,11 @@ impl VisionTransformer {
                     .contiguous()?)
             })?;
             let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+            // Every image (tile) of the batch in one call; attention slices it within its budget.
             let a = profile::op("vision attention", &dev, || {
-                let mut parts = Vec::with_capacity(n.div_ceil(per_chunk));
-                for at in (0..n).step_by(per_chunk) {
-                    let c = per_chunk.min(n - at);
-                    let part = |t: &Tensor| t.narrow(0, at, c);
-                    parts.push(attention(&part(&q)?, &part(&k)?, &part(&v)?, None, scale)?);
-                }
-                let a = if parts.len() == 1 {
-                    parts.remove(0)
-                } else {
-                    Tensor::cat(&parts, 0)?
-                };
-                Ok(a.transpose(1, 2)?.reshape((n, t, d))?)
+                Ok(attention(&q, &k, &v, None, scale)?
+                    .transpose(1, 2)?
+                    .reshape((n, t, d))?)
             })?;
             x = profile::op("vision proj + residual", &dev, || {
                 Ok((&x + l.out.forward(&a)?)?)
@@ -223,11 +213,6 @@ impl VisionTransformer {
         Ok(x)
     }
 }
-
-/// The most attention-score elements (`images × heads × tokens²`) one attention call may hold:
-/// 2^27, 512 MiB in f32. Images batched from several requests go through attention in groups
-/// of this size, so batching does not multiply attention's transient memory.
-pub const ATTENTION_SCORES_BUDGET: usize = 1 << 27;
 
 /// How many encoder layers produce transformers' `hidden_states[feature_layer]` (entry 0 is the
 /// embeddings, entry i the output of layer i; negative indices count from the end).

@@ -7,8 +7,8 @@ use candle_core::Tensor;
 use super::config::VisionConfig;
 use crate::error::Result;
 use crate::models::layers::{attention, inv_freq, rope_in_f32, Activation, LayerNorm, Linear};
+use crate::models::profile;
 use crate::models::snapshot::Prefixed;
-use crate::models::{profile, vit};
 
 const LN_EPS: f64 = 1e-6;
 const ROPE_THETA: f64 = 10_000.0;
@@ -192,8 +192,8 @@ impl VisionTower {
 
 /// Attention restricted to consecutive segments of the sequence (transformers' `cu_seqlens`).
 /// `q`, `k`, `v`: `[1, heads, n, hd]`; returns `[n, heads·hd]`. Runs of equal-length segments
-/// (the same image size from several requests) go through attention together, as many at a
-/// time as [`vit::ATTENTION_SCORES_BUDGET`] allows.
+/// (the same image size from several requests) go through attention together, as a batch
+/// ([`attention`] slices it within its memory budget).
 fn segmented_attention(
     q: &Tensor,
     k: &Tensor,
@@ -201,27 +201,12 @@ fn segmented_attention(
     segments: &[usize],
     scale: f64,
 ) -> Result<Tensor> {
-    segmented_attention_within(q, k, v, segments, scale, vit::ATTENTION_SCORES_BUDGET)
-}
-
-fn segmented_attention_within(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    segments: &[usize],
-    scale: f64,
-    budget: usize,
-) -> Result<Tensor> {
     let (_, heads, n, hd) = q.dims4()?;
-    let per_chunk = |len: usize| (budget / (heads * len * len).max(1)).max(1);
     let mut outs = Vec::new();
     let (mut at, mut i) = (0, 0);
     while i < segments.len() {
         let len = segments[i];
-        let mut r = 1;
-        while i + r < segments.len() && segments[i + r] == len && r < per_chunk(len) {
-            r += 1;
-        }
+        let r = segments[i..].iter().take_while(|&&l| l == len).count();
         // [1, heads, r·len, hd] → [r, heads, len, hd]
         let part = |t: &Tensor| -> Result<Tensor> {
             let t = t.narrow(2, at, r * len)?;
@@ -284,23 +269,20 @@ mod tests {
         let r = |_| Tensor::randn(0f32, 1.0, (1, 3, n, 8), &dev).unwrap();
         let (q, k, v) = (r(0), r(1), r(2));
         let want = one_by_one(&q, &k, &v, &segments);
-        // Budgets: everything in one run; two 12-token segments per call; one per call.
-        for budget in [usize::MAX, 2 * 3 * 144, 1] {
-            let got = segmented_attention_within(&q, &k, &v, &segments, 0.25, budget).unwrap();
-            assert_eq!(got.dims(), &[n, 24]);
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(D::Minus1)
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-6, "budget {budget}: {diff}");
-        }
+        let got = segmented_attention(&q, &k, &v, &segments, 0.25).unwrap();
+        assert_eq!(got.dims(), &[n, 24]);
+        let diff = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
         // Segments that do not cover the sequence are refused.
-        assert!(segmented_attention_within(&q, &k, &v, &[12, 12], 0.25, usize::MAX).is_err());
+        assert!(segmented_attention(&q, &k, &v, &[12, 12], 0.25).is_err());
     }
 }
