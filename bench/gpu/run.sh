@@ -70,8 +70,8 @@ for family in ${models//,/ }; do
       --positions all --repeat "$3" > "$out/probe-$family-$4.json" 2> "$out/profile-$family-$4.txt" \
       || log "probe $4 failed"
   }
-  probe none 1 5 none
-  probe all 1 5 fused
+  probe none 1 3 none
+  probe all 1 3 fused
   probe none 2 2 none-ops
   probe all 2 2 fused-ops
   fused_env=none
