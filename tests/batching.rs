@@ -127,3 +127,83 @@ fn the_token_budget_splits_a_batch_without_changing_results() {
         }
     }
 }
+
+/// A model whose batched forward pass always fails (as a batch that does not fit the device's
+/// memory would); alone, it is the demo model.
+struct NoBatches(Box<dyn logit_lens::models::VisionLanguageModel>);
+
+impl logit_lens::models::VisionLanguageModel for NoBatches {
+    fn info(&self) -> &logit_lens::models::ModelInfo {
+        self.0.info()
+    }
+    fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        self.0.tokenizer()
+    }
+    fn prepare(
+        &self,
+        prompt: &str,
+        image: Option<&logit_lens::preprocess::image::Rgb8>,
+        chat_template: bool,
+    ) -> logit_lens::Result<logit_lens::models::Prepared> {
+        self.0.prepare(prompt, image, chat_template)
+    }
+    fn image_features(
+        &self,
+        pixels: &[&logit_lens::models::PixelInputs],
+    ) -> logit_lens::Result<Vec<candle_core::Tensor>> {
+        self.0.image_features(pixels)
+    }
+    fn embed_with(
+        &self,
+        inputs: &logit_lens::models::Prepared,
+        features: Option<candle_core::Tensor>,
+    ) -> logit_lens::Result<(candle_core::Tensor, Vec<[u32; 3]>)> {
+        self.0.embed_with(inputs, features)
+    }
+    fn decoder(&self) -> &logit_lens::models::decoder::Decoder {
+        self.0.decoder()
+    }
+    fn head(&self) -> &logit_lens::models::LensHead {
+        self.0.head()
+    }
+    fn forward_batch(
+        &self,
+        inputs: &[&logit_lens::models::Prepared],
+        observers: &mut [&mut dyn logit_lens::models::LayerObserver],
+    ) -> logit_lens::Result<()> {
+        if inputs.len() > 1 {
+            return Err(logit_lens::Error::Internal(
+                "out of memory (simulated)".into(),
+            ));
+        }
+        self.0.forward_batch(inputs, observers)
+    }
+}
+
+#[test]
+fn a_batch_that_fails_as_a_whole_is_retried_request_by_request() {
+    let model = NoBatches(load_model("qwen2vl-hub"));
+    let mut reqs = requests("qwen2vl");
+    // One request that fails only in the forward pass (a position past its end).
+    reqs.push(LensRequest {
+        prompt: "Hi".into(),
+        image: None,
+        options: LensOptions {
+            positions: Positions::List(vec![500]),
+            ..Default::default()
+        },
+    });
+    let refs: Vec<&LensRequest> = reqs.iter().collect();
+    let batched = run_lens_batch(&model, &refs, usize::MAX);
+    let alone = load_model("qwen2vl-hub");
+    for (req, got) in reqs.iter().zip(batched) {
+        match (run_lens(alone.as_ref(), req), got) {
+            (Ok(a), Ok(b)) => assert_eq!(
+                serde_json::to_value(&a.layers).unwrap(),
+                serde_json::to_value(&b.layers).unwrap()
+            ),
+            (Err(a), Err(b)) => assert_eq!(a.code(), b.code(), "{a} / {b}"),
+            (a, b) => panic!("alone {:?}, in the batch {:?}", a.is_ok(), b.is_ok()),
+        }
+    }
+}

@@ -105,8 +105,25 @@ pub fn run_lens_batch(
         }
     }
     for group in groups {
-        for (index, result) in run_group(model, group) {
-            results[index] = Some(result);
+        match run_group(model, &group) {
+            Ok(out) => {
+                for (index, result) in out {
+                    results[index] = Some(result);
+                }
+            }
+            // A batch whose forward pass fails as a whole (out of device memory at this size, or
+            // one request that breaks it) is retried request by request: only what fails alone
+            // is reported as failed.
+            Err(_) if group.len() > 1 => {
+                for one in group.chunks(1) {
+                    let out =
+                        run_group(model, one).unwrap_or_else(|e| vec![(one[0].index, Err(e))]);
+                    for (index, result) in out {
+                        results[index] = Some(result);
+                    }
+                }
+            }
+            Err(e) => results[group[0].index] = Some(Err(e)),
         }
     }
     results
@@ -115,10 +132,12 @@ pub fn run_lens_batch(
         .collect()
 }
 
+/// One forward pass for `group`; `Err` when the pass itself failed (each request's own result
+/// otherwise).
 fn run_group(
     model: &dyn VisionLanguageModel,
-    group: Vec<Ready>,
-) -> Vec<(usize, Result<LensResponse>)> {
+    group: &[Ready],
+) -> Result<Vec<(usize, Result<LensResponse>)>> {
     let info = model.info();
     let t1 = Instant::now();
     let lenses: Result<Vec<Lens>> = group
@@ -134,18 +153,10 @@ fn run_group(
         model.forward_batch(&inputs, &mut observers)?;
         Ok(lenses)
     });
-    let lenses = match forward {
-        Ok(l) => l,
-        Err(e) => {
-            return group
-                .iter()
-                .map(|r| (r.index, Err(clone_error(&e))))
-                .collect()
-        }
-    };
+    let lenses = forward?;
     let forward_ms = ms(t1.elapsed()) - lenses.iter().map(|l| l.seconds * 1e3).sum::<f64>();
     let tokenizer = model.tokenizer();
-    group
+    Ok(group
         .iter()
         .zip(lenses)
         .map(|(r, lens)| {
@@ -176,16 +187,7 @@ fn run_group(
             });
             (r.index, response)
         })
-        .collect()
-}
-
-/// One failure reported to every request of a group.
-fn clone_error(e: &crate::Error) -> crate::Error {
-    match e {
-        crate::Error::Unprocessable(m) => crate::Error::Unprocessable(m.clone()),
-        crate::Error::InvalidOption(m) => crate::Error::InvalidOption(m.clone()),
-        other => crate::Error::Internal(other.to_string()),
-    }
+        .collect::<Vec<_>>())
 }
 
 fn ms(d: std::time::Duration) -> f64 {
