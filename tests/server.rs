@@ -892,3 +892,15 @@ fn checkpoint_elements(dir: &str) -> u64 {
     }
     total
 }
+
+/// `serve` warms each model up with one small request before reporting ready; it must work for
+/// every family (a failure there stops the server with a clear error).
+#[test]
+fn the_warm_up_request_runs_on_every_family() {
+    for dir in ["qwen2vl-hub", "llava15-hub", "onevision-hub"] {
+        let model = load(dir, dir);
+        let ms = logit_lens::engine::warm_up(model.as_ref())
+            .unwrap_or_else(|e| panic!("{dir}: the warm-up request failed: {e}"));
+        assert!(ms > 0.0);
+    }
+}

@@ -22,6 +22,24 @@ pub struct LensRequest {
     pub options: LensOptions,
 }
 
+/// One small request (a mid-grey 224 × 224 image, a short prompt) through `model`, so that the
+/// first real request finds the device warm: on a GPU the kernels are compiled from PTX and the
+/// BLAS handles set up on first use, which costs the first request seconds. Returns its time in ms.
+pub fn warm_up(model: &dyn VisionLanguageModel) -> Result<f64> {
+    let t = Instant::now();
+    let grey = image::RgbImage::from_pixel(224, 224, image::Rgb([128, 128, 128]));
+    let req = LensRequest {
+        prompt: "What is in the picture?".into(),
+        image: Some(Rgb8::from_rgb_image(grey)),
+        options: LensOptions {
+            top_k: 1,
+            ..Default::default()
+        },
+    };
+    run_lens(model, &req)?;
+    Ok(ms(t.elapsed()))
+}
+
 pub fn run_lens(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<LensResponse> {
     run_lens_batch(model, &[req], usize::MAX)
         .pop()

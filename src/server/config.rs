@@ -77,6 +77,11 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub api_key: Vec<String>,
+    /// Run one small request through each model after loading, before /ready reports ready, so
+    /// that the first real request does not pay the GPU's one-time costs (kernels compiled from
+    /// PTX, BLAS handles). `--warm-up false` skips it.
+    #[arg(long, env = "LOGIT_LENS_WARM_UP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub warm_up: bool,
 }
 
 impl ServeArgs {

@@ -200,6 +200,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     let keys = args.keys()?;
     // The device is opened on the worker thread that will use it (a CUDA context belongs to a thread).
     let device_spec = args.device.clone();
+    let warm_up = args.warm_up;
     let loader: Loader = Box::new(move || {
         let device = crate::models::parse_device(&device_spec)?;
         specs
@@ -211,7 +212,17 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                     s.name,
                     s.dir.display()
                 );
-                crate::models::load(&s.dir, &s.name, &device, dtype)
+                let model = crate::models::load(&s.dir, &s.name, &device, dtype)?;
+                if warm_up {
+                    let ms = crate::engine::warm_up(model.as_ref()).map_err(|e| {
+                        crate::Error::Internal(format!(
+                            "warm-up request to `{}` failed: {e}",
+                            s.name
+                        ))
+                    })?;
+                    eprintln!("warmed up `{}` in {ms:.0} ms", s.name);
+                }
+                Ok(model)
             })
             .collect()
     });
