@@ -28,3 +28,27 @@ for r in rows:
 for r in rows:
     if "serve_with" in r:
         print(f"served {r['fused']} with LOGIT_LENS_FUSED={r['serve_with']} (see fused-{r['fused']}.txt)")
+
+# Where one request's time goes inside the blocks (LOGIT_LENS_PROFILE=2, the last repeat of each probe):
+# device ms and the host's issuing ms per group; host ≈ device means bound by per-operation overhead.
+out_dir = Path(sys.argv[1]).parent
+for prof in sorted(out_dir.glob("profile-*-ops.txt")):
+    runs, current = [], []
+    for line in prof.read_text(errors="replace").splitlines():
+        if line.startswith("profile-op: "):
+            current.append(line[len("profile-op: "):])
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    if runs:
+        print(f"{prof.name} (group: calls, device ms, host ms):")
+        for entry in runs[-1]:
+            print(f"  {entry}")
+gpu_tests = out_dir / "gpu-tests.txt"
+if gpu_tests.exists():
+    lines = [l for l in gpu_tests.read_text(errors="replace").splitlines() if "differ" in l or "test result" in l]
+    print("gpu_tests (fused kernel vs op by op on the card):")
+    for l in lines:
+        print(f"  {l}")
