@@ -165,8 +165,8 @@ impl<'a> Lens<'a> {
         Ok(self.layers)
     }
 
-    fn process(&mut self, index: usize, hidden: &Tensor) -> Result<()> {
-        let Some(mut plan) = self.plan(index, hidden)? else {
+    fn process(&mut self, index: usize, hidden: &Tensor, normed: Option<&Tensor>) -> Result<()> {
+        let Some(mut plan) = self.plan(index, hidden, normed)? else {
             return Ok(());
         };
         if hidden.device().is_cpu() && hidden.dtype() == DType::F32 && !self.tensor_path {
@@ -190,10 +190,14 @@ impl<'a> Lens<'a> {
     }
 
     /// What layer `index` needs: nothing unless it is reported or the final one (KL needs it).
-    fn plan(&self, index: usize, hidden: &Tensor) -> Result<Option<LayerPlan>> {
-        let report = self.spec.layers.binary_search(&index).is_ok();
-        let is_final = index == self.num_layers;
-        if !report && !is_final {
+    /// `normed`: the final norm of `hidden`, when the caller computed it (see `wants_normed`).
+    fn plan(
+        &self,
+        index: usize,
+        hidden: &Tensor,
+        normed: Option<&Tensor>,
+    ) -> Result<Option<LayerPlan>> {
+        if !self.reads(index) {
             return Ok(None);
         }
         let seq = hidden.dim(0)?;
@@ -203,7 +207,12 @@ impl<'a> Lens<'a> {
             )));
         }
         // In the model's dtype for the GEMM (f32 on the CPU); logits are reduced in f32.
-        let normed = self.head.norm.forward(hidden)?;
+        let report = self.spec.layers.binary_search(&index).is_ok();
+        let is_final = index == self.num_layers;
+        let normed = match normed {
+            Some(n) => n.clone(),
+            None => self.head.norm.forward(hidden)?,
+        };
         let summary = report && self.spec.summary;
         let (normed_rows, requested) = if summary {
             (normed, self.spec.positions.clone())
@@ -511,10 +520,30 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&v))
 }
 
+impl Lens<'_> {
+    /// Whether layer `index` is read: reported, or the final one (KL needs it).
+    fn reads(&self, index: usize) -> bool {
+        index == self.num_layers || self.spec.layers.binary_search(&index).is_ok()
+    }
+}
+
 impl LayerObserver for Lens<'_> {
     fn observe(&mut self, index: usize, hidden: &Tensor) -> Result<()> {
         let t = Instant::now();
-        let r = self.process(index, hidden);
+        let r = self.process(index, hidden, None);
+        self.seconds += t.elapsed().as_secs_f64();
+        r
+    }
+
+    /// The lens reads every layer it reports through the final norm, which is the decoder's own
+    /// (`LensHead::new` takes it from the decoder): a batch's rows are normed together.
+    fn wants_normed(&self, index: usize) -> bool {
+        self.reads(index)
+    }
+
+    fn observe_normed(&mut self, index: usize, hidden: &Tensor, normed: &Tensor) -> Result<()> {
+        let t = Instant::now();
+        let r = self.process(index, hidden, Some(normed));
         self.seconds += t.elapsed().as_secs_f64();
         r
     }

@@ -243,8 +243,20 @@ impl Decoder {
         let mut h = Tensor::stack(&padded, 0)?; // [b, s, hidden]
         let observe =
             |index: usize, h: &Tensor, observers: &mut [&mut dyn LayerObserver]| -> Result<()> {
+                // The final norm for every request of the batch in one operation, where wanted.
+                let normed = if observers.iter().any(|o| o.wants_normed(index)) {
+                    Some(self.norm.forward(h)?)
+                } else {
+                    None
+                };
                 for (i, (obs, &n)) in observers.iter_mut().zip(&lens).enumerate() {
-                    obs.observe(index, &h.get(i)?.narrow(0, 0, n)?)?;
+                    let rows = |t: &Tensor| -> Result<Tensor> { Ok(t.get(i)?.narrow(0, 0, n)?) };
+                    match &normed {
+                        Some(normed) if obs.wants_normed(index) => {
+                            obs.observe_normed(index, &rows(h)?, &rows(normed)?)?
+                        }
+                        _ => obs.observe(index, &rows(h)?)?,
+                    }
                 }
                 Ok(())
             };

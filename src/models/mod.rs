@@ -92,6 +92,16 @@ impl LensHead {
 /// i = output of block i), as the forward pass produces it.
 pub trait LayerObserver {
     fn observe(&mut self, index: usize, hidden: &Tensor) -> Result<()>;
+    /// Whether the observer reads layer `index` through the model's final norm: the decoder then
+    /// norms the whole batch's residual stream at once (one operation where each request would
+    /// take one) and calls [`Self::observe_normed`] instead.
+    fn wants_normed(&self, _index: usize) -> bool {
+        false
+    }
+    /// [`Self::observe`] with `normed` = the final norm of `hidden` (`[seq, hidden]` both).
+    fn observe_normed(&mut self, index: usize, hidden: &Tensor, _normed: &Tensor) -> Result<()> {
+        self.observe(index, hidden)
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
