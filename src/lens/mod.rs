@@ -89,6 +89,9 @@ pub struct Lens<'a> {
     /// Tensor path: layers whose reduction is queued on the device, collected in `finish` (no
     /// host round trip per layer while the forward pass is running).
     pending: Vec<LayerPlan>,
+    /// The targets' unembedding rows `[targets, hidden]` in f64 (their logits are exact dot
+    /// products), taken once.
+    target_w: Option<Tensor>,
 }
 
 /// One lens layer's work: the normed rows to read out and their running reductions.
@@ -107,6 +110,8 @@ struct LayerPlan {
     /// f32), and the logits of the rows that want detail (top-k, ranks), in row order.
     device_sums: Option<Tensor>,
     device_detail: Option<Tensor>,
+    /// Tensor path: the targets' logits at the requested rows `[requested, targets]` (f32).
+    device_targets: Option<Tensor>,
     /// Per requested position, its row in `normed_rows`.
     requested: Vec<usize>,
     states: Vec<RowState>,
@@ -117,9 +122,16 @@ impl<'a> Lens<'a> {
         if spec.top_k == 0 {
             return Err(Error::InvalidOption("top_k must be at least 1".into()));
         }
+        let target_w = if spec.targets.is_empty() {
+            None
+        } else {
+            let ids = Tensor::from_slice(&spec.targets, spec.targets.len(), head.unembed.device())?;
+            Some(head.unembed.index_select(&ids, 0)?.to_dtype(DType::F64)?)
+        };
         Ok(Lens {
             head,
             unembed: head.unembed.clone(),
+            target_w,
             spec,
             num_layers,
             layers: Vec::new(),
@@ -135,6 +147,12 @@ impl<'a> Lens<'a> {
     pub fn with_tensor_path(mut self) -> Self {
         self.tensor_path = true;
         self
+    }
+
+    /// Whether `hidden` goes the tensor path (the GPU, half precision, or forced): reductions
+    /// queued on its device and collected in `finish`; else the fused CPU reduction, layer by layer.
+    fn on_device(&self, hidden: &Tensor) -> bool {
+        !(hidden.device().is_cpu() && hidden.dtype() == DType::F32) || self.tensor_path
     }
 
     /// The finished lens, one entry per requested layer.
@@ -169,7 +187,7 @@ impl<'a> Lens<'a> {
         let Some(mut plan) = self.plan(index, hidden, normed)? else {
             return Ok(());
         };
-        if hidden.device().is_cpu() && hidden.dtype() == DType::F32 && !self.tensor_path {
+        if !self.on_device(hidden) {
             // The fused CPU reduction, layer by layer, in blocks of rows that stay in cache.
             // Equal blocks of at most ROW_BLOCK rows (588 rows: 2 × 294, not 512 + 76: a thin
             // GEMM runs well below the machine's rate).
@@ -227,13 +245,24 @@ impl<'a> Lens<'a> {
         for &r in &requested {
             detail[r] = true;
         }
-        let target_logits = self.target_logits(&normed_rows, &detail)?;
+        let requested_rows = gather_rows(&normed_rows, &requested)?;
+        // Target logits: on the device path they stay there until `finish` (reading them now
+        // would wait for the GPU at every layer); the rows get them before they are reduced.
+        let (target_logits, device_targets) = if self.on_device(hidden) {
+            let n = self.spec.targets.len();
+            let placeholder = detail
+                .iter()
+                .map(|&d| if d { vec![0.0; n] } else { Vec::new() })
+                .collect();
+            (placeholder, self.target_logits_device(&requested_rows)?)
+        } else {
+            (self.target_logits(&normed_rows, &detail)?, None)
+        };
         let states = detail
             .iter()
             .zip(target_logits)
             .map(|(&d, tz)| RowState::new(if d { self.spec.top_k } else { 0 }, tz))
             .collect();
-        let requested_rows = gather_rows(&normed_rows, &requested)?;
         Ok(Some(LayerPlan {
             index,
             report,
@@ -244,6 +273,7 @@ impl<'a> Lens<'a> {
             requested_rows,
             device_sums: None,
             device_detail: None,
+            device_targets,
             requested,
             states,
         }))
@@ -310,15 +340,9 @@ impl<'a> Lens<'a> {
     /// Target logits per detailed row by direct dot products in f64; the reduction counts the
     /// entries above them.
     fn target_logits(&self, n_block: &Tensor, detail: &[bool]) -> Result<Vec<Vec<f32>>> {
-        if self.spec.targets.is_empty() || !detail.iter().any(|d| *d) {
+        let Some(w) = self.target_w.as_ref().filter(|_| detail.iter().any(|d| *d)) else {
             return Ok(vec![Vec::new(); detail.len()]);
-        }
-        let ids = Tensor::from_slice(
-            &self.spec.targets,
-            self.spec.targets.len(),
-            self.unembed.device(),
-        )?;
-        let w = self.unembed.index_select(&ids, 0)?.to_dtype(DType::F64)?;
+        };
         let z = n_block
             .to_dtype(DType::F64)?
             .matmul(&w.t()?)?
@@ -328,6 +352,18 @@ impl<'a> Lens<'a> {
             .zip(detail)
             .map(|(row, &d)| if d { row } else { Vec::new() })
             .collect())
+    }
+
+    /// The targets' logits at `rows` `[rows, targets]` (f32, computed in f64), left on the device.
+    fn target_logits_device(&self, rows: &Tensor) -> Result<Option<Tensor>> {
+        let Some(w) = &self.target_w else {
+            return Ok(None);
+        };
+        Ok(Some(
+            rows.to_dtype(DType::F64)?
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?,
+        ))
     }
 
     /// One pass over the vocabulary in blocks: a GEMM, then one fused reduction of every row.
@@ -391,6 +427,29 @@ impl<'a> Lens<'a> {
     /// in parallel.
     fn collect_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
         let cpu = candle_core::Device::Cpu;
+        let targets: Vec<Tensor> = plans
+            .iter()
+            .filter_map(|p| p.device_targets.clone())
+            .collect();
+        if !targets.is_empty() {
+            let z = Tensor::cat(&targets, 0)?
+                .to_device(&cpu)?
+                .to_vec2::<f32>()?;
+            let mut rows = z.into_iter();
+            for plan in plans.iter_mut() {
+                if plan.device_targets.take().is_none() {
+                    continue;
+                }
+                for &r in &plan.requested {
+                    let z = rows
+                        .next()
+                        .ok_or_else(|| Error::Internal("lens: fewer target rows".into()))?;
+                    let st = &mut plan.states[r];
+                    st.target_z.clone_from(&z);
+                    st.target_cmp = z;
+                }
+            }
+        }
         let sums: Vec<Tensor> = plans.iter().filter_map(|p| p.device_sums.clone()).collect();
         if !sums.is_empty() {
             let sums = Tensor::cat(&sums, 0)?.to_device(&cpu)?.to_vec2::<f32>()?;
