@@ -161,8 +161,25 @@ impl<'a> Lens<'a> {
             let t = Instant::now();
             let mut plans = std::mem::take(&mut self.pending);
             self.collect_layers(&mut plans)?;
+            // The reported layers' requested rows (for KL) in one transfer, not one per layer.
+            let reported: Vec<Tensor> = plans
+                .iter()
+                .filter(|p| p.report)
+                .map(|p| p.requested_rows.to_dtype(DType::F32))
+                .collect::<candle_core::Result<_>>()?;
+            let mut host_rows = if reported.is_empty() {
+                Vec::new()
+            } else {
+                Tensor::cat(&reported, 0)?
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_vec2::<f32>()?
+            }
+            .into_iter();
             for plan in plans {
-                self.record(plan)?;
+                let rows = plan
+                    .report
+                    .then(|| host_rows.by_ref().take(plan.requested.len()).collect());
+                self.record(plan, rows)?;
             }
             self.seconds += t.elapsed().as_secs_f64();
         }
@@ -199,7 +216,7 @@ impl<'a> Lens<'a> {
                 let block = normed.narrow(0, start, n)?;
                 self.reduce_vocabulary(&block, &mut plan.states[start..start + n])?;
             }
-            self.record(plan)
+            self.record(plan, None)
         } else {
             self.launch_layer(&mut plan)?;
             self.pending.push(plan);
@@ -280,7 +297,8 @@ impl<'a> Lens<'a> {
     }
 
     /// Turns a reduced layer into its report (and, for the final layer, the parts KL needs).
-    fn record(&mut self, plan: LayerPlan) -> Result<()> {
+    /// `host_rows`: the requested rows already on the host (f32), when the caller fetched them.
+    fn record(&mut self, plan: LayerPlan, host_rows: Option<Vec<Vec<f32>>>) -> Result<()> {
         let LayerPlan {
             index,
             report,
@@ -302,11 +320,18 @@ impl<'a> Lens<'a> {
         if report {
             let mut positions = Vec::with_capacity(requested.len());
             let mut parts = Vec::with_capacity(requested.len());
-            for (k, (&r, n)) in requested
-                .iter()
-                .zip(n_requested.to_dtype(DType::F32)?.to_vec2::<f32>()?)
-                .enumerate()
-            {
+            let rows = match host_rows {
+                Some(rows) => rows,
+                None => n_requested.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+            };
+            if rows.len() != requested.len() {
+                return Err(Error::Internal(format!(
+                    "lens: {} rows for {} requested positions",
+                    rows.len(),
+                    requested.len()
+                )));
+            }
+            for (k, (&r, n)) in requested.iter().zip(rows).enumerate() {
                 let st = &states[r];
                 let lse = st.lse();
                 positions.push(PositionStats {
