@@ -65,7 +65,7 @@ for family in ${models//,/ }; do
   # bench/gpu/compare_fused.py says whether the fused kernels give the op-by-op answer (top-1 on at
   # least 99.5 % of layer × position pairs) and are faster; then the server runs with them.
   probe() {  # probe <fused> <profile level> <repeat> <name>
-    LOGIT_LENS_FUSED=$1 LOGIT_LENS_PROFILE=$2 "$bin" probe --model "$dir" \
+    LOGIT_LENS_FUSED=$1 LOGIT_LENS_PROFILE=$2 timeout 150 "$bin" probe --model "$dir" \
       --image bench/images/coco_640x480.png --prompt "Color of the main object:" --top-k 1 \
       --positions all --repeat "$3" > "$out/probe-$family-$4.json" 2> "$out/profile-$family-$4.txt" \
       || log "probe $4 failed"
