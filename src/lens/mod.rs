@@ -165,16 +165,9 @@ impl<'a> Lens<'a> {
             let reported: Vec<Tensor> = plans
                 .iter()
                 .filter(|p| p.report)
-                .map(|p| p.requested_rows.to_dtype(DType::F32))
-                .collect::<candle_core::Result<_>>()?;
-            let mut host_rows = if reported.is_empty() {
-                Vec::new()
-            } else {
-                Tensor::cat(&reported, 0)?
-                    .to_device(&candle_core::Device::Cpu)?
-                    .to_vec2::<f32>()?
-            }
-            .into_iter();
+                .map(|p| p.requested_rows.clone())
+                .collect();
+            let mut host_rows = to_host_rows(&reported)?.into_iter();
             for plan in plans {
                 let rows = plan
                     .report
@@ -435,13 +428,7 @@ impl<'a> Lens<'a> {
                 detail_rows.push(logits.index_select(&idx, 0)?);
             }
         }
-        let cat = |mut v: Vec<Tensor>| -> Result<Option<Tensor>> {
-            Ok(match v.len() {
-                0 => None,
-                1 => v.pop(),
-                _ => Some(Tensor::cat(&v, 0)?),
-            })
-        };
+        let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0)).transpose();
         plan.device_sums = cat(sums)?;
         plan.device_detail = cat(detail_rows)?;
         Ok(())
@@ -451,46 +438,37 @@ impl<'a> Lens<'a> {
     /// transfer, the detail rows in another, then each detail row reduced (entropy, top-k, ranks)
     /// in parallel.
     fn collect_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
-        let cpu = candle_core::Device::Cpu;
         let targets: Vec<Tensor> = plans
             .iter()
             .filter_map(|p| p.device_targets.clone())
             .collect();
-        if !targets.is_empty() {
-            let z = Tensor::cat(&targets, 0)?
-                .to_device(&cpu)?
-                .to_vec2::<f32>()?;
-            let mut rows = z.into_iter();
-            for plan in plans.iter_mut() {
-                if plan.device_targets.take().is_none() {
-                    continue;
-                }
-                for &r in &plan.requested {
-                    let z = rows
-                        .next()
-                        .ok_or_else(|| Error::Internal("lens: fewer target rows".into()))?;
-                    let st = &mut plan.states[r];
-                    st.target_z.clone_from(&z);
-                    st.target_cmp = z;
-                }
+        let mut rows = to_host_rows(&targets)?.into_iter();
+        for plan in plans.iter_mut() {
+            if plan.device_targets.take().is_none() {
+                continue;
+            }
+            for &r in &plan.requested {
+                let z = rows
+                    .next()
+                    .ok_or_else(|| Error::Internal("lens: fewer target rows".into()))?;
+                let st = &mut plan.states[r];
+                st.target_z.clone_from(&z);
+                st.target_cmp = z;
             }
         }
         let sums: Vec<Tensor> = plans.iter().filter_map(|p| p.device_sums.clone()).collect();
-        if !sums.is_empty() {
-            let sums = Tensor::cat(&sums, 0)?.to_device(&cpu)?.to_vec2::<f32>()?;
-            let mut rows = sums.iter();
-            for plan in plans.iter_mut() {
-                if plan.device_sums.take().is_none() {
-                    continue;
-                }
-                for st in plan.states.iter_mut() {
-                    let ms = rows
-                        .next()
-                        .ok_or_else(|| Error::Internal("lens: fewer sums than rows".into()))?;
-                    if !st.wants_detail() {
-                        st.m = ms[0];
-                        st.s = ms[1] as f64;
-                    }
+        let mut rows = to_host_rows(&sums)?.into_iter();
+        for plan in plans.iter_mut() {
+            if plan.device_sums.take().is_none() {
+                continue;
+            }
+            for st in plan.states.iter_mut() {
+                let ms = rows
+                    .next()
+                    .ok_or_else(|| Error::Internal("lens: fewer sums than rows".into()))?;
+                if !st.wants_detail() {
+                    st.m = ms[0];
+                    st.s = ms[1] as f64;
                 }
             }
         }
@@ -498,13 +476,10 @@ impl<'a> Lens<'a> {
             .iter()
             .filter_map(|p| p.device_detail.clone())
             .collect();
-        if detail.is_empty() {
+        let block = to_host_rows(&detail)?;
+        if block.is_empty() {
             return Ok(());
         }
-        let block = Tensor::cat(&detail, 0)?
-            .to_device(&cpu)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
         // Each plan's detail rows, in row order, with their states.
         let mut states: Vec<&mut RowState> = Vec::with_capacity(block.len());
         for plan in plans.iter_mut() {
@@ -578,6 +553,18 @@ fn row_max_sumexp(logits: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[m, s], 1)?)
 }
 
+/// `tensors` (rows of one width) stacked and brought to the host as f32 rows in one transfer;
+/// none: no rows.
+fn to_host_rows(tensors: &[Tensor]) -> Result<Vec<Vec<f32>>> {
+    if tensors.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(Tensor::cat(tensors, 0)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?)
+}
+
 fn gather_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
     if rows.len() == t.dim(0)? && rows.iter().enumerate().all(|(i, &r)| i == r) {
         return Ok(t.clone());
@@ -605,6 +592,19 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 }
 
 impl Lens<'_> {
+    /// [`Self::process`], its time added to the lens's.
+    fn timed_process(
+        &mut self,
+        index: usize,
+        hidden: &Tensor,
+        normed: Option<&Tensor>,
+    ) -> Result<()> {
+        let t = Instant::now();
+        let r = self.process(index, hidden, normed);
+        self.seconds += t.elapsed().as_secs_f64();
+        r
+    }
+
     /// Whether layer `index` is read: reported, or the final one (KL needs it).
     fn reads(&self, index: usize) -> bool {
         index == self.num_layers || self.spec.layers.binary_search(&index).is_ok()
@@ -613,10 +613,7 @@ impl Lens<'_> {
 
 impl LayerObserver for Lens<'_> {
     fn observe(&mut self, index: usize, hidden: &Tensor) -> Result<()> {
-        let t = Instant::now();
-        let r = self.process(index, hidden, None);
-        self.seconds += t.elapsed().as_secs_f64();
-        r
+        self.timed_process(index, hidden, None)
     }
 
     /// The lens reads every layer it reports through the final norm, which is the decoder's own
@@ -626,10 +623,7 @@ impl LayerObserver for Lens<'_> {
     }
 
     fn observe_normed(&mut self, index: usize, hidden: &Tensor, normed: &Tensor) -> Result<()> {
-        let t = Instant::now();
-        let r = self.process(index, hidden, Some(normed));
-        self.seconds += t.elapsed().as_secs_f64();
-        r
+        self.timed_process(index, hidden, Some(normed))
     }
 }
 

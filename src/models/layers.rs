@@ -302,12 +302,7 @@ pub fn attention_within(
                 .matmul(&v.narrow(0, g0, g)?)?,
         );
     }
-    let out = if outs.len() == 1 {
-        outs.remove(0)
-    } else {
-        Tensor::cat(&outs, 0)?
-    };
-    Ok(out.reshape((b, hq, s, d))?)
+    Ok(Tensor::cat(&outs, 0)?.reshape((b, hq, s, d))?)
 }
 
 /// `softmax(scores · scale + mask)` op by op, as transformers' eager attention: the scale as torch

@@ -20,17 +20,10 @@ use crate::error::Result;
 
 fn level() -> u8 {
     static LEVEL: OnceLock<u8> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        std::env::var("LOGIT_LENS_PROFILE")
-            .ok()
-            .and_then(|v| {
-                v.trim()
-                    .parse::<u8>()
-                    .ok()
-                    .or(Some(1))
-                    .filter(|_| !v.is_empty())
-            })
-            .unwrap_or(0)
+    // Unset or empty: 0; a number: that level; anything else (`yes`, `on`): 1.
+    *LEVEL.get_or_init(|| match std::env::var("LOGIT_LENS_PROFILE") {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().unwrap_or(1),
+        _ => 0,
     })
 }
 

@@ -196,9 +196,6 @@ impl LlavaParts {
     /// Several images' `[n_i, 3, S, S]` pixels through the tower together → each one's
     /// `[n_i, tokens_per_tile, hidden]` features, what it gets alone.
     pub fn image_features_many(&self, pixels: &[&Tensor]) -> Result<Vec<Tensor>> {
-        if let [one] = pixels {
-            return Ok(vec![self.image_features(one)?]);
-        }
         let all = Tensor::cat(pixels, 0)?;
         let feats = self.image_features(&all)?;
         let mut out = Vec::with_capacity(pixels.len());

@@ -140,12 +140,8 @@ impl VisionTower {
             .iter()
             .map(|(_, g)| self.rotary(*g))
             .collect::<Result<_>>()?;
-        let (cos, sin) = if tables.len() == 1 {
-            tables[0].clone()
-        } else {
-            let (c, s): (Vec<Tensor>, Vec<Tensor>) = tables.into_iter().unzip();
-            (Tensor::cat(&c, 0)?, Tensor::cat(&s, 0)?)
-        };
+        let (cos, sin): (Vec<Tensor>, Vec<Tensor>) = tables.into_iter().unzip();
+        let (cos, sin) = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?);
         let scale = (hd as f64).powf(-0.5);
         for b in &self.blocks {
             let h = profile::op("vision norm", &dev, || b.norm1.forward(&x))?;
@@ -228,11 +224,7 @@ fn segmented_attention(
             "vision attention: segments cover {at} of {n} patches"
         )));
     }
-    Ok(if outs.len() == 1 {
-        outs.remove(0)
-    } else {
-        Tensor::cat(&outs, 0)?
-    })
+    Ok(Tensor::cat(&outs, 0)?)
 }
 
 #[cfg(test)]
