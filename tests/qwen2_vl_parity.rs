@@ -324,17 +324,23 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
             summary: true,
             excluded: vec![],
         };
-        let run = |tensor_path: bool| {
+        // `collect_every`: the tensor path's budget for queued detail rows (1 byte: the host
+        // collects after every layer, as it does when many positions ask for top-k).
+        let run = |tensor_path: bool, collect_every: Option<usize>| {
             let lens = logit_lens::lens::Lens::new(model.head(), &spec, n).unwrap();
             let mut lens = if tensor_path {
                 lens.with_tensor_path()
             } else {
                 lens
             };
+            if let Some(bytes) = collect_every {
+                lens = lens.with_pending_detail_bytes(bytes);
+            }
             model.forward(&p, &mut lens).unwrap();
             lens.finish().unwrap()
         };
-        let (fused, tensors) = (run(false), run(true));
+        let (fused, tensors) = (run(false, None), run(true, None));
+        assert_eq!(tensors, run(true, Some(1)));
         for (a, b) in fused.iter().zip(&tensors) {
             assert!((a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-5);
             for (pa, pb) in a.positions.iter().zip(&b.positions) {

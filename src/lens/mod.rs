@@ -13,7 +13,8 @@
 //! over the whole vocabulary per chunk of rows and one kernel, cuda.rs, for max and sum-exp), only
 //! its small results are kept (per row max and sum; the requested rows' logits), and the host
 //! collects them once at the end, so that the forward pass never waits on the host and no layer's
-//! normed rows outlive it.
+//! normed rows outlive it. (When many positions want top-k, their whole-vocabulary rows are
+//! collected every few layers instead: `PENDING_DETAIL_BYTES`.)
 
 use std::time::Instant;
 
@@ -69,6 +70,11 @@ const VOCAB_BLOCK: usize = 4096;
 /// On an accelerator (and the tensor path): rows per unembedding GEMM over the whole vocabulary
 /// (1024 × 152k in bf16 is 311 MB).
 const DEVICE_ROWS: usize = 1024;
+/// Tensor path: the detail rows (whole-vocabulary logits of the positions that want top-k) that
+/// may wait on the device before the queued layers are collected, counted as the f32 host copy:
+/// `last` never reaches it; `all` on a long input is collected every layer or two instead of
+/// holding every layer's `[positions × vocab]` logits (GiBs, per request of a batch) until the end.
+const PENDING_DETAIL_BYTES: usize = 256 << 20;
 /// Vocabulary rows per block when the final layer's `Wᵀ p_L` is accumulated in f32.
 const DEVICE_VOCAB_BLOCK: usize = 65536;
 
@@ -89,6 +95,8 @@ pub struct Lens<'a> {
     /// Tensor path: layers whose reduction is queued on the device, collected in `finish` (no
     /// host round trip per layer while the forward pass is running).
     pending: Vec<LayerPlan>,
+    /// Collect `pending` once its detail rows exceed this many bytes (f32).
+    pending_detail_bytes: usize,
     /// The targets' unembedding rows `[targets, hidden]` in f64 (their logits are exact dot
     /// products), taken once.
     target_w: Option<Tensor>,
@@ -140,12 +148,20 @@ impl<'a> Lens<'a> {
             seconds: 0.0,
             tensor_path: false,
             pending: Vec::new(),
+            pending_detail_bytes: PENDING_DETAIL_BYTES,
         })
     }
 
     /// Reduces with tensor operations, as on an accelerator, even on the CPU.
     pub fn with_tensor_path(mut self) -> Self {
         self.tensor_path = true;
+        self
+    }
+
+    /// Tensor path: collect the queued layers whenever their detail rows exceed `bytes` (f32)
+    /// rather than [`PENDING_DETAIL_BYTES`] (tests: `1` collects after every layer).
+    pub fn with_pending_detail_bytes(mut self, bytes: usize) -> Self {
+        self.pending_detail_bytes = bytes;
         self
     }
 
@@ -157,25 +173,9 @@ impl<'a> Lens<'a> {
 
     /// The finished lens, one entry per requested layer.
     pub fn finish(mut self) -> Result<Vec<LayerStats>> {
-        if !self.pending.is_empty() {
-            let t = Instant::now();
-            let mut plans = std::mem::take(&mut self.pending);
-            self.collect_layers(&mut plans)?;
-            // The reported layers' requested rows (for KL) in one transfer, not one per layer.
-            let reported: Vec<Tensor> = plans
-                .iter()
-                .filter(|p| p.report)
-                .map(|p| p.requested_rows.clone())
-                .collect();
-            let mut host_rows = to_host_rows(&reported)?.into_iter();
-            for plan in plans {
-                let rows = plan
-                    .report
-                    .then(|| host_rows.by_ref().take(plan.requested.len()).collect());
-                self.record(plan, rows)?;
-            }
-            self.seconds += t.elapsed().as_secs_f64();
-        }
+        let t = Instant::now();
+        self.collect_pending()?;
+        self.seconds += t.elapsed().as_secs_f64();
         let finals = self.final_parts.take().ok_or_else(|| {
             Error::Internal("the forward pass stopped before the last layer".into())
         })?;
@@ -213,8 +213,42 @@ impl<'a> Lens<'a> {
         } else {
             self.launch_layer(&mut plan)?;
             self.pending.push(plan);
+            // Detail rows hold the whole vocabulary: with many positions asked for (`all` is
+            // 418 × 152k logits per layer for Qwen2-VL at 640×480), collect before they pile up.
+            let detail_bytes: usize = self
+                .pending
+                .iter()
+                .filter_map(|p| p.device_detail.as_ref())
+                .map(|d| d.elem_count() * 4)
+                .sum();
+            if detail_bytes > self.pending_detail_bytes {
+                self.collect_pending()?;
+            }
             Ok(())
         }
+    }
+
+    /// Brings the queued layers to the host and records them, in layer order.
+    fn collect_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut plans = std::mem::take(&mut self.pending);
+        self.collect_layers(&mut plans)?;
+        // The reported layers' requested rows (for KL) in one transfer, not one per layer.
+        let reported: Vec<Tensor> = plans
+            .iter()
+            .filter(|p| p.report)
+            .map(|p| p.requested_rows.clone())
+            .collect();
+        let mut host_rows = to_host_rows(&reported)?.into_iter();
+        for plan in plans {
+            let rows = plan
+                .report
+                .then(|| host_rows.by_ref().take(plan.requested.len()).collect());
+            self.record(plan, rows)?;
+        }
+        Ok(())
     }
 
     /// What layer `index` needs: nothing unless it is reported or the final one (KL needs it).

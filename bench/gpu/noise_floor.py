@@ -1,0 +1,143 @@
+"""How far apart two honest implementations of the same checkpoint land in half precision: the noise floor
+under bench/gpu/parity.py's bar (top-1 agreement over layer × position pairs, top-1 probability difference).
+
+It computes the logit lens at every layer and position four ways on the same checkpoint, image and prompt:
+transformers in f32 and in the half dtype (eager attention, lm_head in the model dtype, softmax in f32, as
+parity.py does), and `logit-lens probe` in f32 and in the half dtype. Then it compares pairs:
+
+  torch-half vs torch-f32    what rounding to half precision alone does to the reference (the floor)
+  ours-half  vs torch-half   what parity.py measures
+  ours-half  vs torch-f32    ours against the exact answer
+  ours-f32   vs torch-f32    the f32 parity (should agree everywhere)
+
+If ours-half vs torch-f32 is as close as torch-half vs torch-f32, our half path is as exact as the
+reference's, and ours-half vs torch-half cannot be expected to beat two independent roundings.
+
+Usage: python bench/gpu/noise_floor.py --checkpoint DIR --bin target/release/logit-lens \
+           --image bench/images/coco_640x480.png [--half bf16|f16] [--device cpu|cuda] [--out FILE.json]
+"""
+import argparse
+import gc
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+@torch.no_grad()
+def torch_lens(ckpt: str, image: str, prompt: str, dtype: str, device: str):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    processor = AutoProcessor.from_pretrained(ckpt)
+    model = AutoModelForImageTextToText.from_pretrained(
+        ckpt, dtype=DTYPES[dtype], attn_implementation="eager").to(device).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    batch = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt").to(device)
+    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    out = model(**batch, output_hidden_states=True)
+    lm = model.model.language_model
+    hs = out.hidden_states
+    top1, p1, p2 = [], [], []
+    for i, h in enumerate(hs):
+        x = h[0] if i == len(hs) - 1 else lm.norm(h[0])  # the last entry is already normed
+        logp = torch.log_softmax(model.lm_head(x).float(), -1)
+        top = logp.topk(2, -1)
+        top1.append(top.indices[:, 0].tolist())
+        p1.append(top.values[:, 0].exp().tolist())
+        p2.append(top.values[:, 1].exp().tolist())
+    ids = batch["input_ids"][0].tolist()
+    del model, out, hs
+    gc.collect()
+    return {"ids": ids, "top1": top1, "p1": p1, "p2": p2}
+
+
+def ours_lens(binary: str, ckpt: str, image: str, prompt: str, dtype: str, device: str):
+    cmd = [binary, "probe", "--model", ckpt, "--image", image, "--prompt", prompt, "--top-k", "2",
+           "--positions", "all", "--dtype", dtype, "--device", device]
+    body = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    n = len(body["input"]["tokens"])
+    top1 = [[0] * n for _ in body["layers"]]
+    p1 = [[0.0] * n for _ in body["layers"]]
+    p2 = [[0.0] * n for _ in body["layers"]]
+    for li, layer in enumerate(body["layers"]):
+        for pos in layer["positions"]:
+            j = pos["position"]
+            top1[li][j], p1[li][j], p2[li][j] = pos["top"][0]["id"], pos["top"][0]["prob"], pos["top"][1]["prob"]
+    return {"ids": [t["id"] for t in body["input"]["tokens"]], "top1": top1, "p1": p1, "p2": p2}
+
+
+def compare(a, b):
+    """Top-1 agreement over layer × position pairs and the largest top-1 probability difference where they
+    agree (parity.py's two numbers), plus where the disagreements sit: how many of them are near-ties (top-1
+    and top-2 within 1e-2 in the first run) and in which layers."""
+    assert a["ids"] == b["ids"], "different input ids"
+    pairs = agree = near_ties = 0
+    worst_p = 0.0
+    per_layer = []
+    for li, (ta, tb) in enumerate(zip(a["top1"], b["top1"])):
+        bad = 0
+        for j, (x, y) in enumerate(zip(ta, tb)):
+            pairs += 1
+            if x == y:
+                agree += 1
+                worst_p = max(worst_p, abs(a["p1"][li][j] - b["p1"][li][j]))
+            else:
+                bad += 1
+                near_ties += a["p1"][li][j] - a["p2"][li][j] < 1e-2
+        per_layer.append(bad)
+    return {"pairs": pairs, "top1_agreement": round(agree / pairs, 5), "max_top1_prob_diff": round(worst_p, 5),
+            "disagreements": pairs - agree, "of_which_near_ties": near_ties, "disagreements_per_layer": per_layer}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--bin", default="target/release/logit-lens")
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--prompt", default="Color of the main object:")
+    ap.add_argument("--half", default="bf16", choices=["bf16", "f16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="keep each run's lens here (NAME.json) and reuse what is already there")
+    a = ap.parse_args()
+    runs, seconds = {}, {}
+    ours_device = "cuda" if a.device == "cuda" else "cpu"
+    for name, dtype in [("torch-f32", "f32"), (f"torch-{a.half}", a.half), ("ours-f32", "f32"),
+                        (f"ours-{a.half}", a.half)]:
+        cached = a.cache / f"{name}.json" if a.cache else None
+        if cached and cached.exists():
+            runs[name] = json.loads(cached.read_text())
+            continue
+        t0 = time.time()
+        if name.startswith("torch"):
+            runs[name] = torch_lens(a.checkpoint, a.image, a.prompt, dtype, a.device)
+        else:
+            runs[name] = ours_lens(a.bin, a.checkpoint, a.image, a.prompt, dtype, ours_device)
+        seconds[name] = round(time.time() - t0, 1)
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(runs[name]))
+    h = a.half
+    result = {"checkpoint": a.checkpoint, "image": a.image, "device": a.device, "seconds": seconds}
+    for x, y in [(f"torch-{h}", "torch-f32"), (f"ours-{h}", f"torch-{h}"), (f"ours-{h}", "torch-f32"),
+                 ("ours-f32", "torch-f32"), (f"ours-{h}", "ours-f32")]:
+        result[f"{x} vs {y}"] = compare(runs[y], runs[x])
+        r = result[f"{x} vs {y}"]
+        print(f"{x:>10} vs {y:<10} agreement {r['top1_agreement']:.4f} over {r['pairs']} pairs, "
+              f"max top-1 prob diff {r['max_top1_prob_diff']:.4f}, disagreements {r['disagreements']} "
+              f"({r['of_which_near_ties']} near ties in {y})", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
