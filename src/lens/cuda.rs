@@ -1,9 +1,14 @@
-//! The lens's one custom GPU kernel (row_reduce.cu, compiled to PTX by build.rs with the CUDA
-//! toolkit's nvcc): per row of a logits block, the max and the sum of exponentials in one read of
-//! the half-precision logits, instead of a chain of generic ops that each write a full f32 copy.
+//! The lens's GPU pieces: its one custom kernel (row_reduce.cu, compiled to PTX by build.rs with
+//! the CUDA toolkit's nvcc): per row of a logits block, the max and the sum of exponentials in one
+//! read of the logits, instead of a chain of generic ops that each write a full f32 copy; and the
+//! unembedding GEMM with half-precision inputs and f32 logits (candle's matmul returns its inputs'
+//! dtype).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
+use candle_core::cuda_backend::cudarc::driver::{
+    DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, DType, Layout, Shape, Tensor};
 
@@ -66,5 +71,161 @@ impl candle_core::CustomOp1 for RowMaxSumExp {
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((rows, 2)),
         ))
+    }
+}
+
+/// `rows · wᵀ` (`rows` `[n, hidden]`, `w` `[vocab, hidden]`, both bf16 or both f16) → `[n, vocab]`
+/// f32: one cublasGemmEx with f32 accumulation and an f32 result.
+pub fn matmul_nt_f32(rows: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    rows.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &MatmulNtF32)
+}
+
+struct MatmulNtF32;
+
+impl candle_core::CustomOp2 for MatmulNtF32 {
+    fn name(&self) -> &'static str {
+        "matmul-nt-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!(
+            "matmul-nt-f32 runs on the GPU only; the CPU widens to f32 and multiplies"
+        )
+    }
+
+    fn cuda_fwd(
+        &self,
+        rows: &CudaStorage,
+        rows_l: &Layout,
+        w: &CudaStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, k) = rows_l.shape().dims2()?;
+        let (vocab, k2) = w_l.shape().dims2()?;
+        if k != k2 || rows.dtype() != w.dtype() {
+            candle_core::bail!(
+                "matmul-nt-f32: [{n}, {k}] {:?} by [{vocab}, {k2}] {:?}",
+                rows.dtype(),
+                w.dtype()
+            );
+        }
+        let contiguous = |l: &Layout| {
+            l.contiguous_offsets().map(|(a, _)| a).ok_or_else(|| {
+                candle_core::Error::Msg("matmul-nt-f32 needs contiguous inputs".into())
+            })
+        };
+        let (r0, w0) = (contiguous(rows_l)?, contiguous(w_l)?);
+        let dev = rows.device();
+        let stream = dev.cuda_stream();
+        // SAFETY: cublasGemmEx writes every one of the n·vocab elements (beta = 0).
+        let mut out = unsafe { dev.alloc::<f32>(n * vocab)? };
+        let (alpha, beta) = (1f32, 0f32);
+        let blas = dev.cublas_handle();
+        macro_rules! gemm {
+            ($ty:ty, $cuda_ty:expr) => {{
+                let r = rows.as_cuda_slice::<$ty>()?.slice(r0..);
+                let wv = w.as_cuda_slice::<$ty>()?.slice(w0..);
+                let (r_ptr, _gr) = r.device_ptr(&stream);
+                let (w_ptr, _gw) = wv.device_ptr(&stream);
+                let (o_ptr, _go) = out.device_ptr_mut(&stream);
+                // Column-major, as cuBLAS sees row-major buffers: out [vocab, n] = wᵀ·rows, with
+                // w read as [hidden, vocab] (transposed) and rows as [hidden, n].
+                // SAFETY: the pointers hold vocab·k, n·k and n·vocab elements, as the dims say.
+                unsafe {
+                    cublas::gemm_ex(
+                        *blas.handle(),
+                        cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+                        cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                        vocab as i32,
+                        n as i32,
+                        k as i32,
+                        (&alpha) as *const f32 as *const _,
+                        w_ptr as *const _,
+                        $cuda_ty,
+                        k as i32,
+                        r_ptr as *const _,
+                        $cuda_ty,
+                        k as i32,
+                        (&beta) as *const f32 as *const _,
+                        o_ptr as *mut _,
+                        cublas_sys::cudaDataType_t::CUDA_R_32F,
+                        vocab as i32,
+                        cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                    )
+                }
+                .w()?;
+            }};
+        }
+        match rows.dtype() {
+            DType::BF16 => gemm!(half::bf16, cublas_sys::cudaDataType_t::CUDA_R_16BF),
+            DType::F16 => gemm!(half::f16, cublas_sys::cudaDataType_t::CUDA_R_16F),
+            d => candle_core::bail!("matmul-nt-f32: unsupported dtype {d:?}"),
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((n, vocab)),
+        ))
+    }
+}
+
+/// On a card (run by bench/gpu/device.sh): the unembedding GEMM's f32 logits equal the exact sums
+/// of the half-precision products to f32 accumulation error, and are not rounded to the half dtype.
+#[cfg(test)]
+mod gpu_tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn unembedding_gemm_gives_f32_logits_on_the_gpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        for dtype in [DType::BF16, DType::F16] {
+            let (n, vocab, k) = (300, 5000, 1536);
+            let rows = Tensor::randn(0f32, 1.0, (n + 3, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = Tensor::randn(0f32, 0.05, (vocab, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            // Offsets into both buffers, as the lens's chunks of rows and vocabulary have.
+            let (rows, w) = (rows.narrow(0, 3, n).unwrap(), w);
+            let z =
+                matmul_nt_f32(&rows.to_device(&gpu).unwrap(), &w.to_device(&gpu).unwrap()).unwrap();
+            assert_eq!((z.dtype(), z.dims()), (DType::F32, &[n, vocab][..]));
+            let z = z.to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            let want = rows
+                .to_dtype(DType::F64)
+                .unwrap()
+                .matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap())
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap();
+            let (mut worst, mut unrounded) = (0f64, 0usize);
+            for (zr, wr) in z.iter().zip(&want) {
+                for (&a, &b) in zr.iter().zip(wr) {
+                    worst = worst.max((a as f64 - b).abs());
+                    let half = match dtype {
+                        DType::BF16 => half::bf16::from_f32(a).to_f32(),
+                        _ => half::f16::from_f32(a).to_f32(),
+                    };
+                    unrounded += (half != a) as usize;
+                }
+            }
+            eprintln!("unembedding {dtype:?} [{n}, {k}]·[{vocab}, {k}]ᵀ: max |z − exact| {worst:.2e}, {unrounded}/{} not in {dtype:?}", n * vocab);
+            assert!(worst < 1e-4, "{dtype:?}: {worst}");
+            assert!(unrounded > n * vocab / 2, "{dtype:?}: rounded logits");
+        }
     }
 }

@@ -68,8 +68,8 @@ pub struct LayerStats {
 const ROW_BLOCK: usize = 512;
 const VOCAB_BLOCK: usize = 4096;
 /// On an accelerator (and the tensor path): rows per unembedding GEMM over the whole vocabulary
-/// (1024 × 152k in bf16 is 311 MB).
-const DEVICE_ROWS: usize = 1024;
+/// (512 × 152k f32 logits are 311 MB).
+const DEVICE_ROWS: usize = 512;
 /// Tensor path: the detail rows (whole-vocabulary logits of the positions that want top-k) that
 /// may wait on the device before the queued layers are collected, counted as the f32 host copy:
 /// `last` never reaches it; `all` on a long input is collected every layer or two instead of
@@ -450,7 +450,7 @@ impl<'a> Lens<'a> {
         let mut detail_rows = Vec::new();
         for start in (0..total).step_by(DEVICE_ROWS) {
             let n = DEVICE_ROWS.min(total - start);
-            let logits = normed.narrow(0, start, n)?.matmul(&self.unembed.t()?)?;
+            let logits = unembed_f32(&normed.narrow(0, start, n)?, &self.unembed)?;
             sums.push(row_max_sumexp(&logits)?);
             let here: Vec<u32> = detail
                 .iter()
@@ -553,11 +553,7 @@ impl<'a> Lens<'a> {
         for v0 in (0..vocab).step_by(step) {
             let vc = step.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
-            let p = n_rows
-                .matmul(&w.t()?)?
-                .to_dtype(DType::F32)?
-                .broadcast_sub(&lse_t)?
-                .exp()?;
+            let p = unembed_f32(n_rows, &w)?.broadcast_sub(&lse_t)?.exp()?;
             let part = p.matmul(&w.to_dtype(DType::F32)?)?;
             u = Some(match u {
                 Some(acc) => (acc + part)?,
@@ -572,6 +568,25 @@ impl<'a> Lens<'a> {
             .map(|(u, s)| (u, s.entropy()))
             .collect())
     }
+}
+
+/// The lens's logits `rows · wᵀ` in f32 (`rows` `[n, hidden]`, `w` `[vocab, hidden]`, one dtype).
+/// In half precision the products and sums are f32 (as in cuBLAS) and so is the result: logits
+/// rounded to bf16 (8 significant bits) tie exactly at the top in about 3 % of the rows of a random
+/// Qwen2-VL-2B, and every probability would carry their rounding. One cuBLAS call on CUDA
+/// (bf16/f16 in, f32 out); elsewhere the inputs are widened to f32 first, which gives the same
+/// products (a half-precision product is exact in f32).
+fn unembed_f32(rows: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if rows.dtype() == DType::F32 {
+        return Ok(rows.matmul(&w.t()?)?);
+    }
+    #[cfg(feature = "cuda")]
+    if rows.device().is_cuda() {
+        return Ok(cuda::matmul_nt_f32(rows, w)?);
+    }
+    Ok(rows
+        .to_dtype(DType::F32)?
+        .matmul(&w.to_dtype(DType::F32)?.t()?)?)
 }
 
 /// Per row of a logits block `[rows, vocab]`: `[rows, 2]` f32 (max, Σ e^(z − max)). One fused
@@ -876,6 +891,51 @@ mod tests {
             let rank = 1 + z.iter().filter(|&&w| w > z[id as usize]).count();
             assert_eq!(st.target_above[k] + 1, rank);
             assert!(((st.target_z[k] - st.lse()).exp() as f64 - p[id as usize]).abs() < 1e-6);
+        }
+    }
+
+    /// Half-precision rows and unembedding give f32 logits: sums of the exact products, not
+    /// rounded back to the half dtype (where the top of a row often ties exactly).
+    #[test]
+    fn half_precision_unembedding_gives_unrounded_f32_logits() {
+        let dev = candle_core::Device::Cpu;
+        for dtype in [DType::BF16, DType::F16] {
+            let rows = Tensor::randn(0f32, 1.0, (7, 96), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = Tensor::randn(0f32, 0.5, (300, 96), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let z = unembed_f32(
+                &rows.narrow(0, 2, 5).unwrap(),
+                &w.narrow(0, 10, 250).unwrap(),
+            )
+            .unwrap();
+            assert_eq!((z.dtype(), z.dims()), (DType::F32, &[5, 250][..]));
+            let z = z.to_vec2::<f32>().unwrap();
+            let as64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+            let (r, w) = (as64(&rows), as64(&w));
+            let mut unrounded = 0;
+            for (i, zi) in z.iter().enumerate() {
+                for (j, &zij) in zi.iter().enumerate() {
+                    let want: f64 = r[i + 2].iter().zip(&w[j + 10]).map(|(a, b)| a * b).sum();
+                    assert!(
+                        (zij as f64 - want).abs() < 1e-5,
+                        "{dtype:?} [{i}, {j}]: {zij} vs {want}"
+                    );
+                    let half = match dtype {
+                        DType::BF16 => half::bf16::from_f32(zij).to_f32(),
+                        _ => half::f16::from_f32(zij).to_f32(),
+                    };
+                    unrounded += (half != zij) as usize;
+                }
+            }
+            assert!(
+                unrounded > 5 * 250 / 2,
+                "{dtype:?}: logits rounded to the half dtype"
+            );
         }
     }
 
