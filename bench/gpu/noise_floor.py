@@ -32,11 +32,12 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 @torch.no_grad()
 def torch_lens(ckpt: str, image: str, prompt: str, dtype: str, device: str):
+    """dtype: f32, bf16, f16, or auto (the checkpoint's)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     processor = AutoProcessor.from_pretrained(ckpt)
     model = AutoModelForImageTextToText.from_pretrained(
-        ckpt, dtype=DTYPES[dtype], attn_implementation="eager").to(device).eval()
+        ckpt, dtype=DTYPES.get(dtype, dtype), attn_implementation="eager").to(device).eval()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     batch = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt").to(device)
@@ -44,7 +45,7 @@ def torch_lens(ckpt: str, image: str, prompt: str, dtype: str, device: str):
     out = model(**batch, output_hidden_states=True)
     lm = model.model.language_model
     hs = out.hidden_states
-    top1, p1, p2 = [], [], []
+    top1, p1, p2, mmp = [], [], [], []
     for i, h in enumerate(hs):
         x = h[0] if i == len(hs) - 1 else lm.norm(h[0])  # the last entry is already normed
         logp = torch.log_softmax(model.lm_head(x).float(), -1)
@@ -52,10 +53,13 @@ def torch_lens(ckpt: str, image: str, prompt: str, dtype: str, device: str):
         top1.append(top.indices[:, 0].tolist())
         p1.append(top.values[:, 0].exp().tolist())
         p2.append(top.values[:, 1].exp().tolist())
+        mmp.append(top.values[:, 0].exp().mean().item())
     ids = batch["input_ids"][0].tolist()
     del model, out, hs
     gc.collect()
-    return {"ids": ids, "top1": top1, "p1": p1, "p2": p2}
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"ids": ids, "top1": top1, "p1": p1, "p2": p2, "mmp": mmp}
 
 
 def ours_lens(binary: str, ckpt: str, image: str, prompt: str, dtype: str, device: str):
@@ -71,6 +75,11 @@ def ours_lens(binary: str, ckpt: str, image: str, prompt: str, dtype: str, devic
             j = pos["position"]
             top1[li][j], p1[li][j], p2[li][j] = pos["top"][0]["id"], pos["top"][0]["prob"], pos["top"][1]["prob"]
     return {"ids": [t["id"] for t in body["input"]["tokens"]], "top1": top1, "p1": p1, "p2": p2}
+
+
+def exact_ties(run):
+    """Rows whose two most probable tokens have exactly the same probability (top-1 is a tie-break)."""
+    return sum(x == y for r1, r2 in zip(run["p1"], run["p2"]) for x, y in zip(r1, r2))
 
 
 def compare(a, b):
@@ -134,6 +143,9 @@ def main():
         print(f"{x:>10} vs {y:<10} agreement {r['top1_agreement']:.4f} over {r['pairs']} pairs, "
               f"max top-1 prob diff {r['max_top1_prob_diff']:.4f}, disagreements {r['disagreements']} "
               f"({r['of_which_near_ties']} near ties in {y})", flush=True)
+    for name, run in runs.items():
+        result[f"{name} exact top-1 ties"] = exact_ties(run)
+        print(f"{name:>10}: {exact_ties(run)} rows tie exactly at the top", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,9 +1,17 @@
-"""bf16 parity of `logit-lens serve` against transformers on the same checkpoint and inputs: the lens at
-every layer and position, transformers eager attention in the checkpoint dtype on the same GPU, lm_head in
-the model dtype and softmax in f32 (MODELS.md §1.1 and §6). Prints one JSON line: top-1 agreement over
-layer × position pairs, the largest difference of the top-1 probability and of mean_max_prob.
+"""Half-precision parity of `logit-lens serve` against transformers on the same checkpoint and inputs: the
+lens at every layer and position, transformers eager attention in the checkpoint dtype on the same GPU,
+lm_head in the model dtype and softmax in f32 (MODELS.md §1.1 and §6). Prints one JSON line.
 
-Usage: python bench/gpu/parity.py --url URL --model NAME --checkpoint DIR --image FILE --prompt TEXT
+- The issue's bar (`pass`): top-1 agreement with transformers' half path over layer × position pairs
+  ≥ 99 %, top-1 probability within 2e-2 where they agree.
+- With --floor, the same two numbers for transformers' own half path against transformers in f32 (TF32
+  off), and ours against that f32 reference. On random weights two half-precision runs disagree well
+  above 1 % (noise_floor.py; bench/README.md: 97.5 % for Qwen2-VL-2B in bf16 on the CPU, and 2.7 % of
+  transformers' bf16 rows tie exactly at the top, where top-1 is the tie-break). `as_exact_as_transformers`:
+  ours is at least as close to f32 as transformers' half path is, within 0.5 points of agreement and
+  1.5× its largest probability difference.
+
+Usage: python bench/gpu/parity.py --url URL --model NAME --checkpoint DIR --image FILE [--prompt TEXT] [--floor]
 """
 import argparse
 import json
@@ -11,67 +19,63 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import multipart, post  # noqa: E402
+from noise_floor import compare, exact_ties, torch_lens  # noqa: E402
 
 
-@torch.no_grad()
-def transformers_lens(ckpt: str, image: str, prompt: str):
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    processor = AutoProcessor.from_pretrained(ckpt)
-    model = AutoModelForImageTextToText.from_pretrained(
-        ckpt, dtype="auto" if dev == "cuda" else torch.float32, attn_implementation="eager").to(dev).eval()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    batch = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt").to(dev)
-    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-    out = model(**batch, output_hidden_states=True)
-    lm = model.model.language_model
-    hs = out.hidden_states
-    top1, p1, mmp = [], [], []
-    for i, h in enumerate(hs):
-        x = h[0] if i == len(hs) - 1 else lm.norm(h[0])  # the last entry is already normed
-        logp = torch.log_softmax(model.lm_head(x).float(), -1)
-        mx = logp.max(-1)
-        top1.append(mx.indices.tolist())
-        p1.append(mx.values.exp().tolist())
-        mmp.append(mx.values.exp().mean().item())
-    return batch["input_ids"][0].tolist(), top1, p1, mmp
+def served_lens(url: str, model, image: str, prompt: str):
+    fields = {"prompt": prompt, "options": json.dumps({"top_k": 2, "positions": "all", "summary": True})}
+    if model:
+        fields["model"] = model
+    body, ctype = multipart(fields, open(image, "rb").read(), Path(image).name)
+    _, _, ours, _ = post(url.rstrip("/") + "/lens", body, ctype)
+    n = len(ours["input"]["tokens"])
+    run = {"ids": [t["id"] for t in ours["input"]["tokens"]], "top1": [], "p1": [], "p2": [], "mmp": []}
+    for layer in ours["layers"]:
+        top1, p1, p2 = [0] * n, [0.0] * n, [0.0] * n
+        for pos in layer["positions"]:
+            j, t = pos["position"], pos["top"]
+            top1[j], p1[j], p2[j] = t[0]["id"], t[0]["prob"], t[1]["prob"]
+        for key, v in [("top1", top1), ("p1", p1), ("p2", p2), ("mmp", layer["mean_max_prob"])]:
+            run[key].append(v)
+    return run
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--model", default=None)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--image", required=True)
     ap.add_argument("--prompt", default="Color of the main object:")
+    ap.add_argument("--floor", action="store_true", help="also run transformers in f32 (the noise floor)")
     a = ap.parse_args()
-    fields = {"prompt": a.prompt, "options": json.dumps({"top_k": 1, "positions": "all", "summary": True})}
-    if a.model:
-        fields["model"] = a.model
-    body, ctype = multipart(fields, open(a.image, "rb").read(), Path(a.image).name)
-    _, _, ours, _ = post(a.url.rstrip("/") + "/lens", body, ctype)
-    ids, top1, p1, mmp = transformers_lens(a.checkpoint, a.image, a.prompt)
-    same_ids = [t["id"] for t in ours["input"]["tokens"]] == ids
-    pairs = agree = 0
-    worst_p = worst_mmp = 0.0
-    for layer in ours["layers"]:
-        li = layer["layer"]
-        worst_mmp = max(worst_mmp, abs(layer["mean_max_prob"] - mmp[li]))
-        for pos in layer["positions"]:
-            j, t = pos["position"], pos["top"][0]
-            pairs += 1
-            agree += t["id"] == top1[li][j]
-            if t["id"] == top1[li][j]:
-                worst_p = max(worst_p, abs(t["prob"] - p1[li][j]))
-    print(json.dumps({"model": a.model, "image": Path(a.image).name, "same_input_ids": same_ids,
-                      "layer_position_pairs": pairs, "top1_agreement": round(agree / max(pairs, 1), 5),
-                      "max_top1_prob_diff": round(worst_p, 5), "max_mean_max_prob_diff": round(worst_mmp, 5),
-                      "pass": same_ids and agree / max(pairs, 1) >= 0.99 and worst_p <= 2e-2}), flush=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ours = served_lens(a.url, a.model, a.image, a.prompt)
+    # transformers in the checkpoint's dtype on the GPU; f32 on a CPU dry run.
+    ref = torch_lens(a.checkpoint, a.image, a.prompt, "auto" if dev == "cuda" else "f32", dev)
+    same_ids = ours["ids"] == ref["ids"]
+    out = {"model": a.model, "image": Path(a.image).name, "same_input_ids": same_ids}
+    if same_ids:
+        c = compare(ref, ours)
+        out.update({"layer_position_pairs": c["pairs"], "top1_agreement": c["top1_agreement"],
+                    "max_top1_prob_diff": c["max_top1_prob_diff"],
+                    "max_mean_max_prob_diff": round(max(abs(x - y) for x, y in zip(ours["mmp"], ref["mmp"])), 5),
+                    "reference_exact_top1_ties": exact_ties(ref)})
+        out["pass"] = c["top1_agreement"] >= 0.99 and c["max_top1_prob_diff"] <= 2e-2
+        if a.floor:  # on a CPU dry run both are f32: it checks the plumbing only
+            exact = torch_lens(a.checkpoint, a.image, a.prompt, "f32", dev)
+            theirs, mine = compare(exact, ref), compare(exact, ours)
+            out["floor"] = {f"{name} vs transformers f32": {k: r[k] for k in ("top1_agreement", "max_top1_prob_diff")}
+                            for name, r in [("transformers half", theirs), ("ours half", mine)]}
+            out["as_exact_as_transformers"] = (
+                mine["top1_agreement"] >= theirs["top1_agreement"] - 0.005
+                and mine["max_top1_prob_diff"] <= max(1.5 * theirs["max_top1_prob_diff"], 1e-3))
+    else:
+        out["pass"] = False
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,13 @@ for r in rows:
     if "top1_agreement" in r:
         print(f"parity {r['model']} {r['image']}: same ids {r['same_input_ids']}, top-1 agreement "
               f"{r['top1_agreement']:.4f} over {r['layer_position_pairs']} pairs, max top-1 prob diff "
-              f"{r['max_top1_prob_diff']}, max mean_max_prob diff {r['max_mean_max_prob_diff']}, pass {r['pass']}")
+              f"{r['max_top1_prob_diff']}, max mean_max_prob diff {r['max_mean_max_prob_diff']}, pass {r['pass']} "
+              f"(transformers' rows tied exactly at the top: {r.get('reference_exact_top1_ties', '-')})")
+        for name, f in r.get("floor", {}).items():
+            print(f"  floor: {name}: top-1 agreement {f['top1_agreement']:.4f}, max top-1 prob diff "
+                  f"{f['max_top1_prob_diff']}")
+        if "as_exact_as_transformers" in r:
+            print(f"  as exact as transformers' half path: {r['as_exact_as_transformers']}")
 for r in rows:
     if "serve_with" in r:
         print(f"served {r['fused']} with LOGIT_LENS_FUSED={r['serve_with']} (see fused-{r['fused']}.txt)")
