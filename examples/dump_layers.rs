@@ -1,6 +1,6 @@
 //! Writes every lens layer's residual stream (f32) of one request to a safetensors file, for
 //! comparing precision paths against transformers by hand:
-//! `cargo run --release --example dump_layers -- MODEL_DIR IMAGE PROMPT DTYPE(f32|bf16|f16) OUT.safetensors`
+//! `cargo run --release --example dump_layers -- MODEL_DIR IMAGE|- PROMPT DTYPE(f32|bf16|f16) OUT.safetensors`
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -24,8 +24,14 @@ fn main() -> logit_lens::Result<()> {
         _ => DType::F32,
     };
     let model = logit_lens::models::load(a[1].as_ref(), "m", &Device::Cpu, dtype)?;
-    let image = logit_lens::preprocess::image::decode(&std::fs::read(&a[2]).expect("image"))?;
-    let inputs = model.prepare(&a[3], Some(&image), true)?;
+    // IMAGE `-`: a text-only prompt.
+    let image = match a[2].as_str() {
+        "-" => None,
+        path => Some(logit_lens::preprocess::image::decode(
+            &std::fs::read(path).expect("image"),
+        )?),
+    };
+    let inputs = model.prepare(&a[3], image.as_ref(), true)?;
     let mut dump = Dump(HashMap::new());
     model.forward(&inputs, &mut dump)?;
     candle_core::safetensors::save(&dump.0, &a[5])?;

@@ -40,10 +40,11 @@ impl Linear {
             .last()
             .ok_or_else(|| Error::Internal("linear on a scalar".into()))?;
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, in_dim))?;
+        // With a bias, one rounding in half precision, as torch's addmm (gemm.rs).
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            Some(b) => super::gemm::linear_bias(&x, &self.weight, b)?,
+            None => x.matmul(&self.weight.t()?)?,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;

@@ -11,6 +11,7 @@ use crate::preprocess::image::Rgb8;
 
 pub mod decoder;
 pub mod fused;
+pub mod gemm;
 pub mod layers;
 pub mod llava;
 pub mod llava_onevision;
