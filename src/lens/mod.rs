@@ -582,7 +582,16 @@ fn unembed_f32(rows: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     if rows.device().is_cuda() {
-        return Ok(cuda::matmul_nt_f32(rows, w)?);
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        match cuda::matmul_nt_f32(rows, w) {
+            Ok(z) => return Ok(z),
+            // Not expected; if the card refuses it, the widened f32 GEMM below (slower, same sums).
+            Err(e) if !WARNED.swap(true, Ordering::Relaxed) => {
+                eprintln!("warning: the lens's bf16/f16 → f32 GEMM failed ({e}); widening to f32")
+            }
+            Err(_) => {}
+        }
     }
     Ok(rows
         .to_dtype(DType::F32)?
