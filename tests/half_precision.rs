@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use logit_lens::api::{LensOptions, Positions};
 use logit_lens::engine::{run_lens, LensRequest};
@@ -100,4 +100,66 @@ fn half_precision_rope_follows_transformers_rounding_and_matches_f32() {
     .to_scalar::<f32>()
     .unwrap();
     assert_eq!(d, 0.0);
+}
+
+/// Against transformers' own half precision (tools/make_half_references.py: the same checkpoints,
+/// inputs and pixels, in each fixture's dtype): at every layer our residual stream is as close to
+/// the f32 reference as transformers' is. An extra rounding that transformers does not do (e.g. a
+/// Linear's bias added after the matmul's result is rounded, not before) moves ours further away.
+#[test]
+fn half_precision_streams_are_as_close_to_f32_as_transformers_own() {
+    let mut failures = Vec::new();
+    for (dir, family, dtype) in [
+        ("qwen2vl-hub", "qwen2vl", DType::BF16),
+        ("llava15-hub", "llava15", DType::F16),
+        ("onevision-hub", "onevision", DType::BF16),
+    ] {
+        let model =
+            logit_lens::models::load(&fixtures().join(dir), dir, &Device::Cpu, dtype).unwrap();
+        let (mut ours_total, mut theirs_total) = (0f64, 0f64);
+        for case in cases(family) {
+            let r = Reference::load(family, &case.name);
+            let half = Reference::load(family, &format!("{}.half", case.name));
+            let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
+            let mut rec = Recorder::default();
+            model.forward(&p, &mut rec).unwrap();
+            let f32_ref = r.get("hidden_states");
+            let l = f32_ref.dim(0).unwrap() - 1;
+            let theirs = half.get("hidden_states_half");
+            assert_eq!(rec.0.len(), l + 1);
+            for (i, h) in rec.0.iter().enumerate() {
+                // Layer L: the raw last block output (transformers' last entry is normed).
+                let want = if i == l {
+                    r.get("last_layer_raw").clone()
+                } else {
+                    f32_ref.get(i).unwrap()
+                };
+                let dist = |t: &Tensor| {
+                    let t = t.to_dtype(DType::F32).unwrap();
+                    let num = (t - &want).unwrap().sqr().unwrap().sum_all().unwrap();
+                    let den = want.sqr().unwrap().sum_all().unwrap();
+                    (num.to_scalar::<f32>().unwrap() as f64
+                        / den.to_scalar::<f32>().unwrap() as f64)
+                        .sqrt()
+                };
+                let (ours, theirs) = (dist(h), dist(&theirs.get(i).unwrap()));
+                eprintln!(
+                    "{family} {dtype:?} {} layer {i}: distance to f32: ours {ours:.5}, transformers {theirs:.5}",
+                    case.name
+                );
+                ours_total += ours;
+                theirs_total += theirs;
+            }
+        }
+        eprintln!("{family} {dtype:?}: sum over cases and layers: ours {ours_total:.5}, transformers {theirs_total:.5}");
+        if ours_total > 1.05 * theirs_total {
+            failures.push(format!(
+                "{family} {dtype:?}: ours {ours_total:.5} against transformers' {theirs_total:.5}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "half-precision streams further from f32 than transformers': {failures:?}"
+    );
 }

@@ -44,7 +44,7 @@ impl Linear {
         // With a bias, one rounding in half precision, as torch's addmm (gemm.rs).
         let y = match &self.bias {
             Some(b) => super::gemm::linear_bias(&x, &self.weight, b)?,
-            None => x.matmul(&self.weight.t()?)?,
+            None => super::gemm::matmul(&x, &self.weight.t()?)?,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
@@ -287,9 +287,7 @@ pub fn attention_within(
     for g0 in (0..groups).step_by(per) {
         let g = per.min(groups - g0);
         // kᵀ as a transposed view: the GEMM reads it in place.
-        let scores = q
-            .narrow(0, g0, g)?
-            .matmul(&k.narrow(0, g0, g)?.t()?)?
+        let scores = super::gemm::matmul(&q.narrow(0, g0, g)?, &k.narrow(0, g0, g)?.t()?)?
             .reshape((g, rep, s, sk))?;
         // One kernel instead of four passes (see fused::softmax).
         let probs = if fused {
@@ -297,11 +295,10 @@ pub fn attention_within(
         } else {
             attention_softmax(&scores, mask, scale)?
         };
-        outs.push(
-            probs
-                .reshape((g, rep * s, sk))?
-                .matmul(&v.narrow(0, g0, g)?)?,
-        );
+        outs.push(super::gemm::matmul(
+            &probs.reshape((g, rep * s, sk))?,
+            &v.narrow(0, g0, g)?,
+        )?);
     }
     Ok(Tensor::cat(&outs, 0)?.reshape((b, hq, s, d))?)
 }

@@ -167,10 +167,10 @@ impl VisionTransformer {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((n * g * g, c * p * p))?;
-        let mut x = patches.matmul(&self.patch_weight.t()?)?;
-        if let Some(b) = &self.patch_bias {
-            x = x.broadcast_add(b)?;
-        }
+        let x = match &self.patch_bias {
+            Some(b) => crate::models::gemm::linear_bias(&patches, &self.patch_weight, b)?,
+            None => crate::models::gemm::matmul(&patches, &self.patch_weight.t()?)?,
+        };
         let mut x = x.reshape((n, g * g, d))?;
         if let Some(cls) = &self.class_embedding {
             let cls = cls.reshape((1, 1, d))?.broadcast_as((n, 1, d))?;

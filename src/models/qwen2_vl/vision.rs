@@ -134,7 +134,7 @@ impl VisionTower {
             .map(|(px, _)| px.to_device(&dev)?.to_dtype(dtype))
             .collect::<candle_core::Result<_>>()?;
         let mut x = profile::op("vision patch embed", &dev, || {
-            Ok(Tensor::cat(&pixels, 0)?.matmul(&self.patch_embed.t()?)?)
+            crate::models::gemm::matmul(&Tensor::cat(&pixels, 0)?, &self.patch_embed.t()?)
         })?;
         let tables: Vec<(Tensor, Tensor)> = images
             .iter()
