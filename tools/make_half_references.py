@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -60,7 +61,8 @@ def main():
             ref = load_file(str(ref_dir / f"{case['name']}.safetensors"))
             states = half_states(model, processor, a.fixtures, case, ref, dtype)
             save_file({"hidden_states_half": states}, str(ref_dir / f"{case['name']}.half.safetensors"),
-                      metadata={"dtype": str(dtype).removeprefix("torch."), "made_by": "tools/make_half_references.py"})
+                      metadata={"dtype": str(dtype).removeprefix("torch."), "made_by": "tools/make_half_references.py",
+                                "transformers": transformers.__version__, "torch": torch.__version__})
             print(family, case["name"], tuple(states.shape), str(dtype))
 
 
