@@ -61,8 +61,9 @@ def main():
             ref = load_file(str(ref_dir / f"{case['name']}.safetensors"))
             states = half_states(model, processor, a.fixtures, case, ref, dtype)
             save_file({"hidden_states_half": states}, str(ref_dir / f"{case['name']}.half.safetensors"),
-                      metadata={"dtype": str(dtype).removeprefix("torch."), "made_by": "tools/make_half_references.py",
-                                "transformers": transformers.__version__, "torch": torch.__version__})
+                      # One metadata key: safetensors writes several in no fixed order (re-runs must be byte-identical).
+                      metadata={"made_by": f"tools/make_half_references.py, {str(dtype).removeprefix('torch.')}, "
+                                           f"transformers {transformers.__version__}, torch {torch.__version__}"})
             print(family, case["name"], tuple(states.shape), str(dtype))
 
 
