@@ -366,5 +366,40 @@ mod gpu_tests {
                 "{dtype:?}: two roundings {twice}, one {once}"
             );
         }
+        // What one call costs (printed, not asserted): cuBLASLt with the bias epilogue (descriptors
+        // and an algorithm query per call, as torch's addmm) against cuBLAS matmul + a bias add.
+        for (rows, k, out) in [(418, 1536, 2048), (1196, 1280, 3840), (8 * 418, 1536, 2048)] {
+            let t = |shape: (usize, usize)| {
+                Tensor::randn(0f32, 0.05, shape, &gpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+            };
+            let (x, w) = (t((rows, k)), t((out, k)));
+            let b = t((1, out)).squeeze(0).unwrap();
+            let time = |f: &dyn Fn() -> Tensor| {
+                f();
+                gpu.synchronize().unwrap();
+                let t0 = std::time::Instant::now();
+                for _ in 0..50 {
+                    f();
+                }
+                let issue = t0.elapsed().as_secs_f64() / 50.0;
+                gpu.synchronize().unwrap();
+                (issue * 1e6, t0.elapsed().as_secs_f64() / 50.0 * 1e6)
+            };
+            let lt = time(&|| linear_bias(&x, &w, &b).unwrap());
+            let two = time(&|| {
+                x.matmul(&w.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&b)
+                    .unwrap()
+            });
+            eprintln!(
+                "linear-bias bf16 [{rows}, {k}]·[{out}, {k}]ᵀ µs per call (host issue, total): \
+                 cuBLASLt + bias {:.0}, {:.0}; matmul + add {:.0}, {:.0}",
+                lt.0, lt.1, two.0, two.1
+            );
+        }
     }
 }
