@@ -324,8 +324,10 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
             summary: true,
             excluded: vec![],
         };
-        // `collect_every`: the tensor path's budget for queued detail rows (1 byte: the host
-        // collects after every layer, as it does when many positions ask for top-k).
+        // `collect_every`: the tensor path's budget for queued detail rows. One and a half
+        // layers' worth: the host collects every second layer, as it does when many positions
+        // ask for top-k; 1 byte: even one layer's rows are past it, and each chunk of rows is
+        // reduced on the host as it comes.
         let run = |tensor_path: bool, collect_every: Option<usize>| {
             let lens = logit_lens::lens::Lens::new(model.head(), &spec, n).unwrap();
             let mut lens = if tensor_path {
@@ -340,6 +342,8 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
             lens.finish().unwrap()
         };
         let (fused, tensors) = (run(false, None), run(true, None));
+        let layer_bytes = spec.positions.len() * model.info().vocab_size * 4;
+        assert_eq!(tensors, run(true, Some(layer_bytes * 3 / 2)));
         assert_eq!(tensors, run(true, Some(1)));
         for (a, b) in fused.iter().zip(&tensors) {
             assert!((a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-5);

@@ -440,12 +440,21 @@ impl<'a> Lens<'a> {
     /// unembedding in chunks of `DEVICE_ROWS` rows × the whole vocabulary; each chunk's per-row
     /// max and sum of exponentials come from one fused kernel (CUDA) or a few tensor ops, and the
     /// rows that want detail are gathered; all of it stays on the device, nothing waits.
+    ///
+    /// A layer whose detail rows alone pass the budget (many positions × a large vocabulary:
+    /// `all` on a OneVision input is ~7000 × 152k) has each chunk's rows reduced on the host as
+    /// they come instead, so the device holds one chunk of them, not the layer's.
     fn launch_layer(&self, plan: &mut LayerPlan) -> Result<()> {
         let normed = plan.normed_rows.take().expect("planned rows");
         let total = normed.dim(0)?;
         let detail: Vec<u32> = (0..total as u32)
             .filter(|&r| plan.states[r as usize].wants_detail())
             .collect();
+        let immediate = detail.len() * self.unembed.dim(0)? * 4 > self.pending_detail_bytes;
+        if immediate {
+            // The rows need their target logits before they are reduced.
+            take_targets(std::slice::from_mut(plan))?;
+        }
         let mut sums = Vec::new();
         let mut detail_rows = Vec::new();
         for start in (0..total).step_by(DEVICE_ROWS) {
@@ -459,7 +468,22 @@ impl<'a> Lens<'a> {
                 .collect();
             if !here.is_empty() {
                 let idx = Tensor::from_slice(&here, here.len(), logits.device())?;
-                detail_rows.push(logits.index_select(&idx, 0)?);
+                let rows = logits.index_select(&idx, 0)?;
+                if immediate {
+                    let block = to_host_rows(&[rows])?;
+                    let states: Vec<&mut RowState> = plan.states[start..start + n]
+                        .iter_mut()
+                        .filter(|st| st.wants_detail())
+                        .collect();
+                    states
+                        .into_par_iter()
+                        .zip(block.par_iter())
+                        .for_each(|(st, row)| {
+                            st.update(row, 0, &self.spec.targets, &self.spec.excluded)
+                        });
+                } else {
+                    detail_rows.push(rows);
+                }
             }
         }
         let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0)).transpose();
@@ -472,24 +496,7 @@ impl<'a> Lens<'a> {
     /// transfer, the detail rows in another, then each detail row reduced (entropy, top-k, ranks)
     /// in parallel.
     fn collect_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
-        let targets: Vec<Tensor> = plans
-            .iter()
-            .filter_map(|p| p.device_targets.clone())
-            .collect();
-        let mut rows = to_host_rows(&targets)?.into_iter();
-        for plan in plans.iter_mut() {
-            if plan.device_targets.take().is_none() {
-                continue;
-            }
-            for &r in &plan.requested {
-                let z = rows
-                    .next()
-                    .ok_or_else(|| Error::Internal("lens: fewer target rows".into()))?;
-                let st = &mut plan.states[r];
-                st.target_z.clone_from(&z);
-                st.target_cmp = z;
-            }
-        }
+        take_targets(plans)?;
         let sums: Vec<Tensor> = plans.iter().filter_map(|p| p.device_sums.clone()).collect();
         let mut rows = to_host_rows(&sums)?.into_iter();
         for plan in plans.iter_mut() {
@@ -596,6 +603,29 @@ fn unembed_f32(rows: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(rows
         .to_dtype(DType::F32)?
         .matmul(&w.to_dtype(DType::F32)?.t()?)?)
+}
+
+/// The plans' target logits, still on the device, to their rows' states (in one transfer).
+fn take_targets(plans: &mut [LayerPlan]) -> Result<()> {
+    let targets: Vec<Tensor> = plans
+        .iter()
+        .filter_map(|p| p.device_targets.clone())
+        .collect();
+    let mut rows = to_host_rows(&targets)?.into_iter();
+    for plan in plans.iter_mut() {
+        if plan.device_targets.take().is_none() {
+            continue;
+        }
+        for &r in &plan.requested {
+            let z = rows
+                .next()
+                .ok_or_else(|| Error::Internal("lens: fewer target rows".into()))?;
+            let st = &mut plan.states[r];
+            st.target_z.clone_from(&z);
+            st.target_cmp = z;
+        }
+    }
+    Ok(())
 }
 
 /// Per row of a logits block `[rows, vocab]`: `[rows, 2]` f32 (max, Σ e^(z − max)). One fused
