@@ -65,16 +65,22 @@ def torch_lens(ckpt: str, image: str, prompt: str, dtype: str, device: str):
 def ours_lens(binary: str, ckpt: str, image: str, prompt: str, dtype: str, device: str):
     cmd = [binary, "probe", "--model", ckpt, "--image", image, "--prompt", prompt, "--top-k", "2",
            "--positions", "all", "--dtype", dtype, "--device", device]
-    body = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return run_from_body(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+
+
+def run_from_body(body):
+    """A /lens response body (`probe` prints the same) asked with top_k 2 and positions all, as a run:
+    per layer and position the top-1 id and the two highest probabilities; mmp: the summary, if there."""
     n = len(body["input"]["tokens"])
-    top1 = [[0] * n for _ in body["layers"]]
-    p1 = [[0.0] * n for _ in body["layers"]]
-    p2 = [[0.0] * n for _ in body["layers"]]
-    for li, layer in enumerate(body["layers"]):
+    run = {"ids": [t["id"] for t in body["input"]["tokens"]], "top1": [], "p1": [], "p2": [], "mmp": []}
+    for layer in body["layers"]:
+        top1, p1, p2 = [0] * n, [0.0] * n, [0.0] * n
         for pos in layer["positions"]:
-            j = pos["position"]
-            top1[li][j], p1[li][j], p2[li][j] = pos["top"][0]["id"], pos["top"][0]["prob"], pos["top"][1]["prob"]
-    return {"ids": [t["id"] for t in body["input"]["tokens"]], "top1": top1, "p1": p1, "p2": p2}
+            j, t = pos["position"], pos["top"]
+            top1[j], p1[j], p2[j] = t[0]["id"], t[0]["prob"], t[1]["prob"]
+        for key, v in [("top1", top1), ("p1", p1), ("p2", p2), ("mmp", layer.get("mean_max_prob"))]:
+            run[key].append(v)
+    return run
 
 
 def exact_ties(run):

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import multipart, post  # noqa: E402
-from noise_floor import compare, exact_ties, torch_lens  # noqa: E402
+from noise_floor import compare, exact_ties, run_from_body, torch_lens  # noqa: E402
 
 
 def served_lens(url: str, model, image: str, prompt: str):
@@ -31,17 +31,7 @@ def served_lens(url: str, model, image: str, prompt: str):
         fields["model"] = model
     body, ctype = multipart(fields, open(image, "rb").read(), Path(image).name)
     _, _, ours, _ = post(url.rstrip("/") + "/lens", body, ctype)
-    n = len(ours["input"]["tokens"])
-    run = {"ids": [t["id"] for t in ours["input"]["tokens"]], "top1": [], "p1": [], "p2": [], "mmp": []}
-    for layer in ours["layers"]:
-        top1, p1, p2 = [0] * n, [0.0] * n, [0.0] * n
-        for pos in layer["positions"]:
-            j, t = pos["position"], pos["top"]
-            top1[j], p1[j], p2[j] = t[0]["id"], t[0]["prob"], t[1]["prob"]
-        for key, v in [("top1", top1), ("p1", p1), ("p2", p2), ("mmp", layer["mean_max_prob"])]:
-            run[key].append(v)
-    return run
-
+    return run_from_body(ours)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

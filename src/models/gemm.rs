@@ -201,6 +201,30 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// `exact` (f64) rounded once to `dtype`, and how many elements of `y` (any device) differ
+    /// from it.
+    pub(super) fn rounded_once(exact: &Tensor, dtype: DType) -> Tensor {
+        exact.to_dtype(DType::F32).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    pub(super) fn misses(y: &Tensor, want: &Tensor) -> usize {
+        let as64 = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        as64(y)
+            .ne(&as64(want))
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as usize
+    }
+
     /// f16 on the CPU: each output of a long inner product (k = 577, a ViT-L sequence) is the
     /// exact sum rounded once; candle's own f16 matmul misses about a quarter of them.
     #[test]
@@ -214,27 +238,10 @@ mod tests {
         };
         let (a, b) = (r((2, 32, 577), 1.0), r((2, 577, 48), 0.1));
         let as64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-        let want = as64(&a)
-            .matmul(&as64(&b))
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_dtype(DType::F16)
-            .unwrap();
-        let misses = |y: &Tensor| {
-            as64(y)
-                .ne(&as64(&want))
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as usize
-        };
+        let want = rounded_once(&as64(&a).matmul(&as64(&b)).unwrap(), DType::F16);
         let (ours, candle) = (
-            misses(&matmul(&a, &b).unwrap()),
-            misses(&a.matmul(&b).unwrap()),
+            misses(&matmul(&a, &b).unwrap(), &want),
+            misses(&a.matmul(&b).unwrap(), &want),
         );
         eprintln!("f16 k=577: rounded once: {ours}/3072 misses; candle's matmul: {candle}");
         assert!(ours * 100 < 2 * 32 * 48, "{ours} misses");
@@ -266,24 +273,14 @@ mod tests {
                 .broadcast_add(&as64(&b))
                 .unwrap();
             // f64 → f32 is exact at these magnitudes' needs; f32 → half is the one rounding.
-            let want = exact.to_dtype(DType::F32).unwrap().to_dtype(dtype).unwrap();
-            let misses = |y: &Tensor| {
-                let (y, want) = (as64(y), as64(&want));
-                y.ne(&want)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap() as usize
-            };
-            let once = misses(&linear_bias(&x, &w, &b).unwrap());
+            let want = rounded_once(&exact, dtype);
+            let once = misses(&linear_bias(&x, &w, &b).unwrap(), &want);
             let twice = misses(
                 &x.matmul(&w.t().unwrap())
                     .unwrap()
                     .broadcast_add(&b)
                     .unwrap(),
+                &want,
             );
             let n = 64 * 96;
             eprintln!("{dtype:?}: rounded once: {once}/{n} misses; matmul + add: {twice}");
@@ -302,6 +299,7 @@ mod tests {
 /// On a card (run by bench/gpu/device.sh): cuBLASLt's bias epilogue rounds once, like the CPU path.
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests {
+    use super::tests::{misses, rounded_once};
     use super::*;
     use candle_core::Device;
 
@@ -329,34 +327,21 @@ mod gpu_tests {
                 .unwrap();
             let b = r((1, 2048), 1.0).squeeze(0).unwrap();
             let as64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-            let want = as64(&x)
+            let exact = as64(&x)
                 .matmul(&as64(&w).t().unwrap())
                 .unwrap()
                 .broadcast_add(&as64(&b))
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_dtype(dtype)
                 .unwrap();
+            let want = rounded_once(&exact, dtype);
             let on = |t: &Tensor| t.to_device(&gpu).unwrap();
-            let misses = |y: Tensor| {
-                let y = as64(&y.to_device(&Device::Cpu).unwrap());
-                y.ne(&as64(&want))
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap() as usize
-            };
-            let once = misses(linear_bias(&on(&x), &on(&w), &on(&b)).unwrap());
+            let once = misses(&linear_bias(&on(&x), &on(&w), &on(&b)).unwrap(), &want);
             let twice = misses(
-                on(&x)
+                &on(&x)
                     .matmul(&on(&w).t().unwrap())
                     .unwrap()
                     .broadcast_add(&on(&b))
                     .unwrap(),
+                &want,
             );
             let n = 418 * 2048;
             eprintln!("linear-bias {dtype:?} on the GPU: rounded once: {once}/{n} misses; matmul + add: {twice}");
