@@ -95,8 +95,10 @@ def build(family: str, out: Path, small: bool, device: str):
         cls, dtype, tied = LlavaForConditionalGeneration, torch.float16, False
         to_hub = lambda n: mlf.hub_name(n, tied)  # noqa: E731
     config = AutoConfig.from_pretrained(str(out))
+    # Built in the checkpoint's dtype on any device (LLaVA-1.5-7B in f32 is 27 GB): randomize draws in f32 and
+    # rounds once, so the files are byte-identical to an f32 build's (checked on the --small shapes).
     old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype if device != "cpu" else torch.float32)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = cls(config).eval()
