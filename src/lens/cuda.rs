@@ -227,12 +227,10 @@ mod gpu_tests {
             assert!(worst < 1e-4, "{dtype:?}: {worst}");
             assert!(unrounded > n * vocab / 2, "{dtype:?}: rounded logits");
         }
-        // What the f32 logits cost (printed, not asserted): one lens chunk of Qwen2-VL-2B, 512 rows
-        // by the 151936-row vocabulary, with f32 logits and their max/sum-exp, against bf16 logits.
-        let rows = Tensor::randn(0f32, 1.0, (512, 1536), &gpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        // What the f32 logits cost (printed, not asserted): one lens chunk of Qwen2-VL-2B, by the
+        // 151936-row vocabulary, with f32 logits and their max/sum-exp, against bf16 logits; and the
+        // chunk's height (DEVICE_ROWS in lens/mod.rs): each chunk reads the whole 467 MB unembedding
+        // and writes rows × 608 KB of f32 logits, so short chunks are bound by the weights' reads.
         let w = Tensor::randn(0f32, 0.02, (151936, 1536), &gpu)
             .unwrap()
             .to_dtype(DType::BF16)
@@ -247,11 +245,22 @@ mod gpu_tests {
             gpu.synchronize().unwrap();
             t0.elapsed().as_secs_f64() / 20.0 * 1e3
         };
-        let f32_logits = time(&|| row_max_sumexp(&matmul_nt_f32(&rows, &w).unwrap()).unwrap());
-        let bf16_logits = time(&|| row_max_sumexp(&rows.matmul(&w.t().unwrap()).unwrap()).unwrap());
-        eprintln!(
-            "lens chunk [512, 1536]·[151936, 1536]ᵀ + max/sum-exp, ms: f32 logits {f32_logits:.3}, \
-             bf16 logits {bf16_logits:.3}"
-        );
+        for n in [256, 512, 1024, 2048] {
+            let rows = Tensor::randn(0f32, 1.0, (n, 1536), &gpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let f32_logits = time(&|| row_max_sumexp(&matmul_nt_f32(&rows, &w).unwrap()).unwrap());
+            let bf16_logits =
+                time(&|| row_max_sumexp(&rows.matmul(&w.t().unwrap()).unwrap()).unwrap());
+            let tflops = |ms: f64| 2.0 * n as f64 * 151936.0 * 1536.0 / (ms * 1e-3) / 1e12;
+            eprintln!(
+                "lens chunk [{n}, 1536]·[151936, 1536]ᵀ + max/sum-exp: f32 logits {f32_logits:.3} ms \
+                 ({:.3} ms per 100 rows, {:.0} TFLOP/s), bf16 logits {bf16_logits:.3} ms ({:.0} TFLOP/s)",
+                f32_logits * 100.0 / n as f64,
+                tflops(f32_logits),
+                tflops(bf16_logits)
+            );
+        }
     }
 }
