@@ -103,9 +103,10 @@ for family in ${models//,/ }; do
   peak=$(cat "$out/peak-$family.txt" 2>/dev/null || echo 0)
   echo "{\"memory\": \"$family\", \"weights_bytes\": $weights, \"peak_gpu_mib\": ${peak:-0}}" >> "$res"
   log "parity $family"
-  # --floor: transformers in f32 too, for the noise floor of two half-precision runs (PARITY_FLOOR:
-  # the families that get it; LLaVA-1.5-7B in f32 is 27 GB and a minute more).
-  floor=""; [[ ",${PARITY_FLOOR:-qwen2vl}," == *",$family,"* ]] && floor=--floor
+  # --floor: transformers in f32 too, for the noise floor of two half-precision runs and our half path
+  # against the exact answer (PARITY_FLOOR: the families that get it, default both; LLaVA-1.5-7B in f32
+  # is 27 GB, next to the server's 13, and about a minute more).
+  floor=""; [[ ",${PARITY_FLOOR:-qwen2vl,llava15}," == *",$family,"* ]] && floor=--floor
   $py bench/gpu/parity.py --url "http://127.0.0.1:$port" --model "$family" --checkpoint "$dir" \
     --image bench/images/coco_640x480.png $floor >> "$res" || log "parity failed"
   kill $pid; wait $pid 2>/dev/null
