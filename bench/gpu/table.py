@@ -30,7 +30,8 @@ for r in rows:
             print(f"  floor: {name}: top-1 agreement {f['top1_agreement']:.4f}, max top-1 prob diff "
                   f"{f['max_top1_prob_diff']}")
         if "as_exact_as_transformers" in r:
-            print(f"  as exact as transformers' half path: {r['as_exact_as_transformers']}")
+            print(f"  as exact as transformers' half path: {r['as_exact_as_transformers']}; the bar against "
+                  f"transformers f32: pass {r.get('pass_against_f32', '-')}")
 for r in rows:
     if "serve_with" in r:
         print(f"served {r['fused']} with LOGIT_LENS_FUSED={r['serve_with']} (see fused-{r['fused']}.txt)")
