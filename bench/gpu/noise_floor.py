@@ -67,10 +67,10 @@ def torch_lens(ckpt: str, image: str, prompt: str, dtype: str, device: str):
 
 
 def widen_layer_by_layer(model):
-    """The f32 computation of a half-precision checkpoint in about half the memory of an f32 model: everything
-    but the decoder layers in f32, and each decoder layer widened to f32 just before it runs and narrowed back
-    after (widening a half-precision weight is exact, so each layer computes what it computes in an f32 model).
-    For LLaVA-1.5-7B on a machine with less memory than its 27 GB in f32."""
+    """The f32 computation of a half-precision checkpoint in little more than the half-precision model's memory:
+    everything but the decoder layers in f32, and each decoder layer widened to f32 just before it runs and
+    narrowed back after (widening a half-precision weight is exact, so each layer computes what it computes in an
+    f32 model; bit-identical lens on the small LLaVA). For LLaVA-1.5-7B (27 GB in f32) on a 24 GiB machine."""
     lm = model.model.language_model
     layers, half = lm.layers, lm.layers[0].mlp.down_proj.weight.dtype
     lm.layers = torch.nn.ModuleList()
@@ -150,7 +150,7 @@ def main():
                     help="keep each run's lens here (NAME.json) and reuse what is already there")
     ap.add_argument("--f32-layerwise", action="store_true",
                     help="transformers' f32 run from the half-precision weights, one decoder layer widened at a "
-                         "time (the same numbers in about half the memory), and no f32 run of ours")
+                         "time (the same numbers in about 60 %% of the memory), and no f32 run of ours")
     a = ap.parse_args()
     runs, seconds = {}, {}
     ours_device = "cuda" if a.device == "cuda" else "cpu"
