@@ -100,3 +100,74 @@ pub fn report_ops() -> Vec<(&'static str, usize, f64, f64)> {
     }
     groups
 }
+
+/// On a card (run by bench/gpu/device.sh; printed, not asserted): what one candle operation costs
+/// the host to issue and the card to run, for the kinds the half-precision forward pass is made of.
+/// Where the host's µs per operation exceed the device's, a forward pass of ~2000–3700 of them is
+/// bound by issuing, whatever the kernels do (`LOGIT_LENS_PROFILE=2` shows it per group).
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn candle_operation_overhead_on_the_gpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        let Device::Cuda(cuda) = &gpu else {
+            unreachable!()
+        };
+        // One decoder row block of Qwen2-VL-2B: 418 positions × 1536, bf16.
+        let x = Tensor::randn(0f32, 1.0, (418, 1536), &gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let w = Tensor::randn(0f32, 1.0, 1536, &gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let wt = Tensor::randn(0f32, 0.02, (1536, 1536), &gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let ops: [(&str, &dyn Fn() -> Tensor); 5] = [
+            ("unary (silu), contiguous", &|| x.silu().unwrap()),
+            ("binary (add), contiguous", &|| (&x + &x).unwrap()),
+            ("binary, broadcast (strided: dims uploaded)", &|| {
+                x.broadcast_mul(&w).unwrap()
+            }),
+            ("cast bf16 → f32", &|| x.to_dtype(DType::F32).unwrap()),
+            ("matmul [418, 1536]·[1536, 1536]", &|| {
+                x.matmul(&wt).unwrap()
+            }),
+        ];
+        let time = |f: &dyn Fn() -> Tensor| {
+            for _ in 0..50 {
+                f();
+            }
+            gpu.synchronize().unwrap();
+            let n = 2000;
+            let t0 = std::time::Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            let host = t0.elapsed().as_secs_f64();
+            gpu.synchronize().unwrap();
+            let total = t0.elapsed().as_secs_f64();
+            (host / n as f64 * 1e6, total / n as f64 * 1e6)
+        };
+        for (name, f) in ops {
+            let (host, total) = time(f);
+            eprintln!("candle op {name}: host {host:.1} µs, host + device {total:.1} µs per op");
+        }
+        // candle 0.11's parameter cache for CUDA graphs: a strided operation's dims and strides
+        // uploaded once per distinct layout instead of once per call (never evicted, so not used
+        // by the service; measured to know what it would save).
+        let _cache = cuda.enable_cuda_graph_htod_cache();
+        let (host, total) = time(&|| x.broadcast_mul(&w).unwrap());
+        eprintln!(
+            "candle op binary, broadcast, dims cached: host {host:.1} µs, host + device {total:.1} µs per op"
+        );
+    }
+}
