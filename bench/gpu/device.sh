@@ -21,4 +21,13 @@ if [[ -f .gpu-carry/lib-tests.gz ]]; then
     || echo "gpu_tests failed (see gpu-tests.txt)" >&2
   tail -3 "$out/gpu-tests.txt" >&2
 fi
-OUT=$out PYTHON=${PYTHON:-python3} bench/gpu/run.sh --bin .gpu/logit-lens "$@"
+# The device call stops at 600 s: run.sh gets what is left of RUN_TIMEOUT_S (default 540 s since this
+# script started),
+# and whatever it measured by then still makes the table.
+left=$(( ${RUN_TIMEOUT_S:-540} - SECONDS ))
+OUT=$out PYTHON=${PYTHON:-python3} timeout --kill-after=5 "$left" bench/gpu/run.sh --bin .gpu/logit-lens "$@" \
+  || echo "run.sh stopped (exit $?); the table from what it measured:" >&2
+if [[ ! -s $out/table.txt && -s $out/results.jsonl ]]; then
+  pkill -f "logit-lens[^ ]* serve" || true  # a server run.sh had started
+  ${PYTHON:-python3} bench/gpu/table.py "$out/results.jsonl" "$out/seed.json" | tee "$out/table.txt"
+fi
