@@ -183,6 +183,41 @@ mod gpu_tests {
     use super::*;
     use candle_core::Device;
 
+    /// The row reduction against the host's, in every dtype, on rows longer and shorter than a block
+    /// and a view that starts inside its buffer.
+    #[test]
+    fn row_max_sumexp_matches_the_host_on_the_gpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (rows, cols) in [(3, 151936), (5, 300), (2, 7)] {
+                let z = Tensor::randn(0f32, 3.0, (rows + 1, cols), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .narrow(0, 1, rows)
+                    .unwrap();
+                let got = row_max_sumexp(&z.to_device(&gpu).unwrap().narrow(0, 0, rows).unwrap())
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                let host = z.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+                for (g, row) in got.iter().zip(&host) {
+                    let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let s: f64 = row.iter().map(|v| (v - m).exp()).sum();
+                    assert_eq!(g[0] as f64, m, "{dtype:?} [{rows}, {cols}]: max");
+                    assert!(
+                        ((g[1] as f64 - s) / s).abs() < 1e-5,
+                        "{dtype:?} [{rows}, {cols}]: sum {} against {s}",
+                        g[1]
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn unembedding_gemm_gives_f32_logits_on_the_gpu() {
         let Ok(gpu) = Device::new_cuda(0) else {
