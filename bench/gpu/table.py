@@ -4,6 +4,11 @@ import sys
 from pathlib import Path
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+# parity.py writes its f32 floor as a second line (`floor_of`): merged into its parity row here.
+floors = {(r["floor_of"], r["image"]): r for r in rows if "floor_of" in r}
+for r in rows:
+    if "top1_agreement" in r:
+        r.update({k: v for k, v in floors.get((r["model"], r["image"]), {}).items() if k not in ("floor_of", "image")})
 seed = json.loads(Path(sys.argv[2]).read_text()) if len(sys.argv) > 2 and Path(sys.argv[2]).exists() else {}
 seed_rows = {(r["model"], r["image"]): r for r in seed.get("rows", [])}
 name = {"qwen2vl": "qwen2vl", "llava15": "llava15"}
