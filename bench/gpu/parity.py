@@ -1,6 +1,7 @@
 """Half-precision parity of `logit-lens serve` against transformers on the same checkpoint and inputs: the
 lens at every layer and position, transformers eager attention in the checkpoint dtype on the same GPU,
-lm_head in the model dtype and softmax in f32 (MODELS.md §1.1 and §6). Prints one JSON line.
+lm_head in the model dtype and softmax in f32 (MODELS.md §1.1 and §6). Prints one JSON line, and with
+--floor a second one (`floor_of`) once the f32 run is done.
 
 - The issue's bar (`pass`): top-1 agreement with transformers' half path over layer × position pairs
   ≥ 99 %, top-1 probability within 2e-2 where they agree.
