@@ -197,6 +197,19 @@ impl Weights {
         // outside what this program can guard against, as for every mmap-based loader.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .map_err(|e| snapshot.err(format!("cannot read safetensors weights: {e}")))?;
+        if device.is_cpu() {
+            let elements: usize = st
+                .tensors()
+                .iter()
+                .map(|(_, v)| v.shape().iter().product::<usize>())
+                .sum();
+            fits_in_memory(
+                &snapshot.dir,
+                elements as u64 * dtype.size_in_bytes() as u64,
+                dtype,
+                cpu_memory_available(),
+            )?;
+        }
         let names = st.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(Weights {
             st,
@@ -309,5 +322,108 @@ impl<'a> Prefixed<'a> {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// Refuses, before reading them, weights that cannot fit in the memory left on the CPU: past it the
+/// kernel's out-of-memory killer ends the process without a word, after a minute of paging
+/// (LLaVA-1.5-7B in f32 is 27 GB; a 24 GiB machine was killed 51 s into loading it). Only the weights
+/// are counted (activations come on top), so nothing that could load is refused. `available`: None
+/// where it cannot be read.
+fn fits_in_memory(dir: &Path, needed: u64, dtype: DType, available: Option<u64>) -> Result<()> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    if needed <= available {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(Error::snapshot(
+        dir,
+        format!(
+            "its weights need {:.1} GiB as {} on the CPU and {:.1} GiB of memory is available; \
+             run it on a GPU (--device cuda: the checkpoint's half precision), in half precision on \
+             the CPU (probe --dtype bf16), or on a machine with more memory",
+            gib(needed),
+            format!("{dtype:?}").to_lowercase(),
+            gib(available)
+        ),
+    ))
+}
+
+/// Memory this process may still take: what the kernel can give without swapping (`MemAvailable`)
+/// plus free swap, and no more than the cgroup's limit leaves (a container's limit does not show
+/// in /proc/meminfo). None off Linux.
+fn cpu_memory_available() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let host = meminfo_available(&read("/proc/meminfo")?)?;
+    let cgroup = cgroup_available(
+        &read("/sys/fs/cgroup/memory.max").unwrap_or_default(),
+        &read("/sys/fs/cgroup/memory.current").unwrap_or_default(),
+        &read("/sys/fs/cgroup/memory.stat").unwrap_or_default(),
+    );
+    Some(cgroup.map_or(host, |c| c.min(host)))
+}
+
+/// `MemAvailable` + `SwapFree` from /proc/meminfo's text, in bytes.
+fn meminfo_available(meminfo: &str) -> Option<u64> {
+    let field = |name: &str| {
+        meminfo.lines().find_map(|l| {
+            let kb = l.strip_prefix(name)?.trim().strip_suffix("kB")?.trim();
+            kb.parse::<u64>().ok().map(|kb| kb * 1024)
+        })
+    };
+    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
+}
+
+/// cgroup v2: the limit less what is charged, not counting the page cache (reclaimable; the mapped
+/// weight files themselves land there). None without a numeric limit (`max`, or no cgroup v2).
+fn cgroup_available(max: &str, current: &str, stat: &str) -> Option<u64> {
+    let max: u64 = max.trim().parse().ok()?;
+    let current: u64 = current.trim().parse().ok()?;
+    let file = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("file ")?.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Some(max.saturating_sub(current.saturating_sub(file)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_larger_than_the_memory_left_are_refused_with_both_sizes() {
+        let dir = Path::new("/models/llava");
+        let gib = 1u64 << 30;
+        assert!(fits_in_memory(dir, 27 * gib, DType::F32, Some(28 * gib)).is_ok());
+        assert!(fits_in_memory(dir, 27 * gib, DType::F32, None).is_ok());
+        let e = fits_in_memory(dir, 27 * gib, DType::F32, Some(22 * gib)).unwrap_err();
+        assert_eq!(e.code(), "model_snapshot");
+        let m = e.to_string();
+        assert!(
+            m.contains("27.0 GiB as f32") && m.contains("22.0 GiB of memory is available"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn available_memory_is_read_from_meminfo_and_the_cgroup() {
+        let meminfo = "MemTotal:       24683000 kB\nMemFree:         1000000 kB\n\
+                       MemAvailable:   20000000 kB\nSwapTotal:       4000000 kB\nSwapFree:        3000000 kB\n";
+        assert_eq!(meminfo_available(meminfo), Some(23_000_000 * 1024));
+        assert_eq!(meminfo_available("MemFree: 5 kB\n"), None);
+        // 16 GiB limit, 10 GiB charged of which 6 GiB page cache: 12 GiB left.
+        let g = 1u64 << 30;
+        let stat = format!("anon {}\nfile {}\nkernel 0\n", 4 * g, 6 * g);
+        assert_eq!(
+            cgroup_available(&format!("{}\n", 16 * g), &format!("{}\n", 10 * g), &stat),
+            Some(12 * g)
+        );
+        assert_eq!(cgroup_available("max\n", "123\n", ""), None);
+        assert_eq!(cgroup_available("", "", ""), None);
+        // This machine (Linux): some memory, readable.
+        #[cfg(target_os = "linux")]
+        assert!(cpu_memory_available().is_some_and(|b| b > 0));
     }
 }
