@@ -327,8 +327,9 @@ impl<'a> Prefixed<'a> {
 
 /// Refuses, before reading them, weights that cannot fit in the memory left on the CPU: past it the
 /// kernel's out-of-memory killer ends the process without a word, after a minute of paging
-/// (LLaVA-1.5-7B in f32 is 27 GB; a 24 GiB machine was killed 51 s into loading it). Only the weights
-/// are counted (activations come on top), so nothing that could load is refused. `available`: None
+/// (LLaVA-1.5-7B in f32 is 27 GB; a 24 GiB machine was killed 51 s into loading it). Every tensor of
+/// the files counts (the few a model leaves unused, e.g. CLIP's last layer for LLaVA, are tens of MB)
+/// and activations come on top, so only what could not run anyway is refused. `available`: None
 /// where it cannot be read.
 fn fits_in_memory(dir: &Path, needed: u64, dtype: DType, available: Option<u64>) -> Result<()> {
     let Some(available) = available else {
