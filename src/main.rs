@@ -106,7 +106,7 @@ fn probe(a: ProbeArgs) -> Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let device = models::parse_device(&a.device)?;
-    let dtype = logit_lens::cli::parse_dtype(&a.dtype, &a.model, &device)?;
+    let dtype = models::parse_dtype(&a.dtype, &a.model, &device)?;
     let model = models::load(&a.model, &name, &device, dtype)?;
     let req = LensRequest {
         prompt: a.prompt,

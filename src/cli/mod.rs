@@ -5,11 +5,8 @@
 pub mod plot;
 pub mod run;
 
-use candle_core::DType;
-
 use crate::api::{Layers, LensOptions, Positions};
-use crate::error::{Error, Result};
-use crate::models;
+use crate::error::Result;
 
 /// The lens options of `probe` and `run`, as flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -49,22 +46,5 @@ impl LensArgs {
             chat_template: !self.no_chat_template,
             exclude_special: self.exclude_special,
         })
-    }
-}
-
-/// `--dtype`: auto (f32 on the CPU, the checkpoint's dtype on a GPU), f32, bf16 or f16.
-pub fn parse_dtype(
-    spec: &str,
-    dir: &std::path::Path,
-    device: &candle_core::Device,
-) -> Result<DType> {
-    match spec {
-        "auto" => models::working_dtype(dir, device),
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        other => Err(Error::InvalidOption(format!(
-            "--dtype {other}: use auto, f32, bf16 or f16"
-        ))),
     }
 }

@@ -396,7 +396,7 @@ fn run_local(
     on_done: &mut dyn FnMut(Record, &ProgressBar) -> Result<()>,
 ) -> Result<()> {
     let device = crate::models::parse_device(&args.device)?;
-    let dtype = super::parse_dtype(&args.dtype, &spec.dir, &device)?;
+    let dtype = crate::models::parse_dtype(&args.dtype, &spec.dir, &device)?;
     let t0 = Instant::now();
     let model = crate::models::load(&spec.dir, name, &device, dtype)?;
     eprintln!(

@@ -323,6 +323,27 @@ fn keep_freed_device_memory(device: &Device) {
 #[cfg(not(feature = "cuda"))]
 fn keep_freed_device_memory(_device: &Device) {}
 
+/// `--dtype`: `auto` (None), f32, bf16 or f16.
+pub fn dtype_choice(spec: &str) -> Result<Option<DType>> {
+    match spec {
+        "auto" => Ok(None),
+        "f32" => Ok(Some(DType::F32)),
+        "bf16" => Ok(Some(DType::BF16)),
+        "f16" => Ok(Some(DType::F16)),
+        other => Err(Error::InvalidOption(format!(
+            "--dtype {other}: use auto, f32, bf16 or f16"
+        ))),
+    }
+}
+
+/// The dtype a model is loaded in: the one `--dtype` names, or for `auto` [`working_dtype`].
+pub fn parse_dtype(spec: &str, dir: &Path, device: &Device) -> Result<DType> {
+    match dtype_choice(spec)? {
+        Some(dtype) => Ok(dtype),
+        None => working_dtype(dir, device),
+    }
+}
+
 /// Half precision only on an accelerator: on the CPU every model computes in f32.
 pub fn working_dtype(dir: &Path, device: &Device) -> Result<DType> {
     if device.is_cpu() {

@@ -344,7 +344,7 @@ fn fits_in_memory(dir: &Path, needed: u64, dtype: DType, available: Option<u64>)
         format!(
             "its weights need {:.1} GiB as {} on the CPU and {:.1} GiB of memory is available; \
              run it on a GPU (--device cuda: the checkpoint's half precision), in half precision on \
-             the CPU (probe --dtype bf16), or on a machine with more memory",
+             the CPU (--dtype bf16), or on a machine with more memory",
             gib(needed),
             format!("{dtype:?}").to_lowercase(),
             gib(available)

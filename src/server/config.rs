@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// their checkpoint dtype on a GPU and are computed in f32 on the CPU.
     #[arg(long, env = "LOGIT_LENS_DEVICE", default_value = "auto")]
     pub device: String,
+    /// auto (f32 on the CPU, the checkpoint's dtype on a GPU), f32, bf16 or f16: e.g. bf16 on a CPU
+    /// whose memory cannot hold a model's weights in f32 (transformers' bf16 precision, not f32's).
+    #[arg(long, env = "LOGIT_LENS_DTYPE", default_value = "auto")]
+    pub dtype: String,
     #[arg(long, env = "LOGIT_LENS_HOST", default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, env = "LOGIT_LENS_PORT", default_value_t = 8000)]

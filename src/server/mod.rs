@@ -174,6 +174,7 @@ pub async fn shutdown_signal() {
 
 /// `logit-lens serve`.
 pub fn run(args: ServeArgs) -> Result<(), String> {
+    crate::models::dtype_choice(&args.dtype).map_err(|e| e.to_string())?;
     let specs = if args.models.is_empty() {
         let demo = resolve::demo()?;
         eprintln!(
@@ -198,6 +199,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         }
     }
     let keys = args.keys()?;
+    let dtype_spec = args.dtype.clone();
     // The device is opened on the worker thread that will use it (a CUDA context belongs to a thread).
     let device_spec = args.device.clone();
     let warm_up = args.warm_up;
@@ -206,7 +208,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         specs
             .iter()
             .map(|s| {
-                let dtype = crate::models::working_dtype(&s.dir, &device)?;
+                let dtype = crate::models::parse_dtype(&dtype_spec, &s.dir, &device)?;
                 eprintln!(
                     "loading `{}` from {} ({dtype:?} on {device:?})",
                     s.name,

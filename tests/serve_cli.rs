@@ -1,0 +1,102 @@
+//! `logit-lens serve` as an operator starts it: the binary, its flags, a real socket.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fixtures;
+
+fn serve(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_logit-lens"));
+    c.arg("serve").args(args);
+    c
+}
+
+/// Kills the server when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_bad_dtype_stops_serve_at_once_with_the_choices() {
+    let out = serve(&["--dtype", "f8"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--dtype f8: use auto, f32, bf16 or f16"),
+        "{err}"
+    );
+    assert!(!err.contains("loading"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_loads_its_models_in_the_dtype_asked_for() {
+    let port = free_port();
+    let model = format!("demo={}", fixtures().join("qwen2vl-hub").display());
+    let server = Running(
+        serve(&[
+            "--model",
+            &model,
+            "--dtype",
+            "bf16",
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    while !client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60), "not ready in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let models: serde_json::Value = client
+        .get(format!("{base}/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let m = &models["models"][0];
+    assert_eq!(
+        (m["name"].as_str(), m["dtype"].as_str()),
+        (Some("demo"), Some("bf16"))
+    );
+    // Half the bytes of the f32 weights.
+    assert_eq!(
+        m["weight_bytes"].as_u64().unwrap(),
+        2 * m["parameters"].as_u64().unwrap()
+    );
+    let r = client
+        .post(format!("{base}/lens"))
+        .json(&serde_json::json!({"prompt": "Describe", "options": {"layers": [-1]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    drop(server);
+}
