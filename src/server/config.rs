@@ -33,7 +33,7 @@ pub struct ServeArgs {
     #[arg(long = "model", env = "LOGIT_LENS_MODELS", value_delimiter = ',')]
     pub models: Vec<String>,
     /// auto (the GPU when built with CUDA and one is present), cpu, cuda or cuda:N. Weights stay in
-    /// their checkpoint dtype on a GPU and are computed in f32 on the CPU.
+    /// their checkpoint dtype on a GPU and are computed in f32 on the CPU, unless --dtype says.
     #[arg(long, env = "LOGIT_LENS_DEVICE", default_value = "auto")]
     pub device: String,
     /// auto (f32 on the CPU, the checkpoint's dtype on a GPU), f32, bf16 or f16: e.g. bf16 on a CPU
