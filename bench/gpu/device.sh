@@ -24,7 +24,7 @@ fi
 # The device call stops at 600 s: run.sh gets what is left of RUN_TIMEOUT_S (default 540 s since this
 # script started),
 # and whatever it measured by then still makes the table.
-left=$(( ${RUN_TIMEOUT_S:-540} - SECONDS ))
+left=$(( ${RUN_TIMEOUT_S:-540} - SECONDS )); (( left > 0 )) || left=1  # timeout 0 would mean none
 OUT=$out PYTHON=${PYTHON:-python3} timeout --kill-after=5 "$left" bench/gpu/run.sh --bin .gpu/logit-lens "$@" \
   || echo "run.sh stopped (exit $?); the table from what it measured:" >&2
 if [[ ! -s $out/table.txt && -s $out/results.jsonl ]]; then
