@@ -181,16 +181,14 @@ impl candle_core::CustomOp2 for MatmulNtF32 {
 #[cfg(test)]
 mod gpu_tests {
     use super::*;
+    use crate::models::profile::on_a_card::{gpu, per_call};
     use candle_core::Device;
 
     /// The row reduction against the host's, in every dtype, on rows longer and shorter than a block
     /// and a view that starts inside its buffer.
     #[test]
     fn row_max_sumexp_matches_the_host_on_the_gpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: skipped");
-            return;
-        };
+        let Some(gpu) = gpu() else { return };
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for (rows, cols) in [(3, 151936), (5, 300), (2, 7)] {
                 let z = Tensor::randn(0f32, 3.0, (rows + 1, cols), &Device::Cpu)
@@ -220,10 +218,7 @@ mod gpu_tests {
 
     #[test]
     fn unembedding_gemm_gives_f32_logits_on_the_gpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: skipped");
-            return;
-        };
+        let Some(gpu) = gpu() else { return };
         for dtype in [DType::BF16, DType::F16] {
             let (n, vocab, k) = (300, 5000, 1536);
             let rows = Tensor::randn(0f32, 1.0, (n + 3, k), &Device::Cpu)
@@ -270,16 +265,8 @@ mod gpu_tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let time = |f: &dyn Fn() -> Tensor| {
-            f();
-            gpu.synchronize().unwrap();
-            let t0 = std::time::Instant::now();
-            for _ in 0..20 {
-                f();
-            }
-            gpu.synchronize().unwrap();
-            t0.elapsed().as_secs_f64() / 20.0 * 1e3
-        };
+        // ms per call.
+        let time = |f: &dyn Fn() -> Tensor| per_call(&gpu, 20, f).1 / 1e3;
         for n in [256, 512, 1024, 2048] {
             let rows = Tensor::randn(0f32, 1.0, (n, 1536), &gpu)
                 .unwrap()

@@ -301,14 +301,12 @@ mod tests {
 mod gpu_tests {
     use super::tests::{misses, rounded_once};
     use super::*;
+    use crate::models::profile::on_a_card::{gpu, per_call};
     use candle_core::Device;
 
     #[test]
     fn linear_with_bias_rounds_once_on_the_gpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: skipped");
-            return;
-        };
+        let Some(gpu) = gpu() else { return };
         for dtype in [DType::BF16, DType::F16] {
             let r = |shape: (usize, usize), s: f32| {
                 Tensor::randn(0f32, s, shape, &Device::Cpu)
@@ -362,17 +360,7 @@ mod gpu_tests {
             };
             let (x, w) = (t((rows, k)), t((out, k)));
             let b = t((1, out)).squeeze(0).unwrap();
-            let time = |f: &dyn Fn() -> Tensor| {
-                f();
-                gpu.synchronize().unwrap();
-                let t0 = std::time::Instant::now();
-                for _ in 0..50 {
-                    f();
-                }
-                let issue = t0.elapsed().as_secs_f64() / 50.0;
-                gpu.synchronize().unwrap();
-                (issue * 1e6, t0.elapsed().as_secs_f64() / 50.0 * 1e6)
-            };
+            let time = |f: &dyn Fn() -> Tensor| per_call(&gpu, 50, f);
             let lt = time(&|| linear_bias(&x, &w, &b).unwrap());
             let two = time(&|| {
                 x.matmul(&w.t().unwrap())

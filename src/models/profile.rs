@@ -101,20 +101,50 @@ pub fn report_ops() -> Vec<(&'static str, usize, f64, f64)> {
     groups
 }
 
+/// For every module's `gpu_tests` (run on a card by bench/gpu/device.sh).
+#[cfg(all(test, feature = "cuda"))]
+pub(crate) mod on_a_card {
+    use candle_core::{Device, Tensor};
+
+    /// The first CUDA device, or None (and a line saying the test is skipped) without one.
+    pub fn gpu() -> Option<Device> {
+        let gpu = Device::new_cuda(0).ok();
+        if gpu.is_none() {
+            eprintln!("no CUDA device: skipped");
+        }
+        gpu
+    }
+
+    /// `f` called `n` times after as many warm-up calls (at most 50): µs per call the host spent
+    /// issuing it, and µs per call until the device finished.
+    pub fn per_call(device: &Device, n: usize, f: &dyn Fn() -> Tensor) -> (f64, f64) {
+        for _ in 0..n.min(50) {
+            f();
+        }
+        device.synchronize().unwrap();
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        let host = t0.elapsed().as_secs_f64();
+        device.synchronize().unwrap();
+        let total = t0.elapsed().as_secs_f64();
+        (host / n as f64 * 1e6, total / n as f64 * 1e6)
+    }
+}
+
 /// On a card (run by bench/gpu/device.sh; printed, not asserted): what one candle operation costs
 /// the host to issue and the card to run, for the kinds the half-precision forward pass is made of.
 /// Where the host's µs per operation exceed the device's, a forward pass of ~2000–3700 of them is
 /// bound by issuing, whatever the kernels do (`LOGIT_LENS_PROFILE=2` shows it per group).
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests {
+    use super::on_a_card::{gpu, per_call};
     use candle_core::{DType, Device, Tensor};
 
     #[test]
     fn candle_operation_overhead_on_the_gpu() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: skipped");
-            return;
-        };
+        let Some(gpu) = gpu() else { return };
         let Device::Cuda(cuda) = &gpu else {
             unreachable!()
         };
@@ -142,21 +172,7 @@ mod gpu_tests {
                 x.matmul(&wt).unwrap()
             }),
         ];
-        let time = |f: &dyn Fn() -> Tensor| {
-            for _ in 0..50 {
-                f();
-            }
-            gpu.synchronize().unwrap();
-            let n = 2000;
-            let t0 = std::time::Instant::now();
-            for _ in 0..n {
-                f();
-            }
-            let host = t0.elapsed().as_secs_f64();
-            gpu.synchronize().unwrap();
-            let total = t0.elapsed().as_secs_f64();
-            (host / n as f64 * 1e6, total / n as f64 * 1e6)
-        };
+        let time = |f: &dyn Fn() -> Tensor| per_call(&gpu, 2000, f);
         for (name, f) in ops {
             let (host, total) = time(f);
             eprintln!("candle op {name}: host {host:.1} µs, host + device {total:.1} µs per op");
