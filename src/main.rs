@@ -8,20 +8,6 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc.h (the same slot in mimalloc v2 and v3).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Keeps freed memory mapped for reuse (unless `MIMALLOC_PURGE_DELAY` says otherwise): a forward
-/// pass allocates and frees tensors of tens to hundreds of MiB per layer, and handing them back
-/// to the OS means page faults and zeroing on every reuse (up to half of a long sequence's
-/// forward time on the CPU). The process keeps its peak memory instead.
-fn keep_freed_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: setting an option is a plain store in mimalloc, valid at any time.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    }
-}
-
 use logit_lens::cli::plot::PlotArgs;
 use logit_lens::cli::run::RunArgs;
 use logit_lens::cli::LensArgs;
@@ -131,7 +117,7 @@ fn probe(a: ProbeArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    logit_lens::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(a) => probe(a),

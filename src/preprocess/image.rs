@@ -201,62 +201,192 @@ fn coefficients(in_size: usize, out_size: usize) -> (Vec<(usize, Vec<i32>)>, u32
     (fixed, bits)
 }
 
-fn clip8(acc: i64, bits: u32) -> u8 {
+fn clip8(acc: i32, bits: u32) -> u8 {
     (acc >> bits).clamp(0, 255) as u8
 }
 
 /// Antialiased bicubic resize to `out_w × out_h`: a horizontal then a vertical pass, each
 /// rounded to 8 bits, as Pillow's `Image.resize(BICUBIC)` and torchvision's uint8 antialiased
-/// resize do.
+/// resize do. Both sum in i32 with int16 weights (torchvision's precision keeps every weight
+/// under 2¹⁵, `coefficients`), and so does this: 255 × the weights' absolute sum stays below 2³¹.
 pub fn resize_bicubic(img: &Rgb8, out_w: usize, out_h: usize) -> Rgb8 {
-    let mut cur = img.clone();
-    if out_w != cur.width {
-        let (coeffs, bits) = coefficients(cur.width, out_w);
-        let in_w = cur.width;
-        let mut data = vec![0u8; cur.height * out_w * 3];
-        // Rows are independent: one rayon task per output row.
-        data.par_chunks_mut(out_w * 3)
+    resize_with(img, out_w, out_h, use_avx2())
+}
+
+fn resize_with(img: &Rgb8, out_w: usize, out_h: usize, avx2: bool) -> Rgb8 {
+    let (w, h) = (img.width, img.height);
+    match (out_w != w, out_h != h) {
+        (false, false) => img.clone(),
+        (true, false) => horizontal(&img.data, w, h, out_w, avx2),
+        (false, true) => vertical(&img.data, w, h, out_h, avx2),
+        (true, true) => {
+            let wide = horizontal(&img.data, w, h, out_w, avx2);
+            vertical(&wide.data, out_w, h, out_h, avx2)
+        }
+    }
+}
+
+/// A pass's weights: every output index gets the same number of taps, the widest window's
+/// rounded up to a multiple of [`LANES`], zero weights padding the others, in one flat int16 array.
+/// Windows start where Pillow's do and may reach past the input by the padding: the vertical pass
+/// skips zero weights, the horizontal one reads zero-padded planes.
+struct Taps {
+    starts: Vec<usize>,
+    weights: Vec<i16>,
+    taps: usize,
+    bits: u32,
+}
+
+/// The horizontal pass's dot products go [`LANES`] taps at a time.
+const LANES: usize = 8;
+
+impl Taps {
+    fn new(in_size: usize, out_size: usize) -> Self {
+        let (coeffs, bits) = coefficients(in_size, out_size);
+        let widest = coeffs.iter().map(|(_, k)| k.len()).max().unwrap_or(0);
+        let taps = widest.div_ceil(LANES) * LANES;
+        let mut starts = Vec::with_capacity(out_size);
+        let mut weights = vec![0i16; out_size * taps];
+        for ((xmin, k), w) in coeffs.iter().zip(weights.chunks_exact_mut(taps)) {
+            for (dst, &v) in w.iter_mut().zip(k) {
+                *dst = v as i16; // |v| < 2^15: `coefficients` picks its precision so.
+            }
+            starts.push(*xmin);
+        }
+        Taps {
+            starts,
+            weights,
+            taps,
+            bits,
+        }
+    }
+
+    fn half(&self) -> i32 {
+        1 << (self.bits - 1)
+    }
+}
+
+/// Whether this CPU runs the AVX2 versions of the passes' loops (`avx2` below; false runs the
+/// portable ones). The default x86-64 target has
+/// only SSE2, which lacks a 32-bit multiply; the loops themselves are the same code.
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The horizontal pass, one rayon task per row.
+fn horizontal(src: &[u8], in_w: usize, height: usize, out_w: usize, avx2: bool) -> Rgb8 {
+    let t = Taps::new(in_w, out_w);
+    let mut data = vec![0u8; height * out_w * 3];
+    data.par_chunks_mut(out_w * 3)
+        .zip(src.par_chunks(in_w * 3))
+        .for_each_init(
+            || vec![0u8; (in_w + t.taps) * 3],
+            |planes, (out, row)| {
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: `use_avx2` detected the feature on this CPU.
+                    return unsafe { horizontal_row_avx2(out, row, planes, &t) };
+                }
+                let _ = avx2;
+                horizontal_row(out, row, planes, &t)
+            },
+        );
+    Rgb8 {
+        width: out_w,
+        height,
+        data,
+    }
+}
+
+/// One row of the horizontal pass. The row is split into its three channel planes first (each
+/// followed by `taps` zeros), so that every window is a contiguous dot product, which goes
+/// [`LANES`] taps at a time (the compiler vectorises it).
+#[inline(always)]
+fn horizontal_row(out: &mut [u8], row: &[u8], planes: &mut [u8], t: &Taps) {
+    let in_w = row.len() / 3;
+    let stride = in_w + t.taps;
+    for (i, px) in row.chunks_exact(3).enumerate() {
+        planes[i] = px[0];
+        planes[stride + i] = px[1];
+        planes[2 * stride + i] = px[2];
+    }
+    for (c, plane) in planes.chunks_exact(stride).enumerate() {
+        for (x, (&start, k)) in t
+            .starts
+            .iter()
+            .zip(t.weights.chunks_exact(t.taps))
             .enumerate()
-            .for_each(|(y, out)| {
-                let row = &cur.data[y * in_w * 3..(y + 1) * in_w * 3];
-                for (x, (xmin, k)) in coeffs.iter().enumerate() {
-                    for c in 0..3 {
-                        let mut acc: i64 = 1 << (bits - 1);
-                        for (i, &w) in k.iter().enumerate() {
-                            acc += row[(xmin + i) * 3 + c] as i64 * w as i64;
-                        }
-                        out[x * 3 + c] = clip8(acc, bits);
-                    }
+        {
+            let window = &plane[start..start + t.taps];
+            let mut lanes = [0i32; LANES];
+            for (p, w) in window.chunks_exact(LANES).zip(k.chunks_exact(LANES)) {
+                for j in 0..LANES {
+                    lanes[j] += p[j] as i32 * w[j] as i32;
                 }
-            });
-        cur = Rgb8 {
-            width: out_w,
-            height: cur.height,
-            data,
-        };
+            }
+            out[x * 3 + c] = clip8(t.half() + lanes.iter().sum::<i32>(), t.bits);
+        }
     }
-    if out_h != cur.height {
-        let (coeffs, bits) = coefficients(cur.height, out_h);
-        let w = cur.width;
-        let mut data = vec![0u8; out_h * w * 3];
-        data.par_chunks_mut(w * 3)
-            .zip(coeffs.par_iter())
-            .for_each(|(out, (ymin, k))| {
-                for (x, o) in out.iter_mut().enumerate() {
-                    let mut acc: i64 = 1 << (bits - 1);
-                    for (i, &wt) in k.iter().enumerate() {
-                        acc += cur.data[(ymin + i) * w * 3 + x] as i64 * wt as i64;
-                    }
-                    *o = clip8(acc, bits);
-                }
-            });
-        cur = Rgb8 {
-            width: w,
-            height: out_h,
-            data,
-        };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_row_avx2(out: &mut [u8], row: &[u8], planes: &mut [u8], t: &Taps) {
+    horizontal_row(out, row, planes, t)
+}
+
+/// The vertical pass, one rayon task per row.
+fn vertical(src: &[u8], width: usize, in_h: usize, out_h: usize, avx2: bool) -> Rgb8 {
+    let t = Taps::new(in_h, out_h);
+    let stride = width * 3;
+    let mut data = vec![0u8; out_h * stride];
+    data.par_chunks_mut(stride).enumerate().for_each_init(
+        || vec![0i32; stride],
+        |acc, (y, out)| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: `use_avx2` detected the feature on this CPU.
+                return unsafe { vertical_row_avx2(out, acc, src, y, &t) };
+            }
+            let _ = avx2;
+            vertical_row(out, acc, src, y, &t)
+        },
+    );
+    Rgb8 {
+        width,
+        height: out_h,
+        data,
     }
-    cur
+}
+
+/// One row of the vertical pass: whole input rows accumulated weight by weight into an i32 row (a
+/// loop the compiler vectorises).
+#[inline(always)]
+fn vertical_row(out: &mut [u8], acc: &mut [i32], src: &[u8], y: usize, t: &Taps) {
+    let stride = out.len();
+    let start = t.starts[y];
+    acc.fill(t.half());
+    for (i, &wt) in t.weights[y * t.taps..(y + 1) * t.taps].iter().enumerate() {
+        if wt == 0 {
+            continue;
+        }
+        let row = &src[(start + i) * stride..(start + i + 1) * stride];
+        for (a, &p) in acc.iter_mut().zip(row) {
+            *a += p as i32 * wt as i32;
+        }
+    }
+    for (o, &a) in out.iter_mut().zip(acc.iter()) {
+        *o = clip8(a, t.bits);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn vertical_row_avx2(out: &mut [u8], acc: &mut [i32], src: &[u8], y: usize, t: &Taps) {
+    vertical_row(out, acc, src, y, t)
 }
 
 /// Per-channel mean and standard deviation.
@@ -293,18 +423,41 @@ pub fn normalization(v: &serde_json::Value) -> Result<(Option<f64>, Option<MeanS
     Ok((rescale, mean_std))
 }
 
-/// Channel-first f32 pixels `[3, h, w]`, rescaled and normalised as transformers 5's torchvision
-/// backend does it, fused: `(x − mean/r) / (std/r)` with `r` the rescale factor.
+/// Rescaling and normalisation as transformers 5's torchvision backend does it, fused:
+/// `(x − mean/r) / (std/r)` with `r` the rescale factor, computed in f32. The input is 8-bit, so
+/// it is a table of 256 values per channel, each computed by that formula.
+pub struct Normalize([[f32; 256]; 3]);
+
+impl Normalize {
+    pub fn new(rescale: Option<f64>, mean_std: Option<MeanStd>) -> Self {
+        let r = rescale.unwrap_or(1.0);
+        let (mean, std) = mean_std.unwrap_or(([0.0; 3], [1.0; 3]));
+        let mut table = [[0f32; 256]; 3];
+        for (c, row) in table.iter_mut().enumerate() {
+            let shift = (mean[c] as f64 / r) as f32;
+            let scale = (std[c] as f64 / r) as f32;
+            for (v, out) in row.iter_mut().enumerate() {
+                *out = (v as f32 - shift) / scale;
+            }
+        }
+        Normalize(table)
+    }
+
+    /// The normalised value of channel `c`'s 8-bit value `v`.
+    #[inline(always)]
+    pub fn get(&self, c: usize, v: u8) -> f32 {
+        self.0[c][v as usize]
+    }
+}
+
+/// Channel-first f32 pixels `[3, h, w]`, rescaled and normalised ([`Normalize`]).
 pub fn normalize_chw(img: &Rgb8, rescale: Option<f64>, mean_std: Option<MeanStd>) -> Vec<f32> {
-    let r = rescale.unwrap_or(1.0);
-    let (mean, std) = mean_std.unwrap_or(([0.0; 3], [1.0; 3]));
-    let shift: Vec<f32> = (0..3).map(|c| (mean[c] as f64 / r) as f32).collect();
-    let scale: Vec<f32> = (0..3).map(|c| (std[c] as f64 / r) as f32).collect();
+    let norm = Normalize::new(rescale, mean_std);
     let n = img.width * img.height;
     let mut out = vec![0f32; 3 * n];
-    for (i, px) in img.data.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * n + i] = (px[c] as f32 - shift[c]) / scale[c];
+    for (c, plane) in out.chunks_exact_mut(n).enumerate() {
+        for (o, px) in plane.iter_mut().zip(img.data.chunks_exact(3)) {
+            *o = norm.get(c, px[c]);
         }
     }
     out
@@ -368,6 +521,33 @@ mod tests {
         for (w, h) in [(3, 2), (28, 56), (7, 11)] {
             let r = resize_bicubic(&img, w, h);
             assert!(r.data.chunks(3).all(|p| p == [10, 200, 77]), "{w}x{h}");
+        }
+    }
+
+    /// The AVX2 build of the passes (what x86-64 CPUs run; tests/resize_parity.rs holds it to
+    /// torchvision) and the portable one (elsewhere) give the same bytes.
+    #[test]
+    fn portable_and_avx2_passes_agree() {
+        if !use_avx2() {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut state = 12345u32;
+        let data = (0..61 * 97 * 3)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 24) as u8
+            })
+            .collect();
+        let img = Rgb8 {
+            width: 61,
+            height: 97,
+            data,
+        };
+        for (w, h) in [(300, 200), (5, 3), (64, 97), (61, 33), (1, 1), (60, 98)] {
+            let portable = resize_with(&img, w, h, false);
+            let avx2 = resize_with(&img, w, h, true);
+            assert_eq!(portable.data, avx2.data, "{w}x{h}");
         }
     }
 

@@ -3,11 +3,12 @@
 //! normalisation, and the merge-block-major patch layout the vision tower expects.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::snapshot::{field, Snapshot};
-use crate::preprocess::image::{normalization, normalize_chw, resize_bicubic, MeanStd, Rgb8};
+use crate::preprocess::image::{normalization, resize_bicubic, MeanStd, Normalize, Rgb8};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageProcessorConfig {
@@ -114,34 +115,35 @@ pub fn preprocess(
         cfg.max_pixels,
     )?;
     let resized = resize_bicubic(img, rw, rh);
-    let chw = normalize_chw(&resized, cfg.rescale, cfg.mean_std);
+    let norm = Normalize::new(cfg.rescale, cfg.mean_std);
     let (p, m, t) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
     let (gh, gw) = (rh / p, rw / p);
     let row_len = 3 * t * p * p;
     let mut data = vec![0f32; gh * gw * row_len];
-    let mut row = 0;
-    for bh in 0..gh / m {
-        for bw in 0..gw / m {
-            for i in 0..m {
-                for j in 0..m {
-                    let (py0, px0) = ((bh * m + i) * p, (bw * m + j) * p);
-                    let out = &mut data[row * row_len..(row + 1) * row_len];
-                    for c in 0..3 {
-                        for py in 0..p {
-                            for px in 0..p {
-                                let v = chw[(c * rh + py0 + py) * rw + px0 + px];
-                                // A still image is repeated over the temporal patch axis.
-                                for tt in 0..t {
-                                    out[c * t * p * p + tt * p * p + py * p + px] = v;
-                                }
-                            }
-                        }
+    // One row per patch, merge-block-major: (block row, block column, row in block, column in
+    // block). Each row is `[channel, temporal, py, px]`; a still image is repeated over the
+    // temporal patch axis.
+    data.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (block, j) = (row / m, row % m);
+            let (block, i) = (block / m, block % m);
+            let (bh, bw) = (block / (gw / m), block % (gw / m));
+            let (py0, px0) = ((bh * m + i) * p, (bw * m + j) * p);
+            for (c, channel) in out.chunks_exact_mut(t * p * p).enumerate() {
+                let (first, rest) = channel.split_at_mut(p * p);
+                for (py, line) in first.chunks_exact_mut(p).enumerate() {
+                    let start = ((py0 + py) * rw + px0) * 3;
+                    let pixels = &resized.data[start..start + p * 3];
+                    for (o, px) in line.iter_mut().zip(pixels.chunks_exact(3)) {
+                        *o = norm.get(c, px[c]);
                     }
-                    row += 1;
+                }
+                for copy in rest.chunks_exact_mut(p * p) {
+                    copy.copy_from_slice(first);
                 }
             }
-        }
-    }
+        });
     Ok(ProcessedImage {
         pixel_values: Tensor::from_vec(data, (gh * gw, row_len), device)?,
         grid_thw: [1, gh, gw],
