@@ -98,7 +98,10 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb8> {
     let format = reader.format().ok_or_else(not_an_image)?;
     let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
     let orientation = decoder.orientation().ok();
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    let mut img = match format {
+        ImageFormat::Jpeg => crate::preprocess::jpeg::decode(bytes)?,
+        _ => DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?,
+    };
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }

@@ -3,6 +3,7 @@
 //! (`models::*::processor`).
 
 pub mod image;
+pub mod jpeg;
 pub mod prompt;
 pub mod template;
 

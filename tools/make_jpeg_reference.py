@@ -1,0 +1,72 @@
+"""JPEG files of the kinds researchers send (baseline 4:2:0 as COCO and cameras write them, 4:2:2, 4:4:4,
+progressive, grayscale, CMYK, restart markers, odd sizes) and what Pillow decodes from each
+(`Image.open(f).convert("RGB")`, as transformers' processors and the notebook read images). The Rust decoder
+must equal it bit for bit (tests/jpeg_parity.rs). Also a truncated file, which Pillow refuses.
+
+    ~/.venvs/tools/bin/python tools/make_jpeg_reference.py   # deterministic, < 1 s
+
+Writes tests/fixtures/reference/jpeg/: <case>.jpg, <case>.pil.png and cases.json.
+"""
+import io
+import json
+from pathlib import Path
+
+import PIL
+from PIL import Image, features
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "reference" / "jpeg"
+
+# (name, save options); odd sizes so that chroma upsampling meets the image edges.
+CASES = [
+    ("baseline_420_q75", dict(quality=75, subsampling=2)),
+    ("baseline_420_q95", dict(quality=95, subsampling=2)),
+    ("baseline_422_q90", dict(quality=90, subsampling=1)),
+    ("baseline_444_q90", dict(quality=90, subsampling=0)),
+    ("progressive_420_q85", dict(quality=85, subsampling=2, progressive=True)),
+    ("optimized_420_q85", dict(quality=85, subsampling=2, optimize=True)),
+    ("restart_markers_420", dict(quality=80, subsampling=2, restart_marker_blocks=3)),
+]
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    # natural content: a crop of the benchmark's COCO-sized scene, at an odd size
+    src = Image.open(ROOT / "bench" / "images" / "coco_640x480.png").convert("RGB").crop((101, 77, 262, 194))
+    cases = []
+    for name, opts in CASES:
+        buf = io.BytesIO()
+        src.save(buf, "JPEG", **opts)
+        (OUT / f"{name}.jpg").write_bytes(buf.getvalue())
+        cases.append({"name": name, "save": opts})
+    buf = io.BytesIO()
+    src.convert("L").save(buf, "JPEG", quality=90)
+    (OUT / "grayscale.jpg").write_bytes(buf.getvalue())
+    cases.append({"name": "grayscale", "save": {"mode": "L", "quality": 90}})
+    buf = io.BytesIO()
+    src.convert("CMYK").save(buf, "JPEG", quality=90)  # Adobe-inverted CMYK, as Photoshop writes
+    (OUT / "cmyk.jpg").write_bytes(buf.getvalue())
+    cases.append({"name": "cmyk", "save": {"mode": "CMYK", "quality": 90}})
+    for case in cases:
+        img = Image.open(OUT / f"{case['name']}.jpg")
+        case["pil_mode"] = img.mode
+        img.convert("RGB").save(OUT / f"{case['name']}.pil.png", optimize=True)
+    whole = (OUT / "baseline_420_q75.jpg").read_bytes()
+    (OUT / "truncated.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    try:
+        Image.open(OUT / "truncated.jpg").convert("RGB")
+        raise SystemExit("Pillow decoded the truncated file")
+    except OSError as e:
+        truncated = str(e)
+    meta = {
+        "what": 'Image.open(f).convert("RGB") of each <case>.jpg, as <case>.pil.png',
+        "pillow": PIL.__version__,
+        "libjpeg_turbo": features.version("libjpeg_turbo"),
+        "cases": cases,
+        "truncated": {"file": "truncated.jpg", "pillow_error": truncated},
+    }
+    (OUT / "cases.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
