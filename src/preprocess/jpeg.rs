@@ -4,7 +4,7 @@
 //! way: in 4:2:0 JPEGs, the format of COCO and of most cameras, 2–3 % of pixel values came out up
 //! to 3/255 away from Pillow's. This decodes with libjpeg-turbo's own code (mozjpeg's copy, compiled
 //! from C by the `mozjpeg-sys` build script, without SIMD, whose output libjpeg-turbo keeps
-//! identical), so pixel values equal Pillow's bit for bit (tests/jpeg_parity.rs).
+//! identical), so pixel values equal Pillow's bit for bit (tests/decode_parity.rs).
 
 use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};

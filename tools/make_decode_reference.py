@@ -1,11 +1,12 @@
-"""JPEG files of the kinds researchers send (baseline 4:2:0 as COCO and cameras write them, 4:2:2, 4:4:4,
-progressive, grayscale, CMYK, restart markers, odd sizes) and what Pillow decodes from each
-(`Image.open(f).convert("RGB")`, as transformers' processors and the notebook read images). The Rust decoder
-must equal it bit for bit (tests/jpeg_parity.rs). Also a truncated file, which Pillow refuses.
+"""Image files of the kinds researchers send and what Pillow decodes from each (`Image.open(f).convert("RGB")`,
+as transformers' processors and the notebook read images): JPEG above all (baseline 4:2:0 as COCO and cameras
+write them, 4:2:2, 4:4:4, progressive, optimised, restart markers, grayscale, CMYK, at an odd size), and lossy
+and lossless WebP, GIF and LZW TIFF. The Rust decoder must equal Pillow bit for bit (tests/decode_parity.rs).
+Also a truncated JPEG, which Pillow refuses.
 
-    ~/.venvs/tools/bin/python tools/make_jpeg_reference.py   # deterministic, < 1 s
+    ~/.venvs/tools/bin/python tools/make_decode_reference.py   # deterministic, < 1 s
 
-Writes tests/fixtures/reference/jpeg/: <case>.jpg, <case>.pil.png and cases.json.
+Writes tests/fixtures/reference/decode/: <case>.<ext>, <case>.pil.png and cases.json.
 """
 import io
 import json
@@ -15,7 +16,7 @@ import PIL
 from PIL import Image, features
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "tests" / "fixtures" / "reference" / "jpeg"
+OUT = ROOT / "tests" / "fixtures" / "reference" / "decode"
 
 # (name, save options); odd sizes so that chroma upsampling meets the image edges.
 CASES = [
@@ -38,17 +39,25 @@ def main():
         buf = io.BytesIO()
         src.save(buf, "JPEG", **opts)
         (OUT / f"{name}.jpg").write_bytes(buf.getvalue())
-        cases.append({"name": name, "save": opts})
+        cases.append({"name": name, "file": f"{name}.jpg", "save": opts})
     buf = io.BytesIO()
     src.convert("L").save(buf, "JPEG", quality=90)
     (OUT / "grayscale.jpg").write_bytes(buf.getvalue())
-    cases.append({"name": "grayscale", "save": {"mode": "L", "quality": 90}})
+    cases.append({"name": "grayscale", "file": "grayscale.jpg", "save": {"mode": "L", "quality": 90}})
     buf = io.BytesIO()
     src.convert("CMYK").save(buf, "JPEG", quality=90)  # Adobe-inverted CMYK, as Photoshop writes
     (OUT / "cmyk.jpg").write_bytes(buf.getvalue())
-    cases.append({"name": "cmyk", "save": {"mode": "CMYK", "quality": 90}})
+    cases.append({"name": "cmyk", "file": "cmyk.jpg", "save": {"mode": "CMYK", "quality": 90}})
+    for name, ext, opts in [
+        ("webp_lossy_q80", "webp", dict(quality=80)),
+        ("webp_lossless", "webp", dict(lossless=True)),
+        ("gif", "gif", {}),
+        ("tiff_lzw", "tiff", dict(compression="tiff_lzw")),
+    ]:
+        src.save(OUT / f"{name}.{ext}", **opts)
+        cases.append({"name": name, "file": f"{name}.{ext}", "save": opts})
     for case in cases:
-        img = Image.open(OUT / f"{case['name']}.jpg")
+        img = Image.open(OUT / case["file"])
         case["pil_mode"] = img.mode
         img.convert("RGB").save(OUT / f"{case['name']}.pil.png", optimize=True)
     whole = (OUT / "baseline_420_q75.jpg").read_bytes()
@@ -59,7 +68,7 @@ def main():
     except OSError as e:
         truncated = str(e)
     meta = {
-        "what": 'Image.open(f).convert("RGB") of each <case>.jpg, as <case>.pil.png',
+        "what": 'Image.open(f).convert("RGB") of each case\'s file, as <case>.pil.png',
         "pillow": PIL.__version__,
         "libjpeg_turbo": features.version("libjpeg_turbo"),
         "cases": cases,
