@@ -1,8 +1,9 @@
 """Image files of the kinds researchers send and what Pillow decodes from each (`Image.open(f).convert("RGB")`,
 as transformers' processors and the notebook read images): JPEG above all (baseline 4:2:0 as COCO and cameras
 write them, 4:2:2, 4:4:4, progressive, optimised, restart markers, grayscale, CMYK, at an odd size), and lossy
-and lossless WebP, GIF and LZW TIFF. The Rust decoder must equal Pillow bit for bit (tests/decode_parity.rs).
-Also a truncated JPEG, which Pillow refuses.
+and lossless WebP, GIF and LZW TIFF; and PNGs with transparency (RGBA, LA, a palette with a transparent index),
+which transformers' `convert_to_rgb` composites onto white. The Rust decoder must equal these bit for bit
+(tests/decode_parity.rs). Also a truncated JPEG, which Pillow refuses.
 
     ~/.venvs/tools/bin/python tools/make_decode_reference.py   # deterministic, < 1 s
 
@@ -12,8 +13,10 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import PIL
 from PIL import Image, features
+from transformers.image_transforms import convert_to_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "reference" / "decode"
@@ -60,6 +63,20 @@ def main():
         img = Image.open(OUT / case["file"])
         case["pil_mode"] = img.mode
         img.convert("RGB").save(OUT / f"{case['name']}.pil.png", optimize=True)
+    # Transparency: what transformers' processors do with it (alpha-composited onto white).
+    small = src.crop((0, 0, 61, 47))
+    alpha = Image.fromarray(np.random.default_rng(0).integers(0, 256, (small.height, small.width), dtype=np.uint8))
+    rgba, la = small.copy(), small.convert("L")
+    rgba.putalpha(alpha)
+    la.putalpha(alpha)
+    rgba.save(OUT / "png_rgba.png")
+    la.save(OUT / "png_la.png")
+    small.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(OUT / "png_palette_transparent.png", transparency=3)
+    for name in ["png_rgba", "png_la", "png_palette_transparent"]:
+        img = Image.open(OUT / f"{name}.png")
+        convert_to_rgb(img).save(OUT / f"{name}.pil.png", optimize=True)
+        cases.append({"name": name, "file": f"{name}.png", "pil_mode": img.mode,
+                      "reference": "transformers.image_transforms.convert_to_rgb"})
     whole = (OUT / "baseline_420_q75.jpg").read_bytes()
     (OUT / "truncated.jpg").write_bytes(whole[: len(whole) * 2 // 3])
     try:
@@ -68,7 +85,8 @@ def main():
     except OSError as e:
         truncated = str(e)
     meta = {
-        "what": 'Image.open(f).convert("RGB") of each case\'s file, as <case>.pil.png',
+        "what": 'Image.open(f).convert("RGB") of each case\'s file (or, where "reference" says so, transformers\' '
+                'convert_to_rgb), as <case>.pil.png',
         "pillow": PIL.__version__,
         "libjpeg_turbo": features.version("libjpeg_turbo"),
         "cases": cases,
