@@ -3,8 +3,9 @@
 //! (triangle-filter) chroma upsampling. The `image` crate's pure-Rust decoder computes both its own
 //! way: in 4:2:0 JPEGs, the format of COCO and of most cameras, 2–3 % of pixel values came out up
 //! to 3/255 away from Pillow's. This decodes with libjpeg-turbo's own code (mozjpeg's copy, compiled
-//! from C by the `mozjpeg-sys` build script, without SIMD, whose output libjpeg-turbo keeps
-//! identical), so pixel values equal Pillow's bit for bit (tests/decode_parity.rs).
+//! from C by the `mozjpeg-sys` build script; its SIMD code too with the `jpeg-simd` feature, which
+//! needs nasm: libjpeg-turbo keeps both bitwise identical), so pixel values equal Pillow's bit for bit
+//! (tests/decode_parity.rs).
 
 use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -85,9 +86,22 @@ fn error_manager() -> jpeg_error_mgr {
 }
 
 unsafe extern "C-unwind" fn fatal(cinfo: &mut jpeg_common_struct) {
-    // SAFETY: libjpeg passes its own cinfo, whose `err` is the manager above.
-    let code = unsafe { (*cinfo.err).msg_code };
-    std::panic::resume_unwind(Box::new(format!("libjpeg error {code}")));
+    // libjpeg's text for the error, e.g. "Bogus marker length" (JMSG_LENGTH_MAX bytes at most).
+    let mut text = [0u8; 200];
+    // SAFETY: libjpeg passes its own cinfo, whose `err` is the manager above, filled in by
+    // jpeg_std_error. Its format_message is C's `void (*)(j_common_ptr, char *)`, writing at most
+    // JMSG_LENGTH_MAX bytes, NUL included; the binding declares the buffer as `&[u8; 80]`, so it is
+    // called through a pointer type with the same ABI and a buffer of the real size.
+    unsafe {
+        if let Some(format) = (*cinfo.err).format_message {
+            type Format = unsafe extern "C-unwind" fn(&mut jpeg_common_struct, *mut u8);
+            let format: Format = std::mem::transmute(format);
+            format(cinfo, text.as_mut_ptr());
+        }
+    }
+    let len = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    let message = String::from_utf8_lossy(&text[..len]).into_owned();
+    std::panic::resume_unwind(Box::new(message));
 }
 
 unsafe extern "C-unwind" fn message(cinfo: &mut jpeg_common_struct, level: c_int) {
@@ -95,5 +109,21 @@ unsafe extern "C-unwind" fn message(cinfo: &mut jpeg_common_struct, level: c_int
     let code = unsafe { (*cinfo.err).msg_code };
     if level < 0 && code == JWRN_JPEG_EOF as c_int {
         std::panic::resume_unwind(Box::new("the data ends before the image does".to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode;
+
+    #[test]
+    fn libjpeg_errors_come_back_with_libjpegs_words() {
+        // Start of image, then a quantisation table whose length field is impossible.
+        let e = decode(b"\xFF\xD8\xFF\xDB\x00\x01\x00\x00").unwrap_err();
+        assert_eq!(e.code(), "invalid_image");
+        assert!(e.to_string().contains("Bogus marker length"), "{e}");
+        // Not a JPEG at all.
+        let e = decode(b"\x00\x01\x02\x03").unwrap_err();
+        assert!(e.to_string().contains("Not a JPEG file"), "{e}");
     }
 }
