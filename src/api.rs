@@ -87,11 +87,13 @@ fn parse_list(s: &str, what: &str) -> Result<Vec<i64>> {
         .collect()
 }
 
-/// A target traced through the layers: the string the caller gave and its token id.
+/// A target traced through the layers: the string the caller gave, its token id and that token's
+/// text.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub label: String,
     pub id: u32,
+    pub token: String,
 }
 
 impl LensOptions {
@@ -170,6 +172,7 @@ impl LensOptions {
             targets.push(Target {
                 label: t.clone(),
                 id,
+                token: token_text(tokenizer, id),
             });
         }
         for &id in &self.target_ids {
@@ -181,6 +184,7 @@ impl LensOptions {
             targets.push(Target {
                 label: tokenizer.id_to_token(id).unwrap_or_default(),
                 id,
+                token: token_text(tokenizer, id),
             });
         }
         let spec = LensSpec {
@@ -253,8 +257,15 @@ pub struct TopToken {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct TargetOut {
+    /// The string as sent (or, for `target_ids`, the vocabulary's name for the id).
     pub target: String,
     pub id: u32,
+    /// The token traced, decoded: the target string's first token. Where it is only whitespace
+    /// (a Llama tokenizer turns `" Red"` into `"▁"` + `"Red"`, say), the string starts with a
+    /// space the tokenizer splits off: send the word without it, or its id in `target_ids`.
+    /// (Empty in results written before this field existed.)
+    #[serde(default)]
+    pub token: String,
     pub prob: f32,
     pub rank: usize,
 }
@@ -362,6 +373,7 @@ pub fn layers_out(
                         .map(|((prob, rank), t)| TargetOut {
                             target: t.label.clone(),
                             id: t.id,
+                            token: t.token.clone(),
                             prob,
                             rank,
                         })

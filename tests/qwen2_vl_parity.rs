@@ -211,7 +211,9 @@ fn options_select_positions_layers_and_targets() {
         top_k: 3,
         positions: Positions::List(vec![0, -1]),
         layers: Layers::List(vec![1, -1]),
-        targets: vec!["red".into()],
+        // transformers' tokenizer: "red" → "re" + "d"; " Red" → " " + "R" + ... in this small
+        // vocabulary. The first token is traced, and the response says which it is.
+        targets: vec!["red".into(), " Red".into()],
         summary: false,
         ..Default::default()
     };
@@ -234,8 +236,16 @@ fn options_select_positions_layers_and_targets() {
         );
         assert_eq!(l.positions[0].top.len(), 3);
         let t = &l.positions[1].targets[0];
-        assert_eq!(t.target, "red");
+        assert_eq!(
+            (t.target.as_str(), t.id, t.token.as_str()),
+            ("red", 261, "re")
+        );
         assert!(t.rank >= 1 && t.prob > 0.0);
+        let t = &l.positions[1].targets[1];
+        assert_eq!(
+            (t.target.as_str(), t.id, t.token.as_str()),
+            (" Red", 220, " ")
+        );
     }
     // An image grid is reported where the image tokens are.
     let g = resp.input.image_grid.unwrap();

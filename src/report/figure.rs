@@ -416,15 +416,26 @@ fn draw_case_chart<DB: DrawingBackend>(
             })
             .collect(),
     ));
-    let targets: Vec<String> = points
+    let targets: Vec<(String, String)> = points
         .first()
-        .map(|p| p.at.targets.iter().map(|t| t.target.clone()).collect())
+        .map(|p| {
+            p.at.targets
+                .iter()
+                .map(|t| (t.target.clone(), t.token.clone()))
+                .collect()
+        })
         .unwrap_or_default();
-    for (i, name) in targets.iter().enumerate() {
+    for (i, (name, token)) in targets.iter().enumerate() {
+        // The token traced, where it is not the string sent (" Red" → " " when the tokenizer
+        // splits the space off).
+        let traced = match token.is_empty() || token == name {
+            true => String::new(),
+            false => format!(" → “{}”", display_token(token)),
+        };
         series.push((
             solid(
                 TARGET_COLOURS[i % TARGET_COLOURS.len()],
-                format!("p(“{}”)", display_token(name)),
+                format!("p(“{}”{traced})", display_token(name)),
             ),
             points
                 .iter()

@@ -19,6 +19,13 @@ function headers() {
 
 // Token text made visible: spaces at the ends, newlines and tabs get a glyph, other control
 // characters their escape (ESC → \x1b, which every font can draw); empty becomes ∅.
+// A target as sent, and the token actually traced where that differs (" Red" → "␣" when the tokenizer
+// splits the leading space off: the probability is the space's, not the word's).
+function targetName(t) {
+  const traced = t.token === undefined || t.token === t.target ? "" : ` → ${display(t.token)}`;
+  return display(t.target) + traced;
+}
+
 function display(token) {
   if (token === "") return "∅";
   return token
@@ -274,7 +281,7 @@ function renderHeat(answer, imageUrl) {
   by.replaceChildren();
   const first = answer.layers[0].positions[0];
   const choices = [["top1", "the top-1 probability"]].concat(
-    (first.targets || []).map((t, i) => ["target:" + i, `P(${display(t.target)})`]),
+    (first.targets || []).map((t, i) => ["target:" + i, `P(${targetName(t)})`]),
   );
   for (const [value, label] of choices) {
     const opt = document.createElement("option");
@@ -342,7 +349,7 @@ function showTooltip(event, layer, p) {
   for (const t of p.targets || []) {
     const r = table.insertRow();
     r.insertCell().textContent = (100 * t.prob).toFixed(2) + "%";
-    r.insertCell().textContent = display(t.target);
+    r.insertCell().textContent = targetName(t);
     r.insertCell().textContent = `target, rank ${t.rank}`;
   }
   tip.append(table);
@@ -394,7 +401,7 @@ function renderCharts(answer) {
     const first = answer.layers[0].positions.find((p) => p.position === lastPos);
     (first.targets || []).forEach((t, i) => {
       targets.push({
-        name: `${display(t.target)} (id ${t.id})`,
+        name: `${targetName(t)} (id ${t.id})`,
         values: answer.layers.map((l) => l.positions.find((p) => p.position === lastPos).targets[i].prob),
         color: COLORS[i % COLORS.length],
       });
