@@ -269,9 +269,9 @@ impl Taps {
     }
 }
 
-/// Whether this CPU runs the AVX2 versions of the passes' loops (`avx2` below; false runs the
-/// portable ones). The default x86-64 target has
-/// only SSE2, which lacks a 32-bit multiply; the loops themselves are the same code.
+/// Whether this CPU runs the AVX2 builds of the passes' loops (the passes' `avx2`; false runs the
+/// portable ones). The loops are the same code, compiled twice: the default x86-64 target has only
+/// SSE2, which lacks a 32-bit integer multiply, so nothing in them vectorises without AVX2.
 fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx2");
