@@ -3,7 +3,9 @@ as transformers' processors and the notebook read images): JPEG above all (basel
 write them, 4:2:2, 4:4:4, progressive, optimised, restart markers, grayscale, CMYK, at an odd size), and lossy
 and lossless WebP, GIF and LZW TIFF; and PNGs with transparency (RGBA, LA, a palette with a transparent index),
 which transformers' `convert_to_rgb` composites onto white. The Rust decoder must equal these bit for bit
-(tests/decode_parity.rs). Also a truncated JPEG, which Pillow refuses.
+(tests/decode_parity.rs). Also an arithmetic-coded JPEG (transcoded by libjpeg-turbo's `jpegtran -arithmetic`: Debian's
+libjpeg-turbo-progs), a JPEG with an EXIF orientation (rotated as transformers' `load_image` does, with
+`ImageOps.exif_transpose`), and a truncated JPEG, which Pillow refuses.
 
     ~/.venvs/tools/bin/python tools/make_decode_reference.py   # deterministic, < 1 s
 
@@ -11,11 +13,12 @@ Writes tests/fixtures/reference/decode/: <case>.<ext>, <case>.pil.png and cases.
 """
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import PIL
-from PIL import Image, features
+from PIL import Image, ImageOps, features
 from transformers.image_transforms import convert_to_rgb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,10 +62,23 @@ def main():
     ]:
         src.save(OUT / f"{name}.{ext}", **opts)
         cases.append({"name": name, "file": f"{name}.{ext}", "save": opts})
+    # Arithmetic coding: the same coefficients, transcoded losslessly by libjpeg-turbo's jpegtran.
+    subprocess.run(["jpegtran", "-arithmetic", "-outfile", str(OUT / "arithmetic_420.jpg"),
+                    str(OUT / "baseline_420_q75.jpg")], check=True)
+    cases.append({"name": "arithmetic_420", "file": "arithmetic_420.jpg",
+                  "save": "jpegtran -arithmetic baseline_420_q75.jpg"})
     for case in cases:
         img = Image.open(OUT / case["file"])
         case["pil_mode"] = img.mode
         img.convert("RGB").save(OUT / f"{case['name']}.pil.png", optimize=True)
+    # EXIF orientation 6 (the camera was turned: rotate 90° clockwise to view), as phones write it.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src.save(OUT / "exif_rotated.jpg", "JPEG", quality=90, exif=exif.tobytes())
+    ImageOps.exif_transpose(Image.open(OUT / "exif_rotated.jpg")).convert("RGB").save(
+        OUT / "exif_rotated.pil.png", optimize=True)
+    cases.append({"name": "exif_rotated", "file": "exif_rotated.jpg", "save": {"quality": 90, "exif_orientation": 6},
+                  "reference": "PIL.ImageOps.exif_transpose, as transformers.image_utils.load_image"})
     # Transparency: what transformers' processors do with it (alpha-composited onto white).
     small = src.crop((0, 0, 61, 47))
     alpha = Image.fromarray(np.random.default_rng(0).integers(0, 256, (small.height, small.width), dtype=np.uint8))

@@ -51,6 +51,10 @@ const SUPPORTED: &[ImageFormat] = &[
 pub fn peek_dimensions(bytes: &[u8]) -> Result<(ImageFormat, u32, u32)> {
     let reader = reader_for(bytes)?;
     let format = reader.format().ok_or_else(not_an_image)?;
+    if format == ImageFormat::Jpeg {
+        let (w, h) = crate::preprocess::jpeg::dimensions(bytes)?;
+        return Ok((format, w, h));
+    }
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| decode_error(format, e))?;
@@ -96,11 +100,15 @@ fn reader_for(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>> {
 pub fn decode(bytes: &[u8]) -> Result<Rgb8> {
     let reader = reader_for(bytes)?;
     let format = reader.format().ok_or_else(not_an_image)?;
-    let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
-    let orientation = decoder.orientation().ok();
-    let mut img = match format {
+    let (mut img, orientation) = match format {
+        // libjpeg reads the whole file, headers included (src/preprocess/jpeg.rs).
         ImageFormat::Jpeg => crate::preprocess::jpeg::decode(bytes)?,
-        _ => DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?,
+        _ => {
+            let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
+            let orientation = decoder.orientation().ok();
+            let img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+            (img, orientation)
+        }
     };
     if let Some(o) = orientation {
         img.apply_orientation(o);

@@ -10,15 +10,31 @@
 use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use image::metadata::Orientation;
 use image::{DynamicImage, RgbImage};
 use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, JWRN_JPEG_EOF, J_COLOR_SPACE};
 
 use crate::error::{Error, Result};
 
-/// Decodes a JPEG to RGB as Pillow's `Image.open(..).convert("RGB")` does.
-pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
-    match catch_unwind(AssertUnwindSafe(|| decode_rgb(bytes))) {
-        Ok(Ok(img)) => Ok(img),
+/// Decodes a JPEG to RGB as Pillow's `Image.open(..).convert("RGB")` does, with the orientation its
+/// EXIF block gives, if any (applied by the caller).
+pub fn decode(bytes: &[u8]) -> Result<(DynamicImage, Option<Orientation>)> {
+    guarded(|| decode_rgb(bytes))
+}
+
+/// Width and height from the headers alone (libjpeg reads them: every JPEG Pillow opens,
+/// arithmetic-coded ones too), to refuse a decompression bomb before decoding it.
+pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32)> {
+    guarded(|| {
+        let dec = mozjpeg::Decompress::with_err(error_manager()).from_mem(bytes)?;
+        Ok((dec.width() as u32, dec.height() as u32))
+    })
+}
+
+/// Runs libjpeg, turning its errors (an `io::Error`, or a fatal error unwinding) into ours.
+fn guarded<T>(f: impl FnOnce() -> std::io::Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(corrupt(&e.to_string())),
         // libjpeg's fatal errors (and a truncated file, below) unwind with their message.
         Err(p) => Err(corrupt(
@@ -36,8 +52,15 @@ fn corrupt(why: &str) -> Error {
     ))
 }
 
-fn decode_rgb(bytes: &[u8]) -> std::io::Result<DynamicImage> {
-    let dec = mozjpeg::Decompress::with_err(error_manager()).from_mem(bytes)?;
+fn decode_rgb(bytes: &[u8]) -> std::io::Result<(DynamicImage, Option<Orientation>)> {
+    let dec = mozjpeg::Decompress::with_err(error_manager())
+        .with_markers(&[mozjpeg::Marker::APP(1)])
+        .from_mem(bytes)?;
+    // The EXIF block is the APP1 segment that starts "Exif\0\0" (XMP uses APP1 too).
+    let orientation = dec
+        .markers()
+        .find_map(|m| m.data.strip_prefix(b"Exif\0\0"))
+        .and_then(Orientation::from_exif_chunk);
     let four_channels = matches!(
         dec.color_space(),
         J_COLOR_SPACE::JCS_CMYK | J_COLOR_SPACE::JCS_YCCK
@@ -53,9 +76,9 @@ fn decode_rgb(bytes: &[u8]) -> std::io::Result<DynamicImage> {
     if four_channels {
         pixels = pixels.chunks_exact(4).flat_map(cmyk_to_rgb).collect();
     }
-    RgbImage::from_raw(w, h, pixels)
-        .map(DynamicImage::ImageRgb8)
-        .ok_or_else(|| std::io::Error::other("the decoder returned too few pixels"))
+    let img = RgbImage::from_raw(w, h, pixels)
+        .ok_or_else(|| std::io::Error::other("the decoder returned too few pixels"))?;
+    Ok((DynamicImage::ImageRgb8(img), orientation))
 }
 
 /// Pillow's CMYK JPEG to RGB: it reads every CMYK JPEG as inverted ("CMYK;I", Adobe's convention),
