@@ -13,7 +13,9 @@ Writes tests/fixtures/reference/decode/: <case>.<ext>, <case>.pil.png and cases.
 """
 import io
 import json
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,19 @@ CASES = [
     ("optimized_420_q85", dict(quality=85, subsampling=2, optimize=True)),
     ("restart_markers_420", dict(quality=80, subsampling=2, restart_marker_blocks=3)),
 ]
+
+
+def png16(path: Path, samples: np.ndarray, color_type: int):
+    """A 16-bit PNG (Pillow cannot write 16-bit colour): rows of big-endian samples, filter 0."""
+    h = samples.shape[0]
+    raw = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", samples.shape[1], h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+                     + chunk(b"IEND", b""))
 
 
 def main():
@@ -88,7 +103,13 @@ def main():
     rgba.save(OUT / "png_rgba.png")
     la.save(OUT / "png_la.png")
     small.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(OUT / "png_palette_transparent.png", transparency=3)
-    for name in ["png_rgba", "png_la", "png_palette_transparent"]:
+    # 16-bit colour PNGs: Pillow keeps each sample's high byte. (16-bit grey alone, Pillow's "I;16", is
+    # clipped to 255 by convert_to_rgb, a nearly white image: not copied, so not here.)
+    rng = np.random.default_rng(1)
+    png16(OUT / "png_rgb16.png", rng.integers(0, 65536, (23, 31, 3), dtype=np.uint16), 2)
+    png16(OUT / "png_rgba16.png", rng.integers(0, 65536, (23, 31, 4), dtype=np.uint16), 6)
+    png16(OUT / "png_la16.png", rng.integers(0, 65536, (23, 31, 2), dtype=np.uint16), 4)
+    for name in ["png_rgba", "png_la", "png_palette_transparent", "png_rgb16", "png_rgba16", "png_la16"]:
         img = Image.open(OUT / f"{name}.png")
         convert_to_rgb(img).save(OUT / f"{name}.pil.png", optimize=True)
         cases.append({"name": name, "file": f"{name}.png", "pil_mode": img.mode,

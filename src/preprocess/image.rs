@@ -122,6 +122,29 @@ pub fn decode(bytes: &[u8]) -> Result<Rgb8> {
 }
 
 fn to_rgb(img: DynamicImage) -> Rgb8 {
+    // Pillow reads 16-bit colour PNGs (RGB, RGBA, grey + alpha) as 8-bit by keeping each sample's
+    // high byte; the `image` crate would round (v / 257) and differ by one in a quarter of the
+    // values. (16-bit grey alone Pillow reads as "I;16" and clips to 255 when converting to RGB,
+    // a nearly white image; that one keeps the `image` crate's rounding.)
+    let high_byte = |v: u16| (v >> 8) as u8;
+    let img = match img {
+        DynamicImage::ImageRgb16(i) => {
+            DynamicImage::ImageRgb8(RgbImage::from_fn(i.width(), i.height(), |x, y| {
+                image::Rgb(i.get_pixel(x, y).0.map(high_byte))
+            }))
+        }
+        DynamicImage::ImageRgba16(i) => {
+            DynamicImage::ImageRgba8(image::RgbaImage::from_fn(i.width(), i.height(), |x, y| {
+                image::Rgba(i.get_pixel(x, y).0.map(high_byte))
+            }))
+        }
+        DynamicImage::ImageLumaA16(i) => DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_fn(
+            i.width(),
+            i.height(),
+            |x, y| image::LumaA(i.get_pixel(x, y).0.map(high_byte)),
+        )),
+        other => other,
+    };
     if !img.color().has_alpha() {
         return Rgb8::from_rgb_image(img.to_rgb8());
     }
