@@ -1,11 +1,15 @@
-"""Image files of the kinds researchers send and what Pillow decodes from each (`Image.open(f).convert("RGB")`,
-as transformers' processors and the notebook read images): JPEG above all (baseline 4:2:0 as COCO and cameras
-write them, 4:2:2, 4:4:4, progressive, optimised, restart markers, grayscale, CMYK, at an odd size), and lossy
-and lossless WebP, GIF and LZW TIFF; and PNGs with transparency (RGBA, LA, a palette with a transparent index),
-which transformers' `convert_to_rgb` composites onto white. The Rust decoder must equal these bit for bit
-(tests/decode_parity.rs). Also an arithmetic-coded JPEG (transcoded by libjpeg-turbo's `jpegtran -arithmetic`: Debian's
-libjpeg-turbo-progs), a JPEG with an EXIF orientation (rotated as transformers' `load_image` does, with
-`ImageOps.exif_transpose`), and a truncated JPEG, which Pillow refuses.
+"""Image files of the kinds researchers send, and the pixels transformers' processors start from: Pillow's
+`Image.open(f).convert("RGB")` (the notebook's reading), or where transformers does more, what it does.
+
+- JPEG above all, at an odd size: baseline 4:2:0 (COCO's and cameras' format) at two qualities, 4:2:2, 4:4:4,
+  progressive, optimised tables, restart markers, grayscale, Adobe CMYK, arithmetic-coded (transcoded by
+  libjpeg-turbo's `jpegtran -arithmetic`: Debian's libjpeg-turbo-progs), EXIF-rotated (reference rotated with
+  `ImageOps.exif_transpose`, as transformers' `load_image` does), and a truncated file, which Pillow refuses;
+- lossy and lossless WebP, GIF, LZW TIFF;
+- PNGs with transparency (RGBA, LA, a palette with a transparent index) and 16-bit colour PNGs (RGB, RGBA,
+  grey + alpha): reference transformers' `convert_to_rgb`, which composites onto white.
+
+The Rust decoder must equal these bit for bit (tests/decode_parity.rs).
 
     ~/.venvs/tools/bin/python tools/make_decode_reference.py   # deterministic, < 1 s
 
@@ -111,7 +115,7 @@ def main():
     png16(OUT / "png_la16.png", rng.integers(0, 65536, (23, 31, 2), dtype=np.uint16), 4)
     for name in ["png_rgba", "png_la", "png_palette_transparent", "png_rgb16", "png_rgba16", "png_la16"]:
         img = Image.open(OUT / f"{name}.png")
-        convert_to_rgb(img).save(OUT / f"{name}.pil.png", optimize=True)
+        Image.fromarray(convert_to_rgb(img, return_numpy=True)).save(OUT / f"{name}.pil.png", optimize=True)
         cases.append({"name": name, "file": f"{name}.png", "pil_mode": img.mode,
                       "reference": "transformers.image_transforms.convert_to_rgb"})
     whole = (OUT / "baseline_420_q75.jpg").read_bytes()
