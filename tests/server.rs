@@ -235,6 +235,96 @@ async fn overload_yields_only_200s_and_429s_and_loses_nothing() {
     assert!(ok >= 1 && full >= 1, "{ok} ok, {full} refused");
 }
 
+/// Decoded images are memory the service holds until each answer is sent. With a budget of two
+/// 200×150 images and two slow image requests waiting or running, a third image is refused at once
+/// with 429 and Retry-After (before it is decoded), while a text-only request still goes through;
+/// once the answers are sent the whole budget is free again, and an image larger than the whole
+/// budget is served when it is alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_pixel_budget_refuses_images_with_429_and_loses_nothing() {
+    let budget = 2 * 200 * 150;
+    let server = std::sync::Arc::new(
+        Server::start(Setup {
+            queue: QueueConfig {
+                max_queue: 64,
+                max_batch_size: 1,
+                max_batch_tokens: 16_384,
+            },
+            limits: Limits {
+                max_pending_pixels: budget,
+                ..Limits::default()
+            },
+            faulty: true,
+            ..Setup::default()
+        })
+        .await,
+    );
+    let send = |prompt: &'static str, image: Option<Vec<u8>>| {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let r = server
+                .lens_form(&[("prompt", prompt), ("model", DEMO)], image)
+                .await;
+            let status = r.status().as_u16();
+            let retry = r.headers().get("retry-after").is_some();
+            (status, retry, r.json::<Value>().await.unwrap())
+        })
+    };
+    // Two slow image requests (0.3 s each, one at a time) take the whole budget.
+    let slow = [
+        send("SLOW a", Some(png(200, 150))),
+        send("SLOW b", Some(png(200, 150))),
+    ];
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (status, retry, body) = send("Color?", Some(png(200, 150))).await.unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(retry, "429 without Retry-After");
+    assert_eq!(body["error"]["code"], "queue_full");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("image pixels"), "{message}");
+    let metrics = |server: std::sync::Arc<Server>| async move {
+        let r = server
+            .client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap()
+    };
+    let text = metrics(server.clone()).await;
+    assert!(
+        text.contains(&format!("logit_lens_pending_image_pixels {budget}")),
+        "{text}"
+    );
+    // No image, no pixels: it waits its turn and is answered.
+    let (status, _, body) = send("Color?", None).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    for t in slow {
+        let (status, _, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body["input"]["num_image_tokens"].as_u64().unwrap() > 0);
+    }
+    // Every answer sent: every permit back (the worker drops each job just after sending its
+    // answer, so allow it a moment).
+    let all_back = || server.state.pixels.available_permits() == budget as usize;
+    for _ in 0..100 {
+        if all_back() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        all_back(),
+        "{} of {budget} free",
+        server.state.pixels.available_permits()
+    );
+    let text = metrics(server.clone()).await;
+    assert!(text.contains("logit_lens_pending_image_pixels 0"), "{text}");
+    // Alone, an image over the whole budget still runs (it asks for the budget, not more).
+    let (status, _, body) = send("Color?", Some(png(300, 250))).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Retry-After follows the worker's pace: with requests that take ≥ 0.3 s and 8 waiting, a
 /// refused client is told to come back in ≥ 3 s, not the 1 s given before anything has run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

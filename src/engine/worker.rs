@@ -67,6 +67,9 @@ pub struct Job {
     pub deadline: Instant,
     pub reply: oneshot::Sender<JobResult>,
     enqueued: Instant,
+    /// What the job holds until it is dropped, after its answer is sent (the HTTP side's share of
+    /// its image-pixel budget).
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -128,12 +131,14 @@ impl Engine {
         })
     }
 
-    /// Queues a job, or refuses it at once when the queue is full.
+    /// Queues a job, or refuses it at once when the queue is full. `held` is released when the
+    /// job ends (answered, refused or dropped).
     pub fn submit(
         &self,
         model: usize,
         request: LensRequest,
         deadline: Instant,
+        held: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<oneshot::Receiver<JobResult>, SubmitError> {
         let tx = lock(&self.tx).clone().ok_or(SubmitError::Closed)?;
         let (reply, rx) = oneshot::channel();
@@ -143,6 +148,7 @@ impl Engine {
             deadline,
             reply,
             enqueued: Instant::now(),
+            _held: held,
         };
         self.depth.fetch_add(1, Ordering::SeqCst);
         match tx.try_send(job) {
@@ -155,6 +161,12 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Whether a job submitted now would be refused for a full queue (so that the HTTP side need
+    /// not decode its image first).
+    pub fn is_full(&self) -> bool {
+        lock(&self.tx).as_ref().is_some_and(|tx| tx.capacity() == 0)
     }
 
     /// Jobs accepted and not yet started.

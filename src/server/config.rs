@@ -11,6 +11,10 @@ pub struct Limits {
     pub max_prompt_tokens: usize,
     /// How long a request may wait in the queue before it gets 504.
     pub queue_timeout: Duration,
+    /// The most image pixels the requests being decoded, queued or run may hold together (3 bytes
+    /// each); one more image gets 429. An image alone is always admitted (up to
+    /// `max_image_pixels`).
+    pub max_pending_pixels: u64,
 }
 
 impl Default for Limits {
@@ -20,6 +24,7 @@ impl Default for Limits {
             max_image_pixels: 50_000_000,
             max_prompt_tokens: 4096,
             queue_timeout: Duration::from_secs(60),
+            max_pending_pixels: 200_000_000,
         }
     }
 }
@@ -69,6 +74,15 @@ pub struct ServeArgs {
     /// The most tokens the prompt text may have (image tokens not counted).
     #[arg(long, env = "LOGIT_LENS_MAX_PROMPT_TOKENS", default_value_t = 4096)]
     pub max_prompt_tokens: usize,
+    /// The most image pixels that requests being decoded, queued or run may hold together (3 bytes
+    /// each in memory); an image that would pass it gets 429 with Retry-After, before it is
+    /// decoded. One image alone is always admitted.
+    #[arg(
+        long,
+        env = "LOGIT_LENS_MAX_PENDING_PIXELS",
+        default_value_t = 200_000_000
+    )]
+    pub max_pending_pixels: u64,
     /// A file of API keys, one per line (`#` comments). With keys set, every route but /health
     /// and /ready needs `Authorization: Bearer <key>`.
     #[arg(long, env = "LOGIT_LENS_API_KEYS_FILE")]
@@ -95,6 +109,7 @@ impl ServeArgs {
             max_image_pixels: self.max_image_pixels,
             max_prompt_tokens: self.max_prompt_tokens,
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+            max_pending_pixels: self.max_pending_pixels,
         }
     }
 

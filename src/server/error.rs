@@ -58,6 +58,14 @@ impl ApiError {
         e
     }
 
+    /// 429 for a request refused by another capacity limit than the queue's length, with the same
+    /// code, so that clients retry it the same way.
+    pub fn busy(message: impl Into<String>, retry_after: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", message);
+        e.retry_after = Some(retry_after);
+        e
+    }
+
     pub fn not_ready(message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message);
         e.retry_after = Some(1);

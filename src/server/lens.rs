@@ -8,7 +8,9 @@ use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::config::Limits;
 use super::error::ApiError;
 use super::request::{self, LensInput};
 use super::AppState;
@@ -41,7 +43,7 @@ use crate::Error;
         (status = 413, description = "Body, image dimensions or prompt length over the limits", body = super::schema::ErrorBody),
         (status = 415, description = "Not an image, an unsupported image format, or an unsupported content type", body = super::schema::ErrorBody),
         (status = 422, description = "Well-formed but impossible (position out of range, image too elongated)", body = super::schema::ErrorBody),
-        (status = 429, description = "Queue full; Retry-After says when to come back", body = super::schema::ErrorBody,
+        (status = 429, description = "Queue full, or the images being handled hold the pending-pixel budget; Retry-After says when to come back", body = super::schema::ErrorBody,
             headers(("retry-after" = u64, description = "Seconds"))),
         (status = 500, description = "A bug: the computation failed", body = super::schema::ErrorBody),
         (status = 503, description = "Models still loading, or shutting down", body = super::schema::ErrorBody),
@@ -61,6 +63,10 @@ async fn answer(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let models = state.ready_models()?;
     let input = read_body(state, req).await?;
     let index = pick_model(&models, input.model.as_deref())?;
+    if state.engine.is_full() {
+        // Refused now rather than after decoding its image.
+        return Err(ApiError::queue_full(state.engine.retry_after_s()));
+    }
     let limits = state.limits.clone();
     let models_for_check = models.clone();
     let LensInput {
@@ -69,16 +75,22 @@ async fn answer(state: &AppState, req: Request) -> Result<Response, ApiError> {
         options,
         ..
     } = input;
+    let pixels = state.pixels.clone();
+    let retry_after = state.engine.retry_after_s();
     let checked = tokio::task::spawn_blocking(move || {
         check_prompt(&models_for_check[index], &prompt, limits.max_prompt_tokens)?;
         let image = image
-            .map(|b| decode_checked(&b, limits.max_image_pixels))
+            .map(|b| decode_checked(&b, &limits, &pixels, retry_after))
             .transpose()?;
-        Ok::<_, Error>((prompt, image))
+        Ok::<_, ApiError>((prompt, image))
     })
     .await
     .map_err(|e| Error::Internal(format!("the decoding task failed: {e}")))?;
     let (prompt, image) = checked?;
+    let (image, held) = match image {
+        Some((image, held)) => (Some(image), Some(held)),
+        None => (None, None),
+    };
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let deadline = Instant::now() + state.limits.queue_timeout;
@@ -89,7 +101,7 @@ async fn answer(state: &AppState, req: Request) -> Result<Response, ApiError> {
     };
     let rx = state
         .engine
-        .submit(index, request, deadline)
+        .submit(index, request, deadline, held)
         .map_err(|e| match e {
             SubmitError::QueueFull => ApiError::queue_full(state.engine.retry_after_s()),
             SubmitError::Closed => ApiError::not_ready("the service is shutting down"),
@@ -224,14 +236,36 @@ fn check_prompt(model: &ModelEntry, prompt: &str, max: usize) -> Result<(), Erro
     Ok(())
 }
 
-/// Refuses an image over the pixel limit from its header, before the pixels are expanded.
-fn decode_checked(bytes: &[u8], max_pixels: u64) -> Result<Rgb8, Error> {
+/// Refuses an image over the pixel limit from its header, before the pixels are expanded, and
+/// one the pending-pixel budget cannot take now (429); then decodes it. The permit travels with
+/// the job and is released once the answer is sent.
+fn decode_checked(
+    bytes: &[u8],
+    limits: &Limits,
+    budget: &Arc<Semaphore>,
+    retry_after: u64,
+) -> Result<(Rgb8, OwnedSemaphorePermit), ApiError> {
     let (format, w, h) = peek_dimensions(bytes)?;
     let pixels = w as u64 * h as u64;
+    let max_pixels = limits.max_image_pixels;
     if pixels > max_pixels {
         return Err(Error::TooLarge(format!(
             "the {format:?} image is {w}×{h} = {pixels} pixels, over the limit of {max_pixels}; downscale it"
-        )));
+        ))
+        .into());
     }
-    decode(bytes)
+    // An image alone always fits: it asks for at most the whole budget.
+    let need = pixels
+        .clamp(1, limits.max_pending_pixels.max(1))
+        .min(u32::MAX as u64) as u32;
+    let held = budget.clone().try_acquire_many_owned(need).map_err(|_| {
+        ApiError::busy(
+            format!(
+                "the service holds as many image pixels as it may ({} pending); retry in {retry_after} s",
+                limits.max_pending_pixels
+            ),
+            retry_after,
+        )
+    })?;
+    Ok((decode(bytes)?, held))
 }

@@ -124,7 +124,7 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, queue_depth: usize, dropped: &Dropped) -> String {
+    pub fn render(&self, queue_depth: usize, pending_pixels: u64, dropped: &Dropped) -> String {
         let inner = self.inner();
         let mut out = String::new();
         out.push_str(
@@ -140,6 +140,11 @@ impl Metrics {
         out.push_str("# HELP logit_lens_queue_depth Requests queued and not yet started.\n");
         out.push_str("# TYPE logit_lens_queue_depth gauge\n");
         let _ = writeln!(out, "logit_lens_queue_depth {queue_depth}");
+        out.push_str(
+            "# HELP logit_lens_pending_image_pixels Image pixels held by requests being decoded, queued or run.\n",
+        );
+        out.push_str("# TYPE logit_lens_pending_image_pixels gauge\n");
+        let _ = writeln!(out, "logit_lens_pending_image_pixels {pending_pixels}");
         out.push_str(
             "# HELP logit_lens_jobs_dropped_total Queued jobs not run: client gone or deadline passed.\n",
         );

@@ -35,6 +35,9 @@ use crate::engine::{Engine, EngineConfig, LoadState, ModelEntry};
 pub struct AppState {
     pub engine: Engine,
     pub limits: Limits,
+    /// Image pixels requests may still take ([`Limits::max_pending_pixels`]): a request holds
+    /// its image's from before decoding until its answer is sent.
+    pub pixels: Arc<tokio::sync::Semaphore>,
     /// Empty: no authentication.
     pub api_keys: Vec<String>,
     pub metrics: Arc<Metrics>,
@@ -68,13 +71,26 @@ impl AppState {
                 on_batch: Some(Arc::new(move |n| hook.batch(n))),
             },
         )?;
+        let budget = limits
+            .max_pending_pixels
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize;
         Ok(Arc::new(AppState {
             engine,
+            pixels: Arc::new(tokio::sync::Semaphore::new(budget)),
             limits,
             api_keys,
             metrics,
             shutting_down: AtomicBool::new(false),
         }))
+    }
+
+    /// Image pixels held now by requests being decoded, queued or run.
+    pub fn pending_pixels(&self) -> u64 {
+        let budget = self
+            .limits
+            .max_pending_pixels
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u64);
+        budget - self.pixels.available_permits() as u64
     }
 
     /// The loaded models, or 503 while loading or shutting down.

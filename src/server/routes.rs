@@ -84,9 +84,11 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Stat
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state
-            .metrics
-            .render(state.engine.queue_depth(), state.engine.dropped()),
+        state.metrics.render(
+            state.engine.queue_depth(),
+            state.pending_pixels(),
+            state.engine.dropped(),
+        ),
     )
         .into_response()
 }
