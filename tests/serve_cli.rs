@@ -43,6 +43,16 @@ fn a_bad_dtype_stops_serve_at_once_with_the_choices() {
     assert!(!err.contains("loading"), "{err}");
 }
 
+/// A budget of no pixels would refuse every image forever: refused at start instead.
+#[test]
+fn a_pending_pixel_budget_of_zero_stops_serve_at_once() {
+    let out = serve(&["--max-pending-pixels", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-pending-pixels"), "{err}");
+    assert!(!err.contains("loading"), "{err}");
+}
+
 #[tokio::test]
 async fn serve_loads_its_models_in_the_dtype_asked_for() {
     let port = free_port();

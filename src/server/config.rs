@@ -80,7 +80,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "LOGIT_LENS_MAX_PENDING_PIXELS",
-        default_value_t = 200_000_000
+        default_value_t = 200_000_000,
+        value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub max_pending_pixels: u64,
     /// A file of API keys, one per line (`#` comments). With keys set, every route but /health
