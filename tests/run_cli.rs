@@ -465,15 +465,7 @@ fn prompts_files_and_image_folders_are_read_as_documented() {
 
 /// Lines of the worker's batch-size histogram: (groups run, groups of one).
 async fn batches(server: &Server) -> (u64, u64) {
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     let value = |prefix: &str| {
         text.lines()
             .find(|l| l.starts_with(prefix))

@@ -160,13 +160,7 @@ async fn sixty_four_concurrent_mixed_requests_each_get_their_own_answer() {
     for t in tasks {
         t.await.unwrap();
     }
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
-    let text = metrics.text().await.unwrap();
+    let text = server.metrics_text().await;
     assert!(
         text.contains("logit_lens_requests_total{route=\"/lens\",status=\"200\"} 64"),
         "{text}"
@@ -282,16 +276,7 @@ async fn the_pending_pixel_budget_refuses_images_with_429_and_loses_nothing() {
     assert_eq!(body["error"]["code"], "queue_full");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("image pixels"), "{message}");
-    let metrics = |server: std::sync::Arc<Server>| async move {
-        let r = server
-            .client
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap();
-        r.text().await.unwrap()
-    };
-    let text = metrics(server.clone()).await;
+    let text = server.metrics_text().await;
     assert!(
         text.contains(&format!("logit_lens_pending_image_pixels {budget}")),
         "{text}"
@@ -318,7 +303,7 @@ async fn the_pending_pixel_budget_refuses_images_with_429_and_loses_nothing() {
         "{} of {budget} free",
         server.state.pixels.available_permits()
     );
-    let text = metrics(server.clone()).await;
+    let text = server.metrics_text().await;
     assert!(text.contains("logit_lens_pending_image_pixels 0"), "{text}");
     // Alone, an image over the whole budget still runs (it asks for the budget, not more).
     let (status, _, body) = send("Color?", Some(png(300, 250))).await.unwrap();
@@ -435,13 +420,7 @@ async fn a_client_that_goes_away_frees_its_place_without_running() {
         .await;
     assert!(impatient.is_err(), "the client should have timed out");
     assert_eq!(slow.await.unwrap(), 200);
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap();
-    let text = metrics.text().await.unwrap();
+    let text = server.metrics_text().await;
     assert!(
         text.contains("logit_lens_jobs_dropped_total{reason=\"client_gone\"} 1"),
         "{text}"

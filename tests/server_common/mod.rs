@@ -251,6 +251,12 @@ impl Server {
             .unwrap()
     }
 
+    /// The Prometheus text of `GET /metrics` (no API keys set).
+    pub async fn metrics_text(&self) -> String {
+        let r = self.client.get(self.url("/metrics")).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
     /// Graceful shutdown; returns once the server and the worker have stopped.
     pub async fn stop(&self) {
         if let Some(s) = self.stop.lock().unwrap().take() {
