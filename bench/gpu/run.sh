@@ -7,10 +7,13 @@
 #
 # Usage (repository root):  bench/gpu/run.sh [--small] [--models qwen2vl,llava15] [--bin PATH]
 #   --small  small shapes on whatever device is there (the CPU dry run of this script).
-# Results: $OUT (or bench/results/gpu-<date>) holds results.jsonl, the server logs, table.txt,
+# Results: $OUT (or bench/results/gpu-<date>) holds results.jsonl, the server logs (serve-<model>.log, and
+# serve-<model>-profile.log: a second server with LOGIT_LENS_PROFILE=2, stage and op-group times of each
+# batch at concurrency 1 and 8), table.txt,
 # profile-<model>-{none,fused}.txt (stage timings of one request, LOGIT_LENS_PROFILE=1, op by op and
 # with LOGIT_LENS_FUSED=all), profile-<model>-{none,fused}-ops.txt (LOGIT_LENS_PROFILE=2: per group of
-# operations, device and host-issue time) and fused-<model>.txt (whether the two agree, which is faster).
+# operations, device and host-issue time) and fused-<model>.txt (whether the two agree, which is faster;
+# the server runs with the fused kernels, the default on a GPU, unless they disagree).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 small=""; models=qwen2vl,llava15; bin=${BIN:-}
@@ -74,20 +77,25 @@ for family in ${models//,/ }; do
   probe all 1 3 fused
   probe none 2 2 none-ops
   probe all 2 2 fused-ops
-  fused_env=none
-  if $py bench/gpu/compare_fused.py "$out/probe-$family-none.json" "$out/probe-$family-fused.json" \
+  # The fused kernels are the default on a GPU; the server runs op by op only if they disagree.
+  fused_env=all
+  if ! $py bench/gpu/compare_fused.py "$out/probe-$family-none.json" "$out/probe-$family-fused.json" \
        "$out/profile-$family-none.txt" "$out/profile-$family-fused.txt" | tee "$out/fused-$family.txt"; then
-    fused_env=all
+    fused_env=none
   fi
   echo "{\"fused\": \"$family\", \"serve_with\": \"$fused_env\"}" >> "$res"
+  serve() {  # serve <log name> [env assignments]: starts the server, waits for /ready; sets pid
+    env LOGIT_LENS_FUSED=$fused_env "${@:2}" "$bin" serve --model "$family=$dir" --port $port \
+      --max-batch-size 8 --max-queue 256 > "$out/$1.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 600); do
+      curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
+      kill -0 $pid 2>/dev/null || { log "serve exited"; tail -20 "$out/$1.log"; break; }
+      sleep 0.5
+    done
+  }
   log "serve $family"
-  LOGIT_LENS_FUSED=$fused_env "$bin" serve --model "$family=$dir" --port $port --max-batch-size 8 --max-queue 256 > "$out/serve-$family.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 1 600); do
-    curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
-    kill -0 $pid 2>/dev/null || { log "serve exited"; tail -20 "$out/serve-$family.log"; break; }
-    sleep 0.5
-  done
+  serve "serve-$family"
   weights=$(du -cb "$dir"/*.safetensors | tail -1 | cut -f1)
   flag=$out/sampling; touch "$flag"
   if command -v nvidia-smi >/dev/null; then peak_mem "$flag" > "$out/peak-$family.txt" & fi
@@ -109,6 +117,17 @@ for family in ${models//,/ }; do
   floor=""; [[ ",${PARITY_FLOOR:-qwen2vl,llava15}," == *",$family,"* ]] && floor=--floor
   $py bench/gpu/parity.py --url "http://127.0.0.1:$port" --model "$family" --checkpoint "$dir" \
     --image bench/images/coco_640x480.png $floor >> "$res" || log "parity failed"
+  kill $pid; wait $pid 2>/dev/null
+  # Where a served batch's time goes: the server again with LOGIT_LENS_PROFILE=2 (stage and
+  # per-group device times, with synchronisations, so not the timed run above), alone and at 8.
+  log "serve $family, profiled"
+  serve "serve-$family-profile" LOGIT_LENS_PROFILE=2
+  for c in 1 8; do
+    $py bench/gpu/load.py --url "http://127.0.0.1:$port" --model "$family" \
+      --image bench/images/coco_640x480.png --concurrency $c --requests $(( c == 1 ? 3 : 16 )) \
+      > "$out/load-$family-profile-c$c.json" || log "profiled load failed"
+    echo "=== end of concurrency $c" >> "$out/serve-$family-profile.log"
+  done
   kill $pid; wait $pid 2>/dev/null
   rm -rf "$dir"  # the next checkpoint needs the disk
 done

@@ -14,7 +14,7 @@ seed_rows = {(r["model"], r["image"]): r for r in seed.get("rows", [])}
 name = {"qwen2vl": "qwen2vl", "llava15": "llava15"}
 print(f"device: {seed.get('device', '?')}, torch {seed.get('torch', '?')}")
 print(f"{'model':<9} {'image':<14} {'conc':>4} {'ms/req':>8} {'p50 ms':>8} {'ok':>4} | "
-      f"{'seed lens':>9} {'fused b8':>8} {'fwd only':>8}")
+      f"{'seed lens':>9} {'fused b8':>8} {'fwd only':>8} | server median ms: queue prep fwd lens")
 for r in rows:
     if "concurrency" not in r:
         continue
@@ -22,7 +22,8 @@ for r in rows:
     print(f"{r['model']:<9} {r['image'].replace('.png', ''):<14} {r['concurrency']:>4} "
           f"{r['throughput_ms_per_request']:>8} {r['latency_ms_median']:>8} {r['ok']:>4} | "
           f"{s.get('seed_lens_ms_median', '-'):>9} {s.get('fused_lens_b8_per_req_ms_median', '-'):>8} "
-          f"{s.get('forward_only_ms_median', '-'):>8}")
+          f"{s.get('forward_only_ms_median', '-'):>8} | "
+          + " ".join(str(r.get("server_stage_ms_median", {}).get(k, "-")) for k in ("queue", "preprocess", "forward", "lens")))
 for r in rows:
     if "memory" in r:
         print(f"memory {r['memory']}: weights {r['weights_bytes'] / 2**30:.2f} GiB, peak GPU {r['peak_gpu_mib'] / 1024:.2f} GiB")

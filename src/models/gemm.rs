@@ -4,8 +4,8 @@
 //! Qwen2-VL-2B that second rounding alone put our bf16 residual stream ~12 % further from the f32
 //! answer than transformers' bf16 (bench/README.md, "the noise floor").
 //!
-//! On CUDA: one cuBLASLt matmul with the bias in its epilogue (if the card refuses it, the
-//! two-rounding path, with a warning once). Elsewhere: the inputs widened to f32 (the products of
+//! On CUDA: the bias copied into the output, then one cuBLAS matmul adding onto it (if that fails,
+//! the two-rounding path, with a warning once). Elsewhere: the inputs widened to f32 (the products of
 //! half-precision numbers are exact in f32), the bias added, one rounding.
 
 use candle_core::{DType, Tensor};
@@ -46,38 +46,33 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex, OnceLock};
 
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-    use candle_core::cuda_backend::{CudaDevice, DeviceId};
-    use candle_core::{CpuStorage, CudaStorage, DType, Layout, Shape, Tensor};
+    use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
+    use candle_core::{CpuStorage, CudaStorage, DType, Layout, Tensor};
 
     use crate::error::Result;
 
+    /// The bias broadcast over the rows into a fresh output, then cuBLAS `y = x·wᵀ + 1·y` in
+    /// place: the products summed in f32, the bias added in f32, one rounding (torch's addmm when
+    /// it copies the bias into its output). cuBLASLt's bias epilogue would save the copy, but the
+    /// H100's cuBLASLt 13 refused it (CUBLAS_STATUS_NOT_SUPPORTED, bench/gpu/results/h100-run4).
     pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         static WARNED: AtomicBool = AtomicBool::new(false);
-        // cuBLASLt's heuristics assume 256-byte aligned operands; views into a larger buffer
-        // are copied first.
-        let aligned = |t: &Tensor| -> candle_core::Result<Tensor> {
-            let t = t.contiguous()?;
-            let offset = t.layout().start_offset() * t.dtype().size_in_bytes();
-            if offset % 256 == 0 {
-                Ok(t)
-            } else {
-                t.copy()
-            }
-        };
         let fused = (|| {
-            let (x, w, b) = (aligned(x)?, aligned(w)?, aligned(b)?);
-            x.apply_op3_no_bwd(&w, &b, &LinearBias)
+            let (rows, _) = x.dims2()?;
+            let out = w.dim(0)?;
+            // force_contiguous: always a new buffer (never the bias's own, even for one row).
+            let y = b.broadcast_as((rows, out))?.force_contiguous()?;
+            y.inplace_op3(&x.contiguous()?, &w.contiguous()?, &AddMatmul)?;
+            candle_core::Result::Ok(y)
         })();
         match fused {
             Ok(y) => Ok(y),
             Err(e) => {
                 if !WARNED.swap(true, Ordering::Relaxed) {
                     eprintln!(
-                        "warning: cuBLASLt matmul with bias failed ({e}); using matmul + add \
+                        "warning: cuBLAS matmul onto the bias failed ({e}); using matmul + add \
                          (two roundings) instead"
                     );
                 }
@@ -86,63 +81,49 @@ mod cuda {
         }
     }
 
-    fn lt_error(e: impl std::fmt::Debug) -> candle_core::Error {
-        candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
-    }
+    /// `y += x · wᵀ` in place, one rounding: `y` `[rows, out]`, `x` `[rows, in]`, `w` `[out, in]`.
+    struct AddMatmul;
 
-    /// One cuBLASLt handle per device, on the device's stream.
-    fn handle(dev: &CudaDevice) -> candle_core::Result<Arc<CudaBlasLT>> {
-        type Handles = Mutex<Vec<(DeviceId, Arc<CudaBlasLT>)>>;
-        static HANDLES: OnceLock<Handles> = OnceLock::new();
-        let mut handles = HANDLES
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some((_, h)) = handles.iter().find(|(id, _)| *id == dev.id()) {
-            return Ok(h.clone());
-        }
-        let h = Arc::new(CudaBlasLT::new(dev.cuda_stream()).map_err(lt_error)?);
-        handles.push((dev.id(), h.clone()));
-        Ok(h)
-    }
-
-    struct LinearBias;
-
-    impl candle_core::CustomOp3 for LinearBias {
+    impl candle_core::InplaceOp3 for AddMatmul {
         fn name(&self) -> &'static str {
             "linear-bias"
         }
 
         fn cpu_fwd(
             &self,
-            _: &CpuStorage,
+            _: &mut CpuStorage,
             _: &Layout,
             _: &CpuStorage,
             _: &Layout,
             _: &CpuStorage,
             _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
+        ) -> candle_core::Result<()> {
             candle_core::bail!("linear-bias runs on the GPU only (the CPU widens to f32)")
         }
 
         fn cuda_fwd(
             &self,
+            y: &mut CudaStorage,
+            y_l: &Layout,
             x: &CudaStorage,
             x_l: &Layout,
             w: &CudaStorage,
             w_l: &Layout,
-            b: &CudaStorage,
-            b_l: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let (rows, k) = x_l.shape().dims2()?;
-            let (out, k2) = w_l.shape().dims2()?;
-            let n_bias = b_l.shape().dims1()?;
-            if k != k2 || n_bias != out || x.dtype() != w.dtype() || x.dtype() != b.dtype() {
+        ) -> candle_core::Result<()> {
+            let (rows, out) = y_l.shape().dims2()?;
+            let (rows2, k) = x_l.shape().dims2()?;
+            let (out2, k2) = w_l.shape().dims2()?;
+            if rows != rows2
+                || out != out2
+                || k != k2
+                || x.dtype() != w.dtype()
+                || x.dtype() != y.dtype()
+            {
                 candle_core::bail!(
-                    "linear-bias: [{rows}, {k}] {:?}, weight [{out}, {k2}] {:?}, bias [{n_bias}] {:?}",
+                    "linear-bias: y [{rows}, {out}] {:?}, x [{rows2}, {k}] {:?}, weight [{out2}, {k2}] {:?}",
+                    y.dtype(),
                     x.dtype(),
-                    w.dtype(),
-                    b.dtype()
+                    w.dtype()
                 );
             }
             let start = |l: &Layout| {
@@ -150,48 +131,38 @@ mod cuda {
                     candle_core::Error::Msg("linear-bias needs contiguous inputs".into())
                 })
             };
-            let (x0, w0, b0) = (start(x_l)?, start(w_l)?, start(b_l)?);
-            let dev = x.device();
-            let lt = handle(dev)?;
-            // Column-major, as cuBLASLt sees row-major buffers: y [out, rows] = wᵀ·x + b, with
-            // w read as [in, out] (transposed), x as [in, rows]; the bias runs along y's rows.
-            let cfg = MatmulConfig {
-                transa: true,
-                transb: false,
-                transc: false,
-                m: out as u64,
-                n: rows as u64,
-                k: k as u64,
-                alpha: 1.0,
-                lda: k as i64,
-                ldb: k as i64,
-                beta: 0.0,
-                ldc: out as i64,
-                stride_a: None,
-                stride_b: None,
-                stride_c: None,
-                stride_bias: None,
-                batch_size: None,
-            };
+            let (y0, x0, w0) = (start(y_l)?, start(x_l)?, start(w_l)?);
+            let blas = x.device().cublas_handle();
+            // Column-major, as cuBLAS sees row-major buffers: y [out, rows] = wᵀ·x + y, with w
+            // read as [in, out] (transposed) and x as [in, rows].
             macro_rules! run {
                 ($ty:ty) => {{
+                    let cfg = GemmConfig {
+                        transa: cublasOperation_t::CUBLAS_OP_T,
+                        transb: cublasOperation_t::CUBLAS_OP_N,
+                        m: out as i32,
+                        n: rows as i32,
+                        k: k as i32,
+                        alpha: <$ty>::ONE,
+                        lda: k as i32,
+                        ldb: k as i32,
+                        beta: <$ty>::ONE,
+                        ldc: out as i32,
+                    };
                     let xv = x.as_cuda_slice::<$ty>()?.slice(x0..);
                     let wv = w.as_cuda_slice::<$ty>()?.slice(w0..);
-                    let bv = b.as_cuda_slice::<$ty>()?.slice(b0..);
-                    // SAFETY: every one of the rows·out outputs is written (beta = 0).
-                    let mut y = unsafe { dev.alloc::<$ty>(rows * out)? };
-                    // SAFETY: the views hold rows·k, out·k and out elements, as the dims say.
-                    unsafe { lt.matmul(cfg, &wv, &xv, &mut y, Some(&bv), None) }
-                        .map_err(lt_error)?;
-                    CudaStorage::wrap_cuda_slice(y, dev.clone())
+                    let mut yv = y.as_cuda_slice_mut::<$ty>()?.slice_mut(y0..);
+                    // SAFETY: the views hold rows·k, out·k and rows·out elements, as the dims say.
+                    unsafe { blas.gemm(cfg, &wv, &xv, &mut yv) }
+                        .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))?;
                 }};
             }
-            let y = match x.dtype() {
+            match x.dtype() {
                 DType::BF16 => run!(half::bf16),
                 DType::F16 => run!(half::f16),
                 d => candle_core::bail!("linear-bias: unsupported dtype {d:?}"),
-            };
-            Ok((y, Shape::from((rows, out))))
+            }
+            Ok(())
         }
     }
 }
@@ -296,7 +267,7 @@ mod tests {
     }
 }
 
-/// On a card (run by bench/gpu/device.sh): cuBLASLt's bias epilogue rounds once, like the CPU path.
+/// On a card (run by bench/gpu/device.sh): the matmul onto the bias rounds once, like the CPU path.
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests {
     use super::tests::{misses, rounded_once};
@@ -349,8 +320,8 @@ mod gpu_tests {
                 "{dtype:?}: two roundings {twice}, one {once}"
             );
         }
-        // What one call costs (printed, not asserted): cuBLASLt with the bias epilogue (descriptors
-        // and an algorithm query per call, as torch's addmm) against cuBLAS matmul + a bias add.
+        // What one call costs (printed, not asserted): the bias copy + matmul onto it against
+        // matmul + a bias add (both two launches).
         for (rows, k, out) in [(418, 1536, 2048), (1196, 1280, 3840), (8 * 418, 1536, 2048)] {
             let t = |shape: (usize, usize)| {
                 Tensor::randn(0f32, 0.05, shape, &gpu)
@@ -370,7 +341,7 @@ mod gpu_tests {
             });
             eprintln!(
                 "linear-bias bf16 [{rows}, {k}]·[{out}, {k}]ᵀ µs per call (host issue, total): \
-                 cuBLASLt + bias {:.0}, {:.0}; matmul + add {:.0}, {:.0}",
+                 bias copy + matmul onto it {:.0}, {:.0}; matmul + add {:.0}, {:.0}",
                 lt.0, lt.1, two.0, two.1
             );
         }

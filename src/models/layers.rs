@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::models::profile;
 use crate::models::snapshot::Prefixed;
 
 use crate::models::fused::{self, Kernel};
@@ -278,29 +279,51 @@ pub fn attention_within(
     // group are consecutive, so `[b, hq, s, d]` is `[b·hkv, rep·s, d]` as it lies in memory, and
     // each group's queries meet its keys in one GEMM. Every score is the same dot product.
     let (rep, groups) = (hq / hkv, b * hkv);
-    let q = q.contiguous()?.reshape((groups, rep * s, d))?;
-    let k = k.contiguous()?.reshape((groups, sk, d))?;
-    let v = v.contiguous()?.reshape((groups, sk, d))?;
+    // LOGIT_LENS_PROFILE=2: attention's parts as groups of their own (nested in the caller's
+    // "vision attention" / "decoder attention", summed over both).
+    let dev = q.device().clone();
+    let op = |name: &'static str, f: &mut dyn FnMut() -> Result<Tensor>| profile::op(name, &dev, f);
+    let (q, k, v) = (
+        op("  attention: q, k, v contiguous", &mut || {
+            Ok(q.contiguous()?.reshape((groups, rep * s, d))?)
+        })?,
+        op("  attention: q, k, v contiguous", &mut || {
+            Ok(k.contiguous()?.reshape((groups, sk, d))?)
+        })?,
+        op("  attention: q, k, v contiguous", &mut || {
+            Ok(v.contiguous()?.reshape((groups, sk, d))?)
+        })?,
+    );
     let per = (budget / (rep * s * sk).max(1)).clamp(1, groups.max(1));
     let fused = q.device().is_cuda() && q.dtype() != DType::F32 && fused::enabled(Kernel::Softmax);
     let mut outs = Vec::with_capacity(groups.div_ceil(per));
     for g0 in (0..groups).step_by(per) {
         let g = per.min(groups - g0);
         // kᵀ as a transposed view: the GEMM reads it in place.
-        let scores = super::gemm::matmul(&q.narrow(0, g0, g)?, &k.narrow(0, g0, g)?.t()?)?
-            .reshape((g, rep, s, sk))?;
+        let scores = op("  attention: q·kᵀ", &mut || {
+            Ok(
+                super::gemm::matmul(&q.narrow(0, g0, g)?, &k.narrow(0, g0, g)?.t()?)?
+                    .reshape((g, rep, s, sk))?,
+            )
+        })?;
         // One kernel instead of four passes (see fused::softmax).
-        let probs = if fused {
-            fused::softmax::scaled_masked_softmax(&scores, mask, scale)?
-        } else {
-            attention_softmax(&scores, mask, scale)?
-        };
-        outs.push(super::gemm::matmul(
-            &probs.reshape((g, rep * s, sk))?,
-            &v.narrow(0, g0, g)?,
-        )?);
+        let probs = op("  attention: softmax", &mut || {
+            if fused {
+                fused::softmax::scaled_masked_softmax(&scores, mask, scale)
+            } else {
+                attention_softmax(&scores, mask, scale)
+            }
+        })?;
+        outs.push(op("  attention: probs·v", &mut || {
+            super::gemm::matmul(&probs.reshape((g, rep * s, sk))?, &v.narrow(0, g0, g)?)
+        })?);
     }
-    Ok(Tensor::cat(&outs, 0)?.reshape((b, hq, s, d))?)
+    if outs.len() == 1 {
+        return Ok(outs.remove(0).reshape((b, hq, s, d))?);
+    }
+    op("  attention: slices joined", &mut || {
+        Ok(Tensor::cat(&outs, 0)?.reshape((b, hq, s, d))?)
+    })
 }
 
 /// `softmax(scores · scale + mask)` op by op, as transformers' eager attention: the scale as torch

@@ -14,9 +14,11 @@
 //! strided per-thread sums, then a shared-memory tree; n ≤ 32: one thread, left to right). So each
 //! equals the op-by-op path on its own device bit for bit (on the GPU: to be confirmed on a card).
 //!
-//! Off by default; [`enabled`] reads the switch `LOGIT_LENS_FUSED` once:
-//! `all`, or a comma list of `softmax,layernorm,rmsnorm,rope,act`; empty, `0` or `none`: off.
-//! `LOGIT_LENS_FUSED_SOFTMAX=1` (the older switch) still turns on `softmax`.
+//! On by default (measured on an H100, bench/README.md: the Qwen2-VL-2B forward's block groups 114 →
+//! 40 ms, within 1–2 ulp of the op-by-op path where they differ at all, and as close to transformers
+//! in f32 as transformers' own half path); [`enabled`] reads the switch `LOGIT_LENS_FUSED` once:
+//! unset: `all`; `all`, or a comma list of `softmax,layernorm,rmsnorm,rope,act`; empty, `0` or
+//! `none`: off (the op-by-op path). `LOGIT_LENS_FUSED_SOFTMAX=1` (the older switch) adds `softmax`.
 
 mod act;
 mod norm;
@@ -82,13 +84,16 @@ impl Switch {
         self.0 & (1 << k as u8) != 0
     }
 
-    /// `fused`: `LOGIT_LENS_FUSED`'s value; `softmax_alias`: `LOGIT_LENS_FUSED_SOFTMAX`'s. Returns
-    /// the switch and the names it did not know (ignored). Names are case-insensitive; blanks
-    /// around them and empty list items are ignored.
+    /// `fused`: `LOGIT_LENS_FUSED`'s value (unset: every kernel); `softmax_alias`:
+    /// `LOGIT_LENS_FUSED_SOFTMAX`'s. Returns the switch and the names it did not know (ignored).
+    /// Names are case-insensitive; blanks around them and empty list items are ignored.
     pub fn parse(fused: Option<&str>, softmax_alias: Option<&str>) -> (Self, Vec<String>) {
+        let Some(fused) = fused else {
+            return (Switch::all(), Vec::new());
+        };
         let mut on = Switch(0);
         let mut unknown = Vec::new();
-        for item in fused.unwrap_or("").split(',') {
+        for item in fused.split(',') {
             let item = item.trim().to_ascii_lowercase();
             match item.as_str() {
                 "" | "0" | "none" => {}
@@ -206,7 +211,10 @@ mod tests {
     #[test]
     fn the_switch_names_kernels_or_all() {
         let p = |f: Option<&str>, s: Option<&str>| Switch::parse(f, s);
-        for off in [None, Some(""), Some("0"), Some("none"), Some(" , ")] {
+        // Unset: every kernel (the default on a GPU); set to nothing, 0 or none: off.
+        assert_eq!(p(None, None), (Switch::all(), vec![]));
+        assert_eq!(p(None, Some("0")), (Switch::all(), vec![]));
+        for off in [Some(""), Some("0"), Some("none"), Some(" , ")] {
             assert_eq!(p(off, None), (Switch(0), vec![]), "{off:?}");
         }
         let (all, unknown) = p(Some("all"), None);
@@ -226,9 +234,12 @@ mod tests {
             assert_eq!(p(Some(k.name()), None), (Switch(0).with(k), vec![]));
         }
         // The older switch still turns the softmax on, alone or with others.
-        assert_eq!(p(None, Some("1")).0, Switch(0).with(Kernel::Softmax));
-        assert_eq!(p(None, Some("0")).0, Switch(0));
-        assert_eq!(p(None, Some("")).0, Switch(0));
+        assert_eq!(
+            p(Some("none"), Some("1")).0,
+            Switch(0).with(Kernel::Softmax)
+        );
+        assert_eq!(p(Some("none"), Some("0")).0, Switch(0));
+        assert_eq!(p(Some("none"), Some("")).0, Switch(0));
         assert_eq!(
             p(Some("act"), Some("1")).0,
             Switch(0).with(Kernel::Act).with(Kernel::Softmax)
@@ -339,12 +350,22 @@ mod gpu_tests {
         };
         assert!(
             Kernel::ALL.iter().all(|&k| !enabled(k)),
-            "run without LOGIT_LENS_FUSED: the op-by-op reference would be fused too"
+            "run with LOGIT_LENS_FUSED=none: the op-by-op reference would be fused too"
         );
         let cpu = Device::Cpu;
         let mut failures = Vec::new();
-        // name, GPU fused, GPU op by op, CPU twin, ulps allowed against the GPU op by op
-        let mut check = |name: String, fused: Tensor, op: Tensor, twin: Tensor, allowed: i32| {
+        // name, GPU fused, GPU op by op, CPU twin, ulps allowed against the GPU op by op and
+        // against the CPU twin (None: not compared). Measured on an H100 (h100-run4): the norms
+        // differ from candle's GPU reductions by up to 2 ulp on under 0.01 % of outputs (the order
+        // of f32 sums); the op-by-op f32 rotary is candle's kernel, whose multiply-adds nvcc fuses
+        // (torch and the twin round each product), so there the twin is the reference; GELU's erf
+        // differs between candle's CPU and CUDA builds, so its twin is not compared on the card.
+        let mut check = |name: String,
+                         fused: Tensor,
+                         op: Tensor,
+                         twin: Tensor,
+                         allowed: i32,
+                         allowed_twin: Option<i32>| {
             let (n_op, u_op) = compare(&fused, &op);
             let (n_twin, u_twin) = compare(&fused, &twin);
             let total = fused.elem_count();
@@ -354,6 +375,11 @@ mod gpu_tests {
             );
             if u_op > allowed {
                 failures.push(format!("{name}: {n_op} differ, max {u_op} ulp"));
+            }
+            if allowed_twin.is_some_and(|a| u_twin > a) {
+                failures.push(format!(
+                    "{name}: {n_twin} differ from the twin, max {u_twin} ulp"
+                ));
             }
         };
         let on = |t: &Tensor, d: &Device| t.to_device(d).unwrap();
@@ -380,7 +406,8 @@ mod gpu_tests {
                     fused,
                     op,
                     twin,
-                    0,
+                    2,
+                    None,
                 );
             }
             // RMSNorm: decoder widths.
@@ -398,7 +425,8 @@ mod gpu_tests {
                     fused,
                     op,
                     twin,
-                    0,
+                    2,
+                    None,
                 );
             }
             // Activations and act·mul.
@@ -412,12 +440,19 @@ mod gpu_tests {
                 let fused = activation(&x, act).unwrap();
                 let op = act.forward(&x).unwrap();
                 let twin = activation(&on(&x, &cpu), act).unwrap();
-                check(format!("act {act:?} {dtype:?}"), fused, op, twin, 0);
+                check(format!("act {act:?} {dtype:?}"), fused, op, twin, 0, None);
                 let up = rand(&[1000, 5120], 0.0, 1.0, dtype, &gpu);
                 let fused = activation_mul(&x, &up, act).unwrap();
                 let op = (act.forward(&x).unwrap() * &up).unwrap();
                 let twin = activation_mul(&on(&x, &cpu), &on(&up, &cpu), act).unwrap();
-                check(format!("act·mul {act:?} {dtype:?}"), fused, op, twin, 0);
+                check(
+                    format!("act·mul {act:?} {dtype:?}"),
+                    fused,
+                    op,
+                    twin,
+                    0,
+                    None,
+                );
             }
             // Rope with half tables: the decoder's q and k heads, a view of the qkv heads.
             let (b, nh, nkv, s, hd) = (1, 12, 2, 1000, 128);
@@ -433,7 +468,14 @@ mod gpu_tests {
             let fused = rope(&x, &ch, &sh).unwrap();
             let op = layers::rope(&x, &ch, &sh).unwrap();
             let twin = rope(&on(&x, &cpu), &on(&ch, &cpu), &on(&sh, &cpu)).unwrap();
-            check(format!("rope {dtype:?} {:?}", x.dims()), fused, op, twin, 0);
+            check(
+                format!("rope {dtype:?} {:?}", x.dims()),
+                fused,
+                op,
+                twin,
+                0,
+                Some(0),
+            );
             // Rope with f32 tables: Qwen2-VL's vision q, a view of the packed qkv.
             let (n, vh, vd) = (4096, 16, 80);
             let qkv = rand(&[n, 3 * vh * vd], 0.0, 3.0, dtype, &gpu)
@@ -456,7 +498,8 @@ mod gpu_tests {
                 fused,
                 op,
                 twin,
-                1,
+                16,
+                Some(0),
             );
         }
         assert!(failures.is_empty(), "{failures:#?}");

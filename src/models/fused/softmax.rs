@@ -6,9 +6,9 @@
 //! (`attention.cu`, compiled to PTX by build.rs) reads the scores and writes the probabilities
 //! once; on the CPU the same arithmetic in Rust is the reference the tests hold both to.
 //!
-//! Used on the GPU only when `LOGIT_LENS_FUSED` names `softmax` (or is `all`), or with the older
-//! `LOGIT_LENS_FUSED_SOFTMAX=1`, until its speed and parity have been measured on a card
-//! (bench/gpu/run.sh compares both). The other fused kernels are its siblings in `models::fused`.
+//! Used on the GPU unless `LOGIT_LENS_FUSED` leaves `softmax` out (see [`fused::enabled`];
+//! bench/gpu/run.sh compares both on a card). The other fused kernels are its siblings in
+//! `models::fused`.
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
