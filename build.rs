@@ -1,11 +1,12 @@
 //! With the `cuda` feature: compiles the GPU kernels (src/lens/row_reduce.cu,
-//! src/models/fused/attention.cu, src/models/fused/kernels.cu, sharing src/lens/online_max_sum.cuh) to PTX with
+//! src/models/fused/attention.cu, src/models/fused/kernels.cu, src/models/fused/flash.cu, sharing src/lens/online_max_sum.cuh) to PTX with
 //! the CUDA toolkit's nvcc ($NVCC, else nvcc on PATH) for $CUDA_COMPUTE_CAP (default 90).
 
 const KERNELS: &[(&str, &str)] = &[
     ("src/lens/row_reduce.cu", "row_reduce.ptx"),
     ("src/models/fused/attention.cu", "attention.ptx"),
     ("src/models/fused/kernels.cu", "fused.ptx"),
+    ("src/models/fused/flash.cu", "flash.ptx"),
 ];
 
 fn main() {

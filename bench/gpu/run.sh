@@ -6,6 +6,7 @@
 #   and ../shared/baselines/seed_baseline.py in the same call, then one table.
 #
 # Usage (repository root):  bench/gpu/run.sh [--small] [--models qwen2vl,llava15] [--bin PATH]
+#                                             [--fused all,flash] [--quick]
 #   --small  small shapes on whatever device is there (the CPU dry run of this script).
 # Results: $OUT (or bench/results/gpu-<date>) holds results.jsonl, the server logs (serve-<model>.log, and
 # serve-<model>-profile.log: a second server with LOGIT_LENS_PROFILE=2, stage and op-group times of each
@@ -16,10 +17,16 @@
 # the server runs with the fused kernels, the default on a GPU, unless they disagree).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-small=""; models=qwen2vl,llava15; bin=${BIN:-}
+small=""; models=qwen2vl,llava15; bin=${BIN:-}; fused=all; ref=none; quick=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --small) small=--small; shift ;;
+    # --fused LIST: the kernels served and probed as "fused" (LOGIT_LENS_FUSED; default all)
+    --fused) fused=$2; shift 2 ;;
+    # --quick: a short check of a new kernel: no seed baseline, no per-group profiles, no profiled
+    # server; the "none" probe runs with LOGIT_LENS_FUSED=all (the path served before), LLaVA's
+    # parity without the f32 floor
+    --quick) quick=1; ref=all; shift ;;
     --models) models=$2; shift 2 ;;
     --bin) bin=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -39,11 +46,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 "$bin" probe --model tests/fixtures/qwen2vl-hub --prompt "smoke test" --top-k 1 --layers -1 > "$out/smoke.json" \
   || { log "the binary cannot run the demo model here"; exit 1; }
 
-log "seed baseline (the notebook's pipeline and torch variants, same card)"
-seed_script=${SEED_BASELINE:-../shared/baselines/seed_baseline.py}
-[[ -f $seed_script ]] || seed_script=.gpu/seed_baseline.py  # carried next to the binary
-$py "$seed_script" --iters 5 ${small:+--tiny} --models "$models" --out "$out/seed.json" \
-  > "$out/seed.log" 2>&1 || log "seed baseline failed"
+if [[ -z $quick ]]; then
+  log "seed baseline (the notebook's pipeline and torch variants, same card)"
+  seed_script=${SEED_BASELINE:-../shared/baselines/seed_baseline.py}
+  [[ -f $seed_script ]] || seed_script=.gpu/seed_baseline.py  # carried next to the binary
+  $py "$seed_script" --iters 5 ${small:+--tiny} --models "$models" --out "$out/seed.json" \
+    > "$out/seed.log" 2>&1 || log "seed baseline failed"
+fi
 
 peak_mem() {  # samples used GPU memory (MiB) until the flag file disappears
   local peak=0 m
@@ -73,15 +82,17 @@ for family in ${models//,/ }; do
       --positions all --repeat "$3" > "$out/probe-$family-$4.json" 2> "$out/profile-$family-$4.txt" \
       || log "probe $4 failed"
   }
-  probe none 1 3 none
-  probe all 1 3 fused
-  probe none 2 2 none-ops
-  probe all 2 2 fused-ops
+  probe "$ref" 1 3 none
+  probe "$fused" 1 3 fused
+  if [[ -z $quick ]]; then
+    probe "$ref" 2 2 none-ops
+    probe "$fused" 2 2 fused-ops
+  fi
   # The fused kernels are the default on a GPU; the server runs op by op only if they disagree.
-  fused_env=all
+  fused_env=$fused
   if ! $py bench/gpu/compare_fused.py "$out/probe-$family-none.json" "$out/probe-$family-fused.json" \
        "$out/profile-$family-none.txt" "$out/profile-$family-fused.txt" | tee "$out/fused-$family.txt"; then
-    fused_env=none
+    fused_env=$ref
   fi
   echo "{\"fused\": \"$family\", \"serve_with\": \"$fused_env\"}" >> "$res"
   serve() {  # serve <log name> [env assignments]: starts the server, waits for /ready; sets pid
@@ -114,10 +125,12 @@ for family in ${models//,/ }; do
   # --floor: transformers in f32 too, for the noise floor of two half-precision runs and our half path
   # against the exact answer (PARITY_FLOOR: the families that get it, default both; LLaVA-1.5-7B in f32
   # is 27 GB, next to the server's 13, and about a minute more).
-  floor=""; [[ ",${PARITY_FLOOR:-qwen2vl,llava15}," == *",$family,"* ]] && floor=--floor
+  floors=${PARITY_FLOOR:-qwen2vl,llava15}; [[ -n $quick ]] && floors=${PARITY_FLOOR:-qwen2vl}
+  floor=""; [[ ",$floors," == *",$family,"* ]] && floor=--floor
   $py bench/gpu/parity.py --url "http://127.0.0.1:$port" --model "$family" --checkpoint "$dir" \
     --image bench/images/coco_640x480.png $floor >> "$res" || log "parity failed"
   kill $pid; wait $pid 2>/dev/null
+  if [[ -n $quick ]]; then rm -rf "$dir"; continue; fi
   # Where a served batch's time goes: the server again with LOGIT_LENS_PROFILE=2 (stage and
   # per-group device times, with synchronisations, so not the timed run above), alone and at 8.
   log "serve $family, profiled"

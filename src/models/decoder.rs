@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::layers::{
-    attention, causal_mask, embed, inv_freq, rope, Activation, Linear, RmsNorm,
+    causal_attention, causal_mask, embed, inv_freq, rope, Activation, Linear, RmsNorm,
 };
 use crate::models::profile;
 use crate::models::snapshot::{field, Prefixed};
@@ -281,7 +281,7 @@ impl Decoder {
             let (q, k) = (qk.narrow(1, 0, nh)?, qk.narrow(1, nh, nkv)?);
             let v = qkv.narrow(1, nh + nkv, nkv)?;
             let a = profile::op("decoder attention", &device, || {
-                Ok(attention(&q, &k, &v, Some(&mask), scale)?
+                Ok(causal_attention(&q, &k, &v, &mask, scale)?
                     .transpose(1, 2)?
                     .reshape((b, s, nh * hd))?)
             })?;

@@ -275,6 +275,11 @@ pub fn attention_within(
             )));
         }
     }
+    if mask.is_none() {
+        if let Some(out) = flash(q, k, v, false, scale)? {
+            return Ok(out);
+        }
+    }
     // Grouped-query attention without copying k and v per query head: the `rep` query heads of a
     // group are consecutive, so `[b, hq, s, d]` is `[b·hkv, rep·s, d]` as it lies in memory, and
     // each group's queries meet its keys in one GEMM. Every score is the same dot product.
@@ -324,6 +329,47 @@ pub fn attention_within(
     op("  attention: slices joined", &mut || {
         Ok(Tensor::cat(&outs, 0)?.reshape((b, hq, s, d))?)
     })
+}
+
+/// [`attention`] with `mask` the causal mask ([`causal_mask`]): flash attention takes it as a flag.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    if let Some(out) = flash(q, k, v, true, scale)? {
+        return Ok(out);
+    }
+    attention(q, k, v, Some(mask), scale)
+}
+
+/// Flash attention ([`fused::flash`]) where the switch names it and it applies (a GPU, half
+/// precision, a head dim it takes, the head dimension contiguous): `[b, hq, s, d]`, a transposed
+/// view of its `[b, s, hq, d]` output (so `.transpose(1, 2)` and a reshape give the rows the
+/// output projection reads without a copy). None where it does not apply.
+fn flash(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<Option<Tensor>> {
+    let (b, hq, s, d) = q.dims4()?;
+    if !fused::applies(q, Kernel::Flash) || !fused::flash::fits(d, q.dtype()) {
+        return Ok(None);
+    }
+    let view = |t| fused::flash::View::of(t);
+    let (Some(qv), Some(kv), Some(vv)) = (view(q), view(k), view(v)) else {
+        return Ok(None);
+    };
+    let dims = fused::flash::Dims {
+        batch: b,
+        heads: hq,
+        kv_heads: k.dim(1)?,
+        queries: s,
+        keys: k.dim(2)?,
+        head_dim: d,
+    };
+    let out = profile::op("  attention: flash", q.device(), || {
+        fused::flash::flash_attention((q, qv), (k, kv), (v, vv), dims, causal, scale)
+    })?;
+    Ok(Some(out.transpose(1, 2)?))
 }
 
 /// `softmax(scores · scale + mask)` op by op, as transformers' eager attention: the scale as torch

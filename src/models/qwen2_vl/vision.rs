@@ -6,6 +6,7 @@ use candle_core::Tensor;
 
 use super::config::VisionConfig;
 use crate::error::Result;
+use crate::models::fused::{self, Kernel};
 use crate::models::layers::{attention, inv_freq, rope_in_f32, Activation, LayerNorm, Linear};
 use crate::models::profile;
 use crate::models::snapshot::Prefixed;
@@ -197,12 +198,56 @@ fn segmented_attention(
     segments: &[usize],
     scale: f64,
 ) -> Result<Tensor> {
+    let flash = fused::applies(q, Kernel::Flash) && fused::flash::fits(q.dim(3)?, q.dtype());
+    segmented_attention_with(q, k, v, segments, scale, flash)
+}
+
+/// [`segmented_attention`], with flash attention or op by op (`flash`; the tests run its CPU twin).
+fn segmented_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[usize],
+    scale: f64,
+    flash: bool,
+) -> Result<Tensor> {
     let (_, heads, n, hd) = q.dims4()?;
+    // Flash attention reads each run of equal segments in place (an offset and a batch stride).
     let mut outs = Vec::new();
     let (mut at, mut i) = (0, 0);
     while i < segments.len() {
         let len = segments[i];
         let r = segments[i..].iter().take_while(|&&l| l == len).count();
+        let views = [q, k, v].map(fused::flash::View::of);
+        if let (true, [Some(qv), Some(kv), Some(vv)]) = (flash, views) {
+            let run = |w: fused::flash::View| fused::flash::View {
+                offset: at * w.token,
+                batch: len * w.token,
+                ..w
+            };
+            let dims = fused::flash::Dims {
+                batch: r,
+                heads,
+                kv_heads: heads,
+                queries: len,
+                keys: len,
+                head_dim: hd,
+            };
+            let a = profile::op("  attention: flash", q.device(), || {
+                fused::flash::flash_attention(
+                    (q, run(qv)),
+                    (k, run(kv)),
+                    (v, run(vv)),
+                    dims,
+                    false,
+                    scale,
+                )
+            })?; // [r, len, heads, hd]
+            outs.push(a.reshape((r * len, heads * hd))?);
+            at += r * len;
+            i += r;
+            continue;
+        }
         // [1, heads, r·len, hd] → [r, heads, len, hd]
         let part = |t: &Tensor| -> Result<Tensor> {
             let t = t.narrow(2, at, r * len)?;
@@ -276,5 +321,50 @@ mod tests {
         assert!(diff < 1e-6, "{diff}");
         // Segments that do not cover the sequence are refused.
         assert!(segmented_attention(&q, &k, &v, &[12, 12], 0.25).is_err());
+    }
+
+    /// Flash attention's path (its CPU twin here): each run of equal segments read in place
+    /// through an offset and a batch stride, from q and k rotated together and v a view of the
+    /// packed q/k/v heads, as the tower passes them; the same answer as op by op.
+    #[test]
+    fn segments_through_flash_attention_equal_op_by_op() {
+        let dev = Device::Cpu;
+        let segments = [12, 12, 7, 12, 12, 12, 5];
+        let n: usize = segments.iter().sum();
+        let (heads, hd) = (2, 64);
+        let dtype = candle_core::DType::BF16;
+        let packed = Tensor::randn(0f32, 1.0, (n, 3, heads, hd), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .permute((1, 2, 0, 3))
+            .unwrap(); // [3, heads, n, hd], strided
+        let qk = packed.narrow(0, 0, 2).unwrap().contiguous().unwrap();
+        let (q, k) = (
+            qk.get(0).unwrap().unsqueeze(0).unwrap(),
+            qk.get(1).unwrap().unsqueeze(0).unwrap(),
+        );
+        let v = packed.get(2).unwrap().unsqueeze(0).unwrap();
+        let want = segmented_attention_with(&q, &k, &v, &segments, 0.125, false).unwrap();
+        let got = segmented_attention_with(&q, &k, &v, &segments, 0.125, true).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let f = |t: &Tensor| {
+            t.to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (g, w) = (f(&got), f(&want));
+        let differ = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+        let max = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // The same roundings; only the order of f32 sums differs.
+        assert!(differ * 20 <= g.len(), "{differ}/{} differ", g.len());
+        assert!(max < 0.02, "{max}");
     }
 }
