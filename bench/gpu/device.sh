@@ -20,7 +20,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 if [[ -f .gpu-carry/lib-tests.gz ]]; then
   # Every fused kernel against the op-by-op path on this card (the ulps allowed: see the test).
   gunzip -c .gpu-carry/lib-tests.gz > .gpu/lib-tests && chmod +x .gpu/lib-tests
-  LOGIT_LENS_FUSED=none timeout 120 .gpu/lib-tests gpu_tests --nocapture > "$out/gpu-tests.txt" 2>&1 \
+  # One test at a time: the tests print timings, which tests sharing the card would blur.
+  LOGIT_LENS_FUSED=none timeout 150 .gpu/lib-tests gpu_tests --nocapture --test-threads=1 > "$out/gpu-tests.txt" 2>&1 \
     || echo "gpu_tests failed (see gpu-tests.txt)" >&2
   tail -3 "$out/gpu-tests.txt" >&2
 fi

@@ -344,14 +344,41 @@ mod gpu_tests {
             .collect()
     }
 
-    /// (elements that differ, largest difference in ulps).
-    fn compare(a: &Tensor, b: &Tensor) -> (usize, i32) {
+    /// (elements that differ, largest difference in ulps of the values, largest difference in
+    /// ulps at the scale of the data: of `max(|b|, 1)`). Near zero a value's own ulp is tiny, so a
+    /// difference of a few ulps of 1 after a cancellation (LayerNorm of large means, rotary
+    /// x·cos − y·sin) reads as dozens of its own ulps; the second measure is the one to bound.
+    fn compare(a: &Tensor, b: &Tensor) -> (usize, i32, i32) {
         assert_eq!(a.dims(), b.dims());
+        let eps = match a.dtype() {
+            DType::BF16 => f32::powi(2.0, -7),
+            _ => f32::powi(2.0, -10),
+        };
+        let f32s = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let scaled = f32s(a)
+            .iter()
+            .zip(f32s(b))
+            .map(|(x, y)| {
+                let unit = eps * f32::powi(2.0, y.abs().max(1.0).log2().floor() as i32);
+                ((x - y).abs() / unit).ceil() as i32
+            })
+            .max()
+            .unwrap_or(0);
         let (a, b) = (ordered(a), ordered(b));
         let d: Vec<i32> = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).collect();
         (
             d.iter().filter(|&&v| v != 0).count(),
             d.into_iter().max().unwrap_or(0),
+            scaled,
         )
     }
 
@@ -376,30 +403,31 @@ mod gpu_tests {
         let cpu = Device::Cpu;
         let mut failures = Vec::new();
         // name, GPU fused, GPU op by op, CPU twin, ulps allowed against the GPU op by op and
-        // against the CPU twin (None: not compared). Measured on an H100 (h100-run4): the norms
-        // differ from candle's GPU reductions by up to 2 ulp on under 0.01 % of outputs (the order
-        // of f32 sums); the op-by-op f32 rotary is candle's kernel, whose multiply-adds nvcc fuses
-        // (torch and the twin round each product), so there the twin is the reference; GELU's erf
-        // differs between candle's CPU and CUDA builds, so its twin is not compared on the card.
+        // against the CPU twin (None: not compared), in ulps at the data's scale (`compare`).
+        // Measured on an H100 (h100-run4 to 6): the norms differ from candle's GPU reductions on
+        // under 0.01 % of outputs (the order of f32 sums; up to 8 ulps of the value itself where
+        // it is near zero); the op-by-op f32 rotary is candle's kernel, whose multiply-adds nvcc
+        // fuses (torch and the twin round each product), so there the twin is the reference;
+        // GELU's erf differs between candle's CPU and CUDA builds: its twin is not compared.
         let mut check = |name: String,
                          fused: Tensor,
                          op: Tensor,
                          twin: Tensor,
                          allowed: i32,
                          allowed_twin: Option<i32>| {
-            let (n_op, u_op) = compare(&fused, &op);
-            let (n_twin, u_twin) = compare(&fused, &twin);
+            let (n_op, u_op, s_op) = compare(&fused, &op);
+            let (n_twin, u_twin, s_twin) = compare(&fused, &twin);
             let total = fused.elem_count();
             eprintln!(
-                "{name:44} vs op-by-op: {n_op:>8}/{total} differ (max {u_op} ulp); \
-                 vs CPU twin: {n_twin:>8} differ (max {u_twin} ulp)"
+                "{name:44} vs op-by-op: {n_op:>8}/{total} differ (max {u_op} ulp, {s_op} at scale); \
+                 vs CPU twin: {n_twin:>8} differ (max {u_twin} ulp, {s_twin} at scale)"
             );
-            if u_op > allowed {
-                failures.push(format!("{name}: {n_op} differ, max {u_op} ulp"));
+            if s_op > allowed {
+                failures.push(format!("{name}: {n_op} differ, max {s_op} ulp at scale"));
             }
-            if allowed_twin.is_some_and(|a| u_twin > a) {
+            if allowed_twin.is_some_and(|a| s_twin > a) {
                 failures.push(format!(
-                    "{name}: {n_twin} differ from the twin, max {u_twin} ulp"
+                    "{name}: {n_twin} differ from the twin, max {s_twin} ulp at scale"
                 ));
             }
         };
@@ -519,7 +547,7 @@ mod gpu_tests {
                 fused,
                 op,
                 twin,
-                16,
+                2,
                 Some(0),
             );
         }
