@@ -18,8 +18,9 @@
 //! 40 ms, within 1–2 ulp of the op-by-op path where they differ at all, and as close to transformers
 //! in f32 as transformers' own half path); [`enabled`] reads the switch `LOGIT_LENS_FUSED` once:
 //! unset: `all`; `all` (the measured kernels), or a comma list of
-//! `softmax,layernorm,rmsnorm,rope,act,flash` (`all,flash` adds flash attention, not yet measured on
-//! a card); empty, `0` or `none`: off (the op-by-op path). `LOGIT_LENS_FUSED_SOFTMAX=1` (the older
+//! `softmax,layernorm,rmsnorm,rope,act,flash,warp-softmax` (`all,flash` adds flash attention,
+//! `all,warp-softmax` the softmax kernel with a warp per row; neither measured faster on a card
+//! yet); empty, `0` or `none`: off (the op-by-op path). `LOGIT_LENS_FUSED_SOFTMAX=1` (the older
 //! switch) adds `softmax`.
 
 mod act;
@@ -49,17 +50,21 @@ pub enum Kernel {
     Act,
     /// attention without materialising the scores (flash.rs); not in `all` until measured
     Flash,
+    /// the softmax kernel with one warp per row instead of one block (attention.cu); not in `all`
+    /// until measured
+    WarpSoftmax,
 }
 
 impl Kernel {
     /// Every kernel the switch can name.
-    pub const ALL: [Kernel; 6] = [
+    pub const ALL: [Kernel; 7] = [
         Kernel::Softmax,
         Kernel::LayerNorm,
         Kernel::RmsNorm,
         Kernel::Rope,
         Kernel::Act,
         Kernel::Flash,
+        Kernel::WarpSoftmax,
     ];
 
     /// `all`, the default: the kernels measured on a card (bench/README.md).
@@ -80,6 +85,7 @@ impl Kernel {
             Kernel::Rope => "rope",
             Kernel::Act => "act",
             Kernel::Flash => "flash",
+            Kernel::WarpSoftmax => "warp-softmax",
         }
     }
 }
@@ -238,9 +244,10 @@ mod tests {
         let (all, unknown) = p(Some("all"), None);
         assert!(unknown.is_empty());
         assert!(Kernel::MEASURED.iter().all(|&k| all.has(k)));
-        // Flash attention only by name, until measured.
-        assert!(!all.has(Kernel::Flash));
+        // Flash attention and the warp softmax only by name, until measured.
+        assert!(!all.has(Kernel::Flash) && !all.has(Kernel::WarpSoftmax));
         assert!(p(Some("all, flash"), None).0.has(Kernel::Flash));
+        assert!(p(Some("all,warp-softmax"), None).0.has(Kernel::WarpSoftmax));
         let (s, unknown) = p(Some(" LayerNorm, rope,,bogus "), None);
         assert_eq!(unknown, vec!["bogus".to_string()]);
         for k in Kernel::ALL {

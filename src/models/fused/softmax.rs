@@ -41,12 +41,41 @@ pub fn scaled_masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64)
     }
     let op = ScaledMaskedSoftmax {
         scale: scale as f32,
+        warp: fused::enabled(Kernel::WarpSoftmax),
+    };
+    Ok(x.apply_op2_no_bwd(&mask, &op)?.reshape(dims)?)
+}
+
+/// [`scaled_masked_softmax`] with the GPU kernel chosen: one block per row, or (`warp`) one warp
+/// per row. The CPU twin is the same for both.
+#[cfg(all(test, feature = "cuda"))]
+pub(crate) fn scaled_masked_softmax_with(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    warp: bool,
+) -> Result<Tensor> {
+    let dims = scores.dims().to_vec();
+    let cols = *dims.last().unwrap_or(&0);
+    let x = scores
+        .contiguous()?
+        .reshape((scores.elem_count() / cols.max(1), cols))?;
+    let mask = match mask {
+        Some(m) => m.to_dtype(DType::F32)?.contiguous()?,
+        None => Tensor::zeros((1, cols), DType::F32, scores.device())?,
+    };
+    let op = ScaledMaskedSoftmax {
+        scale: scale as f32,
+        warp,
     };
     Ok(x.apply_op2_no_bwd(&mask, &op)?.reshape(dims)?)
 }
 
 struct ScaledMaskedSoftmax {
     scale: f32,
+    /// The one-warp-per-row kernel (`warp-softmax`) on a GPU.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    warp: bool,
 }
 
 /// The reference arithmetic, row by row: the kernel does the same per CUDA block.
@@ -146,35 +175,56 @@ impl candle_core::CustomOp2 for ScaledMaskedSoftmax {
             .ok_or_else(|| candle_core::Error::Msg("fused softmax: non-contiguous mask".into()))?;
         let dev = s1.device();
         let mask = s2.as_cuda_slice::<f32>()?.slice(mstart..);
+        // One block per row, or (warp-softmax) one warp per row, 8 rows a block.
+        let warp = self.warp;
+        const WARPS: usize = 8;
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (if warp { rows.div_ceil(WARPS) } else { rows } as u32, 1, 1),
+            block_dim: (if warp { 32 * WARPS as u32 } else { 256 }, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (mask_rows, cols_i) = (mask_rows as i64, cols as i64);
+        let (mask_rows, rows_i, cols_i) = (mask_rows as i64, rows as i64, cols as i64);
         let scale = self.scale;
         macro_rules! launch {
-            ($ty:ty, $name:literal) => {{
-                let func = dev.get_or_load_custom_func($name, "logit_lens_attention", PTX)?;
+            ($ty:ty, $name:literal, $warp_name:literal) => {{
+                let name = if warp { $warp_name } else { $name };
+                let func = dev.get_or_load_custom_func(name, "logit_lens_attention", PTX)?;
                 let src = s1.as_cuda_slice::<$ty>()?.slice(start..);
                 let out = dev.alloc_zeros::<$ty>(rows * cols)?;
-                let mut b = func.builder();
-                b.arg(&src);
-                b.arg(&mask);
-                b.arg(&mask_rows);
-                b.arg(&out);
-                b.arg(&cols_i);
-                b.arg(&scale);
-                // SAFETY: the kernel reads rows·cols scores and mask_rows·cols mask values, and
-                // writes rows·cols outputs.
-                unsafe { b.launch(cfg) }.w()?;
+                if rows > 0 {
+                    let mut b = func.builder();
+                    b.arg(&src);
+                    b.arg(&mask);
+                    b.arg(&mask_rows);
+                    b.arg(&out);
+                    if warp {
+                        b.arg(&rows_i);
+                    }
+                    b.arg(&cols_i);
+                    b.arg(&scale);
+                    // SAFETY: the kernel reads rows·cols scores and mask_rows·cols mask values,
+                    // and writes rows·cols outputs.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
         let out = match s1.dtype() {
-            DType::F32 => launch!(f32, "scaled_masked_softmax_f32"),
-            DType::BF16 => launch!(half::bf16, "scaled_masked_softmax_bf16"),
-            DType::F16 => launch!(half::f16, "scaled_masked_softmax_f16"),
+            DType::F32 => launch!(
+                f32,
+                "scaled_masked_softmax_f32",
+                "scaled_masked_softmax_warp_f32"
+            ),
+            DType::BF16 => launch!(
+                half::bf16,
+                "scaled_masked_softmax_bf16",
+                "scaled_masked_softmax_warp_bf16"
+            ),
+            DType::F16 => launch!(
+                half::f16,
+                "scaled_masked_softmax_f16",
+                "scaled_masked_softmax_warp_f16"
+            ),
             d => candle_core::bail!("fused softmax: unsupported dtype {d:?}"),
         };
         Ok((out, l1.shape().clone()))
@@ -232,5 +282,86 @@ mod tests {
         let scores = Tensor::zeros((2, 5, 4), DType::F32, &dev).unwrap();
         let mask = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
         assert!(scaled_masked_softmax(&scores, Some(&mask), 1.0).is_err());
+    }
+}
+
+/// On a card (bench/gpu/device.sh): both softmax kernels against the op-by-op softmax at the
+/// models' attention shapes, and what each costs.
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use super::*;
+    use crate::models::layers::{attention_softmax, causal_mask};
+    use crate::models::profile::on_a_card::{gpu, per_call};
+
+    #[test]
+    fn softmax_kernels_equal_op_by_op_on_the_gpu() {
+        let Some(gpu) = gpu() else { return };
+        let mut failures = Vec::new();
+        // name, heads (rows of scores per query), queries = keys, causal
+        let cases = [
+            ("qwen2-vl vision 640x480", 16, 1196, false),
+            ("clip vit-l/14-336", 16, 577, false),
+            ("llava decoder", 32, 595, true),
+            ("qwen2-vl decoder", 12, 418, true),
+            ("ragged", 3, 7, true),
+        ];
+        for dtype in [DType::BF16, DType::F16] {
+            let eps = if dtype == DType::BF16 {
+                2f32.powi(-8)
+            } else {
+                2f32.powi(-11)
+            };
+            for (name, h, s, causal) in cases {
+                let scores = Tensor::randn(0f32, 3.0, (1, h, s, s), &gpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let mask = causal.then(|| causal_mask(s, dtype, &gpu).unwrap());
+                let scale = 0.125;
+                let op = || attention_softmax(&scores, mask.as_ref(), scale).unwrap();
+                let block =
+                    || scaled_masked_softmax_with(&scores, mask.as_ref(), scale, false).unwrap();
+                let warp =
+                    || scaled_masked_softmax_with(&scores, mask.as_ref(), scale, true).unwrap();
+                let want = op().to_dtype(DType::F32).unwrap();
+                let mut line = format!("softmax {dtype:?} {name:24}");
+                for (kernel, got) in [("block", block()), ("warp", warp())] {
+                    let got = got.to_dtype(DType::F32).unwrap();
+                    let differ = got
+                        .ne(&want)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap() as usize;
+                    let max = (&got - &want)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    line += &format!(
+                        " {kernel}: {differ}/{} differ, max {max:.1e};",
+                        want.elem_count()
+                    );
+                    // Probabilities are at most 1: half an ulp of 1 is the rounding of one sum order.
+                    if differ * 100 > want.elem_count() || max > 2.0 * eps {
+                        failures.push(format!(
+                            "{dtype:?} {name} {kernel}: {differ} differ, max {max}"
+                        ));
+                    }
+                }
+                let t = |f: &dyn Fn() -> Tensor| per_call(&gpu, 50, f).1;
+                let (t_op, t_block, t_warp) = (t(&op), t(&block), t(&warp));
+                eprintln!(
+                    "{line} µs per call: op by op {t_op:.0}, block {t_block:.0}, warp {t_warp:.0}"
+                );
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
     }
 }
