@@ -2,6 +2,7 @@
 # The one command to give the lent GPU machine (`run` tool, carry [".gpu-carry"]), prepared here with
 #   bench/gpu/build-carry.sh     # .gpu-carry/: the CUDA binary and unit tests (gzipped), seed_baseline.py
 # then, on the device:  bench/gpu/device.sh [run.sh arguments]
+#                  or:  bench/gpu/device.sh --variants all all,warp-softmax ...   (variants.sh)
 # It unpacks the binaries, points them at the machine's CUDA 13 libraries (torch's wheels), runs the
 # fused kernels' GPU test (gpu-tests.txt) and bench/gpu/run.sh, results under $OUT (what `run` brings back).
 set -euo pipefail
@@ -29,8 +30,15 @@ fi
 # script started),
 # and whatever it measured by then still makes the table.
 left=$(( ${RUN_TIMEOUT_S:-540} - SECONDS )); (( left > 0 )) || left=1  # timeout 0 would mean none
-OUT=$out PYTHON=${PYTHON:-python3} timeout --kill-after=5 "$left" bench/gpu/run.sh --bin .gpu/logit-lens "$@" \
-  || echo "run.sh stopped (exit $?); the table from what it measured:" >&2
+if [[ ${1:-} == --variants ]]; then
+  # bench/gpu/device.sh --variants V1 V2 ...: which fused kernels to serve with (variants.sh).
+  shift
+  OUT=$out PYTHON=${PYTHON:-python3} timeout --kill-after=5 "$left" bench/gpu/variants.sh \
+    --bin .gpu/logit-lens "$@" || echo "variants.sh stopped (exit $?)" >&2
+else
+  OUT=$out PYTHON=${PYTHON:-python3} timeout --kill-after=5 "$left" bench/gpu/run.sh --bin .gpu/logit-lens "$@" \
+    || echo "run.sh stopped (exit $?); the table from what it measured:" >&2
+fi
 if [[ ! -s $out/table.txt && -s $out/results.jsonl ]]; then
   pkill -f "logit-lens[^ ]* serve" || true  # a server run.sh had started
   ${PYTHON:-python3} bench/gpu/table.py "$out/results.jsonl" "$out/seed.json" | tee "$out/table.txt"
@@ -38,5 +46,5 @@ fi
 final=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$final"
 tar -czf "$final/results.tgz" -C "$(dirname "$work")" "$(basename "$work")"
-cp "$work"/table.txt "$work"/gpu-tests.txt "$work"/fused-*.txt "$final"/ 2>/dev/null || true
+cp "$work"/table.txt "$work"/variants.txt "$work"/gpu-tests.txt "$work"/fused-*.txt "$final"/ 2>/dev/null || true
 ls -la "$final"
