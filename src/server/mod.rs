@@ -221,6 +221,12 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     let warm_up = args.warm_up;
     let loader: Loader = Box::new(move || {
         let device = crate::models::parse_device(&device_spec)?;
+        if device.is_cuda() {
+            eprintln!(
+                "fused half-precision kernels (LOGIT_LENS_FUSED): {}",
+                crate::models::fused::describe()
+            );
+        }
         specs
             .iter()
             .map(|s| {

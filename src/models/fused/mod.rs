@@ -158,6 +158,20 @@ pub fn enabled(k: Kernel) -> bool {
     .has(k)
 }
 
+/// The kernels the switch turns on, for a log line: `softmax, layernorm, …` or `none (op by op)`.
+pub fn describe() -> String {
+    let on: Vec<_> = Kernel::ALL
+        .into_iter()
+        .filter(|&k| enabled(k))
+        .map(Kernel::name)
+        .collect();
+    if on.is_empty() {
+        "none (op by op)".into()
+    } else {
+        on.join(", ")
+    }
+}
+
 /// Whether a half-precision op on `x` goes to fused kernel `k`: `x` on a GPU, bf16 or f16, and the
 /// switch names `k`. (The CPU and f32 paths never change.)
 pub fn applies(x: &Tensor, k: Kernel) -> bool {
