@@ -62,7 +62,6 @@ pub fn fits(head_dim: usize, dtype: DType) -> bool {
 
 /// `softmax(q kᵀ · scale + mask) v` with the mask causal or none; returns `[batch, queries,
 /// heads, head_dim]`.
-#[allow(clippy::too_many_arguments)]
 pub fn flash_attention(
     q: (&Tensor, View),
     k: (&Tensor, View),
