@@ -346,28 +346,10 @@ unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Args {}
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{differ_and_max, randn};
     use super::*;
     use crate::models::layers::{attention_within, causal_mask};
     use candle_core::Device;
-
-    fn randn(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
-
-    /// How many outputs differ and the largest difference, in f32.
-    fn diff(a: &Tensor, b: &Tensor) -> (usize, f32) {
-        let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-        let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-        let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(&b)
-            .filter(|(x, y)| x != y)
-            .fold((0, 0f32), |(n, m), (x, y)| (n + 1, m.max((x - y).abs())))
-    }
 
     /// The twin against the op-by-op attention, through strided views of packed q/k/v heads,
     /// with grouped-query heads, causal or not: the same roundings, so all but a few outputs
@@ -381,7 +363,7 @@ mod tests {
                 (3, 2, 1, 9, 80, true),
             ] {
                 // Packed as a QKV projection leaves them: [b, s, hq + 2·hkv, d], viewed per head.
-                let packed = randn(&[b, s, hq + 2 * hkv, d], dtype);
+                let packed = randn(&[b, s, hq + 2 * hkv, d], 0.0, 1.0, dtype);
                 let heads = packed.transpose(1, 2).unwrap(); // [b, heads, s, d], strided
                 let q = heads.narrow(1, 0, hq).unwrap();
                 let k = heads.narrow(1, hq, hkv).unwrap();
@@ -404,7 +386,7 @@ mod tests {
                     .unwrap()
                     .transpose(1, 2)
                     .unwrap();
-                let (n, max) = diff(&got, &want);
+                let (n, max) = differ_and_max(&got, &want);
                 let total = want.elem_count();
                 let top = want.abs().unwrap().max_all().unwrap();
                 let top = top
@@ -432,7 +414,7 @@ mod tests {
         let dtype = DType::BF16;
         let (heads, len, d, at, r) = (2, 11, 64, 5, 3);
         let n = at + r * len + 4;
-        let x = randn(&[1, heads, n, d], dtype);
+        let x = randn(&[1, heads, n, d], 0.0, 1.0, dtype);
         let (q, k, v) = (x.clone(), (&x * 0.5).unwrap(), (&x * -1.0).unwrap());
         let st = x.stride()[2];
         let seg = |t| View {
@@ -479,14 +461,14 @@ mod tests {
                 0.125,
             )
             .unwrap();
-            let (n, _) = diff(&got.narrow(0, i, 1).unwrap(), &want);
+            let (n, _) = differ_and_max(&got.narrow(0, i, 1).unwrap(), &want);
             assert_eq!(n, 0, "segment {i}");
         }
     }
 
     #[test]
     fn views_past_the_storage_are_refused() {
-        let x = randn(&[1, 2, 8, 64], DType::BF16);
+        let x = randn(&[1, 2, 8, 64], 0.0, 1.0, DType::BF16);
         let dims = Dims {
             batch: 1,
             heads: 2,
@@ -510,6 +492,7 @@ mod tests {
 /// by op): the kernel against op-by-op attention at the models' shapes, and what each costs.
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests {
+    use super::super::test_util::differ_and_max;
     use super::*;
     use crate::models::fused::{self, Kernel};
     use crate::models::layers::{attention_within, causal_mask, ATTENTION_SCORES_BUDGET};
@@ -569,33 +552,15 @@ mod gpu_tests {
                     )
                     .unwrap()
                 };
-                let want = op_by_op().to_dtype(DType::F32).unwrap();
-                let got = flash()
-                    .transpose(1, 2)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap();
-                let differ = got
-                    .ne(&want)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap() as usize;
-                let max = (&got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let want = op_by_op();
+                let got = flash().transpose(1, 2).unwrap();
+                let (differ, max) = differ_and_max(&got, &want);
                 let top = want
                     .abs()
                     .unwrap()
                     .max_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();

@@ -320,49 +320,56 @@ mod test_util {
         };
         v(a).iter().zip(v(b)).filter(|(x, y)| **x != *y).count()
     }
-}
 
-/// On a GPU (`cargo test --release --features cuda --lib fused -- --nocapture`, without
-/// `LOGIT_LENS_FUSED`): every kernel against candle's op-by-op path on the same GPU, and against
-/// its CPU twin. Skipped (passes) where no CUDA device opens.
-///
-/// Expected: bit for bit with the GPU's op-by-op path for the norms (same f32 sum order as
-/// candle's CUDA `fast_sum`), the activations (candle's own CUDA expressions) and the half rope.
-/// `rope_in_f32` is held to ≤ 1 ulp there: candle's CUDA f32 rope writes `x1·c − x2·s`, which
-/// nvcc may contract to a fused multiply-add; the kernel rounds each product, as torch and the CPU
-/// do. Against the CPU twin (printed only): the norms differ by summation order, the
-/// activations by CUDA's exp/erf/tanh against Rust's.
-#[cfg(all(test, feature = "cuda"))]
-mod gpu_tests {
-    use super::*;
-    use crate::models::layers::{self, Activation, LayerNorm, RmsNorm};
-    use candle_core::Device;
-
-    /// Half-precision bits as ordered integers (adjacent values differ by 1).
-    fn ordered(t: &Tensor) -> Vec<i32> {
-        let dtype = t.dtype();
-        let v = t
-            .flatten_all()
+    /// `t`'s values in f32, on the CPU, flattened.
+    pub fn f32s(t: &Tensor) -> Vec<f32> {
+        t.flatten_all()
             .unwrap()
             .to_device(&Device::Cpu)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()
             .to_vec1::<f32>()
-            .unwrap();
-        v.into_iter()
-            .map(|f| {
-                let bits = match dtype {
-                    DType::BF16 => half::bf16::from_f32(f).to_bits(),
-                    _ => half::f16::from_f32(f).to_bits(),
-                } as i32;
-                if bits & 0x8000 != 0 {
-                    -(bits & 0x7fff)
-                } else {
-                    bits
-                }
-            })
-            .collect()
+            .unwrap()
+    }
+
+    /// How many elements differ and the largest difference, in f32 (any device, one shape).
+    pub fn differ_and_max(a: &Tensor, b: &Tensor) -> (usize, f32) {
+        assert_eq!(a.dims(), b.dims());
+        f32s(a)
+            .iter()
+            .zip(f32s(b))
+            .filter(|(x, y)| **x != *y)
+            .fold((0, 0f32), |(n, m), (x, y)| (n + 1, m.max((x - y).abs())))
+    }
+}
+
+/// On a GPU (`LOGIT_LENS_FUSED=none cargo test --release --features cuda --lib fused --
+/// --nocapture`; bench/gpu/device.sh runs it): every kernel against candle's op-by-op path on the
+/// same GPU, and against its CPU twin. Skipped (passes) where no CUDA device opens.
+///
+/// The bounds (`check` below) are in ulps at the data's scale: the norms differ from candle's CUDA
+/// reductions by the order of f32 sums; `rope_in_f32` is held to its CPU twin, since candle's CUDA
+/// f32 rope lets nvcc fuse `x1·c − x2·s` into a multiply-add where torch rounds each product; the
+/// activations' twins are not compared (CUDA's exp/erf/tanh against Rust's).
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use super::test_util::f32s;
+    use super::*;
+    use crate::models::layers::{self, Activation, LayerNorm, RmsNorm};
+    use candle_core::Device;
+
+    /// Half-precision bits as ordered integers (adjacent values differ by 1).
+    fn ordered(v: f32, dtype: DType) -> i32 {
+        let bits = match dtype {
+            DType::BF16 => half::bf16::from_f32(v).to_bits(),
+            _ => half::f16::from_f32(v).to_bits(),
+        } as i32;
+        if bits & 0x8000 != 0 {
+            -(bits & 0x7fff)
+        } else {
+            bits
+        }
     }
 
     /// (elements that differ, largest difference in ulps of the values, largest difference in
@@ -371,36 +378,20 @@ mod gpu_tests {
     /// x·cos − y·sin) reads as dozens of its own ulps; the second measure is the one to bound.
     fn compare(a: &Tensor, b: &Tensor) -> (usize, i32, i32) {
         assert_eq!(a.dims(), b.dims());
-        let eps = match a.dtype() {
+        let dtype = a.dtype();
+        let eps = match dtype {
             DType::BF16 => f32::powi(2.0, -7),
             _ => f32::powi(2.0, -10),
         };
-        let f32s = |t: &Tensor| {
-            t.flatten_all()
-                .unwrap()
-                .to_device(&Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        let scaled = f32s(a)
-            .iter()
-            .zip(f32s(b))
-            .map(|(x, y)| {
-                let unit = eps * f32::powi(2.0, y.abs().max(1.0).log2().floor() as i32);
-                ((x - y).abs() / unit).ceil() as i32
-            })
-            .max()
-            .unwrap_or(0);
-        let (a, b) = (ordered(a), ordered(b));
-        let d: Vec<i32> = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).collect();
-        (
-            d.iter().filter(|&&v| v != 0).count(),
-            d.into_iter().max().unwrap_or(0),
-            scaled,
-        )
+        let (mut differ, mut ulps, mut scaled) = (0, 0, 0);
+        for (x, y) in f32s(a).into_iter().zip(f32s(b)) {
+            let d = (ordered(x, dtype) - ordered(y, dtype)).abs();
+            differ += usize::from(d != 0);
+            ulps = ulps.max(d);
+            let unit = eps * f32::powi(2.0, y.abs().max(1.0).log2().floor() as i32);
+            scaled = scaled.max(((x - y).abs() / unit).ceil() as i32);
+        }
+        (differ, ulps, scaled)
     }
 
     fn rand(shape: &[usize], mean: f32, spread: f32, dtype: DType, dev: &Device) -> Tensor {

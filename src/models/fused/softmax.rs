@@ -289,6 +289,7 @@ mod tests {
 /// models' attention shapes, and what each costs.
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests {
+    use super::super::test_util::differ_and_max;
     use super::*;
     use crate::models::layers::{attention_softmax, causal_mask};
     use crate::models::profile::on_a_card::{gpu, per_call};
@@ -323,27 +324,10 @@ mod gpu_tests {
                     || scaled_masked_softmax_with(&scores, mask.as_ref(), scale, false).unwrap();
                 let warp =
                     || scaled_masked_softmax_with(&scores, mask.as_ref(), scale, true).unwrap();
-                let want = op().to_dtype(DType::F32).unwrap();
+                let want = op();
                 let mut line = format!("softmax {dtype:?} {name:24}");
                 for (kernel, got) in [("block", block()), ("warp", warp())] {
-                    let got = got.to_dtype(DType::F32).unwrap();
-                    let differ = got
-                        .ne(&want)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap() as usize;
-                    let max = (&got - &want)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let (differ, max) = differ_and_max(&got, &want);
                     line += &format!(
                         " {kernel}: {differ}/{} differ, max {max:.1e};",
                         want.elem_count()
