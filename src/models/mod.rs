@@ -19,6 +19,7 @@ pub mod profile;
 pub mod qwen2_vl;
 pub mod snapshot;
 pub mod vit;
+pub mod weight_names;
 
 pub use layers::RmsNorm;
 

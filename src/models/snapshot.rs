@@ -1,9 +1,9 @@
 //! A model snapshot directory as the Hugging Face hub ships it, or as `save_pretrained` writes it:
 //! config files, tokenizer, chat template and safetensors weights (one file or shards with an
-//! index). Weights are looked up by their hub (legacy) names; other layouts are reached through
-//! per-family prefix aliases, so the model code names tensors the way the checkpoint does.
+//! index). Weights are looked up by transformers' in-memory names; every layout a checkpoint may
+//! use reaches them through the family's renamings ([`weight_names`](super::weight_names)).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Shape, Tensor};
@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::models::weight_names::{self, Rename};
 
 pub struct Snapshot {
     pub dir: PathBuf,
@@ -174,10 +175,10 @@ pub fn field<T: DeserializeOwned>(v: &Value, key: &str) -> Result<Option<T>> {
 /// The weights of a snapshot, memory-mapped, converted to `dtype` on `device` as they are read.
 pub struct Weights {
     st: candle_core::safetensors::MmapedSafetensors,
-    names: HashSet<String>,
-    /// `(hub prefix, alternative prefix)`: a name missing under the hub prefix is tried under the
-    /// alternative (e.g. transformers' in-memory `model.language_model.` for the hub's `model.`).
-    aliases: Vec<(String, String)>,
+    /// The checkpoint's tensor names by the name the model code uses.
+    names: HashMap<String, String>,
+    rules: &'static [Rename],
+    family: &'static str,
     dir: PathBuf,
     pub dtype: DType,
     pub device: Device,
@@ -186,9 +187,12 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// The snapshot's weights, named through `rules` (the family's mirror of transformers'
+    /// conversion mapping; `family` names it in errors).
     pub fn open(
         snapshot: &Snapshot,
-        aliases: &[(&str, &str)],
+        family: &'static str,
+        rules: &'static [Rename],
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -210,14 +214,14 @@ impl Weights {
                 cpu_memory_available(),
             )?;
         }
-        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        let tensors = st.tensors();
+        let names = weight_names::index(rules, tensors.iter().map(|(n, _)| n.as_str()))
+            .map_err(|e| snapshot.err(e))?;
         Ok(Weights {
             st,
             names,
-            aliases: aliases
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
+            rules,
+            family,
             dir: snapshot.dir.clone(),
             dtype,
             device: device.clone(),
@@ -226,14 +230,36 @@ impl Weights {
     }
 
     fn resolve(&self, name: &str) -> Option<String> {
-        if self.names.contains(name) {
-            return Some(name.to_string());
-        }
-        self.aliases.iter().find_map(|(hub, alt)| {
-            let rest = name.strip_prefix(hub.as_str())?;
-            let candidate = format!("{alt}{rest}");
-            self.names.contains(&candidate).then_some(candidate)
-        })
+        self.names.get(name).cloned()
+    }
+
+    /// Why `name` cannot be found: the names it was looked for under, and the first few names
+    /// the files hold.
+    fn missing(&self, name: &str) -> Error {
+        let looked: Vec<String> = weight_names::spellings(self.rules, name)
+            .into_iter()
+            .map(|n| format!("`{n}`"))
+            .collect();
+        let mut found: Vec<&str> = self.names.values().map(String::as_str).collect();
+        found.sort_unstable();
+        let first: Vec<String> = found.iter().take(6).map(|n| format!("`{n}`")).collect();
+        Error::snapshot(
+            &self.dir,
+            format!(
+                "weight {name} is missing: looked for it under every {} weight layout that \
+                 transformers writes and reads ({}); the files hold {} tensors, the first by name: \
+                 {}{}",
+                self.family,
+                looked.join(", "),
+                found.len(),
+                first.join(", "),
+                if found.len() > first.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            ),
+        )
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -258,9 +284,7 @@ impl Weights {
     }
 
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
-        let actual = self
-            .resolve(name)
-            .ok_or_else(|| Error::snapshot(&self.dir, format!("weight {name} is missing")))?;
+        let actual = self.resolve(name).ok_or_else(|| self.missing(name))?;
         let t = self
             .st
             .load(&actual, &self.device)

@@ -4,7 +4,8 @@
 //! into a Llama decoder, in place of the `<image>` placeholders.
 //!
 //! Hub names: `vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`,
-//! `language_model.lm_head.weight`; transformers' in-memory names load too.
+//! `language_model.lm_head.weight`; every layout transformers 5 writes and reads loads too
+//! ([`WEIGHT_NAMES`]).
 
 pub mod processor;
 
@@ -16,6 +17,7 @@ use crate::models::decoder::{sequential_positions, Decoder, DecoderConfig};
 use crate::models::layers::{Activation, Linear};
 use crate::models::snapshot::{field, Snapshot, Weights};
 use crate::models::vit::{layers_for_feature, VisionTransformer, VitConfig};
+use crate::models::weight_names::Rename;
 use crate::models::{
     check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LensHead, ModelInfo,
     PixelInputs, Prepared, VisionLanguageModel,
@@ -25,17 +27,21 @@ use crate::preprocess::prompt::{tokenize, PromptFormat};
 use crate::preprocess::template::ChatTemplate;
 use processor::ClipProcessorConfig;
 
-/// Weight-name aliases: hub prefix → transformers' in-memory prefixes (v4.52+ and v5).
-pub const ALIASES: &[(&str, &str)] = &[
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    (
-        "vision_tower.vision_model.",
-        "model.vision_tower.vision_model.",
-    ),
-    ("vision_tower.vision_model.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-    ("image_newline", "model.image_newline"),
+/// transformers' renamings for `LlavaForConditionalGeneration` checkpoints (5.25's
+/// `conversion_mapping.py`: "llava", then the "LlavaModel" and "CLIPVisionModel" scopes), carrying
+/// every layout to the in-memory names: the hub's `language_model.model.*`,
+/// `language_model.lm_head.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`; what
+/// `save_pretrained` writes for a model built from its config (5.x: the tower without its
+/// `vision_model.` level); and the in-memory names themselves, with or without that level.
+pub const WEIGHT_NAMES: &[Rename] = &[
+    Rename::new("language_model.lm_head.", "lm_head."),
+    Rename::new("language_model.", "model.language_model."),
+    Rename::new("vision_tower.", "model.vision_tower."),
+    Rename::new("multi_modal_projector.", "model.multi_modal_projector."),
+    // LlavaModel: its language model is the bare decoder.
+    Rename::new("model.language_model.model.", "model.language_model."),
+    // CLIPVisionModel (and SiglipVisionModel): PrefixChange(prefix_to_remove="vision_model").
+    Rename::new("model.vision_tower.vision_model.", "model.vision_tower."),
 ];
 
 /// The pieces both LLaVA families share: tokenizer and template, the vision tower with its
@@ -61,11 +67,14 @@ pub struct LlavaParts {
 
 impl LlavaParts {
     /// Loads what LLaVA and LLaVA-OneVision have in common. `vision_defaults` is the parent
-    /// config class's default vision config; `text_model_type` the default text model type.
+    /// config class's default vision config; `text_model_type` the default text model type;
+    /// `weight_names` the family's renamings.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         snapshot: &Snapshot,
         name: &str,
         family: &'static str,
+        weight_names: &'static [Rename],
         vision_defaults: Value,
         text_model_type: &str,
         device: &Device,
@@ -119,29 +128,28 @@ impl LlavaParts {
             .map(|t| ChatTemplate::new(&t))
             .transpose()
             .map_err(|e| snapshot.err(e.to_string()))?;
-        let weights = Weights::open(snapshot, ALIASES, dtype, device)?;
+        let weights = Weights::open(snapshot, family, weight_names, dtype, device)?;
         let n_layers = layers_for_feature(feature_layer, vit.num_hidden_layers)
             .map_err(|e| snapshot.err(e.to_string()))?;
-        let vision =
-            VisionTransformer::load(&weights.pp("vision_tower.vision_model"), &vit, n_layers)?;
+        let vision = VisionTransformer::load(&weights.pp("model.vision_tower"), &vit, n_layers)?;
         let act: String = field(root, "projector_hidden_act")
             .map_err(cfg_err)?
             .unwrap_or_else(|| "gelu".into());
         let bias = field::<bool>(root, "multimodal_projector_bias")
             .map_err(cfg_err)?
             .unwrap_or(true);
-        let proj = weights.pp("multi_modal_projector");
+        let proj = weights.pp("model.multi_modal_projector");
         let h = text_cfg.hidden_size;
         let projector = (
             Linear::load(&proj.pp("linear_1"), vit.hidden_size, h, bias)?,
             Activation::from_name(&act).map_err(|e| snapshot.err(e.to_string()))?,
             Linear::load(&proj.pp("linear_2"), h, h, bias)?,
         );
-        let text = Decoder::load(&weights.pp("language_model.model"), &text_cfg)?;
+        let text = Decoder::load(&weights.pp("model.language_model"), &text_cfg)?;
         let head = LensHead::new(
             &text,
             &weights,
-            "language_model.lm_head.weight",
+            "lm_head.weight",
             text_cfg.tie_word_embeddings,
         )?;
         let (parameters, weight_bytes) = weights.loaded();
@@ -243,6 +251,7 @@ impl Llava {
             &snapshot,
             name,
             "llava",
+            WEIGHT_NAMES,
             vision_defaults,
             "llama",
             device,

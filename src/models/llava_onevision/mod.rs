@@ -13,12 +13,27 @@ use crate::error::{Error, Result};
 use crate::models::decoder::{sequential_positions, Decoder};
 use crate::models::llava::LlavaParts;
 use crate::models::snapshot::{field, Snapshot};
+use crate::models::weight_names::Rename;
 use crate::models::{
     check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LensHead, ModelInfo,
     PixelInputs, Prepared, TokenKind, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use processor::AnyResConfig;
+
+/// transformers' renamings for `LlavaOnevisionForConditionalGeneration` checkpoints (5.25's
+/// `conversion_mapping.py`: "llava_onevision" is "llava_next", then the "LlavaModel" scope and
+/// SiglipVisionModel's, which is CLIPVisionModel's): the hub's names, what `save_pretrained`
+/// writes, and the in-memory names, all to the in-memory names.
+pub const WEIGHT_NAMES: &[Rename] = &[
+    Rename::new("language_model.lm_head.", "lm_head."),
+    Rename::new("language_model.", "model.language_model."),
+    Rename::new("vision_tower.", "model.vision_tower."),
+    Rename::new("multi_modal_projector.", "model.multi_modal_projector."),
+    Rename::new("image_newline", "model.image_newline"),
+    Rename::new("model.language_model.model.", "model.language_model."),
+    Rename::new("model.vision_tower.vision_model.", "model.vision_tower."),
+];
 
 pub struct LlavaOnevision {
     parts: LlavaParts,
@@ -48,6 +63,7 @@ impl LlavaOnevision {
             &snapshot,
             name,
             "llava_onevision",
+            WEIGHT_NAMES,
             vision_defaults,
             "qwen2",
             device,
@@ -76,8 +92,12 @@ impl LlavaOnevision {
         let use_newline = field::<bool>(&snapshot.config, "use_image_newline_parameter")
             .map_err(cfg_err)?
             .unwrap_or(true);
-        let image_newline = if use_newline || parts.weights.contains("image_newline") {
-            Some(parts.weights.get("image_newline", parts.info.hidden_size)?)
+        let image_newline = if use_newline || parts.weights.contains("model.image_newline") {
+            Some(
+                parts
+                    .weights
+                    .get("model.image_newline", parts.info.hidden_size)?,
+            )
         } else {
             None
         };

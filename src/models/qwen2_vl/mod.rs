@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::Result;
 use crate::models::decoder::Decoder;
 use crate::models::snapshot::{Snapshot, Weights};
+use crate::models::weight_names::Rename;
 use crate::models::{
     check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LensHead, ModelInfo,
     PixelInputs, Prepared, VisionLanguageModel,
@@ -27,6 +28,18 @@ use processor::ImageProcessorConfig;
 const IMAGE_PAD: &str = "<|image_pad|>";
 const VISION_START: &str = "<|vision_start|>";
 const VISION_END: &str = "<|vision_end|>";
+
+/// transformers' renamings for `Qwen2VLForConditionalGeneration` checkpoints (5.25's
+/// `conversion_mapping.py`, "Qwen2VLForConditionalGeneration"): the hub's `visual.*` and `model.*`
+/// (the decoder) to the in-memory `model.visual.*` and `model.language_model.*`.
+pub const WEIGHT_NAMES: &[Rename] = &[
+    Rename::new("visual.", "model.visual."),
+    Rename::unless(
+        "model.",
+        "model.language_model.",
+        &["language_model.", "visual."],
+    ),
+];
 
 pub struct Qwen2Vl {
     info: ModelInfo,
@@ -65,17 +78,9 @@ impl Qwen2Vl {
         let eos_token = snapshot
             .special_token("eos_token")?
             .unwrap_or_else(|| "<|im_end|>".into());
-        let weights = Weights::open(
-            &snapshot,
-            &[
-                ("visual.", "model.visual."),
-                ("model.", "model.language_model."),
-            ],
-            dtype,
-            device,
-        )?;
-        let vision = vision::VisionTower::load(&weights.pp("visual"), &cfg.vision)?;
-        let text = Decoder::load(&weights.pp("model"), &cfg.text)?;
+        let weights = Weights::open(&snapshot, "qwen2_vl", WEIGHT_NAMES, dtype, device)?;
+        let vision = vision::VisionTower::load(&weights.pp("model.visual"), &cfg.vision)?;
+        let text = Decoder::load(&weights.pp("model.language_model"), &cfg.text)?;
         let head = LensHead::new(&text, &weights, "lm_head.weight", cfg.tie_word_embeddings)?;
         let (parameters, weight_bytes) = weights.loaded();
         let info = ModelInfo {
