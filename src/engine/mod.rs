@@ -22,7 +22,7 @@ pub struct LensRequest {
     pub options: LensOptions,
 }
 
-/// One small request (a mid-grey 224 × 224 image, a short prompt) through `model`, so that the
+/// One small request (a mid-grey 224 × 224 image where the model takes one, a short prompt) through `model`, so that the
 /// first real request finds the device warm: on a GPU the kernels are compiled from PTX and the
 /// BLAS handles set up on first use, which costs the first request seconds. Returns its time in ms.
 pub fn warm_up(model: &dyn VisionLanguageModel) -> Result<f64> {
@@ -30,7 +30,7 @@ pub fn warm_up(model: &dyn VisionLanguageModel) -> Result<f64> {
     let grey = image::RgbImage::from_pixel(224, 224, image::Rgb([128, 128, 128]));
     let req = LensRequest {
         prompt: "What is in the picture?".into(),
-        image: Some(Rgb8::from_rgb_image(grey)),
+        image: model.info().images.then(|| Rgb8::from_rgb_image(grey)),
         options: LensOptions {
             top_k: 1,
             ..Default::default()

@@ -1,6 +1,7 @@
-//! The decoder-only language model shared by the families: Llama (LLaVA-1.5) and Qwen2 (Qwen2-VL,
-//! LLaVA-OneVision). Pre-norm blocks, grouped-query attention with rotate-half RoPE, SwiGLU MLP,
-//! RMSNorm. Positions are 3-D `(t, h, w)` so that Qwen2-VL's M-RoPE is the general case; plain
+//! The decoder-only language model shared by the families: Llama (LLaVA-1.5, Llama 3), Qwen2
+//! (Qwen2-VL, LLaVA-OneVision, Qwen2.5), Qwen3 (per-head q/k RMSNorm) and Mistral. Pre-norm blocks,
+//! grouped-query attention with rotate-half RoPE (plain, linear or Llama 3 frequency scaling),
+//! SwiGLU MLP, RMSNorm. Positions are 3-D `(t, h, w)` so that Qwen2-VL's M-RoPE is the general case; plain
 //! RoPE is M-RoPE with every frequency on the first axis and `t = h = w`.
 
 use candle_core::{Device, Tensor};
@@ -31,52 +32,181 @@ pub struct DecoderConfig {
     /// Biases on q/k/v (Qwen2: yes; Llama: `attention_bias`).
     pub qkv_bias: bool,
     pub tie_word_embeddings: bool,
+    /// Qwen3: RMSNorm over each head's q and k (weights `[head_dim]`) before RoPE.
+    pub qk_norm: bool,
+    /// RoPE frequency scaling (`rope_parameters.rope_type`).
+    pub rope_scaling: RopeScaling,
+    /// Mistral's sliding window: every position attends to at most this many (itself included).
+    /// Longer sequences are refused (see [`Decoder::check_length`]).
+    pub sliding_window: Option<usize>,
+}
+
+/// The RoPE frequency variants transformers' `ROPE_INIT_FUNCTIONS` has that keep the attention
+/// scale at 1: `default`, `linear` and `llama3` (Llama 3.1 / 3.2).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// From `rope_parameters` (transformers 5) or `rope_scaling` (the hub's older configs).
+    pub fn from_json(rope: &Value) -> Result<Self> {
+        let rope_type: Option<String> = field(rope, "rope_type")?.or(field(rope, "type")?);
+        let need = |k: &str| -> Result<f64> {
+            field(rope, k)?
+                .ok_or_else(|| Error::Internal(format!("rope scaling `{rope_type:?}` needs `{k}`")))
+        };
+        Ok(match rope_type.as_deref() {
+            None | Some("default") | Some("mrope") => RopeScaling::Default,
+            Some("linear") => RopeScaling::Linear {
+                factor: need("factor")?,
+            },
+            Some("llama3") => RopeScaling::Llama3 {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: need("original_max_position_embeddings")?,
+            },
+            Some(rt) => {
+                return Err(Error::Internal(format!(
+                    "rope type `{rt}` is not implemented (default, linear and llama3 are)"
+                )))
+            }
+        })
+    }
+
+    /// transformers' inverse frequencies for this variant (`_compute_*_parameters`, in f32).
+    pub fn inv_freq(&self, base: f64, dim: usize) -> Vec<f32> {
+        let f = inv_freq(base, dim);
+        match *self {
+            RopeScaling::Default => f,
+            RopeScaling::Linear { factor } => f.into_iter().map(|x| x / factor as f32).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let (factor, low, high, old) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    old as f32,
+                );
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                f.into_iter()
+                    .map(|x| {
+                        let wavelen = 2.0 * std::f32::consts::PI / x;
+                        let scaled = if wavelen > low_wavelen { x / factor } else { x };
+                        let smooth = (old / wavelen - low) / (high - low);
+                        let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+                        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+                        if medium {
+                            smoothed
+                        } else {
+                            scaled
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
 }
 
 impl DecoderConfig {
-    /// Reads a Llama or Qwen2 text config (`model_type` picks the class defaults for fields the
-    /// file leaves out, as transformers' `LlamaConfig` / `Qwen2Config` would).
+    /// Reads a Llama, Mistral, Qwen2 or Qwen3 text config (`model_type` picks the class defaults
+    /// for fields the file leaves out, as transformers' config classes would).
     pub fn from_json(t: &Value, default_model_type: &str) -> Result<Self> {
         let model_type: String =
             field(t, "model_type")?.unwrap_or_else(|| default_model_type.to_string());
-        let qwen2 = match model_type.as_str() {
-            "qwen2" => true,
-            "llama" => false,
+        // transformers' class defaults: (vocab, intermediate, kv heads when absent, head_dim)
+        struct Defaults {
+            vocab: usize,
+            intermediate: usize,
+            kv: Option<usize>,
+            head_dim: Option<usize>,
+        }
+        let d = match model_type.as_str() {
+            "llama" => Defaults {
+                vocab: 32000,
+                intermediate: 11008,
+                kv: None,
+                head_dim: None,
+            },
+            "mistral" => Defaults {
+                vocab: 32000,
+                intermediate: 14336,
+                kv: Some(8),
+                head_dim: None,
+            },
+            "qwen2" => Defaults {
+                vocab: 151936,
+                intermediate: 22016,
+                kv: Some(32),
+                head_dim: None,
+            },
+            "qwen3" => Defaults {
+                vocab: 151936,
+                intermediate: 22016,
+                kv: Some(32),
+                head_dim: Some(128),
+            },
             other => {
                 return Err(Error::Internal(format!(
-                    "text model type `{other}` is not supported (llama and qwen2 are)"
-                )))
+                "text model type `{other}` is not supported (llama, mistral, qwen2 and qwen3 are)"
+            )))
             }
         };
-        let or = |k: &str, llama: usize, qwen: usize| -> Result<usize> {
-            Ok(field(t, k)?.unwrap_or(if qwen2 { qwen } else { llama }))
-        };
-        let hidden_size = or("hidden_size", 4096, 4096)?;
-        let num_attention_heads = or("num_attention_heads", 32, 32)?;
-        let kv = match t.get("num_key_value_heads") {
-            None if qwen2 => 32,
+        let (qwen2, qwen3) = (model_type == "qwen2", model_type == "qwen3");
+        let hidden_size = field(t, "hidden_size")?.unwrap_or(4096);
+        let num_attention_heads = field(t, "num_attention_heads")?.unwrap_or(32);
+        let kv = match (t.get("num_key_value_heads"), d.kv) {
+            (None, Some(kv)) => kv,
             _ => field(t, "num_key_value_heads")?.unwrap_or(num_attention_heads),
         };
-        let head_dim = field(t, "head_dim")?.unwrap_or(hidden_size / num_attention_heads.max(1));
+        let head_dim = field(t, "head_dim")?
+            .or(d.head_dim)
+            .unwrap_or(hidden_size / num_attention_heads.max(1));
         let rope: Value = field::<Value>(t, "rope_parameters")?
             .or(field::<Value>(t, "rope_scaling")?)
             .unwrap_or(Value::Null);
-        let rope_type: Option<String> = field(&rope, "rope_type")?.or(field(&rope, "type")?);
-        if let Some(rt) = rope_type.filter(|r| r != "default") {
-            return Err(Error::Internal(format!(
-                "rope type `{rt}` is not implemented (only default RoPE is)"
-            )));
-        }
-        if qwen2 && field::<bool>(t, "use_sliding_window")?.unwrap_or(false) {
+        let rope_scaling = RopeScaling::from_json(&rope)?;
+        if field::<bool>(t, "mlp_bias")?.unwrap_or(false) {
             return Err(Error::Internal(
-                "sliding-window attention is not implemented".into(),
+                "MLP biases (`mlp_bias`) are not implemented".into(),
             ));
         }
+        // Qwen2/3 use their window only with `use_sliding_window`; Mistral whenever it is set.
+        let sliding_window = if qwen2 || qwen3 {
+            if field::<bool>(t, "use_sliding_window")?.unwrap_or(false) {
+                return Err(Error::Internal(
+                    "sliding-window attention on some layers (use_sliding_window) is not implemented"
+                        .into(),
+                ));
+            }
+            None
+        } else if model_type == "mistral" {
+            match t.get("sliding_window") {
+                None => Some(4096),
+                Some(_) => field(t, "sliding_window")?,
+            }
+        } else {
+            None
+        };
         Ok(DecoderConfig {
-            vocab_size: or("vocab_size", 32000, 151936)?,
+            vocab_size: field(t, "vocab_size")?.unwrap_or(d.vocab),
             hidden_size,
-            intermediate_size: or("intermediate_size", 11008, 22016)?,
-            num_hidden_layers: or("num_hidden_layers", 32, 32)?,
+            intermediate_size: field(t, "intermediate_size")?.unwrap_or(d.intermediate),
+            num_hidden_layers: field(t, "num_hidden_layers")?.unwrap_or(32),
             num_attention_heads,
             num_key_value_heads: kv,
             head_dim,
@@ -88,6 +218,9 @@ impl DecoderConfig {
             mrope_section: vec![head_dim / 2, 0, 0],
             qkv_bias: qwen2 || field(t, "attention_bias")?.unwrap_or(false),
             tie_word_embeddings: field(t, "tie_word_embeddings")?.unwrap_or(false),
+            qk_norm: qwen3,
+            rope_scaling,
+            sliding_window,
         })
     }
 }
@@ -101,6 +234,8 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Qwen3's per-head q and k norms.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 pub struct Decoder {
@@ -142,6 +277,15 @@ impl Decoder {
                     gate: Linear::load(&m.pp("gate_proj"), h, i, false)?,
                     up: Linear::load(&m.pp("up_proj"), h, i, false)?,
                     down: Linear::load(&m.pp("down_proj"), i, h, false)?,
+                    qk_norm: cfg
+                        .qk_norm
+                        .then(|| -> Result<_> {
+                            Ok((
+                                RmsNorm::load(&a.pp("q_norm"), hd, eps)?,
+                                RmsNorm::load(&a.pp("k_norm"), hd, eps)?,
+                            ))
+                        })
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -158,11 +302,27 @@ impl Decoder {
         embed(&self.embed_tokens, ids)
     }
 
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// A sequence longer than the sliding window would need the windowed mask, which is not
+    /// implemented: refused (422) rather than computed with full attention.
+    pub fn check_length(&self, len: usize) -> Result<()> {
+        match self.cfg.sliding_window {
+            Some(w) if len > w => Err(Error::Unprocessable(format!(
+                "the input is {len} tokens and this model attends within a sliding window of {w}; \
+                 inputs longer than the window are not supported"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// RoPE tables `[seq, head_dim/2]`: frequency slot j takes its angle from the position axis
     /// `mrope_section` assigns it. Angles and cos/sin in f32, then cast (transformers' order).
     fn rope_tables(&self, positions: &[[u32; 3]], device: &Device) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim;
-        let freqs = inv_freq(self.cfg.rope_theta, hd);
+        let freqs = self.cfg.rope_scaling.inv_freq(self.cfg.rope_theta, hd);
         let axis: Vec<usize> = self
             .cfg
             .mrope_section
@@ -198,6 +358,9 @@ impl Decoder {
         observers: &mut [&mut dyn LayerObserver],
     ) -> Result<()> {
         let b = embeds.len();
+        for e in &embeds {
+            self.check_length(e.dim(0)?)?;
+        }
         if b == 0 || positions.len() != b || observers.len() != b {
             return Err(Error::Internal(
                 "forward_batch: inputs, positions and observers differ in number".into(),
@@ -274,10 +437,21 @@ impl Decoder {
                     .transpose(1, 2)?
                     .contiguous()?)
             })?;
-            // q and k rotated together (the tables do not depend on the head).
-            let qk = profile::op("decoder rope", &device, || {
-                rope(&qkv.narrow(1, 0, nh + nkv)?, &cos, &sin)
-            })?;
+            // q and k rotated together (the tables do not depend on the head); Qwen3 norms each
+            // head's q and k first.
+            let qk = match &layer.qk_norm {
+                None => qkv.narrow(1, 0, nh + nkv)?,
+                Some((qn, kn)) => profile::op("decoder q/k norm", &device, || {
+                    Ok(Tensor::cat(
+                        &[
+                            qn.forward(&qkv.narrow(1, 0, nh)?)?,
+                            kn.forward(&qkv.narrow(1, nh, nkv)?)?,
+                        ],
+                        1,
+                    )?)
+                })?,
+            };
+            let qk = profile::op("decoder rope", &device, || rope(&qk, &cos, &sin))?;
             let (q, k) = (qk.narrow(1, 0, nh)?, qk.narrow(1, nh, nkv)?);
             let v = qkv.narrow(1, nh + nkv, nkv)?;
             let a = profile::op("decoder attention", &device, || {

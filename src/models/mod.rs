@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::preprocess::image::Rgb8;
 
+pub mod causal_lm;
 pub mod decoder;
 pub mod fused;
 pub mod gemm;
@@ -120,6 +121,8 @@ pub struct ModelInfo {
     pub parameters: u64,
     /// Their size in `dtype`.
     pub weight_bytes: u64,
+    /// Whether the model takes an image (a text-only language model does not).
+    pub images: bool,
 }
 
 pub trait VisionLanguageModel: Send + Sync {
@@ -203,12 +206,34 @@ pub trait VisionLanguageModel: Send + Sync {
     }
 }
 
-/// The families this crate implements, by `architectures[0]` in config.json.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "Qwen2VLForConditionalGeneration",
-    "LlavaForConditionalGeneration",
-    "LlavaOnevisionForConditionalGeneration",
+/// One model family: the `architectures[0]` (or `model_type`) values its checkpoints carry, and
+/// its loader. Adding a family is its folder and one line of [`FAMILIES`].
+pub struct Family {
+    pub name: &'static str,
+    pub architectures: &'static [&'static str],
+    pub load: Loader,
+}
+
+/// A family's loader: the opened snapshot, the model's name, where and in which dtype.
+pub type Loader =
+    fn(snapshot::Snapshot, &str, &Device, DType) -> Result<Box<dyn VisionLanguageModel>>;
+
+/// Every family this crate implements.
+pub const FAMILIES: &[Family] = &[
+    qwen2_vl::FAMILY,        // Qwen2-VL
+    llava::FAMILY,           // LLaVA-1.5
+    llava_onevision::FAMILY, // LLaVA-OneVision
+    causal_lm::FAMILY,       // text-only: Llama, Mistral, Qwen2, Qwen3
 ];
+
+/// Every architecture some family takes, for messages.
+pub fn supported_architectures() -> Vec<&'static str> {
+    FAMILIES
+        .iter()
+        .flat_map(|f| f.architectures.iter().copied())
+        .filter(|a| a.contains("For"))
+        .collect()
+}
 
 /// Loads a snapshot directory, choosing the family from its config.
 pub fn load(
@@ -219,20 +244,15 @@ pub fn load(
 ) -> Result<Box<dyn VisionLanguageModel>> {
     let snapshot = snapshot::Snapshot::open(dir)?;
     let arch = snapshot.architecture();
-    match arch.as_str() {
-        "Qwen2VLForConditionalGeneration" | "qwen2_vl" => Ok(Box::new(qwen2_vl::Qwen2Vl::load(
-            snapshot, name, device, dtype,
-        )?)),
-        "LlavaForConditionalGeneration" | "llava" => {
-            Ok(Box::new(llava::Llava::load(snapshot, name, device, dtype)?))
-        }
-        "LlavaOnevisionForConditionalGeneration" | "llava_onevision" => Ok(Box::new(
-            llava_onevision::LlavaOnevision::load(snapshot, name, device, dtype)?,
-        )),
-        other => Err(Error::UnsupportedArchitecture(format!(
-            "{}: architecture `{other}` is not supported; supported: {}",
+    match FAMILIES
+        .iter()
+        .find(|f| f.architectures.contains(&arch.as_str()))
+    {
+        Some(family) => (family.load)(snapshot, name, device, dtype),
+        None => Err(Error::UnsupportedArchitecture(format!(
+            "{}: architecture `{arch}` is not supported; supported: {}",
             dir.display(),
-            SUPPORTED_ARCHITECTURES.join(", ")
+            supported_architectures().join(", ")
         ))),
     }
 }

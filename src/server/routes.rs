@@ -38,6 +38,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList
                 device: m.info.device.clone(),
                 parameters: m.info.parameters,
                 weight_bytes: m.info.weight_bytes,
+                images: m.info.images,
             })
             .collect(),
     }))

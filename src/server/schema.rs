@@ -67,7 +67,7 @@ pub struct LensJsonRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ModelOut {
     pub name: String,
-    /// `qwen2_vl`, `llava` or `llava_onevision`.
+    /// `qwen2_vl`, `llava`, `llava_onevision` or `causal_lm` (text only).
     pub family: String,
     pub architecture: String,
     /// Decoder blocks; the lens has `layers + 1` layers.
@@ -80,6 +80,9 @@ pub struct ModelOut {
     pub parameters: u64,
     /// The weights' size in `dtype` where they live (`device`).
     pub weight_bytes: u64,
+    /// Whether the model takes an image: false for text-only language models (`causal_lm`),
+    /// which refuse one with 422.
+    pub images: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -19,13 +19,19 @@ use crate::models::snapshot::{field, Snapshot, Weights};
 use crate::models::vit::{layers_for_feature, VisionTransformer, VitConfig};
 use crate::models::weight_names::Rename;
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LensHead, ModelInfo,
-    PixelInputs, Prepared, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, Family, ImageGrid, LensHead,
+    ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::prompt::{tokenize, PromptFormat};
 use crate::preprocess::template::ChatTemplate;
 use processor::ClipProcessorConfig;
+
+pub const FAMILY: Family = Family {
+    name: "llava",
+    architectures: &["LlavaForConditionalGeneration", "llava"],
+    load: |snapshot, name, device, dtype| Ok(Box::new(Llava::load(snapshot, name, device, dtype)?)),
+};
 
 /// transformers' renamings for `LlavaForConditionalGeneration` checkpoints (5.25's
 /// `conversion_mapping.py`: "llava", then the "LlavaModel" and "CLIPVisionModel" scopes), carrying
@@ -164,6 +170,7 @@ impl LlavaParts {
             device: format!("{device:?}").to_lowercase(),
             parameters,
             weight_bytes,
+            images: true,
         };
         Ok(LlavaParts {
             info,

@@ -15,11 +15,21 @@ use crate::models::llava::LlavaParts;
 use crate::models::snapshot::{field, Snapshot};
 use crate::models::weight_names::Rename;
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LensHead, ModelInfo,
-    PixelInputs, Prepared, TokenKind, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, Family, ImageGrid, LensHead,
+    ModelInfo, PixelInputs, Prepared, TokenKind, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use processor::AnyResConfig;
+
+pub const FAMILY: Family = Family {
+    name: "llava_onevision",
+    architectures: &["LlavaOnevisionForConditionalGeneration", "llava_onevision"],
+    load: |snapshot, name, device, dtype| {
+        Ok(Box::new(LlavaOnevision::load(
+            snapshot, name, device, dtype,
+        )?))
+    },
+};
 
 /// transformers' renamings for `LlavaOnevisionForConditionalGeneration` checkpoints (5.25's
 /// `conversion_mapping.py`: "llava_onevision" is "llava_next", then the "LlavaModel" scope and

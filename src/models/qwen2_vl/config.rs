@@ -108,6 +108,9 @@ impl Config {
             head_dim,
             qkv_bias: true,
             tie_word_embeddings,
+            qk_norm: false,
+            rope_scaling: crate::models::decoder::RopeScaling::Default,
+            sliding_window: None,
         };
         if text.mrope_section.iter().sum::<usize>() != head_dim / 2 {
             return Err(crate::error::Error::Internal(format!(

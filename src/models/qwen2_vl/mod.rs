@@ -16,8 +16,8 @@ use crate::models::decoder::Decoder;
 use crate::models::snapshot::{Snapshot, Weights};
 use crate::models::weight_names::Rename;
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, ImageGrid, LensHead, ModelInfo,
-    PixelInputs, Prepared, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, Family, ImageGrid, LensHead,
+    ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::prompt::{tokenize, PromptFormat};
@@ -28,6 +28,14 @@ use processor::ImageProcessorConfig;
 const IMAGE_PAD: &str = "<|image_pad|>";
 const VISION_START: &str = "<|vision_start|>";
 const VISION_END: &str = "<|vision_end|>";
+
+pub const FAMILY: Family = Family {
+    name: "qwen2_vl",
+    architectures: &["Qwen2VLForConditionalGeneration", "qwen2_vl"],
+    load: |snapshot, name, device, dtype| {
+        Ok(Box::new(Qwen2Vl::load(snapshot, name, device, dtype)?))
+    },
+};
 
 /// transformers' renamings for `Qwen2VLForConditionalGeneration` checkpoints (5.25's
 /// `conversion_mapping.py`, "Qwen2VLForConditionalGeneration"): the hub's `visual.*` and `model.*`
@@ -94,6 +102,7 @@ impl Qwen2Vl {
             device: format!("{device:?}").to_lowercase(),
             parameters,
             weight_bytes,
+            images: true,
         };
         Ok(Qwen2Vl {
             info,

@@ -1,0 +1,236 @@
+//! Text-only causal LMs (family `causal_lm`: Llama 3 with llama3 RoPE scaling, Mistral, Qwen2.5,
+//! Qwen3 with q/k norms) against transformers: tiny random checkpoints in the hub's layout and as
+//! transformers 5 saves them (tests/fixtures/<arch>-{hub,tf5}), and the references that
+//! tools/make_text_fixtures.py computed in f32 with eager attention.
+
+mod common;
+
+use common::*;
+use logit_lens::api::LensOptions;
+use logit_lens::engine::{run_lens, LensRequest};
+
+const ARCHS: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+
+fn each(f: fn(&str, &str)) {
+    for arch in ARCHS {
+        for layout in ["hub", "tf5"] {
+            f(&format!("{arch}-{layout}"), arch);
+        }
+    }
+}
+
+#[test]
+fn inputs_and_hidden_states_equal_transformers() {
+    each(check_inputs_and_hidden_states);
+}
+
+#[test]
+fn lens_equals_transformers() {
+    each(check_lens);
+}
+
+#[test]
+fn last_layer_is_the_models_logits() {
+    each(check_last_layer);
+}
+
+#[test]
+fn end_to_end() {
+    each(check_end_to_end);
+}
+
+/// `chat_template: false`: the prompt as `tokenizer(prompt)` encodes it (BOS from the
+/// tokenizer's post-processor where the model has one).
+#[test]
+fn verbatim_prompts_are_tokenized_as_transformers_tokenizer_does() {
+    #[derive(serde::Deserialize)]
+    struct Verbatim {
+        prompt: String,
+        verbatim_ids: Vec<u32>,
+    }
+    each(|dir, arch| {
+        let model = load_model(dir);
+        let p = fixtures().join("reference").join(arch).join("cases.json");
+        let cases: Vec<Verbatim> =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        for c in cases {
+            let got = model.prepare(&c.prompt, None, false).unwrap();
+            assert_eq!(got.input_ids, c.verbatim_ids, "{dir}: {}", c.prompt);
+        }
+    });
+}
+
+#[test]
+fn listed_as_text_only_causal_lms() {
+    for (dir, arch) in [
+        ("llama3-hub", "LlamaForCausalLM"),
+        ("mistral-tf5", "MistralForCausalLM"),
+        ("qwen2-hub", "Qwen2ForCausalLM"),
+        ("qwen3-tf5", "Qwen3ForCausalLM"),
+    ] {
+        let m = load_model(dir);
+        let info = m.info();
+        assert_eq!(
+            (info.family, info.architecture.as_str(), info.images),
+            ("causal_lm", arch, false)
+        );
+    }
+}
+
+#[test]
+fn an_image_is_refused_with_image_not_accepted() {
+    let model = load_model("qwen3-hub");
+    let req = LensRequest {
+        prompt: "Describe".into(),
+        image: image(&Case {
+            name: "x".into(),
+            image: Some("images/tiny.png".into()),
+            prompt: String::new(),
+            num_tokens: 0,
+            num_image_tokens: 0,
+            image_grid_thw: None,
+        }),
+        options: LensOptions::default(),
+    };
+    let e = run_lens(model.as_ref(), &req).unwrap_err();
+    assert_eq!(e.code(), "image_not_accepted");
+    assert!(e.to_string().contains("text only"), "{e}");
+}
+
+/// Mistral's sliding window: an input longer than it is refused (422), not computed with full
+/// attention; one within it runs.
+#[test]
+fn an_input_longer_than_the_sliding_window_is_refused() {
+    let dir = std::env::temp_dir().join(format!("logit-lens-window-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("mistral-hub")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"sliding_window\": 4096", "\"sliding_window\": 24"),
+    )
+    .unwrap();
+    let model = logit_lens::models::load(
+        &dir,
+        "m",
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let ok = model
+        .prepare("The capital of France is", None, true)
+        .unwrap();
+    assert!(ok.input_ids.len() <= 24);
+    let e = match model.prepare(
+        "Describe the scene in detail: a red cube, a blue sphere.",
+        None,
+        true,
+    ) {
+        Ok(p) => panic!("{} tokens past a window of 24 ran", p.input_ids.len()),
+        Err(e) => e,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(e.code(), "unprocessable");
+    assert!(e.to_string().contains("sliding window of 24"), "{e}");
+}
+
+/// `serve` with a text-only model: text requests answer as `run_lens` does, an image gets 422.
+#[tokio::test]
+async fn serve_answers_text_and_refuses_an_image_with_422() {
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _server = Running(
+        std::process::Command::new(env!("CARGO_BIN_EXE_logit-lens"))
+            .args([
+                "serve",
+                "--port",
+                &port.to_string(),
+                "--model",
+                &format!("llama={}", fixtures().join("llama3-tf5").display()),
+            ])
+            .env_remove("LOGIT_LENS_DEVICE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let t0 = std::time::Instant::now();
+    while !client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(t0.elapsed().as_secs() < 60, "not ready in 60 s");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let listed: serde_json::Value = client
+        .get(format!("{base}/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["models"][0]["family"], "causal_lm");
+    assert_eq!(listed["models"][0]["images"], false);
+
+    let case = &cases("llama3")[0];
+    let r = client
+        .post(format!("{base}/lens"))
+        .json(&serde_json::json!({"prompt": case.prompt, "options": {"top_k": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let r = Reference::load("llama3", &case.name);
+    let (top5, np, mmp) = (
+        r.ids("top5_ids"),
+        r.ids("lens_positions").len(),
+        r.f32s("mean_max_prob"),
+    );
+    assert_eq!(body["input"]["num_tokens"], case.num_tokens);
+    for (l, layer) in body["layers"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(
+            layer["positions"][0]["top"][0]["id"].as_i64().unwrap(),
+            top5[(l * np + np - 1) * 5],
+            "layer {l}"
+        );
+        let m = layer["mean_max_prob"].as_f64().unwrap() as f32;
+        assert!((m - mmp[l]).abs() < 1e-4, "layer {l}");
+    }
+
+    let png = std::fs::read(fixtures().join("images/tiny.png")).unwrap();
+    let form = reqwest::multipart::Form::new()
+        .text("prompt", "Describe")
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(png).file_name("tiny.png"),
+        );
+    let r = client
+        .post(format!("{base}/lens"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "image_not_accepted", "{body}");
+}
