@@ -17,6 +17,7 @@ pub mod layers;
 pub mod llava;
 pub mod llava_onevision;
 pub mod profile;
+pub mod qwen2_5_vl;
 pub mod qwen2_vl;
 pub mod snapshot;
 pub mod vit;
@@ -221,6 +222,7 @@ pub type Loader =
 /// Every family this crate implements.
 pub const FAMILIES: &[Family] = &[
     qwen2_vl::FAMILY,        // Qwen2-VL
+    qwen2_5_vl::FAMILY,      // Qwen2.5-VL
     llava::FAMILY,           // LLaVA-1.5
     llava_onevision::FAMILY, // LLaVA-OneVision
     causal_lm::FAMILY,       // text-only: Llama, Mistral, Qwen2, Qwen3

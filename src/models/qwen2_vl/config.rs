@@ -24,6 +24,24 @@ pub struct VisionConfig {
 }
 
 impl VisionConfig {
+    /// `vision_config` of config.json (either layout), with `Qwen2VLVisionConfig`'s defaults.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        Ok(VisionConfig {
+            depth: or(field(v, "depth")?, 32),
+            embed_dim: or(field(v, "embed_dim")?, 1280),
+            hidden_size: or(field(v, "hidden_size")?, 3584),
+            hidden_act: or(field(v, "hidden_act")?, "quick_gelu".to_string()),
+            mlp_ratio: or(field(v, "mlp_ratio")?, 4.0),
+            num_heads: or(field(v, "num_heads")?, 16),
+            in_channels: field(v, "in_channels")?
+                .or(field(v, "in_chans")?)
+                .unwrap_or(3),
+            patch_size: or(field(v, "patch_size")?, 14),
+            spatial_merge_size: or(field(v, "spatial_merge_size")?, 2),
+            temporal_patch_size: or(field(v, "temporal_patch_size")?, 2),
+        })
+    }
+
     pub fn head_dim(&self) -> usize {
         self.embed_dim / self.num_heads
     }
@@ -36,7 +54,6 @@ impl VisionConfig {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub text: DecoderConfig,
-    pub vision: VisionConfig,
     pub tie_word_embeddings: bool,
     pub image_token_id: u32,
     pub vision_start_token_id: u32,
@@ -119,24 +136,8 @@ impl Config {
                 head_dim / 2
             )));
         }
-        let v = root.get("vision_config").cloned().unwrap_or(Value::Null);
-        let vision = VisionConfig {
-            depth: or(field(&v, "depth")?, 32),
-            embed_dim: or(field(&v, "embed_dim")?, 1280),
-            hidden_size: or(field(&v, "hidden_size")?, 3584),
-            hidden_act: or(field(&v, "hidden_act")?, "quick_gelu".to_string()),
-            mlp_ratio: or(field(&v, "mlp_ratio")?, 4.0),
-            num_heads: or(field(&v, "num_heads")?, 16),
-            in_channels: field(&v, "in_channels")?
-                .or(field(&v, "in_chans")?)
-                .unwrap_or(3),
-            patch_size: or(field(&v, "patch_size")?, 14),
-            spatial_merge_size: or(field(&v, "spatial_merge_size")?, 2),
-            temporal_patch_size: or(field(&v, "temporal_patch_size")?, 2),
-        };
         Ok(Config {
             text,
-            vision,
             tie_word_embeddings,
             image_token_id: or(field(root, "image_token_id")?, 151655),
             vision_start_token_id: or(field(root, "vision_start_token_id")?, 151652),
@@ -177,11 +178,11 @@ mod tests {
             assert_eq!(c.text.rope_theta, 1e6);
             assert_eq!(c.text.rms_norm_eps, 1e-6);
             assert!(c.tie_word_embeddings);
-            assert_eq!(
-                c.vision.hidden_act, "quick_gelu",
-                "class default when absent"
-            );
-            assert_eq!(c.vision.patch_dim(), 1176);
+            let v = VisionConfig::from_json(&flat["vision_config"]).unwrap();
+            assert_eq!(v.hidden_act, "quick_gelu", "class default when absent");
+            assert_eq!(v.patch_dim(), 1176);
+            let v = VisionConfig::from_json(&nested["vision_config"]).unwrap();
+            assert_eq!(v.patch_dim(), 1176);
             assert_eq!(c.image_token_id, 151655, "class default when absent");
         }
     }
@@ -206,7 +207,10 @@ mod tests {
         );
         assert_eq!(c.text.rms_norm_eps, 1e-5);
         assert!(!c.tie_word_embeddings);
-        assert_eq!(c.vision.embed_dim, 1280);
+        assert_eq!(
+            VisionConfig::from_json(&Value::Null).unwrap().embed_dim,
+            1280
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::models::decoder::Decoder;
-use crate::models::snapshot::{Snapshot, Weights};
+use crate::models::snapshot::{Prefixed, Snapshot, Weights};
 use crate::models::weight_names::Rename;
 use crate::models::{
     check_image_tokens, scatter_image_features, token_kinds, Family, ImageGrid, LensHead,
@@ -56,13 +56,41 @@ pub struct Qwen2Vl {
     template: Option<ChatTemplate>,
     tokenizer: tokenizers::Tokenizer,
     eos_token: String,
-    vision: vision::VisionTower,
+    vision: Box<dyn vision::Encoder>,
     text: Decoder,
     head: LensHead,
 }
 
+/// Loads a family's vision tower from its weights (`model.visual.`) and `vision_config`.
+pub type VisionLoader = fn(&Prefixed, &serde_json::Value) -> Result<Box<dyn vision::Encoder>>;
+
 impl Qwen2Vl {
     pub fn load(snapshot: Snapshot, name: &str, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(
+            snapshot,
+            name,
+            device,
+            dtype,
+            "qwen2_vl",
+            WEIGHT_NAMES,
+            |w, v| {
+                let cfg = config::VisionConfig::from_json(v)?;
+                Ok(Box::new(vision::VisionTower::load(w, &cfg)?))
+            },
+        )
+    }
+
+    /// The Qwen-VL model around a family's own vision tower: the same processor, prompt,
+    /// M-RoPE decoder and read-out (Qwen2-VL, Qwen2.5-VL).
+    pub fn load_with(
+        snapshot: Snapshot,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+        family: &'static str,
+        weight_names: &'static [Rename],
+        load_vision: VisionLoader,
+    ) -> Result<Self> {
         let cfg = Config::from_snapshot(&snapshot)?;
         let processor = ImageProcessorConfig::from_snapshot(&snapshot)?;
         let tokenizer = snapshot.tokenizer()?;
@@ -86,14 +114,23 @@ impl Qwen2Vl {
         let eos_token = snapshot
             .special_token("eos_token")?
             .unwrap_or_else(|| "<|im_end|>".into());
-        let weights = Weights::open(&snapshot, "qwen2_vl", WEIGHT_NAMES, dtype, device)?;
-        let vision = vision::VisionTower::load(&weights.pp("model.visual"), &cfg.vision)?;
+        let weights = Weights::open(&snapshot, family, weight_names, dtype, device)?;
+        let vision_cfg = snapshot
+            .config
+            .get("vision_config")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        let vision =
+            load_vision(&weights.pp("model.visual"), &vision_cfg).map_err(|e| match e {
+                crate::Error::Internal(m) => snapshot.err(format!("config.json: {m}")),
+                e => e,
+            })?;
         let text = Decoder::load(&weights.pp("model.language_model"), &cfg.text)?;
         let head = LensHead::new(&text, &weights, "lm_head.weight", cfg.tie_word_embeddings)?;
         let (parameters, weight_bytes) = weights.loaded();
         let info = ModelInfo {
             name: name.to_string(),
-            family: "qwen2_vl",
+            family,
             architecture: snapshot.architecture(),
             num_layers: cfg.text.num_hidden_layers,
             hidden_size: cfg.text.hidden_size,

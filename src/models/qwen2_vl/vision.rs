@@ -33,6 +33,58 @@ pub struct VisionTower {
     merger_fc2: Linear,
 }
 
+/// A Qwen-VL vision tower as the model uses it: the patches of several images in (each
+/// `[n, C·T·P·P]` with its grid `(t, h, w)`), each image's merged features out, what it gets alone.
+pub trait Encoder: Send + Sync {
+    fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<Tensor>>;
+}
+
+impl Encoder for VisionTower {
+    fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<Tensor>> {
+        VisionTower::forward_many(self, images)
+    }
+}
+
+/// Rotary tables `[n, head_dim/2]` for the patches of one image in pixel-row order
+/// (merge-block-major): angles `[row·f, col·f]` with `f` the `head_dim/2` frequencies, f32.
+pub fn rotary_tables(
+    grid: [usize; 3],
+    merge: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let m = merge;
+    let freqs = inv_freq(theta, head_dim / 2);
+    let [t, gh, gw] = grid;
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(t * gh * gw * half);
+    let mut sin = Vec::with_capacity(cos.capacity());
+    for _ in 0..t {
+        for bh in 0..gh / m {
+            for bw in 0..gw / m {
+                for i in 0..m {
+                    for j in 0..m {
+                        let (row, col) = ((bh * m + i) as f32, (bw * m + j) as f32);
+                        for pos in [row, col] {
+                            for f in &freqs {
+                                let a = pos * f;
+                                cos.push(a.cos());
+                                sin.push(a.sin());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let n = t * gh * gw;
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}
+
 impl VisionTower {
     pub fn load(w: &Prefixed, cfg: &VisionConfig) -> Result<Self> {
         let e = cfg.embed_dim;
@@ -70,39 +122,14 @@ impl VisionTower {
         })
     }
 
-    /// Rotary tables `[n, head_dim/2]` for the patches of one image in pixel-row order
-    /// (merge-block-major): angles `[row·f, col·f]`, f32.
     fn rotary(&self, grid: [usize; 3]) -> Result<(Tensor, Tensor)> {
-        let m = self.cfg.spatial_merge_size;
-        let freqs = inv_freq(ROPE_THETA, self.cfg.head_dim() / 2);
-        let [t, gh, gw] = grid;
-        let half = self.cfg.head_dim() / 2;
-        let mut cos = Vec::with_capacity(t * gh * gw * half);
-        let mut sin = Vec::with_capacity(cos.capacity());
-        for _ in 0..t {
-            for bh in 0..gh / m {
-                for bw in 0..gw / m {
-                    for i in 0..m {
-                        for j in 0..m {
-                            let (row, col) = ((bh * m + i) as f32, (bw * m + j) as f32);
-                            for pos in [row, col] {
-                                for f in &freqs {
-                                    let a = pos * f;
-                                    cos.push(a.cos());
-                                    sin.push(a.sin());
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let n = t * gh * gw;
-        let dev = self.patch_embed.device();
-        Ok((
-            Tensor::from_vec(cos, (n, half), dev)?,
-            Tensor::from_vec(sin, (n, half), dev)?,
-        ))
+        rotary_tables(
+            grid,
+            self.cfg.spatial_merge_size,
+            self.cfg.head_dim(),
+            ROPE_THETA,
+            self.patch_embed.device(),
+        )
     }
 
     /// `pixel_values` `[n, C·T·P·P]` for one image with grid `(t, h, w)` → merged features
@@ -191,7 +218,7 @@ impl VisionTower {
 /// `q`, `k`, `v`: `[1, heads, n, hd]`; returns `[n, heads·hd]`. Runs of equal-length segments
 /// (the same image size from several requests) go through attention together, as a batch
 /// ([`attention`] slices it within its memory budget).
-fn segmented_attention(
+pub fn segmented_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -1,0 +1,35 @@
+//! Qwen2.5-VL (Bai et al., 2025, "Qwen2.5-VL Technical Report"), following transformers'
+//! `Qwen2_5_VLForConditionalGeneration`: Qwen2-VL's processor, prompt, M-RoPE Qwen2 decoder and
+//! read-out (shared through [`Qwen2Vl::load_with`]) around its own vision tower (window attention,
+//! RMSNorm, SwiGLU: [`vision`]). For an image the M-RoPE positions are Qwen2-VL's (the temporal
+//! index is 0; `tokens_per_second` only spaces video frames).
+
+pub mod vision;
+
+use crate::models::qwen2_vl::Qwen2Vl;
+use crate::models::weight_names::Rename;
+use crate::models::Family;
+
+pub const FAMILY: Family = Family {
+    name: "qwen2_5_vl",
+    architectures: &["Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"],
+    load: |snapshot, name, device, dtype| {
+        Ok(Box::new(Qwen2Vl::load_with(
+            snapshot,
+            name,
+            device,
+            dtype,
+            "qwen2_5_vl",
+            WEIGHT_NAMES,
+            |w, v| {
+                let cfg = vision::VisionConfig::from_json(v)?;
+                Ok(Box::new(vision::VisionTower::load(w, &cfg)?))
+            },
+        )?))
+    },
+};
+
+/// transformers' renamings for `Qwen2_5_VLForConditionalGeneration` (5.25's `conversion_mapping.py`
+/// gives it Qwen2-VL's): the hub's `visual.*` and `model.*` to `model.visual.*` and
+/// `model.language_model.*`.
+pub const WEIGHT_NAMES: &[Rename] = crate::models::qwen2_vl::WEIGHT_NAMES;
