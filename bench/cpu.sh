@@ -5,15 +5,19 @@
 # Model load excluded on both sides.
 #
 # Usage: bench/cpu.sh [ITERS] [MODELS]   (needs the tools venv: see tools/README.md)
-#        MODELS defaults to "qwen2vl-mid llava15-mid onevision-mid"
+#        MODELS defaults to "qwen2vl-mid qwen2_5_vl-mid llava15-mid onevision-mid qwen2-text-mid"
+#        (a *-text-* model is text only: one row, no image)
 #        BIN=path/to/logit-lens uses that binary instead of building target/release/logit-lens
 set -euo pipefail
 cd "$(dirname "$0")/.."
 iters=${1:-5}
 py=${PYTHON:-$HOME/.venvs/tools/bin/python}
-models=${2:-qwen2vl-mid llava15-mid onevision-mid}
+models=${2:-qwen2vl-mid qwen2_5_vl-mid llava15-mid onevision-mid qwen2-text-mid}
 [[ -d bench/checkpoints/qwen2vl-mid ]] || "$py" tools/make_fixtures.py --bench bench/checkpoints/qwen2vl-mid
+[[ -d bench/checkpoints/qwen2_5_vl-mid ]] ||
+    "$py" tools/make_qwen2_5_vl_fixtures.py --bench bench/checkpoints/qwen2_5_vl-mid
 [[ -d bench/checkpoints/llava15-mid ]] || "$py" tools/make_llava_fixtures.py --bench bench/checkpoints
+[[ -d bench/checkpoints/qwen2-text-mid ]] || "$py" tools/make_text_fixtures.py --bench bench/checkpoints
 bin=${BIN:-}
 if [[ -z $bin ]]; then
     cargo build --release -q
@@ -24,10 +28,14 @@ prompt="Color of the main object:"
 printf '%-15s %-15s %6s %10s %10s %8s %s\n' model image tokens seed_ms rust_ms speedup same_outputs
 for model in $models; do
 ckpt=bench/checkpoints/$model
-for img in coco_640x480 clevr_480x320; do
-  "$py" bench/seed_pipeline.py --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
+images="coco_640x480 clevr_480x320"
+[[ $model == *-text-* ]] && images=none
+for img in $images; do
+  image_arg=()
+  [[ $img == none ]] || image_arg=(--image bench/images/$img.png)
+  "$py" bench/seed_pipeline.py --model $ckpt "${image_arg[@]}" --prompt "$prompt" \
          --iters "$iters" --threads "$threads" 2>/dev/null | tail -1 > /tmp/seed.json
-  "$bin" probe --model $ckpt --image bench/images/$img.png --prompt "$prompt" \
+  "$bin" probe --model $ckpt "${image_arg[@]}" --prompt "$prompt" \
               --top-k 3 --repeat "$iters" > /tmp/rust.json 2>/tmp/rust_timings.txt
   python3 - /tmp/seed.json /tmp/rust.json /tmp/rust_timings.txt "$img" "$model" <<'PY'
 import json, statistics, sys

@@ -28,7 +28,9 @@ LLaVA-1.5 and LLaVA-OneVision checkpoints (llava-hf hub layout) work the same wa
 ``config.json`` (``model_type`` qwen2_vl / llava / llava_onevision) and printed as ``family``. Mid-size ones come
 from ``tools/make_llava_fixtures.py --bench bench/checkpoints`` (``llava15-mid``, ``onevision-mid``); the tiny
 fixtures ``tests/fixtures/llava15-hub`` and ``tests/fixtures/onevision-hub`` work too. For OneVision the
-processor's ``image_sizes`` is printed as well.
+processor's ``image_sizes`` is printed as well. Qwen2.5-VL (``tools/make_qwen2_5_vl_fixtures.py --bench``) and
+text-only causal LMs (``model_type`` llama / mistral / qwen2 / qwen3: the tokenizer's chat template, no image;
+``tools/make_text_fixtures.py --bench``) work the same way.
 """
 import argparse
 import json
@@ -43,14 +45,21 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import (AutoProcessor, LlavaForConditionalGeneration,  # noqa: E402
-                          LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration)
+from transformers import (AutoModelForCausalLM, AutoProcessor, AutoTokenizer,  # noqa: E402
+                          LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
 # config.json model_type -> (family name, model class)
 FAMILIES = {
     "qwen2_vl": ("qwen2vl", Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": ("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration),
     "llava": ("llava15", LlavaForConditionalGeneration),
     "llava_onevision": ("onevision", LlavaOnevisionForConditionalGeneration),
+    # text-only causal LMs: the tokenizer's chat template, no image
+    "llama": ("causal_lm", AutoModelForCausalLM),
+    "mistral": ("causal_lm", AutoModelForCausalLM),
+    "qwen2": ("causal_lm", AutoModelForCausalLM),
+    "qwen3": ("causal_lm", AutoModelForCausalLM),
 }
 
 
@@ -62,7 +71,7 @@ def detect_family(model_dir):
 
 
 def norm_head(model):
-    lm = model.model.language_model
+    lm = getattr(model.model, "language_model", model.model)  # a causal LM's body is model.model
     return lm.norm, model.lm_head
 
 
@@ -80,6 +89,9 @@ def seed_lens(model, batch):
 
 
 def preprocess(processor, image, prompt):
+    if not hasattr(processor, "image_processor"):  # a text-only model's tokenizer
+        return processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
@@ -99,7 +111,7 @@ def main():
     torch.set_grad_enabled(False)
     family, model_class = detect_family(a.model)
     t0 = time.perf_counter()
-    processor = AutoProcessor.from_pretrained(a.model)
+    processor = (AutoTokenizer if family == "causal_lm" else AutoProcessor).from_pretrained(a.model)
     model = model_class.from_pretrained(a.model, dtype=torch.float32, attn_implementation="eager").eval()
     load_s = time.perf_counter() - t0
     image = Image.open(a.image).convert("RGB") if a.image else None
@@ -131,7 +143,7 @@ def main():
         "threads": a.threads,
         "iters": a.iters,
         "seq_len": int(ids.shape[0]),
-        "num_image_tokens": int((ids == model.config.image_token_id).sum()),
+        "num_image_tokens": int((ids == getattr(model.config, "image_token_id", -1)).sum()),
         "image_grid_thw": batch["image_grid_thw"][0].tolist() if "image_grid_thw" in batch else None,
         **({"image_sizes": batch["image_sizes"][0].tolist()} if "image_sizes" in batch else {}),
         "median_ms": round(statistics.median(totals), 2),

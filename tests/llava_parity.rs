@@ -92,7 +92,7 @@ fn onevision_image_token_counts_match_the_processor_at_real_scale() {
         pinpoints,
         rescale: None,
         mean_std: None,
-        max_num_patches: 9,
+        max_num_patches: Some(9),
     };
     let pair = |x: &serde_json::Value| {
         (

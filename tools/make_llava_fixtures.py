@@ -696,6 +696,10 @@ def image_features_of(family: str, model, batch) -> torch.Tensor:
         out = model.model.get_image_features(pixel_values=batch["pixel_values"],
                                              vision_feature_layer=cfg.vision_feature_layer,
                                              vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    elif family == "llava_next":  # tools/make_llava_next_fixtures.py
+        out = model.model.get_image_features(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
+                                             vision_feature_layer=cfg.vision_feature_layer,
+                                             vision_feature_select_strategy=cfg.vision_feature_select_strategy)
     else:
         out = model.model.get_image_features(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
                                              vision_feature_layer=cfg.vision_feature_layer,

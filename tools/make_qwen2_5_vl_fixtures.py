@@ -22,10 +22,16 @@ merged tokens a side, so that the cases cover several windows with partial edges
 tokens → windows of 16, 12, 4 and 3), windows of one size (portrait: 8 × 4 → 16, 16) and one window holding the
 whole image (tiny: 3 × 2).
 
+With ``--bench DIR`` it writes only a mid-size random checkpoint in the hub layout for bench/cpu.sh (not
+committed): make_fixtures.py's ``BENCH`` sizes (text 8 layers, width 512, the real 151936-token vocabulary, the
+hub's real pixel limits), a vision tower of 4 blocks of width 256 with window attention (full attention in block 3).
+
 Run from the repository root (deterministic, a few seconds):
 
     ~/.venvs/tools/bin/python tools/make_qwen2_5_vl_fixtures.py
+    ~/.venvs/tools/bin/python tools/make_qwen2_5_vl_fixtures.py --bench bench/checkpoints/qwen2_5_vl-mid
 """
+import argparse
 import json
 import shutil
 import sys
@@ -41,6 +47,8 @@ from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 SEED = 25
+BENCH = dict(mf.BENCH, vision=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=8, window_size=112,
+                                   fullatt_block_indexes=[3]))
 TINY = dict(mf.TINY, vision=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, window_size=112,
                                  fullatt_block_indexes=[1]))
 
@@ -68,7 +76,42 @@ def load_reference_model(path: Path):
     return model.eval()
 
 
+def write_hub(out: Path, sizes: dict, seed: int, embed_std: float):
+    """The hub layout with random weights; returns the model."""
+    tok = mf.train_tokenizer()
+    ids = mf.write_tokenizer(out, tok)
+    size = dict(sizes, vocab_size=sizes.get("vocab_size") or (tok.get_vocab_size() // 64 + 1) * 64)
+    mf.write_json(out / "config.json", hub_config(size, ids))
+    mf.write_json(out / "preprocessor_config.json",
+                  dict(mf.preprocessor_config(size), processor_class="Qwen2_5_VLProcessor"))
+    mf.write_json(out / "chat_template.json", {"chat_template": mf.CHAT_TEMPLATE})
+    mf.write_json(out / "generation_config.json", {
+        "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "repetition_penalty": 1.05,
+        "temperature": 0.1, "top_p": 0.001, "top_k": 1, "transformers_version": "4.49.0.dev0"})
+    config = AutoConfig.from_pretrained(str(out))
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    mf.randomize(model, seed, embed_std=embed_std)
+    return config, model, mf.save_hub_weights(model, out)
+
+
+def make_bench(out: Path):
+    torch.set_grad_enabled(False)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    write_hub(out, BENCH, SEED + 1, embed_std=0.15)
+    print(f"{out}: {mf.dir_size(out) / 2**20:.0f} MiB")
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", type=Path, help="write a mid-size checkpoint there instead of the fixtures")
+    a = ap.parse_args()
+    if a.bench:
+        make_bench(a.bench)
+        return
     torch.set_grad_enabled(False)
     fixtures = mf.REPO / "tests" / "fixtures"
     hub_dir, tf5_dir = fixtures / "qwen2_5_vl-hub", fixtures / "qwen2_5_vl-tf5"
@@ -78,27 +121,11 @@ def main():
             shutil.rmtree(d)
         d.mkdir(parents=True)
 
-    tok = mf.train_tokenizer()
-    ids = mf.write_tokenizer(hub_dir, tok)
-    size = dict(TINY, vocab_size=(tok.get_vocab_size() // 64 + 1) * 64)
-    mf.write_json(hub_dir / "config.json", hub_config(size, ids))
-    mf.write_json(hub_dir / "preprocessor_config.json",
-                  dict(mf.preprocessor_config(size), processor_class="Qwen2_5_VLProcessor"))
-    mf.write_json(hub_dir / "chat_template.json", {"chat_template": mf.CHAT_TEMPLATE})
-    mf.write_json(hub_dir / "generation_config.json", {
-        "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": True,
-        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "repetition_penalty": 1.05,
-        "temperature": 0.1, "top_p": 0.001, "top_k": 1, "transformers_version": "4.49.0.dev0"})
-
-    config = AutoConfig.from_pretrained(str(hub_dir))
-    torch.manual_seed(SEED)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    mf.randomize(model, SEED, embed_std=0.5)
+    config, model, hub_names = write_hub(hub_dir, TINY, SEED, embed_std=0.5)
     v = config.vision_config
     print("vision config read as:", {k: getattr(v, k, None) for k in (
         "depth", "hidden_size", "intermediate_size", "out_hidden_size", "num_heads", "window_size",
         "fullatt_block_indexes", "hidden_act", "rope_parameters")})
-    hub_names = mf.save_hub_weights(model, hub_dir)
     model = load_reference_model(hub_dir)
     processor = AutoProcessor.from_pretrained(str(hub_dir))
     on_disk = {}

@@ -34,10 +34,16 @@ U(0.5, 1.5), embeddings and an untied lm_head N(0, 0.5)):
 The chat templates are those models' templates as published, written here from memory (no network): what the
 tests prove is that logit-lens renders a snapshot's own template as transformers does, whichever it is.
 
+With ``--bench DIR`` it writes only ``DIR/qwen2-text-mid``, a mid-size random Qwen2.5-style checkpoint in the hub
+layout for bench/cpu.sh (not committed): 8 layers, width 512, 8 heads / 2 KV heads, intermediate 1536, tied, and the
+real 151936-row vocabulary (the small tokenizer's ids, the rest of the rows never produced but scored by the lens).
+
 Run from the repository root (deterministic, a few seconds):
 
     ~/.venvs/tools/bin/python tools/make_text_fixtures.py
+    ~/.venvs/tools/bin/python tools/make_text_fixtures.py --bench bench/checkpoints
 """
+import argparse
 import json
 import os
 import shutil
@@ -316,7 +322,7 @@ def arch_specs():
 # Checkpoints and references
 # --------------------------------------------------------------------------------------------------------------
 
-def write_hub(arch: str, spec: dict, out: Path):
+def write_hub(arch: str, spec: dict, out: Path, sizes: dict = TINY, embed_std: float = 0.5):
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -326,7 +332,7 @@ def write_hub(arch: str, spec: dict, out: Path):
     tc = spec["tok_cfg"]
     mf.write_json(out / "special_tokens_map.json",
                   {k: tc[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if tc.get(k)})
-    cfg = dict(spec["config"], **TINY, torch_dtype="bfloat16", transformers_version="4.45.0", use_cache=True,
+    cfg = dict(spec["config"], **sizes, torch_dtype="bfloat16", transformers_version="4.45.0", use_cache=True,
                attention_dropout=0.0, initializer_range=0.02)
     mf.write_json(out / "config.json", dict(sorted(cfg.items())))
     mf.write_json(out / "generation_config.json",
@@ -334,7 +340,7 @@ def write_hub(arch: str, spec: dict, out: Path):
                    "transformers_version": "4.45.0"})
     config = transformers.AutoConfig.from_pretrained(str(out))
     model = getattr(transformers, spec["cls"])(config)
-    mf.randomize(model, SEED, embed_std=0.5)
+    mf.randomize(model, SEED, embed_std=embed_std)
     if not config.tie_word_embeddings:
         # An untied head drawn like a linear layer (std 1/sqrt(hidden)) gives near-uniform logits over the
         # vocabulary; drawn like the embeddings, the lens is as informative as the tied models'.
@@ -420,8 +426,22 @@ def reference_case(model, tok, raw_tok: Tokenizer, name: str, prompt: str):
     return tensors, meta, case, stats, out.logits
 
 
+BENCH = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=2)
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", type=Path, help="write DIR/qwen2-text-mid instead of the fixtures")
+    a = ap.parse_args()
     torch.set_grad_enabled(False)
+    if a.bench:
+        spec = arch_specs()["qwen2"]
+        spec["config"] = dict(spec["config"], vocab_size=151936)
+        out = a.bench / "qwen2-text-mid"
+        write_hub("qwen2", spec, out, sizes=BENCH, embed_std=0.15)
+        print(f"{out}: {mf.dir_size(out) / 2**20:.0f} MiB")
+        return
     for arch, spec in arch_specs().items():
         hub, tf5, ref_dir = FIXTURES / f"{arch}-hub", FIXTURES / f"{arch}-tf5", FIXTURES / "reference" / arch
         write_hub(arch, spec, hub)

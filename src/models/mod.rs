@@ -15,6 +15,7 @@ pub mod fused;
 pub mod gemm;
 pub mod layers;
 pub mod llava;
+pub mod llava_next;
 pub mod llava_onevision;
 pub mod profile;
 pub mod qwen2_5_vl;
@@ -224,6 +225,7 @@ pub const FAMILIES: &[Family] = &[
     qwen2_vl::FAMILY,        // Qwen2-VL
     qwen2_5_vl::FAMILY,      // Qwen2.5-VL
     llava::FAMILY,           // LLaVA-1.5
+    llava_next::FAMILY,      // LLaVA-NeXT (v1.6)
     llava_onevision::FAMILY, // LLaVA-OneVision
     causal_lm::FAMILY,       // text-only: Llama, Mistral, Qwen2, Qwen3
 ];

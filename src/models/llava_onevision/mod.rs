@@ -51,16 +51,65 @@ pub struct LlavaOnevision {
     image_newline: Option<Tensor>,
 }
 
+/// What sets an anyres LLaVA family apart: LLaVA-OneVision here, LLaVA-NeXT in `llava_next`.
+pub struct AnyResSpec {
+    pub family: &'static str,
+    pub weight_names: &'static [Rename],
+    /// The config class's default vision tower.
+    pub vision_defaults: serde_json::Value,
+    /// The config class's defaults for `vision_feature_layer` and `vision_feature_select_strategy`.
+    pub feature_defaults: [(&'static str, serde_json::Value); 2],
+    pub text_model_type: &'static str,
+    pub default_pinpoints: Vec<(usize, usize)>,
+    /// The tile budget (OneVision's `vision_aspect_ratio` anyres_max_N), read from the config.
+    pub budget: fn(&Snapshot) -> Result<Option<usize>>,
+}
+
 impl LlavaOnevision {
     pub fn load(snapshot: Snapshot, name: &str, device: &Device, dtype: DType) -> Result<Self> {
-        // LlavaOnevisionConfig's default vision tower (SigLIP so400m without its last layer).
-        let vision_defaults = json!({"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-            "patch_size": 14, "image_size": 384, "num_hidden_layers": 26, "num_attention_heads": 16});
+        Self::load_with(
+            snapshot,
+            name,
+            device,
+            dtype,
+            AnyResSpec {
+                family: "llava_onevision",
+                weight_names: WEIGHT_NAMES,
+                // LlavaOnevisionConfig's default vision tower (SigLIP so400m without its last layer).
+                vision_defaults: json!({"model_type": "siglip_vision_model", "hidden_size": 1152,
+                    "intermediate_size": 4304, "patch_size": 14, "image_size": 384,
+                    "num_hidden_layers": 26, "num_attention_heads": 16}),
+                feature_defaults: [
+                    ("vision_feature_layer", json!(-1)),
+                    ("vision_feature_select_strategy", json!("full")),
+                ],
+                text_model_type: "qwen2",
+                default_pinpoints: (1..=6)
+                    .flat_map(|a| (1..=6).map(move |b| (a * 384, b * 384)))
+                    .collect(),
+                budget: |snapshot| {
+                    let aspect: String = field(&snapshot.config, "vision_aspect_ratio")
+                        .map_err(|e| snapshot.err(format!("config.json: {e}")))?
+                        .unwrap_or_else(|| "anyres_max_9".into());
+                    processor::max_num_patches(&aspect)
+                        .map(Some)
+                        .map_err(|e| snapshot.err(format!("config.json: {e}")))
+                },
+            },
+        )
+    }
+
+    /// An anyres LLaVA: tiles of the best pinpoint resolution through the tower, features packed
+    /// as [base tile; unpadded grid with a newline per row] (and, with a budget, downscaled).
+    pub fn load_with(
+        snapshot: Snapshot,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+        spec: AnyResSpec,
+    ) -> Result<Self> {
         let mut config = snapshot.config.clone();
-        for (key, default) in [
-            ("vision_feature_layer", json!(-1)),
-            ("vision_feature_select_strategy", json!("full")),
-        ] {
+        for (key, default) in spec.feature_defaults {
             if config.get(key).is_none() {
                 config[key] = default;
             }
@@ -72,26 +121,20 @@ impl LlavaOnevision {
         let parts = LlavaParts::load(
             &snapshot,
             name,
-            "llava_onevision",
-            WEIGHT_NAMES,
-            vision_defaults,
-            "qwen2",
+            spec.family,
+            spec.weight_names,
+            spec.vision_defaults,
+            spec.text_model_type,
             device,
             dtype,
         )?;
         let cfg_err = |e: Error| snapshot.err(format!("config.json: {e}"));
-        let aspect: String = field(&snapshot.config, "vision_aspect_ratio")
-            .map_err(cfg_err)?
-            .unwrap_or_else(|| "anyres_max_9".into());
-        let max_patches = processor::max_num_patches(&aspect).map_err(cfg_err)?;
-        let default_pinpoints: Vec<(usize, usize)> = (1..=6)
-            .flat_map(|a| (1..=6).map(move |b| (a * 384, b * 384)))
-            .collect();
+        let budget = (spec.budget)(&snapshot)?;
         let pinpoints = processor::parse_pinpoints(snapshot.config.get("image_grid_pinpoints"))
             .map_err(cfg_err)?
-            .unwrap_or(default_pinpoints);
+            .unwrap_or(spec.default_pinpoints);
         let processor =
-            AnyResConfig::from_json(&snapshot.image_processor_config()?, &pinpoints, max_patches)
+            AnyResConfig::from_json(&snapshot.image_processor_config()?, &pinpoints, budget)
                 .map_err(|e| snapshot.err(format!("image processor config: {e}")))?;
         if processor.size != (parts.vit.image_size, parts.vit.image_size) {
             return Err(snapshot.err(format!(

@@ -1,4 +1,5 @@
-//! LLaVA-OneVision's image processor (`LlavaOnevisionImageProcessor`, anyres_max_9) for one image
+//! LLaVA-OneVision's image processor (`LlavaOnevisionImageProcessor`, anyres_max_9) and
+//! LLaVA-NeXT's (`LlavaNextImageProcessor`, anyres: the same without the tile budget) for one image
 //! per prompt: the best grid resolution from `image_grid_pinpoints`, an aspect-keeping resize and
 //! black centred padding to it, tiles of the tower's input size in row-major order, and the whole
 //! image resized to one tile in front. Also the processor's count of image tokens.
@@ -18,8 +19,9 @@ pub struct AnyResConfig {
     pub pinpoints: Vec<(usize, usize)>,
     pub rescale: Option<f64>,
     pub mean_std: Option<([f32; 3], [f32; 3])>,
-    /// N of `anyres_max_N`: the tile budget for unpadded features.
-    pub max_num_patches: usize,
+    /// N of `anyres_max_N`: the tile budget for unpadded features (OneVision); None: no budget
+    /// (LLaVA-NeXT).
+    pub max_num_patches: Option<usize>,
 }
 
 pub fn parse_pinpoints(v: Option<&Value>) -> Result<Option<Vec<(usize, usize)>>> {
@@ -57,7 +59,7 @@ impl AnyResConfig {
     pub fn from_json(
         v: &Value,
         model_pinpoints: &[(usize, usize)],
-        max_num_patches: usize,
+        max_num_patches: Option<usize>,
     ) -> Result<Self> {
         let size = v.get("size").cloned().unwrap_or(Value::Null);
         let h = field(&size, "height")?
@@ -145,8 +147,11 @@ pub fn budget_grid(
     rows: usize,
     cols: usize,
     per_side: usize,
-    max_num_patches: usize,
+    max_num_patches: Option<usize>,
 ) -> (usize, usize, bool) {
+    let Some(max_num_patches) = max_num_patches else {
+        return (rows, cols, false);
+    };
     let ratio = ((rows * cols) as f64 / (max_num_patches * per_side * per_side) as f64).sqrt();
     if ratio > 1.1 {
         (
@@ -212,7 +217,7 @@ mod tests {
             pinpoints,
             rescale: None,
             mean_std: None,
-            max_num_patches: 9,
+            max_num_patches: Some(9),
         }
     }
 
