@@ -118,6 +118,7 @@ fn probe(a: ProbeArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     logit_lens::keep_freed_memory();
+    logit_lens::flush_subnormals();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(a) => probe(a),

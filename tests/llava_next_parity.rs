@@ -68,7 +68,11 @@ fn image_token_counts_at_the_real_scale() {
     for r in rows {
         let g = |k: &str| r[k].as_u64().unwrap() as usize;
         let (h, w) = (g("height"), g("width"));
-        assert_eq!(num_image_tokens(h, w, &cfg, 24), g("num_image_tokens"), "{h}x{w}");
+        assert_eq!(
+            num_image_tokens(h, w, &cfg, 24),
+            g("num_image_tokens"),
+            "{h}x{w}"
+        );
     }
     // The fixture's cases, counted by transformers' processor at the fixture scale.
     let tiny = AnyResConfig {

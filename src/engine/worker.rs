@@ -120,7 +120,10 @@ impl Engine {
         };
         let thread = std::thread::Builder::new()
             .name("lens-worker".into())
-            .spawn(move || worker.run(loader, state_tx))?;
+            .spawn(move || {
+                crate::models::fastmath::flush_subnormals_here();
+                worker.run(loader, state_tx)
+            })?;
         Ok(Engine {
             tx: Mutex::new(Some(tx)),
             depth,

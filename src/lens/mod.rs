@@ -7,8 +7,9 @@
 //! KL to the final layer is recovered without keeping any earlier layer's distribution:
 //! `KL(p_L ‖ p_l) = lse_l − (Wᵀ p_L)·n_l − H(p_L)`, where `n_l` is the normed hidden state.
 //!
-//! Two ways to run it, same numbers (a test compares them): on the CPU in f32, each layer as it
-//! arrives, GEMMs over cache-sized vocabulary blocks feeding one fused pass per row; elsewhere (the
+//! Two ways to run it, same numbers (a test compares them): on the CPU in f32, the layers' rows as
+//! they arrive, gathered until they fill a block (a short input's layers then share one pass over
+//! the unembedding), GEMMs over cache-sized vocabulary blocks feeding one fused pass per row; elsewhere (the
 //! GPU, half precision), each layer's work is queued on the device as the layer arrives (a GEMM
 //! over the whole vocabulary per chunk of rows and one kernel, cuda.rs, for max and sum-exp), only
 //! its small results are kept (per row max and sum; the requested rows' logits), and the host
@@ -97,6 +98,11 @@ pub struct Lens<'a> {
     pending: Vec<LayerPlan>,
     /// Collect `pending` once its detail rows exceed this many bytes (f32).
     pending_detail_bytes: usize,
+    /// CPU path: layers waiting to be reduced together, so that a short input's layers share one
+    /// pass over the unembedding (each pass reads all of it: 311 MB for a 152k × 512 f32 matrix,
+    /// which dominates when a layer has tens of rows). Reduced once they hold `ROW_BLOCK` rows,
+    /// and in `finish`.
+    cpu_pending: Vec<LayerPlan>,
     /// The targets' unembedding rows `[targets, hidden]` in f64 (their logits are exact dot
     /// products), taken once.
     target_w: Option<Tensor>,
@@ -149,6 +155,7 @@ impl<'a> Lens<'a> {
             tensor_path: false,
             pending: Vec::new(),
             pending_detail_bytes: PENDING_DETAIL_BYTES,
+            cpu_pending: Vec::new(),
         })
     }
 
@@ -174,6 +181,7 @@ impl<'a> Lens<'a> {
     /// The finished lens, one entry per requested layer.
     pub fn finish(mut self) -> Result<Vec<LayerStats>> {
         let t = Instant::now();
+        self.reduce_cpu_pending()?;
         self.collect_pending()?;
         self.seconds += t.elapsed().as_secs_f64();
         let finals = self.final_parts.take().ok_or_else(|| {
@@ -198,18 +206,13 @@ impl<'a> Lens<'a> {
             return Ok(());
         };
         if !self.on_device(hidden) {
-            // The fused CPU reduction, layer by layer, in blocks of rows that stay in cache.
-            // Equal blocks of at most ROW_BLOCK rows (588 rows: 2 × 294, not 512 + 76: a thin
-            // GEMM runs well below the machine's rate).
-            let normed = plan.normed_rows.take().expect("planned rows");
-            let rows = plan.states.len();
-            let block_rows = rows.div_ceil(rows.div_ceil(ROW_BLOCK).max(1)).max(1);
-            for start in (0..rows).step_by(block_rows) {
-                let n = block_rows.min(rows - start);
-                let block = normed.narrow(0, start, n)?;
-                self.reduce_vocabulary(&block, &mut plan.states[start..start + n])?;
+            // The fused CPU reduction, several layers' rows at a time once they fill a block.
+            self.cpu_pending.push(plan);
+            let rows: usize = self.cpu_pending.iter().map(|p| p.states.len()).sum();
+            if rows >= ROW_BLOCK {
+                self.reduce_cpu_pending()?;
             }
-            self.record(plan, None)
+            Ok(())
         } else {
             self.launch_layer(&mut plan)?;
             self.pending.push(plan);
@@ -226,6 +229,43 @@ impl<'a> Lens<'a> {
             }
             Ok(())
         }
+    }
+
+    /// Reduces the waiting CPU layers' rows together, in blocks of rows that stay in cache, and
+    /// records the layers in order. Equal blocks of at most ROW_BLOCK rows (588 rows: 2 × 294,
+    /// not 512 + 76: a thin GEMM runs well below the machine's rate).
+    fn reduce_cpu_pending(&mut self) -> Result<()> {
+        if self.cpu_pending.is_empty() {
+            return Ok(());
+        }
+        let mut plans = std::mem::take(&mut self.cpu_pending);
+        let normed: Vec<Tensor> = plans
+            .iter_mut()
+            .map(|p| p.normed_rows.take().expect("planned rows"))
+            .collect();
+        let normed = if normed.len() == 1 {
+            normed.into_iter().next().expect("one layer")
+        } else {
+            Tensor::cat(&normed, 0)?
+        };
+        let lens: Vec<usize> = plans.iter().map(|p| p.states.len()).collect();
+        let mut states: Vec<RowState> = plans
+            .iter_mut()
+            .flat_map(|p| std::mem::take(&mut p.states))
+            .collect();
+        let rows = states.len();
+        let block_rows = rows.div_ceil(rows.div_ceil(ROW_BLOCK).max(1)).max(1);
+        for start in (0..rows).step_by(block_rows) {
+            let n = block_rows.min(rows - start);
+            let block = normed.narrow(0, start, n)?;
+            self.reduce_vocabulary(&block, &mut states[start..start + n])?;
+        }
+        let mut states = states.into_iter();
+        for (mut plan, n) in plans.into_iter().zip(lens) {
+            plan.states = states.by_ref().take(n).collect();
+            self.record(plan, None)?;
+        }
+        Ok(())
     }
 
     /// Brings the queued layers to the host and records them, in layer order.
@@ -814,24 +854,7 @@ mod kernels {
     //! The one hot loop of the lens: `Σ e^(z−m)` and `Σ e^(z−m)(z−m)` over a vocabulary row,
     //! with a branch-free exp the compiler vectorises (AVX2+FMA when the CPU has them).
 
-    /// Cody–Waite range reduction plus a degree-6 polynomial; relative error ~2 ulp for the
-    /// inputs here (x ≤ 0), exact 0 below −87.
-    #[inline(always)]
-    fn exp(x: f32) -> f32 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_145_75;
-        const LN2_LO: f32 = 1.428_606_8e-6;
-        let x = x.max(-87.0);
-        let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0; // round to nearest
-        let r = x - n * LN2_HI - n * LN2_LO;
-        let p = 1.0
-            + r * (1.0
-                + r * (0.5
-                    + r * (0.166_666_67
-                        + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-        let bits = ((n as i32 + 127) << 23) as u32;
-        p * f32::from_bits(bits)
-    }
+    use crate::models::fastmath::exp;
 
     #[inline(always)]
     fn sum_exp_generic(z: &[f32], m: f32) -> (f64, f64) {
@@ -873,22 +896,6 @@ mod kernels {
             return unsafe { sum_exp_avx2(z, m) };
         }
         sum_exp_generic(z, m)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn fast_exp_is_accurate_over_the_range_used() {
-            let mut worst = 0f32;
-            let mut x = -80.0f32;
-            while x <= 0.0 {
-                let rel = ((super::exp(x) - x.exp()) / x.exp()).abs();
-                worst = worst.max(rel);
-                x += 0.001;
-            }
-            assert!(worst < 5e-7, "worst relative error {worst}");
-            assert_eq!(super::exp(-1000.0), 0.0f32.max(super::exp(-87.0)));
-        }
     }
 }
 

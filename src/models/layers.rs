@@ -375,6 +375,17 @@ fn flash(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result
 /// `softmax(scores · scale + mask)` op by op, as transformers' eager attention: the scale as torch
 /// rounds it, the mask and the softmax in f32, the result cast back to the scores' dtype.
 pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    attention_softmax_with(scores, mask, scale, scores.device().is_cpu())
+}
+
+/// [`attention_softmax`] with the final softmax by candle's kernel (what a GPU runs op by op), or
+/// (`fast_cpu`) by [`super::fastmath::softmax_rows`].
+pub(crate) fn attention_softmax_with(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    fast_cpu: bool,
+) -> Result<Tensor> {
     let dtype = scores.dtype();
     let scores = scale_like_torch(scores, scale)?.to_dtype(DType::F32)?;
     // The mask is 0 or −∞: adding it in f32 gives what transformers' half-precision add gives.
@@ -382,6 +393,27 @@ pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> 
         Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
         None => scores,
     };
+    if fast_cpu && scores.device().is_cpu() {
+        // candle's CPU softmax calls libm's exp one value at a time: ~5 ns a value, which made it
+        // the vision towers' largest cost (Qwen2-VL's 1672² scores × 8 heads × 4 blocks).
+        let n = scores.dim(D::Minus1)?;
+        let shape = scores.shape().clone();
+        let probs = {
+            let scores = scores.contiguous()?;
+            let (storage, layout) = scores.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(cpu), Some((a, b))) => {
+                    super::fastmath::softmax_rows(&cpu.as_slice::<f32>()?[a..b], n)
+                }
+                _ => {
+                    return Err(Error::Internal(
+                        "attention scores are not contiguous".into(),
+                    ))
+                }
+            }
+        };
+        return Ok(Tensor::from_vec(probs, shape, &Device::Cpu)?.to_dtype(dtype)?);
+    }
     Ok(candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?)
 }
 

@@ -11,6 +11,7 @@ use crate::preprocess::image::Rgb8;
 
 pub mod causal_lm;
 pub mod decoder;
+pub mod fastmath;
 pub mod fused;
 pub mod gemm;
 pub mod layers;

@@ -234,8 +234,13 @@ impl candle_core::CustomOp2 for ScaledMaskedSoftmax {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::layers::{attention_softmax, causal_mask};
+    use crate::models::layers::{attention_softmax_with, causal_mask};
     use candle_core::Device;
+
+    /// The op-by-op path as a GPU runs it (candle's softmax kernel).
+    fn attention_softmax(x: &Tensor, m: Option<&Tensor>, scale: f64) -> crate::Result<Tensor> {
+        attention_softmax_with(x, m, scale, false)
+    }
 
     #[test]
     fn one_pass_equals_the_op_by_op_path_in_every_dtype() {
