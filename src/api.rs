@@ -301,7 +301,7 @@ pub struct Timing {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct LensResponse {
     pub model: String,
-    /// `qwen2_vl`, `llava`, `llava_onevision` or `causal_lm` (text only).
+    /// `qwen2_vl`, `qwen2_5_vl`, `llava`, `llava_next`, `llava_onevision` or `causal_lm` (text only).
     pub family: String,
     pub num_layers: usize,
     pub input: InputInfo,

@@ -67,7 +67,7 @@ pub struct LensJsonRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ModelOut {
     pub name: String,
-    /// `qwen2_vl`, `llava`, `llava_onevision` or `causal_lm` (text only).
+    /// `qwen2_vl`, `qwen2_5_vl`, `llava`, `llava_next`, `llava_onevision` or `causal_lm` (text only).
     pub family: String,
     pub architecture: String,
     /// Decoder blocks; the lens has `layers + 1` layers.
