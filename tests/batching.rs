@@ -24,14 +24,23 @@ fn requests(family: &str) -> Vec<LensRequest> {
         .collect();
     // The same image again with another prompt: the vision tower then takes runs of equal-size
     // images through attention together.
+    // (A text-only model has no image case: an image request must then fail alone.)
     let again = cases
         .iter()
         .find(|c| c.image.is_some())
-        .expect("a case with an image");
+        .cloned()
+        .unwrap_or(Case {
+            name: "image for a text-only model".into(),
+            image: Some("images/tiny.png".into()),
+            prompt: String::new(),
+            num_tokens: 0,
+            num_image_tokens: 0,
+            image_grid_thw: None,
+        });
     for prompt in ["Describe the picture.", "What is it?"] {
         out.push(LensRequest {
             prompt: prompt.into(),
-            image: image(again),
+            image: image(&again),
             options: out[0].options.clone(),
         });
     }
@@ -101,6 +110,24 @@ fn llava_batch_equals_alone() {
 #[test]
 fn onevision_batch_equals_alone() {
     check("onevision-hub", "onevision");
+}
+
+#[test]
+fn qwen2_5_vl_batch_equals_alone() {
+    check("qwen2_5_vl-hub", "qwen2_5_vl");
+}
+
+#[test]
+fn llava_next_batch_equals_alone() {
+    check("llava_next-hub", "llava_next");
+}
+
+/// Text only: prompts of different lengths together, and the image requests fail alone
+/// (`image_not_accepted`) without disturbing the others.
+#[test]
+fn causal_lm_batch_equals_alone() {
+    check("qwen3-hub", "qwen3");
+    check("llama3-tf5", "llama3");
 }
 
 #[test]

@@ -966,7 +966,14 @@ fn checkpoint_elements(dir: &str) -> u64 {
 /// every family (a failure there stops the server with a clear error).
 #[test]
 fn the_warm_up_request_runs_on_every_family() {
-    for dir in ["qwen2vl-hub", "llava15-hub", "onevision-hub"] {
+    for dir in [
+        "qwen2vl-hub",
+        "qwen2_5_vl-hub",
+        "llava15-hub",
+        "llava_next-hub",
+        "onevision-hub",
+        "qwen3-hub",
+    ] {
         let model = load(dir, dir);
         let ms = logit_lens::engine::warm_up(model.as_ref())
             .unwrap_or_else(|e| panic!("{dir}: the warm-up request failed: {e}"));
