@@ -39,6 +39,9 @@ pub struct LensOptions {
     pub chat_template: bool,
     /// Leave special tokens, added tokens and vocabulary rows no token maps to out of top-k.
     pub exclude_special: bool,
+    /// Greedily generate up to this many tokens (0: none; at most 64, else 422) and read every
+    /// generated position through the lens too (`answer`).
+    pub generate: usize,
 }
 
 impl Default for LensOptions {
@@ -52,6 +55,7 @@ impl Default for LensOptions {
             summary: true,
             chat_template: true,
             exclude_special: false,
+            generate: 0,
         }
     }
 }
@@ -298,6 +302,31 @@ pub struct Timing {
     pub total: f64,
 }
 
+/// The model's own greedy answer (`generate`), each token read through the lens.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Answer {
+    /// The generated tokens decoded, special tokens left out.
+    pub text: String,
+    /// `eos`: the model emitted a stop token (end of turn or of text; it is the last token), or
+    /// `length`: `generate` tokens were emitted.
+    pub stopped: String,
+    pub tokens: Vec<AnswerToken>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct AnswerToken {
+    /// The position whose next-token distribution emitted it (the prompt's last position for the
+    /// first token; each later one is the previous token's position, reported in `layers` after
+    /// the prompt's positions).
+    pub position: usize,
+    pub id: u32,
+    pub text: String,
+    /// Its probability at every lens layer, 0 to `num_layers` (the last is the model's own).
+    pub probs: Vec<f32>,
+    /// Its rank at every lens layer (1: the most probable).
+    pub ranks: Vec<usize>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct LensResponse {
     pub model: String,
@@ -309,6 +338,9 @@ pub struct LensResponse {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub excluded_ids: Option<Vec<[u32; 2]>>,
     pub layers: Vec<LayerOut>,
+    /// With `generate`: the greedy answer, read through the lens.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub answer: Option<Answer>,
     pub timing_ms: Timing,
 }
 

@@ -710,6 +710,57 @@ async fn impossible_requests_are_422() {
     assert_eq!(error_code(r, 422).await, "unprocessable");
 }
 
+/// `generate` over the socket: the answer equals `run_lens`'s (what `probe --generate` prints),
+/// as a JSON option and as its own form field; past the bound it is 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_answers_over_the_socket_and_past_the_bound_is_422() {
+    let server = Server::start(Setup::default()).await;
+    let model = load("qwen2vl-hub", DEMO);
+    let img = image_bytes("landscape.png");
+    let opts = LensOptions {
+        generate: 3,
+        ..options(2, Positions::Keyword("last".into()), &[])
+    };
+    let want = expected(
+        model.as_ref(),
+        "Color of the main object:",
+        Some(&img),
+        opts.clone(),
+    );
+    let r = server
+        .lens_form(
+            &[
+                ("prompt", "Color of the main object:"),
+                ("model", DEMO),
+                ("top_k", "2"),
+                ("generate", "3"),
+            ],
+            Some(img.clone()),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["answer"]["tokens"].as_array().unwrap().len(), 3);
+    assert_same_answer(&body["answer"], &want["answer"], "answer");
+    assert!(answer(&body) == answer(&want), "the lens with an answer");
+    let r = server
+        .lens_json(&json!({
+            "prompt": "Color of the main object:",
+            "model": DEMO,
+            "image_base64": base64::engine::general_purpose::STANDARD.encode(&img),
+            "options": opts,
+        }))
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_same_answer(&body["answer"], &want["answer"], "answer (JSON)");
+    let r = server
+        .lens_json(&json!({"prompt": "Hi", "model": DEMO, "options": {"generate": 65}}))
+        .await;
+    assert_eq!(error_code(r, 422).await, "unprocessable");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_api_keys_only_a_valid_bearer_key_passes_and_health_stays_open() {
     let server = Server::start(Setup {

@@ -32,6 +32,10 @@ pub struct LensArgs {
     /// Use the prompt verbatim (an `<image>` marker places the image) instead of the chat template.
     #[arg(long)]
     pub no_chat_template: bool,
+    /// Greedily generate up to N tokens (at most 64) and read each generated position through the
+    /// lens too (`answer` in the output).
+    #[arg(long, default_value_t = 0)]
+    pub generate: usize,
 }
 
 impl LensArgs {
@@ -45,6 +49,7 @@ impl LensArgs {
             summary,
             chat_template: !self.no_chat_template,
             exclude_special: self.exclude_special,
+            generate: self.generate,
         })
     }
 }

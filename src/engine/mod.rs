@@ -1,6 +1,7 @@
 //! Runs one lens request on a resident model: prepare → instrumented forward with the lens as
 //! observer → response. [`worker`] holds the service's queue and the thread that owns the models.
 
+pub mod generate;
 pub mod worker;
 
 pub use worker::{Engine, EngineConfig, JobError, JobResult, LoadState, ModelEntry, SubmitError};
@@ -69,12 +70,20 @@ pub fn run_lens_batch(
 ) -> Vec<Result<LensResponse>> {
     let info = model.info();
     let mut results: Vec<Option<Result<LensResponse>>> = (0..reqs.len()).map(|_| None).collect();
+    // A request that generates runs alone, its prompt and then one token at a time through the
+    // cached decoder (generate.rs); the others go through the decoder together.
+    for (index, req) in reqs.iter().enumerate() {
+        if req.options.generate > 0 {
+            results[index] = Some(generate::run_generate(model, req));
+        }
+    }
+    let reqs_left: Vec<usize> = (0..reqs.len()).filter(|&i| results[i].is_none()).collect();
     // Preparation is CPU work (image processing, templating, tokenization) and independent per
     // request: in parallel, off the device.
-    let prepared: Vec<(usize, Result<Resolved>, f64)> = reqs
+    let prepared: Vec<(usize, Result<Resolved>, f64)> = reqs_left
         .par_iter()
-        .enumerate()
-        .map(|(index, req)| {
+        .map(|&index| {
+            let req = reqs[index];
             let t0 = Instant::now();
             let r = model
                 .prepare(&req.prompt, req.image.as_ref(), req.options.chat_template)
@@ -195,6 +204,7 @@ fn run_group(
                     .exclude_special
                     .then(|| id_ranges(&r.spec.excluded)),
                 layers: layers_out(stats, &r.targets, tokenizer),
+                answer: None,
                 timing_ms: Timing {
                     queue: None,
                     preprocess: r.preprocess_ms,
@@ -208,6 +218,6 @@ fn run_group(
         .collect::<Vec<_>>())
 }
 
-fn ms(d: std::time::Duration) -> f64 {
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::layers::{
-    causal_attention, causal_mask, embed, inv_freq, rope, Activation, Linear, RmsNorm,
+    attention, causal_attention, causal_mask, embed, inv_freq, rope, Activation, Linear, RmsNorm,
 };
 use crate::models::profile;
 use crate::models::snapshot::{field, Prefixed};
@@ -347,6 +347,132 @@ impl Decoder {
         ))
     }
 
+    /// One decoder block over `h` (`[b, s, hidden]`). With `cache` (one sequence): the block's
+    /// keys and values so far come first, the new ones are appended, and `mask` is `[s, cached + s]`.
+    fn block(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: &Tensor,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let device = h.device().clone();
+        let (b, s, _) = h.dims3()?;
+        let hd = self.cfg.head_dim;
+        let (nh, nkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+        let scale = (hd as f64).powf(-0.5);
+        let mut h = h.clone();
+        let x = profile::op("decoder norm", &device, || {
+            layer.input_layernorm.forward(&h)
+        })?;
+        // [b, s, (nh + 2·nkv)·hd] → [b, nh + 2·nkv, s, hd]: q heads, then k, then v.
+        let qkv = profile::op("decoder qkv", &device, || {
+            Ok(layer
+                .qkv
+                .forward(&x)?
+                .reshape((b, s, nh + 2 * nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        })?;
+        // q and k rotated together (the tables do not depend on the head); Qwen3 norms each
+        // head's q and k first.
+        let qk = match &layer.qk_norm {
+            None => qkv.narrow(1, 0, nh + nkv)?,
+            Some((qn, kn)) => profile::op("decoder q/k norm", &device, || {
+                Ok(Tensor::cat(
+                    &[
+                        qn.forward(&qkv.narrow(1, 0, nh)?)?,
+                        kn.forward(&qkv.narrow(1, nh, nkv)?)?,
+                    ],
+                    1,
+                )?)
+            })?,
+        };
+        let qk = profile::op("decoder rope", &device, || rope(&qk, cos, sin))?;
+        let (q, k) = (qk.narrow(1, 0, nh)?, qk.narrow(1, nh, nkv)?);
+        let v = qkv.narrow(1, nh + nkv, nkv)?;
+        let a = profile::op("decoder attention", &device, || {
+            let a = match cache {
+                None => causal_attention(&q, &k, &v, mask, scale)?,
+                Some(c) => {
+                    let (k, v) = c.append(&k, &v)?;
+                    attention(&q, &k, &v, Some(mask), scale)?
+                }
+            };
+            Ok(a.transpose(1, 2)?.reshape((b, s, nh * hd))?)
+        })?;
+        h = profile::op("decoder o_proj + residual", &device, || {
+            Ok((&h + layer.o.forward(&a)?)?)
+        })?;
+        let x = profile::op("decoder norm", &device, || {
+            layer.post_attention_layernorm.forward(&h)
+        })?;
+        let mlp = profile::op("decoder mlp", &device, || {
+            layer.down.forward(
+                &self
+                    .act
+                    .then_mul(&layer.gate.forward(&x)?, &layer.up.forward(&x)?)?,
+            )
+        })?;
+        h = profile::op("decoder residual", &device, || Ok((&h + mlp)?))?;
+        Ok(h)
+    }
+
+    /// One sequence's next tokens (`embeds` `[s, hidden]` at `positions`) after what `cache`
+    /// holds (empty: a prefill), each new position attending to every cached one and to the new
+    /// ones up to itself; the blocks' keys and values are appended to `cache`. `observer` sees
+    /// the new rows' residual stream at every lens layer, as in [`Self::forward_batch`]. Every
+    /// new row equals what a full forward over the whole sequence gives at its position.
+    pub fn forward_cached(
+        &self,
+        embeds: Tensor,
+        positions: &[[u32; 3]],
+        cache: &mut KvCache,
+        observer: &mut dyn LayerObserver,
+    ) -> Result<()> {
+        let s = embeds.dim(0)?;
+        let past = cache.len;
+        self.check_length(past + s)?;
+        if positions.len() != s {
+            return Err(Error::Internal(format!(
+                "{s} new tokens and {} positions",
+                positions.len()
+            )));
+        }
+        if cache.layers.is_empty() {
+            cache.layers = (0..self.layers.len())
+                .map(|_| LayerCache::default())
+                .collect();
+        }
+        let device = embeds.device().clone();
+        let dtype = embeds.dtype();
+        let (cos, sin) = self.rope_tables(positions, &device)?;
+        // New row i sees the `past` cached keys and the new ones up to itself.
+        let mask: Vec<f32> = (0..s)
+            .flat_map(|i| {
+                (0..past + s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (s, past + s), &device)?.to_dtype(dtype)?;
+        let mut h = embeds.unsqueeze(0)?;
+        let observe = |index: usize, h: &Tensor, obs: &mut dyn LayerObserver| -> Result<()> {
+            let rows = h.get(0)?;
+            if obs.wants_normed(index) {
+                obs.observe_normed(index, &rows, &self.norm.forward(&rows)?)
+            } else {
+                obs.observe(index, &rows)
+            }
+        };
+        observe(0, &h, observer)?;
+        for (l, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            h = self.block(layer, &h, (&cos, &sin), &mask, Some(c))?;
+            observe(l + 1, &h, observer)?;
+        }
+        cache.len += s;
+        Ok(())
+    }
+
     /// Runs the blocks over a batch of sequences (`embeds[i]`: `[len_i, hidden]`), right-padded to
     /// the longest, and hands request i's residual stream `[len_i, hidden]` to `observers[i]`
     /// before the first block (lens layer 0) and after every block. Right padding keeps every
@@ -399,10 +525,7 @@ impl Decoder {
         } else {
             (cos.reshape((b, s, ()))?, sin.reshape((b, s, ()))?)
         };
-        let hd = self.cfg.head_dim;
-        let (nh, nkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
         let mask = causal_mask(s, dtype, &device)?;
-        let scale = (hd as f64).powf(-0.5);
         let mut h = Tensor::stack(&padded, 0)?; // [b, s, hidden]
         let observe =
             |index: usize, h: &Tensor, observers: &mut [&mut dyn LayerObserver]| -> Result<()> {
@@ -425,59 +548,43 @@ impl Decoder {
             };
         observe(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let x = profile::op("decoder norm", &device, || {
-                layer.input_layernorm.forward(&h)
-            })?;
-            // [b, s, (nh + 2·nkv)·hd] → [b, nh + 2·nkv, s, hd]: q heads, then k, then v.
-            let qkv = profile::op("decoder qkv", &device, || {
-                Ok(layer
-                    .qkv
-                    .forward(&x)?
-                    .reshape((b, s, nh + 2 * nkv, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            })?;
-            // q and k rotated together (the tables do not depend on the head); Qwen3 norms each
-            // head's q and k first.
-            let qk = match &layer.qk_norm {
-                None => qkv.narrow(1, 0, nh + nkv)?,
-                Some((qn, kn)) => profile::op("decoder q/k norm", &device, || {
-                    Ok(Tensor::cat(
-                        &[
-                            qn.forward(&qkv.narrow(1, 0, nh)?)?,
-                            kn.forward(&qkv.narrow(1, nh, nkv)?)?,
-                        ],
-                        1,
-                    )?)
-                })?,
-            };
-            let qk = profile::op("decoder rope", &device, || rope(&qk, &cos, &sin))?;
-            let (q, k) = (qk.narrow(1, 0, nh)?, qk.narrow(1, nh, nkv)?);
-            let v = qkv.narrow(1, nh + nkv, nkv)?;
-            let a = profile::op("decoder attention", &device, || {
-                Ok(causal_attention(&q, &k, &v, &mask, scale)?
-                    .transpose(1, 2)?
-                    .reshape((b, s, nh * hd))?)
-            })?;
-            h = profile::op("decoder o_proj + residual", &device, || {
-                Ok((&h + layer.o.forward(&a)?)?)
-            })?;
-            let x = profile::op("decoder norm", &device, || {
-                layer.post_attention_layernorm.forward(&h)
-            })?;
-            let mlp = profile::op("decoder mlp", &device, || {
-                layer.down.forward(
-                    &self
-                        .act
-                        .then_mul(&layer.gate.forward(&x)?, &layer.up.forward(&x)?)?,
-                )
-            })?;
-            h = profile::op("decoder residual", &device, || Ok((&h + mlp)?))?;
+            h = self.block(layer, &h, (&cos, &sin), &mask, None)?;
             profile::op("lens (per layer)", &device, || {
                 observe(l + 1, &h, observers)
             })?;
         }
         Ok(())
+    }
+}
+
+/// The keys and values of one sequence's tokens so far, per block (after RoPE), for
+/// [`Decoder::forward_cached`].
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    /// Tokens held.
+    pub len: usize,
+}
+
+#[derive(Default)]
+struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl LayerCache {
+    /// Appends the new keys and values (`[1, kv heads, s, head_dim]`); returns all of them.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let join = |old: &Option<Tensor>, new: &Tensor| -> Result<Tensor> {
+            Ok(match old {
+                Some(o) => Tensor::cat(&[o, &new.contiguous()?], 2)?,
+                None => new.contiguous()?,
+            })
+        };
+        let (k, v) = (join(&self.k, k)?, join(&self.v, v)?);
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        Ok((k, v))
     }
 }
 

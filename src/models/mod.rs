@@ -126,6 +126,9 @@ pub struct ModelInfo {
     pub weight_bytes: u64,
     /// Whether the model takes an image (a text-only language model does not).
     pub images: bool,
+    /// The tokens that end an answer (`generate`): generation_config.json's `eos_token_id`, else
+    /// config.json's, else the tokenizer's `eos_token`.
+    pub stop_ids: Vec<u32>,
 }
 
 pub trait VisionLanguageModel: Send + Sync {

@@ -104,6 +104,42 @@ impl Snapshot {
         })
     }
 
+    /// The tokens that end generation: `eos_token_id` (one id or a list) of
+    /// generation_config.json, else of config.json (top level or `text_config`), else the
+    /// tokenizer's `eos_token`, as transformers' `generate` takes them.
+    pub fn stop_ids(&self, tokenizer: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
+        let ids = |v: Option<&Value>| -> Vec<u32> {
+            match v {
+                Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64().map(|n| n as u32))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let gen = self.json("generation_config.json")?;
+        let mut out = ids(gen.as_ref().and_then(|g| g.get("eos_token_id")));
+        if out.is_empty() {
+            out = ids(self.config.get("eos_token_id"));
+        }
+        if out.is_empty() {
+            out = ids(self
+                .config
+                .get("text_config")
+                .and_then(|t| t.get("eos_token_id")));
+        }
+        if out.is_empty() {
+            if let Some(id) = self
+                .special_token("eos_token")?
+                .and_then(|t| tokenizer.token_to_id(&t))
+            {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
     /// The image processor's settings: `preprocessor_config.json` (hub), else the
     /// `image_processor` entry of `processor_config.json` (transformers 5).
     pub fn image_processor_config(&self) -> Result<Value> {

@@ -28,6 +28,7 @@ const OPTION_FIELDS: &[&str] = &[
     "summary",
     "chat_template",
     "exclude_special",
+    "generate",
 ];
 
 pub async fn from_multipart(mut form: Multipart, body_limit: usize) -> Result<LensInput, ApiError> {
@@ -148,6 +149,11 @@ fn option_field(name: &str, text: &str) -> Result<Value, ApiError> {
             text.trim()
                 .parse::<u64>()
                 .map_err(|_| bad("expected an integer between 1 and 100"))?,
+        ),
+        "generate" => Value::from(
+            text.trim()
+                .parse::<u64>()
+                .map_err(|_| bad("expected an integer between 0 and 64"))?,
         ),
         "positions" => match json() {
             Some(v @ Value::Array(_)) => v,

@@ -45,6 +45,8 @@ pub struct LensForm {
     pub summary: Option<bool>,
     pub chat_template: Option<bool>,
     pub exclude_special: Option<bool>,
+    /// Greedily generate up to this many tokens (0 to 64) and read them through the lens.
+    pub generate: Option<usize>,
 }
 
 /// POST /lens as `application/json`.

@@ -82,6 +82,7 @@ impl CausalLm {
             parameters,
             weight_bytes,
             images: false,
+            stop_ids: snapshot.stop_ids(&tokenizer)?,
         };
         Ok(CausalLm {
             info,

@@ -171,6 +171,7 @@ impl LlavaParts {
             parameters,
             weight_bytes,
             images: true,
+            stop_ids: snapshot.stop_ids(&tokenizer)?,
         };
         Ok(LlavaParts {
             info,

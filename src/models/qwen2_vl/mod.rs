@@ -140,6 +140,7 @@ impl Qwen2Vl {
             parameters,
             weight_bytes,
             images: true,
+            stop_ids: snapshot.stop_ids(&tokenizer)?,
         };
         Ok(Qwen2Vl {
             info,

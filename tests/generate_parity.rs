@@ -1,0 +1,190 @@
+//! `generate`: greedy decoding with a KV cache, every generated position read through the lens,
+//! against transformers' own `generate` (greedy, f32, eager) on the fixtures of every family
+//! (tools/make_generate_references.py): the same tokens, and at each step the emitted token's
+//! probability and rank and the position's top-5 and entropy at every layer within 1e-4 of the
+//! lens computed from transformers' hidden states at that step.
+
+mod common;
+
+use common::*;
+use logit_lens::api::{LensOptions, Positions};
+use logit_lens::engine::{run_lens, run_lens_batch, LensRequest};
+
+#[derive(serde::Deserialize)]
+struct Entry {
+    file: String,
+    fixture: String,
+    image: Option<String>,
+    prompt: String,
+}
+
+fn entries() -> Vec<Entry> {
+    let p = fixtures().join("reference/generate/cases.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn request(e: &Entry, generate: usize) -> LensRequest {
+    let img = e.image.as_ref().map(|p| {
+        logit_lens::preprocess::image::decode(&std::fs::read(fixtures().join(p)).unwrap()).unwrap()
+    });
+    LensRequest {
+        prompt: e.prompt.clone(),
+        image: img,
+        options: LensOptions {
+            top_k: 5,
+            positions: Positions::Keyword("last".into()),
+            generate,
+            ..Default::default()
+        },
+    }
+}
+
+#[test]
+fn greedy_answers_and_their_lens_equal_transformers_generate() {
+    let entries = entries();
+    assert!(entries.len() >= 14, "every family, image and text");
+    for e in &entries {
+        let model = load_model(&e.fixture);
+        let r = Reference::load("generate", &e.file);
+        let new_ids = r.ids("new_ids");
+        let logprobs = r.f32s("step_logprobs");
+        let layers = model.info().num_layers + 1;
+        let vocab = model.info().vocab_size;
+        let resp = run_lens(model.as_ref(), &request(e, new_ids.len())).unwrap();
+        let ctx = &e.file;
+        assert_eq!(resp.input.num_tokens, r.ids("input_ids").len(), "{ctx}");
+        let answer = resp.answer.as_ref().expect("an answer");
+        let got: Vec<i64> = answer.tokens.iter().map(|t| t.id as i64).collect();
+        assert_eq!(got, new_ids, "{ctx}: tokens");
+        let eos = r.ids("stopped_on_eos")[0] == 1;
+        assert_eq!(answer.stopped, if eos { "eos" } else { "length" }, "{ctx}");
+        let s = resp.input.num_tokens;
+        for (i, t) in answer.tokens.iter().enumerate() {
+            assert_eq!(t.position, s - 1 + i, "{ctx}");
+            assert_eq!((t.probs.len(), t.ranks.len()), (layers, layers));
+            for l in 0..layers {
+                let row = &logprobs[(i * layers + l) * vocab..(i * layers + l + 1) * vocab];
+                let want = row[t.id as usize];
+                assert!(
+                    (t.probs[l] - want.exp()).abs() < 1e-4,
+                    "{ctx} step {i} layer {l}: p {} vs {}",
+                    t.probs[l],
+                    want.exp()
+                );
+                // Ties within float noise may order either way.
+                let above = row.iter().filter(|&&v| v > want + 1e-5).count();
+                let close = row.iter().filter(|&&v| (v - want).abs() <= 1e-5).count();
+                assert!(
+                    t.ranks[l] > above && t.ranks[l] <= above + close,
+                    "{ctx} step {i} layer {l}: rank {} vs {}",
+                    t.ranks[l],
+                    above + 1
+                );
+            }
+            // Every generated position is in each layer's positions, after the prompt's.
+            if i == 0 {
+                continue;
+            }
+            for layer in &resp.layers {
+                let p = layer
+                    .positions
+                    .iter()
+                    .find(|p| p.position == s - 1 + i)
+                    .unwrap_or_else(|| panic!("{ctx}: position {} missing", s - 1 + i));
+                let row = &logprobs
+                    [(i * layers + layer.layer) * vocab..(i * layers + layer.layer + 1) * vocab];
+                for top in &p.top {
+                    let want = row[top.id as usize].exp();
+                    assert!((top.prob - want).abs() < 1e-4, "{ctx} step {i}: top prob");
+                }
+                let entropy: f32 = row.iter().map(|&lp| -lp.exp() * lp).sum();
+                assert!(
+                    (p.entropy - entropy).abs() < 1e-4 * entropy.max(1.0),
+                    "{ctx} step {i} layer {}: entropy {} vs {entropy}",
+                    layer.layer,
+                    p.entropy
+                );
+            }
+        }
+    }
+}
+
+/// Without `generate` nothing changes: no answer, the prompt's positions only.
+#[test]
+fn the_prompt_lens_is_the_same_with_or_without_an_answer() {
+    let e = &entries()[0];
+    let model = load_model(&e.fixture);
+    let plain = run_lens(model.as_ref(), &request(e, 0)).unwrap();
+    let gen = run_lens(model.as_ref(), &request(e, 3)).unwrap();
+    assert!(plain.answer.is_none());
+    assert_eq!(plain.input, gen.input);
+    for (a, b) in plain.layers.iter().zip(&gen.layers) {
+        assert!((a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-6);
+        assert_eq!(a.positions.len() + 2, b.positions.len());
+        assert_eq!(a.positions[0].position, b.positions[0].position);
+        assert!((a.positions[0].top[0].prob - b.positions[0].top[0].prob).abs() < 1e-5);
+    }
+}
+
+/// A request's answer is the same alone or batched with others (generating ones run alone).
+#[test]
+fn an_answer_is_the_same_alone_or_in_a_batch() {
+    let all = entries();
+    let e = all.iter().find(|e| e.fixture == "llava15-hub").unwrap();
+    let model = load_model(&e.fixture);
+    let reqs = [request(e, 4), request(e, 0), request(e, 2)];
+    let refs: Vec<&LensRequest> = reqs.iter().collect();
+    let batched = run_lens_batch(model.as_ref(), &refs, usize::MAX);
+    for (req, got) in reqs.iter().zip(batched) {
+        let alone = run_lens(model.as_ref(), req).unwrap();
+        let got = got.unwrap();
+        assert_eq!(
+            alone
+                .answer
+                .as_ref()
+                .map(|a| a.tokens.iter().map(|t| t.id).collect::<Vec<_>>()),
+            got.answer
+                .as_ref()
+                .map(|a| a.tokens.iter().map(|t| t.id).collect::<Vec<_>>())
+        );
+    }
+}
+
+/// Generation stops at the snapshot's end token (generation_config.json's `eos_token_id`),
+/// which is the answer's last token; past the server's bound is 422.
+#[test]
+fn an_end_token_stops_and_too_many_tokens_are_refused() {
+    let e = entries()
+        .into_iter()
+        .find(|e| e.fixture == "mistral-hub")
+        .unwrap();
+    let r = Reference::load("generate", &e.file);
+    let second = r.ids("new_ids")[1];
+    let dir = std::env::temp_dir().join(format!("logit-lens-eos-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("mistral-hub")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.join("generation_config.json"),
+        format!("{{\"eos_token_id\": [{second}], \"bos_token_id\": 1}}"),
+    )
+    .unwrap();
+    let model = logit_lens::models::load(
+        &dir,
+        "m",
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let resp = run_lens(model.as_ref(), &request(&e, 6)).unwrap();
+    let answer = resp.answer.unwrap();
+    assert_eq!(answer.stopped, "eos");
+    assert_eq!(answer.tokens.len(), 2);
+    assert_eq!(answer.tokens[1].id as i64, second);
+    let e2 = run_lens(model.as_ref(), &request(&e, 65)).unwrap_err();
+    assert_eq!(e2.code(), "unprocessable");
+}
