@@ -222,6 +222,54 @@ try {
   );
   await page.screenshot({ path: path.join(outDir, "viewer-image-tokens.png"), fullPage: true });
 
+  // 3b. The model's answer: 4 generated tokens, the fed-back ones as marked extra columns after
+  // the prompt's, each with its tokens and probabilities as POST /lens gives them, and a curve per
+  // emitted token (its probability by layer).
+  await page.selectOption("#positions", "last");
+  await page.fill("#generate", "4");
+  await page.click("#submit");
+  await page.waitForSelector("body[data-state=done]", { timeout: 120000 });
+  const genForm = new FormData();
+  genForm.append("prompt", prompt);
+  genForm.append("model", model);
+  genForm.append(
+    "options",
+    JSON.stringify({ top_k: 3, layers: "all", positions: "last", targets: [" red", " blue"], generate: 4 }),
+  );
+  genForm.append("image", new Blob([fs.readFileSync(imagePath)], { type: "image/png" }), "landscape.png");
+  const genAnswer = await (await fetch(base + "/lens", { method: "POST", body: genForm })).json();
+  const n = genAnswer.answer.tokens.length;
+  const marked = await page.$$eval("#grid thead th.answer-token", (ths) => ths.map((th) => Number(th.dataset.position)));
+  const wantMarked = genAnswer.layers[0].positions.map((p) => p.position).filter((p) => p >= genAnswer.input.num_tokens);
+  check(n === 4 && JSON.stringify(marked) === JSON.stringify(wantMarked) && marked.length === n - 1,
+    `the answer's fed-back tokens are ${n - 1} marked columns after the prompt's (${JSON.stringify(marked)})`);
+  const headIds = await page.$$eval("#grid thead th.answer-token", (ths) => ths.map((th) => Number(th.dataset.id)));
+  check(
+    JSON.stringify(headIds) === JSON.stringify(genAnswer.answer.tokens.slice(0, n - 1).map((t) => t.id)),
+    "each answer column is headed by the token fed back there",
+  );
+  const lastRow = await page.$$eval("#grid tbody tr:first-child td", (tds) =>
+    tds.map((td) => ({ token: td.dataset.token, prob: Number(td.dataset.prob), position: Number(td.dataset.position) })),
+  );
+  const final = genAnswer.layers[genAnswer.layers.length - 1].positions;
+  check(
+    lastRow.length === final.length &&
+      lastRow.every((c, i) => c.position === final[i].position && c.token === final[i].top[0].token && Math.abs(c.prob - final[i].top[0].prob) <= 1e-5),
+    "the final layer's row, answer columns included, equals the API's answer",
+  );
+  check(
+    final.slice(0, n).every((p, i) => p.top[0].id === genAnswer.answer.tokens[i].id),
+    "at the final layer each position's top-1 is the token the model emitted (greedy)",
+  );
+  const answerChart = await page.$eval("#chart-answer", (f) => ({
+    hidden: f.hidden,
+    lines: f.querySelectorAll("polyline").length,
+  }));
+  check(!answerChart.hidden && answerChart.lines === n, `the answer chart draws one curve per emitted token (${answerChart.lines})`);
+  check((await page.textContent("#summary-line")).includes(`answer (${n} tokens`), "the summary line gives the answer");
+  await page.screenshot({ path: path.join(outDir, "viewer-answer.png"), fullPage: true });
+  await page.fill("#generate", "0");
+
   check(problems.length === 0, "no console errors: " + problems.join("; "));
 
   // 4. A file that is not an image: the service's message is shown, the page still works.

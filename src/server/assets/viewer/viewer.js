@@ -139,7 +139,21 @@ function options() {
   }
   const targets = $("targets").value;
   if (targets.trim() !== "") opts.targets = targets.split(",").filter((t) => t !== "");
+  const generate = Number($("generate").value) || 0;
+  if (!Number.isInteger(generate) || generate < 0 || generate > 64) {
+    throw new Error("answer: between 0 and 64 tokens");
+  }
+  if (generate > 0) opts.generate = generate;
   return opts;
+}
+
+// The token at a position of the lens: an input token, or past the input the answer's token that
+// was fed back there (generated position S + i holds answer token i).
+function tokenAt(answer, pos) {
+  const n = answer.input.num_tokens;
+  if (pos < n) return answer.input.tokens[pos];
+  const t = answer.answer && answer.answer.tokens[pos - n];
+  return t ? { position: pos, id: t.id, text: t.text, kind: "answer" } : { position: pos, text: "?", kind: "answer" };
 }
 
 async function submit(event) {
@@ -197,7 +211,10 @@ function render(answer, imageUrl) {
   $("summary-line").textContent =
     `${answer.model} (${answer.family}), ${answer.num_layers} layers; ${t.num_tokens} input tokens` +
     (t.num_image_tokens ? `, ${t.num_image_tokens} of them image tokens` : "") +
-    (answer.excluded_ids ? `; ${answer.excluded_ids.length} excluded id range(s)` : "");
+    (answer.excluded_ids ? `; ${answer.excluded_ids.length} excluded id range(s)` : "") +
+    (answer.answer
+      ? `; answer (${answer.answer.tokens.length} tokens, ${answer.answer.stopped}): ${JSON.stringify(answer.answer.text)}`
+      : "");
   renderGrid(answer);
   renderHeat(answer, imageUrl);
   renderCharts(answer);
@@ -209,7 +226,6 @@ function render(answer, imageUrl) {
 function renderGrid(answer) {
   const table = $("grid");
   table.replaceChildren();
-  const tokens = answer.input.tokens;
   const positions = answer.layers.length ? answer.layers[0].positions.map((p) => p.position) : [];
   const thead = table.createTHead();
   const head = thead.insertRow();
@@ -218,9 +234,14 @@ function renderGrid(answer) {
   head.append(corner);
   for (const pos of positions) {
     const th = document.createElement("th");
-    const tok = tokens[pos];
+    const tok = tokenAt(answer, pos);
     th.textContent = display(tok.text);
     if (tok.kind === "image") th.className = "image-token";
+    if (tok.kind === "answer") {
+      th.className = "answer-token";
+      th.title = "a token of the model's answer, fed back here";
+      th.dataset.id = tok.id;
+    }
     const small = document.createElement("span");
     small.className = "pos";
     small.textContent = `#${pos}`;
@@ -243,6 +264,7 @@ function renderGrid(answer) {
       td.dataset.token = top.token;
       td.dataset.prob = top.prob;
       td.dataset.position = p.position;
+      if (p.position >= answer.input.num_tokens) td.classList.add("answer-cell");
       td.style.background = probColor(top.prob);
       td.style.color = top.prob > 0.55 ? "#fff" : "";
       td.addEventListener("mouseenter", (e) => showTooltip(e, layer, p));
@@ -371,11 +393,10 @@ function hideTooltip() {
 
 function renderCharts(answer) {
   const layers = answer.layers.map((l) => l.layer);
-  const tokens = answer.input.tokens;
   const positions = answer.layers.length ? answer.layers[0].positions.map((p) => p.position) : [];
   // The last chosen positions are the interesting ones (where the answer is read).
   const shown = positions.slice(-MAX_LINES);
-  const posName = (pos) => `#${pos} ${display(tokens[pos].text)}`;
+  const posName = (pos) => `#${pos} ${display(tokenAt(answer, pos).text)}`;
   const byPosition = (field) =>
     shown.map((pos, i) => ({
       name: posName(pos),
@@ -406,6 +427,16 @@ function renderCharts(answer) {
         color: COLORS[i % COLORS.length],
       });
     });
+  }
+  const answerFigure = $("chart-answer");
+  answerFigure.hidden = !answer.answer;
+  if (answer.answer) {
+    const series = answer.answer.tokens.slice(0, MAX_LINES).map((t, i) => ({
+      name: `${display(t.text)} (id ${t.id}, emitted at #${t.position})`,
+      values: t.probs,
+      color: COLORS[i % COLORS.length],
+    }));
+    lineChart(answerFigure, "Probability of each emitted token by layer", layers, series, { yMin: 0, yMax: 1 });
   }
   lineChart($("chart-targets"), `Target probabilities at ${lastPos === undefined ? "-" : posName(lastPos)}`, layers, targets, {
     yMin: 0,
