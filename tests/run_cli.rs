@@ -150,7 +150,17 @@ fn assert_summary_matches(out: &Path) {
         let resp = &r["response"];
         let final_layer = resp["num_layers"].as_u64().unwrap();
         let layers = resp["layers"].as_array().unwrap();
-        let last = |l: &Value| l["positions"].as_array().unwrap().last().unwrap().clone();
+        // The probed position: the last input position reported (an answer's come after it).
+        let n_input = resp["input"]["num_tokens"].as_u64().unwrap();
+        let last = |l: &Value| {
+            l["positions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .rfind(|p| p["position"].as_u64().unwrap() < n_input)
+                .unwrap()
+                .clone()
+        };
         let final_top = last(layers.iter().find(|l| l["layer"] == final_layer).unwrap())["top"][0]
             ["id"]
             .clone();
@@ -181,7 +191,8 @@ fn assert_summary_matches(out: &Path) {
             "last_top1_prob",
             "top1_agreement",
             "mean_entropy",
-            "mean_kl_to_final"
+            "mean_kl_to_final",
+            "answer_first_top1_layer"
         ]
     );
     let mut seen = 0;
@@ -196,6 +207,24 @@ fn assert_summary_matches(out: &Path) {
             assert!(
                 (got - mean).abs() <= 1e-9 * mean.abs().max(1.0),
                 "{key:?} column {col}: {got} vs {mean}"
+            );
+        }
+        // The answer's first token: the first layer where it is the top-1, over the images.
+        let firsts: Vec<f64> = records
+            .iter()
+            .filter(|r| r["prompt"] == key.0.as_str())
+            .filter_map(|r| {
+                let ranks = r["response"]["answer"]["tokens"][0]["ranks"].as_array()?;
+                ranks.iter().position(|x| x == 1).map(|l| l as f64)
+            })
+            .collect();
+        if firsts.is_empty() {
+            assert_eq!(&row[8], "", "{key:?}: no answers");
+        } else {
+            let mean = firsts.iter().sum::<f64>() / firsts.len() as f64;
+            assert!(
+                (row[8].parse::<f64>().unwrap() - mean).abs() < 1e-9,
+                "{key:?}"
             );
         }
         seen += 1;
@@ -271,6 +300,36 @@ fn run_writes_one_result_per_case_equal_to_run_lens_a_summary_and_figures() {
 
     assert_summary_matches(&d.path("out"));
     assert_figures(&d.path("out"), 4, 2);
+}
+
+/// `run --generate`: each result holds the answer (as `probe --generate` gives it), and
+/// summary.csv the first layer at which the answer's first token is the top-1.
+#[test]
+fn run_with_generate_writes_answers_and_their_first_top1_layer() {
+    let images = ["landscape.png", "portrait.png"];
+    let d = dataset("run-generate", &images, PROMPTS);
+    let out = run_local(&d, &["--generate", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let records = lines(&d.path("out/results.jsonl"));
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        let tokens = r["response"]["answer"]["tokens"].as_array().unwrap();
+        assert_eq!(tokens.len(), 3, "{}", r["image"]);
+    }
+    let model = load("qwen2vl-hub", "qwen2vl-hub");
+    let opts = LensOptions {
+        generate: 3,
+        ..options()
+    };
+    let r = &records[0];
+    let want = expected(
+        model.as_ref(),
+        r["prompt"].as_str().unwrap(),
+        Some(&image_bytes(r["image"].as_str().unwrap())),
+        opts,
+    );
+    assert_same_answer(&r["response"], &want, "run --generate");
+    assert_summary_matches(&d.path("out"));
 }
 
 #[test]

@@ -9,7 +9,10 @@
 //!   response reports: the last input token with the default `--positions last`), averaged;
 //! - `top1_agreement`: the fraction of images whose top-1 token at the probed position equals the
 //!   final layer's top-1 there (1 at the final layer; empty when the final layer is not reported);
-//! - `mean_entropy`, `mean_kl_to_final`: at the probed position, in nats, averaged.
+//! - `mean_entropy`, `mean_kl_to_final`: at the probed position, in nats, averaged;
+//! - `answer_first_top1_layer` (with `--generate`; the same on every row of a prompt): the first
+//!   layer at which the answer's first token (the one the probed position emitted) is the top-1,
+//!   averaged over the images with an answer.
 
 use std::path::Path;
 
@@ -27,12 +30,25 @@ pub struct LayerPoint<'a> {
     pub agrees: Option<bool>,
 }
 
-/// The probed position: the highest position index the response reports.
+/// The probed position: the highest input position the response reports (a generated
+/// answer's positions come after the input and are not probed).
 pub fn probed_position(r: &LensResponse) -> Option<usize> {
     r.layers
         .iter()
         .flat_map(|l| l.positions.iter().map(|p| p.position))
+        .filter(|&p| p < r.input.num_tokens)
         .max()
+}
+
+/// The first layer at which the answer's first token is the top-1 (rank 1), if it has an answer.
+pub fn answer_first_top1_layer(r: &LensResponse) -> Option<usize> {
+    r.answer
+        .as_ref()?
+        .tokens
+        .first()?
+        .ranks
+        .iter()
+        .position(|&rank| rank == 1)
 }
 
 fn at(layer: &LayerOut, position: usize) -> Option<&PositionOut> {
@@ -76,6 +92,7 @@ pub struct Row {
     pub top1_agreement: Option<f64>,
     pub mean_entropy: Option<f64>,
     pub mean_kl_to_final: Option<f64>,
+    pub answer_first_top1_layer: Option<f64>,
 }
 
 /// An f32 of a response as the decimal results.jsonl writes for it (its shortest round-trip
@@ -98,6 +115,13 @@ pub fn summarize(cases: &[&Case], prompts: &[String]) -> Vec<Row> {
             .filter(|c| &c.prompt == prompt)
             .map(|c| layer_points(&c.response))
             .collect();
+        let first_top1 = mean(
+            cases
+                .iter()
+                .filter(|c| &c.prompt == prompt)
+                .filter_map(|c| answer_first_top1_layer(&c.response))
+                .map(|l| l as f64),
+        );
         let mut layers: Vec<usize> = views.iter().flatten().map(|p| p.layer).collect();
         layers.sort_unstable();
         layers.dedup();
@@ -118,13 +142,14 @@ pub fn summarize(cases: &[&Case], prompts: &[String]) -> Vec<Row> {
                 top1_agreement: over(&|p| p.agrees.map(|a| if a { 1.0 } else { 0.0 })),
                 mean_entropy: over(&|p| Some(decimal(p.at.entropy))),
                 mean_kl_to_final: over(&|p| Some(decimal(p.at.kl_to_final))),
+                answer_first_top1_layer: first_top1,
             });
         }
     }
     rows
 }
 
-pub const HEADER: [&str; 8] = [
+pub const HEADER: [&str; 9] = [
     "prompt",
     "layer",
     "n_images",
@@ -133,6 +158,7 @@ pub const HEADER: [&str; 8] = [
     "top1_agreement",
     "mean_entropy",
     "mean_kl_to_final",
+    "answer_first_top1_layer",
 ];
 
 pub fn write_csv(rows: &[Row], path: &Path) -> Result<()> {
@@ -150,6 +176,7 @@ pub fn write_csv(rows: &[Row], path: &Path) -> Result<()> {
             num(r.top1_agreement),
             num(r.mean_entropy),
             num(r.mean_kl_to_final),
+            num(r.answer_first_top1_layer),
         ])
         .map_err(err)?;
     }
