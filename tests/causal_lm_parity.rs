@@ -141,53 +141,13 @@ fn an_input_longer_than_the_sliding_window_is_refused() {
 /// `serve` with a text-only model: text requests answer as `run_lens` does, an image gets 422.
 #[tokio::test]
 async fn serve_answers_text_and_refuses_an_image_with_422() {
-    struct Running(std::process::Child);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _server = Running(
-        std::process::Command::new(env!("CARGO_BIN_EXE_logit-lens"))
-            .args([
-                "serve",
-                "--port",
-                &port.to_string(),
-                "--model",
-                &format!("llama={}", fixtures().join("llama3-tf5").display()),
-            ])
-            .env_remove("LOGIT_LENS_DEVICE")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let t0 = std::time::Instant::now();
-    while !client
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(t0.elapsed().as_secs() < 60, "not ready in 60 s");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let listed: serde_json::Value = client
-        .get(format!("{base}/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let server = Serving::start(&[
+        "--model".to_string(),
+        format!("llama={}", fixtures().join("llama3-tf5").display()),
+    ])
+    .await;
+    let (base, client) = (&server.base, &server.client);
+    let listed = server.get_json("/models").await;
     assert_eq!(listed["models"][0]["family"], "causal_lm");
     assert_eq!(listed["models"][0]["images"], false);
 

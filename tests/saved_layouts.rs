@@ -237,53 +237,15 @@ fn run_loads_a_saved_snapshot() {
 /// `serve` with two saved snapshots, over a real socket.
 #[tokio::test]
 async fn serve_loads_saved_snapshots() {
-    struct Running(std::process::Child);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let models = [("llava", "llava15-tf5.17"), ("ov", "onevision-tf5.0")];
-    let mut args = vec!["serve".to_string(), "--port".into(), port.to_string()];
+    let mut args = Vec::new();
     for (name, dir) in models {
-        args.push("--model".into());
+        args.push("--model".to_string());
         args.push(format!("{name}={}", fixtures().join(dir).display()));
     }
-    let _server = Running(
-        std::process::Command::new(env!("CARGO_BIN_EXE_logit-lens"))
-            .args(&args)
-            .env_remove("LOGIT_LENS_DEVICE")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let t0 = std::time::Instant::now();
-    while !client
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(t0.elapsed().as_secs() < 60, "not ready in 60 s");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let listed: serde_json::Value = client
-        .get(format!("{base}/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let server = Serving::start(&args).await;
+    let (base, client) = (&server.base, &server.client);
+    let listed = server.get_json("/models").await;
     let families: Vec<(&str, &str)> = listed["models"]
         .as_array()
         .unwrap()

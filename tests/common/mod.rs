@@ -357,3 +357,66 @@ pub fn check_end_to_end(dir: &str, family: &str) {
         }
     }
 }
+
+/// `logit-lens serve` as an operator starts it (the binary, a free port, `args`), ready to
+/// answer; killed when dropped, however the test ends.
+pub struct Serving {
+    child: std::process::Child,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serving {
+    pub async fn start(args: &[String]) -> Serving {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_logit-lens"))
+            .arg("serve")
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .env_remove("LOGIT_LENS_DEVICE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let serving = Serving {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+        };
+        let t0 = std::time::Instant::now();
+        while !serving
+            .client
+            .get(format!("{}/ready", serving.base))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(t0.elapsed().as_secs() < 60, "not ready in 60 s");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        serving
+    }
+
+    /// `GET path` as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}

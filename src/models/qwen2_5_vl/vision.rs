@@ -9,9 +9,9 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::models::layers::{rope_in_f32, Activation, Linear, RmsNorm};
+use crate::models::layers::{Activation, Linear, RmsNorm};
 use crate::models::profile;
-use crate::models::qwen2_vl::vision::{rotary_tables, segmented_attention, Encoder};
+use crate::models::qwen2_vl::vision::{attention_block, rotary_tables, Encoder};
 use crate::models::snapshot::{field, Prefixed};
 
 const NORM_EPS: f64 = 1e-6;
@@ -219,7 +219,6 @@ impl Encoder for VisionTower {
         let (cos, sin): (Vec<Tensor>, Vec<Tensor>) = tables.into_iter().unzip();
         let cos = permute_groups(&Tensor::cat(&cos, 0)?, &order, unit, &dev)?;
         let sin = permute_groups(&Tensor::cat(&sin, 0)?, &order, unit, &dev)?;
-        let scale = (hd as f64).powf(-0.5);
         for (l, b) in self.blocks.iter().enumerate() {
             let segments = if self.cfg.fullatt_block_indexes.contains(&l) {
                 &full
@@ -227,23 +226,7 @@ impl Encoder for VisionTower {
                 &windows
             };
             let h = profile::op("vision norm", &dev, || b.norm1.forward(&x))?;
-            let qkv = profile::op("vision qkv", &dev, || {
-                Ok(b.qkv
-                    .forward(&h)?
-                    .reshape((n, 3, heads, hd))?
-                    .permute((1, 2, 0, 3))?) // [3, heads, n, hd]
-            })?;
-            let qk = profile::op("vision rope", &dev, || {
-                rope_in_f32(&qkv.narrow(0, 0, 2)?, &cos, &sin)
-            })?;
-            let (q, k) = (qk.get(0)?.unsqueeze(0)?, qk.get(1)?.unsqueeze(0)?);
-            let v = qkv.get(2)?.unsqueeze(0)?;
-            let o = profile::op("vision attention", &dev, || {
-                segmented_attention(&q, &k, &v, segments, scale)
-            })?;
-            x = profile::op("vision proj + residual", &dev, || {
-                Ok((&x + b.proj.forward(&o)?)?)
-            })?;
+            x = (&x + attention_block(&b.qkv, &b.proj, &h, (&cos, &sin), segments, heads)?)?;
             let h = profile::op("vision norm", &dev, || b.norm2.forward(&x))?;
             x = profile::op("vision mlp + residual", &dev, || {
                 let a = self

@@ -146,7 +146,7 @@ impl VisionTower {
     pub fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<Tensor>> {
         let dtype = self.patch_embed.dtype();
         let dev = self.patch_embed.device().clone();
-        let (heads, hd, e) = (self.cfg.num_heads, self.cfg.head_dim(), self.cfg.embed_dim);
+        let (heads, e) = (self.cfg.num_heads, self.cfg.embed_dim);
         let rows: Vec<usize> = images
             .iter()
             .map(|(px, _)| px.dim(0))
@@ -170,28 +170,9 @@ impl VisionTower {
             .collect::<Result<_>>()?;
         let (cos, sin): (Vec<Tensor>, Vec<Tensor>) = tables.into_iter().unzip();
         let (cos, sin) = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?);
-        let scale = (hd as f64).powf(-0.5);
         for b in &self.blocks {
             let h = profile::op("vision norm", &dev, || b.norm1.forward(&x))?;
-            let qkv = profile::op("vision qkv", &dev, || {
-                Ok(b.qkv
-                    .forward(&h)?
-                    .reshape((n, 3, heads, hd))?
-                    .permute((1, 2, 0, 3))?) // [3, heads, n, hd]
-            })?;
-            // Rotation in f32 as transformers does, then back to the working dtype.
-            // q and k rotated together, as a batch of two.
-            let qk = profile::op("vision rope", &dev, || {
-                rope_in_f32(&qkv.narrow(0, 0, 2)?, &cos, &sin)
-            })?;
-            let (q, k) = (qk.get(0)?.unsqueeze(0)?, qk.get(1)?.unsqueeze(0)?);
-            let v = qkv.get(2)?.unsqueeze(0)?;
-            let o = profile::op("vision attention", &dev, || {
-                segmented_attention(&q, &k, &v, &segments, scale)
-            })?;
-            x = profile::op("vision proj + residual", &dev, || {
-                Ok((&x + b.proj.forward(&o)?)?)
-            })?;
+            x = (&x + attention_block(&b.qkv, &b.proj, &h, (&cos, &sin), &segments, heads)?)?;
             let h = profile::op("vision norm", &dev, || b.norm2.forward(&x))?;
             x = profile::op("vision mlp + residual", &dev, || {
                 Ok((&x + b.fc2.forward(&self.act.forward(&b.fc1.forward(&h)?)?)?)?)
@@ -212,6 +193,37 @@ impl VisionTower {
         }
         Ok(out)
     }
+}
+
+/// A Qwen-VL vision block's attention over `h` (`[n, embed]`, normed): the q/k/v projection, 2-D
+/// RoPE in f32 (q and k rotated together, as transformers does, then back to the working dtype),
+/// attention within each of `segments` (consecutive rows), the output projection.
+pub fn attention_block(
+    qkv: &Linear,
+    proj: &Linear,
+    h: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    segments: &[usize],
+    heads: usize,
+) -> Result<Tensor> {
+    let dev = h.device().clone();
+    let (n, e) = h.dims2()?;
+    let hd = e / heads;
+    let qkv = profile::op("vision qkv", &dev, || {
+        Ok(qkv
+            .forward(h)?
+            .reshape((n, 3, heads, hd))?
+            .permute((1, 2, 0, 3))?) // [3, heads, n, hd]
+    })?;
+    let qk = profile::op("vision rope", &dev, || {
+        rope_in_f32(&qkv.narrow(0, 0, 2)?, cos, sin)
+    })?;
+    let (q, k) = (qk.get(0)?.unsqueeze(0)?, qk.get(1)?.unsqueeze(0)?);
+    let v = qkv.get(2)?.unsqueeze(0)?;
+    let o = profile::op("vision attention", &dev, || {
+        segmented_attention(&q, &k, &v, segments, (hd as f64).powf(-0.5))
+    })?;
+    profile::op("vision proj", &dev, || proj.forward(&o))
 }
 
 /// Attention restricted to consecutive segments of the sequence (transformers' `cu_seqlens`).
