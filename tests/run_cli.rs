@@ -308,7 +308,9 @@ fn run_writes_one_result_per_case_equal_to_run_lens_a_summary_and_figures() {
 fn run_with_generate_writes_answers_and_their_first_top1_layer() {
     let images = ["landscape.png", "portrait.png"];
     let d = dataset("run-generate", &images, PROMPTS);
-    let out = run_local(&d, &["--generate", "3"]);
+    // One case at a time, so that each result is bit for bit what `run_lens` gives alone (batched,
+    // the answers share decoder steps: tests/generate_parity.rs compares those).
+    let out = run_local(&d, &["--generate", "3", "--batch-size", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let records = lines(&d.path("out/results.jsonl"));
     assert_eq!(records.len(), 4);

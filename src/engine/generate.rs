@@ -18,7 +18,7 @@ use crate::api::{
 use crate::error::{Error, Result};
 use crate::lens::{LayerStats, Lens, LensSpec, PositionStats};
 use crate::models::decoder::KvCache;
-use crate::models::{LayerObserver, VisionLanguageModel};
+use crate::models::{LayerObserver, Prepared, VisionLanguageModel};
 
 use super::{ms, LensRequest};
 
@@ -103,9 +103,30 @@ fn step_stats(
     lens.finish()
 }
 
-/// A request with `generate` > 0: the prompt's lens, then up to `generate` greedy tokens, each
-/// position read at every layer.
-pub fn run_generate(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<LensResponse> {
+/// One request's generation in progress.
+struct Generation<'r> {
+    req: &'r LensRequest,
+    inputs: Prepared,
+    spec: LensSpec,
+    targets: Vec<Target>,
+    /// The prompt's lens, then the generated positions appended to each reported layer.
+    stats: Vec<LayerStats>,
+    cache: KvCache,
+    /// The last position's row at every lens layer.
+    rows: Vec<Tensor>,
+    prompt_len: usize,
+    /// Every fed-back token's position on all three axes: one past the prompt's largest
+    /// (M-RoPE's `rope_deltas`; plain RoPE: the sequence length), then one more each.
+    first_new_position: u32,
+    tokens: Vec<AnswerToken>,
+    stopped: Option<&'static str>,
+    preprocess_ms: f64,
+    forward_s: f64,
+    lens_s: f64,
+}
+
+/// Prepares a request and runs its prompt through the cached decoder with its lens.
+fn start<'r>(model: &dyn VisionLanguageModel, req: &'r LensRequest) -> Result<Generation<'r>> {
     let info = model.info();
     let n_new = req.options.generate;
     if n_new > MAX_NEW_TOKENS {
@@ -119,12 +140,8 @@ pub fn run_generate(model: &dyn VisionLanguageModel, req: &LensRequest) -> Resul
         req.options
             .resolve(&inputs, model.tokenizer(), info.num_layers, info.vocab_size)?;
     let preprocess_ms = ms(t0.elapsed());
-
     let t1 = Instant::now();
     let (embeds, positions) = model.embed(&inputs)?;
-    let prompt_len = positions.len();
-    // Every later token's position on all three axes: one past the prompt's largest (M-RoPE's
-    // `rope_deltas`; plain RoPE: the sequence length).
     let first_new_position = positions
         .iter()
         .flat_map(|p| p.iter().copied())
@@ -139,102 +156,194 @@ pub fn run_generate(model: &dyn VisionLanguageModel, req: &LensRequest) -> Resul
     model
         .decoder()
         .forward_cached(embeds, &positions, &mut cache, &mut observer)?;
-    let mut rows = observer.rows;
-    let mut lens_seconds = lens.seconds;
+    let rows = observer.rows;
     let finishing = Instant::now();
-    let mut stats = lens.finish()?;
-    lens_seconds += finishing.elapsed().as_secs_f64();
+    let mut lens_s = lens.seconds;
+    let stats = lens.finish()?;
+    lens_s += finishing.elapsed().as_secs_f64();
+    Ok(Generation {
+        req,
+        prompt_len: positions.len(),
+        inputs,
+        spec,
+        targets,
+        stats,
+        cache,
+        rows,
+        first_new_position,
+        tokens: Vec::new(),
+        stopped: None,
+        preprocess_ms,
+        forward_s: t1.elapsed().as_secs_f64() - lens_s,
+        lens_s,
+    })
+}
 
-    let tokenizer = model.tokenizer();
-    let stop = &info.stop_ids;
-    let mut tokens = Vec::new();
-    let mut stopped = "length";
-    for step in 0..n_new {
-        let last = rows
-            .last()
-            .ok_or_else(|| Error::Internal("no layers".into()))?;
-        let token = argmax_next(model, last)?;
-        let lens_t = Instant::now();
-        let mut per_layer = step_stats(model, &spec, &rows, token)?;
-        // The emitted token's probability and rank at every layer, then the step's rows as a
-        // position of each reported layer (after the prompt's).
-        let position = prompt_len - 1 + step;
-        let (mut probs, mut ranks) = (Vec::new(), Vec::new());
-        for layer in &mut per_layer {
-            let p = &mut layer.positions[0];
-            let (prob, rank) = p
-                .targets
-                .pop()
-                .ok_or_else(|| Error::Internal("the emitted token was not traced".into()))?;
-            probs.push(prob);
-            ranks.push(rank);
-            p.position = position;
-        }
-        if step > 0 {
-            for out in &mut stats {
-                let at = per_layer
-                    .iter()
-                    .find(|l| l.layer == out.layer)
-                    .ok_or_else(|| Error::Internal("a reported layer is missing".into()))?;
-                out.positions.push(PositionStats::clone(&at.positions[0]));
-            }
-        }
-        lens_seconds += lens_t.elapsed().as_secs_f64();
-        tokens.push(AnswerToken {
-            position,
-            id: token,
-            text: token_text(tokenizer, token),
-            probs,
-            ranks,
-        });
-        if stop.contains(&token) {
-            stopped = "eos";
-            break;
-        }
-        if step + 1 == n_new {
-            break;
-        }
-        // Feed it back: one new position through the cached decoder.
-        let embed = model.decoder().embed(&[token])?;
-        let mut observer = LastRows {
-            lens: None,
-            rows: Vec::new(),
-        };
-        model.decoder().forward_cached(
-            embed,
-            &[[first_new_position + step as u32; 3]],
-            &mut cache,
-            &mut observer,
-        )?;
-        rows = observer.rows;
+/// The next token of `g` from its last rows, read through the lens; the token to feed back, or
+/// None when `g` is done (an end token, or `generate` tokens).
+fn emit(model: &dyn VisionLanguageModel, g: &mut Generation) -> Result<Option<u32>> {
+    let t = Instant::now();
+    let step = g.tokens.len();
+    let last = g
+        .rows
+        .last()
+        .ok_or_else(|| Error::Internal("no layers".into()))?;
+    let token = argmax_next(model, last)?;
+    let mut per_layer = step_stats(model, &g.spec, &g.rows, token)?;
+    // The emitted token's probability and rank at every layer, then the step's rows as a
+    // position of each reported layer (after the prompt's).
+    let position = g.prompt_len - 1 + step;
+    let (mut probs, mut ranks) = (Vec::new(), Vec::new());
+    for layer in &mut per_layer {
+        let p = &mut layer.positions[0];
+        let (prob, rank) = p
+            .targets
+            .pop()
+            .ok_or_else(|| Error::Internal("the emitted token was not traced".into()))?;
+        probs.push(prob);
+        ranks.push(rank);
+        p.position = position;
     }
-    let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+    if step > 0 {
+        for out in &mut g.stats {
+            let at = per_layer
+                .iter()
+                .find(|l| l.layer == out.layer)
+                .ok_or_else(|| Error::Internal("a reported layer is missing".into()))?;
+            out.positions.push(PositionStats::clone(&at.positions[0]));
+        }
+    }
+    g.tokens.push(AnswerToken {
+        position,
+        id: token,
+        text: token_text(model.tokenizer(), token),
+        probs,
+        ranks,
+    });
+    g.lens_s += t.elapsed().as_secs_f64();
+    if model.info().stop_ids.contains(&token) {
+        g.stopped = Some("eos");
+        return Ok(None);
+    }
+    if g.tokens.len() == g.req.options.generate {
+        g.stopped = Some("length");
+        return Ok(None);
+    }
+    Ok(Some(token))
+}
+
+fn respond(model: &dyn VisionLanguageModel, g: Generation) -> Result<LensResponse> {
+    let info = model.info();
+    let tokenizer = model.tokenizer();
+    let ids: Vec<u32> = g.tokens.iter().map(|t| t.id).collect();
     let text = tokenizer
         .decode(&ids, true)
         .map_err(|e| Error::Internal(format!("decoding the answer: {e}")))?;
-    let total_ms = ms(t1.elapsed());
-    let lens_ms = lens_seconds * 1e3;
+    let (forward, lens) = (g.forward_s * 1e3, g.lens_s * 1e3);
     Ok(LensResponse {
         model: info.name.clone(),
         family: info.family.to_string(),
         num_layers: info.num_layers,
-        input: input_info(&inputs, tokenizer),
-        excluded_ids: req
+        input: input_info(&g.inputs, tokenizer),
+        excluded_ids: g
+            .req
             .options
             .exclude_special
-            .then(|| id_ranges(&spec.excluded)),
-        layers: layers_out(stats, &targets as &[Target], tokenizer),
+            .then(|| id_ranges(&g.spec.excluded)),
+        layers: layers_out(g.stats, &g.targets, tokenizer),
         answer: Some(Answer {
             text,
-            stopped: stopped.into(),
-            tokens,
+            stopped: g.stopped.unwrap_or("length").into(),
+            tokens: g.tokens,
         }),
         timing_ms: Timing {
             queue: None,
-            preprocess: preprocess_ms,
-            forward: total_ms - lens_ms,
-            lens: lens_ms,
-            total: preprocess_ms + total_ms,
+            preprocess: g.preprocess_ms,
+            forward,
+            lens,
+            total: g.preprocess_ms + forward + lens,
         },
     })
+}
+
+/// Requests with `generate` > 0, together: each prompt runs alone through the cached decoder
+/// (with its lens), then every step feeds all the answers still going through the decoder as one
+/// batch (projections and MLPs batched, attention per sequence against its own cache). Each
+/// answer is what it is alone. Results in the order of `reqs`; a request that fails fails alone.
+pub fn run_generate_batch(
+    model: &dyn VisionLanguageModel,
+    reqs: &[&LensRequest],
+) -> Vec<Result<LensResponse>> {
+    let mut gens: Vec<Result<Generation>> = reqs.iter().map(|r| start(model, r)).collect();
+    loop {
+        // Each answer still going: its next token, read through the lens.
+        let mut feed: Vec<(usize, u32)> = Vec::new();
+        for (i, slot) in gens.iter_mut().enumerate() {
+            let Ok(g) = slot else { continue };
+            if g.stopped.is_some() {
+                continue;
+            }
+            match emit(model, g) {
+                Ok(Some(token)) => feed.push((i, token)),
+                Ok(None) => {}
+                Err(e) => *slot = Err(e),
+            }
+        }
+        if feed.is_empty() {
+            break;
+        }
+        // Fed back together: one decoder pass for every answer going on.
+        let t = Instant::now();
+        let mut caches: Vec<KvCache> = Vec::with_capacity(feed.len());
+        let mut positions = Vec::with_capacity(feed.len());
+        for &(i, _) in &feed {
+            if let Ok(g) = &mut gens[i] {
+                caches.push(std::mem::take(&mut g.cache));
+                positions.push([g.first_new_position + g.tokens.len() as u32 - 1; 3]);
+            }
+        }
+        let ids: Vec<u32> = feed.iter().map(|&(_, t)| t).collect();
+        let mut observers: Vec<LastRows> = (0..feed.len())
+            .map(|_| LastRows {
+                lens: None,
+                rows: Vec::new(),
+            })
+            .collect();
+        let stepped = model.decoder().embed(&ids).and_then(|embeds| {
+            let mut obs: Vec<&mut dyn LayerObserver> = observers
+                .iter_mut()
+                .map(|o| o as &mut dyn LayerObserver)
+                .collect();
+            model
+                .decoder()
+                .forward_step_batch(embeds, &positions, &mut caches, &mut obs)
+        });
+        let share = t.elapsed().as_secs_f64();
+        for ((&(i, _), cache), observer) in feed.iter().zip(caches).zip(observers) {
+            let failed = match (&stepped, &mut gens[i]) {
+                (Ok(()), Ok(g)) => {
+                    g.cache = cache;
+                    g.rows = observer.rows;
+                    g.forward_s += share;
+                    None
+                }
+                (Err(e), Ok(_)) => Some(Error::Internal(format!("a generation step failed: {e}"))),
+                (_, Err(_)) => None,
+            };
+            if let Some(e) = failed {
+                gens[i] = Err(e);
+            }
+        }
+    }
+    gens.into_iter()
+        .map(|g| g.and_then(|g| respond(model, g)))
+        .collect()
+}
+
+/// A request with `generate` > 0: the prompt's lens, then up to `generate` greedy tokens, each
+/// position read at every layer.
+pub fn run_generate(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<LensResponse> {
+    run_generate_batch(model, &[req])
+        .pop()
+        .unwrap_or_else(|| Err(Error::Internal("no result".into())))
 }

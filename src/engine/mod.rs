@@ -70,11 +70,18 @@ pub fn run_lens_batch(
 ) -> Vec<Result<LensResponse>> {
     let info = model.info();
     let mut results: Vec<Option<Result<LensResponse>>> = (0..reqs.len()).map(|_| None).collect();
-    // A request that generates runs alone, its prompt and then one token at a time through the
-    // cached decoder (generate.rs); the others go through the decoder together.
-    for (index, req) in reqs.iter().enumerate() {
-        if req.options.generate > 0 {
-            results[index] = Some(generate::run_generate(model, req));
+    // The requests that generate go together through the cached decoder, sharing each step
+    // (generate.rs); the others go through the decoder together.
+    let generating: Vec<usize> = (0..reqs.len())
+        .filter(|&i| reqs[i].options.generate > 0)
+        .collect();
+    if !generating.is_empty() {
+        let group: Vec<&LensRequest> = generating.iter().map(|&i| reqs[i]).collect();
+        for (&i, r) in generating
+            .iter()
+            .zip(generate::run_generate_batch(model, &group))
+        {
+            results[i] = Some(r);
         }
     }
     let reqs_left: Vec<usize> = (0..reqs.len()).filter(|&i| results[i].is_none()).collect();

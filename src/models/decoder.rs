@@ -347,15 +347,16 @@ impl Decoder {
         ))
     }
 
-    /// One decoder block over `h` (`[b, s, hidden]`). With `cache` (one sequence): the block's
-    /// keys and values so far come first, the new ones are appended, and `mask` is `[s, cached + s]`.
+    /// One decoder block over `h` (`[b, s, hidden]`). With `caches` (one per sequence of the
+    /// batch): each sequence's keys and values so far come first, its new ones are appended, and it
+    /// attends to all of them (`mask`, `[s, cached + s]`, where given; none for single new tokens).
     fn block(
         &self,
         layer: &Layer,
         h: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
-        mask: &Tensor,
-        cache: Option<&mut LayerCache>,
+        mask: Option<&Tensor>,
+        caches: Option<Vec<&mut LayerCache>>,
     ) -> Result<Tensor> {
         let device = h.device().clone();
         let (b, s, _) = h.dims3()?;
@@ -393,11 +394,23 @@ impl Decoder {
         let (q, k) = (qk.narrow(1, 0, nh)?, qk.narrow(1, nh, nkv)?);
         let v = qkv.narrow(1, nh + nkv, nkv)?;
         let a = profile::op("decoder attention", &device, || {
-            let a = match cache {
-                None => causal_attention(&q, &k, &v, mask, scale)?,
-                Some(c) => {
-                    let (k, v) = c.append(&k, &v)?;
-                    attention(&q, &k, &v, Some(mask), scale)?
+            let a = match (caches, mask) {
+                (None, Some(mask)) => causal_attention(&q, &k, &v, mask, scale)?,
+                (None, None) => {
+                    return Err(Error::Internal("a block without mask or cache".into()))
+                }
+                // Each sequence against its own keys: the GEMMs above and below run batched.
+                (Some(caches), mask) => {
+                    let outs = caches
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            let one = |t: &Tensor| t.narrow(0, i, 1);
+                            let (k, v) = c.append(&one(&k)?, &one(&v)?)?;
+                            attention(&one(&q)?, &k, &v, mask, scale)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&outs, 0)?
                 }
             };
             Ok(a.transpose(1, 2)?.reshape((b, s, nh * hd))?)
@@ -466,10 +479,69 @@ impl Decoder {
         };
         observe(0, &h, observer)?;
         for (l, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            h = self.block(layer, &h, (&cos, &sin), &mask, Some(c))?;
+            h = self.block(layer, &h, (&cos, &sin), Some(&mask), Some(vec![c]))?;
             observe(l + 1, &h, observer)?;
         }
         cache.len += s;
+        Ok(())
+    }
+
+    /// One new token for each of several sequences at once (`embeds` `[b, hidden]`, one position
+    /// each), each after what its own `caches[i]` holds (prefilled by [`Self::forward_cached`]):
+    /// the projections and MLPs run over the batch, attention per sequence. `observers[i]` sees
+    /// sequence i's new row `[1, hidden]` at every lens layer. Each row equals what
+    /// [`Self::forward_cached`] gives that sequence alone.
+    pub fn forward_step_batch(
+        &self,
+        embeds: Tensor,
+        positions: &[[u32; 3]],
+        caches: &mut [KvCache],
+        observers: &mut [&mut dyn LayerObserver],
+    ) -> Result<()> {
+        let b = embeds.dim(0)?;
+        if positions.len() != b || caches.len() != b || observers.len() != b {
+            return Err(Error::Internal(
+                "forward_step_batch: tokens, positions, caches and observers differ in number"
+                    .into(),
+            ));
+        }
+        for c in caches.iter() {
+            self.check_length(c.len + 1)?;
+            if c.layers.len() != self.layers.len() {
+                return Err(Error::Internal(
+                    "forward_step_batch: a cache was not prefilled".into(),
+                ));
+            }
+        }
+        let device = embeds.device().clone();
+        let (cos, sin) = self.rope_tables(positions, &device)?;
+        let (cos, sin) = if b == 1 {
+            (cos, sin)
+        } else {
+            (cos.reshape((b, 1, ()))?, sin.reshape((b, 1, ()))?)
+        };
+        let mut h = embeds.unsqueeze(1)?; // [b, 1, hidden]
+        let observe = |index: usize, h: &Tensor, observers: &mut [&mut dyn LayerObserver]| {
+            for (i, obs) in observers.iter_mut().enumerate() {
+                let rows = h.get(i)?;
+                if obs.wants_normed(index) {
+                    obs.observe_normed(index, &rows, &self.norm.forward(&rows)?)?;
+                } else {
+                    obs.observe(index, &rows)?;
+                }
+            }
+            Ok::<(), Error>(())
+        };
+        observe(0, &h, observers)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let per_seq: Vec<&mut LayerCache> =
+                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            h = self.block(layer, &h, (&cos, &sin), None, Some(per_seq))?;
+            observe(l + 1, &h, observers)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
         Ok(())
     }
 
@@ -548,7 +620,7 @@ impl Decoder {
             };
         observe(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            h = self.block(layer, &h, (&cos, &sin), &mask, None)?;
+            h = self.block(layer, &h, (&cos, &sin), Some(&mask), None)?;
             profile::op("lens (per layer)", &device, || {
                 observe(l + 1, &h, observers)
             })?;
