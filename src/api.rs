@@ -287,8 +287,12 @@ pub struct PositionOut {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct LayerOut {
     pub layer: usize,
+    /// With `summary`: the mean over every input position of its highest probability (the
+    /// notebook's confidence curve). A generated answer's positions are not part of it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mean_max_prob: Option<f32>,
+    /// The requested input positions, then, with `generate`, the positions where the answer's
+    /// tokens were fed back (each predicting the next answer token).
     pub positions: Vec<PositionOut>,
 }
 
