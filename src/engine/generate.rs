@@ -339,11 +339,3 @@ pub fn run_generate_batch(
         .map(|g| g.and_then(|g| respond(model, g)))
         .collect()
 }
-
-/// A request with `generate` > 0: the prompt's lens, then up to `generate` greedy tokens, each
-/// position read at every layer.
-pub fn run_generate(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<LensResponse> {
-    run_generate_batch(model, &[req])
-        .pop()
-        .unwrap_or_else(|| Err(Error::Internal("no result".into())))
-}

@@ -432,6 +432,25 @@ impl Decoder {
         Ok(h)
     }
 
+    /// Hands sequence i's rows of `h` (`[b, s, hidden]`) to `observers[i]` at lens layer
+    /// `index`, normed where the observer wants them so.
+    fn observe_each(
+        &self,
+        index: usize,
+        h: &Tensor,
+        observers: &mut [&mut dyn LayerObserver],
+    ) -> Result<()> {
+        for (i, obs) in observers.iter_mut().enumerate() {
+            let rows = h.get(i)?;
+            if obs.wants_normed(index) {
+                obs.observe_normed(index, &rows, &self.norm.forward(&rows)?)?;
+            } else {
+                obs.observe(index, &rows)?;
+            }
+        }
+        Ok(())
+    }
+
     /// One sequence's next tokens (`embeds` `[s, hidden]` at `positions`) after what `cache`
     /// holds (empty: a prefill), each new position attending to every cached one and to the new
     /// ones up to itself; the blocks' keys and values are appended to `cache`. `observer` sees
@@ -469,18 +488,10 @@ impl Decoder {
             .collect();
         let mask = Tensor::from_vec(mask, (s, past + s), &device)?.to_dtype(dtype)?;
         let mut h = embeds.unsqueeze(0)?;
-        let observe = |index: usize, h: &Tensor, obs: &mut dyn LayerObserver| -> Result<()> {
-            let rows = h.get(0)?;
-            if obs.wants_normed(index) {
-                obs.observe_normed(index, &rows, &self.norm.forward(&rows)?)
-            } else {
-                obs.observe(index, &rows)
-            }
-        };
-        observe(0, &h, observer)?;
+        self.observe_each(0, &h, &mut [observer])?;
         for (l, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             h = self.block(layer, &h, (&cos, &sin), Some(&mask), Some(vec![c]))?;
-            observe(l + 1, &h, observer)?;
+            self.observe_each(l + 1, &h, &mut [&mut *observer])?;
         }
         cache.len += s;
         Ok(())
@@ -521,23 +532,12 @@ impl Decoder {
             (cos.reshape((b, 1, ()))?, sin.reshape((b, 1, ()))?)
         };
         let mut h = embeds.unsqueeze(1)?; // [b, 1, hidden]
-        let observe = |index: usize, h: &Tensor, observers: &mut [&mut dyn LayerObserver]| {
-            for (i, obs) in observers.iter_mut().enumerate() {
-                let rows = h.get(i)?;
-                if obs.wants_normed(index) {
-                    obs.observe_normed(index, &rows, &self.norm.forward(&rows)?)?;
-                } else {
-                    obs.observe(index, &rows)?;
-                }
-            }
-            Ok::<(), Error>(())
-        };
-        observe(0, &h, observers)?;
+        self.observe_each(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let per_seq: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[l]).collect();
             h = self.block(layer, &h, (&cos, &sin), None, Some(per_seq))?;
-            observe(l + 1, &h, observers)?;
+            self.observe_each(l + 1, &h, observers)?;
         }
         for c in caches.iter_mut() {
             c.len += 1;

@@ -131,6 +131,35 @@ pub struct ModelInfo {
     pub stop_ids: Vec<u32>,
 }
 
+impl ModelInfo {
+    /// What a family's loader reports, from its decoder's config and the weights it loaded.
+    pub fn new(
+        name: &str,
+        family: &'static str,
+        snapshot: &snapshot::Snapshot,
+        text: &decoder::DecoderConfig,
+        weights: &snapshot::Weights,
+        images: bool,
+        tokenizer: &tokenizers::Tokenizer,
+    ) -> Result<Self> {
+        let (parameters, weight_bytes) = weights.loaded();
+        Ok(ModelInfo {
+            name: name.to_string(),
+            family,
+            architecture: snapshot.architecture(),
+            num_layers: text.num_hidden_layers,
+            hidden_size: text.hidden_size,
+            vocab_size: text.vocab_size,
+            dtype: format!("{:?}", weights.dtype).to_lowercase(),
+            device: format!("{:?}", weights.device).to_lowercase(),
+            parameters,
+            weight_bytes,
+            images,
+            stop_ids: snapshot.stop_ids(tokenizer)?,
+        })
+    }
+}
+
 pub trait VisionLanguageModel: Send + Sync {
     fn info(&self) -> &ModelInfo;
     fn tokenizer(&self) -> &tokenizers::Tokenizer;

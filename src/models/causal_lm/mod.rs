@@ -69,21 +69,15 @@ impl CausalLm {
             "lm_head.weight",
             text_cfg.tie_word_embeddings,
         )?;
-        let (parameters, weight_bytes) = weights.loaded();
-        let info = ModelInfo {
-            name: name.to_string(),
-            family: "causal_lm",
-            architecture: snapshot.architecture(),
-            num_layers: text_cfg.num_hidden_layers,
-            hidden_size: text_cfg.hidden_size,
-            vocab_size: text_cfg.vocab_size,
-            dtype: format!("{dtype:?}").to_lowercase(),
-            device: format!("{device:?}").to_lowercase(),
-            parameters,
-            weight_bytes,
-            images: false,
-            stop_ids: snapshot.stop_ids(&tokenizer)?,
-        };
+        let info = ModelInfo::new(
+            name,
+            "causal_lm",
+            &snapshot,
+            &text_cfg,
+            &weights,
+            false,
+            &tokenizer,
+        )?;
         Ok(CausalLm {
             info,
             tokenizer,

@@ -158,21 +158,9 @@ impl LlavaParts {
             "lm_head.weight",
             text_cfg.tie_word_embeddings,
         )?;
-        let (parameters, weight_bytes) = weights.loaded();
-        let info = ModelInfo {
-            name: name.to_string(),
-            family,
-            architecture: snapshot.architecture(),
-            num_layers: text_cfg.num_hidden_layers,
-            hidden_size: h,
-            vocab_size: text_cfg.vocab_size,
-            dtype: format!("{dtype:?}").to_lowercase(),
-            device: format!("{device:?}").to_lowercase(),
-            parameters,
-            weight_bytes,
-            images: true,
-            stop_ids: snapshot.stop_ids(&tokenizer)?,
-        };
+        let info = ModelInfo::new(
+            name, family, snapshot, &text_cfg, &weights, true, &tokenizer,
+        )?;
         Ok(LlavaParts {
             info,
             tokenizer,

@@ -127,21 +127,9 @@ impl Qwen2Vl {
             })?;
         let text = Decoder::load(&weights.pp("model.language_model"), &cfg.text)?;
         let head = LensHead::new(&text, &weights, "lm_head.weight", cfg.tie_word_embeddings)?;
-        let (parameters, weight_bytes) = weights.loaded();
-        let info = ModelInfo {
-            name: name.to_string(),
-            family,
-            architecture: snapshot.architecture(),
-            num_layers: cfg.text.num_hidden_layers,
-            hidden_size: cfg.text.hidden_size,
-            vocab_size: cfg.text.vocab_size,
-            dtype: format!("{dtype:?}").to_lowercase(),
-            device: format!("{device:?}").to_lowercase(),
-            parameters,
-            weight_bytes,
-            images: true,
-            stop_ids: snapshot.stop_ids(&tokenizer)?,
-        };
+        let info = ModelInfo::new(
+            name, family, &snapshot, &cfg.text, &weights, true, &tokenizer,
+        )?;
         Ok(Qwen2Vl {
             info,
             cfg,
