@@ -453,13 +453,35 @@ def reference_case(model, processor, name, image_rel, prompt, fixtures: Path):
     def hook(_module, _args, output):
         captured["raw"] = (output[0] if isinstance(output, (tuple, list)) else output).detach().clone()
 
+    # DeepStack (Qwen3-VL) adds vision features into the residual stream after the first blocks; transformers'
+    # hidden_states are the block outputs before that addition. The reference is the stream the next block
+    # reads: the model's own `_deepstack_process` results, recorded in call order (block 0, 1, ...).
+    deepstack = []
+    orig_deepstack = getattr(lm, "_deepstack_process", None)
+    if orig_deepstack is not None:
+        def record(*args, **kwargs):
+            out = orig_deepstack(*args, **kwargs)
+            deepstack.append(out.detach().clone())
+            return out
+        lm._deepstack_process = record
+
     handle = lm.layers[-1].register_forward_hook(hook)
     try:
         out = model(**batch, output_hidden_states=True, return_dict=True)
     finally:
         handle.remove()
+        if orig_deepstack is not None:
+            del lm._deepstack_process
     hs = torch.stack(out.hidden_states)[:, 0]  # [L+1, S, H]
     assert hs.shape[0] == L + 1
+    if deepstack:
+        assert len(deepstack) < L, "DeepStack into the last block would change the normed last state"
+        img = ids[0] == cfg.image_token_id
+        for i, after in enumerate(deepstack):
+            after = after[0]
+            assert torch.equal(after[~img], hs[i + 1][~img]), "DeepStack touched a text position"
+            assert not torch.equal(after[img], hs[i + 1][img]), "DeepStack added nothing"
+            hs[i + 1] = after
     raw = captured["raw"][0]  # [S, H]
     # transformers' last hidden state is the final-normed raw output of the last layer
     torch.testing.assert_close(lm.norm(raw), hs[L], rtol=0, atol=1e-6)
