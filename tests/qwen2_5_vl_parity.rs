@@ -30,7 +30,7 @@ fn input_ids_grids_and_position_ids_equal_transformers() {
                     case.name
                 );
             }
-            let (_, pos) = model.embed(&p).unwrap();
+            let pos = model.embed(&p).unwrap().positions;
             let want = r.ids("position_ids");
             let n = ids.len();
             for (i, got) in pos.iter().enumerate() {
@@ -108,8 +108,8 @@ fn a_batch_of_images_gets_what_each_gets_alone() {
     let together = model.image_features(&pixels).unwrap();
     for (px, t) in pixels.iter().zip(&together) {
         let alone = model.image_features(&[px]).unwrap().remove(0);
-        let a: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = alone.tokens.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = t.tokens.flatten_all().unwrap().to_vec1().unwrap();
         assert!(max_diff(&b, &a) < 1e-5);
     }
 }

@@ -141,8 +141,10 @@ fn start<'r>(model: &dyn VisionLanguageModel, req: &'r LensRequest) -> Result<Ge
             .resolve(&inputs, model.tokenizer(), info.num_layers, info.vocab_size)?;
     let preprocess_ms = ms(t0.elapsed());
     let t1 = Instant::now();
-    let (embeds, positions) = model.embed(&inputs)?;
-    let first_new_position = positions
+    let input = model.embed(&inputs)?;
+    let prompt_len = input.positions.len();
+    let first_new_position = input
+        .positions
         .iter()
         .flat_map(|p| p.iter().copied())
         .max()
@@ -155,7 +157,7 @@ fn start<'r>(model: &dyn VisionLanguageModel, req: &'r LensRequest) -> Result<Ge
     };
     model
         .decoder()
-        .forward_cached(embeds, &positions, &mut cache, &mut observer)?;
+        .forward_cached(input, &mut cache, &mut observer)?;
     let rows = observer.rows;
     let finishing = Instant::now();
     let mut lens_s = lens.seconds;
@@ -163,7 +165,7 @@ fn start<'r>(model: &dyn VisionLanguageModel, req: &'r LensRequest) -> Result<Ge
     lens_s += finishing.elapsed().as_secs_f64();
     Ok(Generation {
         req,
-        prompt_len: positions.len(),
+        prompt_len,
         inputs,
         spec,
         targets,

@@ -29,6 +29,9 @@ pub struct DecoderConfig {
     pub rope_theta: f64,
     /// Frequency slots per position axis (t, h, w); sums to head_dim / 2.
     pub mrope_section: Vec<usize>,
+    /// How the slots are laid out: in three runs (t…, h…, w…: Qwen2-VL) or interleaved
+    /// (t h w t h w …, the rest t: Qwen3-VL's `mrope_interleaved`).
+    pub mrope_interleaved: bool,
     /// Biases on q/k/v (Qwen2: yes; Llama: `attention_bias`).
     pub qkv_bias: bool,
     pub tie_word_embeddings: bool,
@@ -154,7 +157,8 @@ impl DecoderConfig {
                 kv: Some(32),
                 head_dim: None,
             },
-            "qwen3" => Defaults {
+            // Qwen3-VL's decoder is Qwen3's (its M-RoPE is set by the family).
+            "qwen3" | "qwen3_vl_text" => Defaults {
                 vocab: 151936,
                 intermediate: 22016,
                 kv: Some(32),
@@ -162,11 +166,14 @@ impl DecoderConfig {
             },
             other => {
                 return Err(Error::Internal(format!(
-                "text model type `{other}` is not supported (llama, mistral, qwen2 and qwen3 are)"
+                "text model type `{other}` is not supported (llama, mistral, qwen2, qwen3 and qwen3_vl_text are)"
             )))
             }
         };
-        let (qwen2, qwen3) = (model_type == "qwen2", model_type == "qwen3");
+        let (qwen2, qwen3) = (
+            model_type == "qwen2",
+            model_type == "qwen3" || model_type == "qwen3_vl_text",
+        );
         let hidden_size = field(t, "hidden_size")?.unwrap_or(4096);
         let num_attention_heads = field(t, "num_attention_heads")?.unwrap_or(32);
         let kv = match (t.get("num_key_value_heads"), d.kv) {
@@ -214,8 +221,13 @@ impl DecoderConfig {
             rms_norm_eps: field(t, "rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta: field(&rope, "rope_theta")?
                 .or(field(t, "rope_theta")?)
-                .unwrap_or(10_000.0),
+                .unwrap_or(if model_type == "qwen3_vl_text" {
+                    500_000.0
+                } else {
+                    10_000.0
+                }),
             mrope_section: vec![head_dim / 2, 0, 0],
+            mrope_interleaved: false,
             qkv_bias: qwen2 || field(t, "attention_bias")?.unwrap_or(false),
             tie_word_embeddings: field(t, "tie_word_embeddings")?.unwrap_or(false),
             qk_norm: qwen3,
@@ -223,6 +235,92 @@ impl DecoderConfig {
             sliding_window,
         })
     }
+}
+
+impl DecoderConfig {
+    /// The position axis (0 = t, 1 = h, 2 = w) of each of the `head_dim / 2` frequency slots.
+    /// Runs: `mrope_section[0]` slots of t, then h, then w (transformers' `apply_multimodal_rotary_pos_emb`).
+    /// Interleaved: slot j is h where `j % 3 == 1` and `j < 3·section[1]`, w where `j % 3 == 2` and
+    /// `j < 3·section[2]`, else t (Qwen3-VL's `recomposition_frequencies`).
+    pub fn rope_axes(&self) -> Vec<usize> {
+        let s = &self.mrope_section;
+        if self.mrope_interleaved {
+            let sec = |a: usize| s.get(a).copied().unwrap_or(0);
+            (0..self.head_dim / 2)
+                .map(|j| match j % 3 {
+                    1 if j < 3 * sec(1) => 1,
+                    2 if j < 3 * sec(2) => 2,
+                    _ => 0,
+                })
+                .collect()
+        } else {
+            s.iter()
+                .enumerate()
+                .flat_map(|(a, &n)| std::iter::repeat_n(a, n))
+                .collect()
+        }
+    }
+}
+
+/// What the decoder takes for one sequence.
+pub struct DecoderInput {
+    /// Token embeddings with any image features in place, `[seq, hidden]`.
+    pub embeds: Tensor,
+    /// Each token's `(t, h, w)` position.
+    pub positions: Vec<[u32; 3]>,
+    /// Rows added to the residual stream between blocks (DeepStack).
+    pub additions: Vec<Addition>,
+}
+
+impl DecoderInput {
+    pub fn new(embeds: Tensor, positions: Vec<[u32; 3]>) -> Self {
+        DecoderInput {
+            embeds,
+            positions,
+            additions: Vec::new(),
+        }
+    }
+}
+
+/// DeepStack (Qwen3-VL): `rows` (`[n, hidden]`) added to the residual stream of positions
+/// `first..first + n` right after block `after_block` (0-based), before the next block reads it
+/// and before the lens reads it (lens layer `after_block + 1` is the sum).
+pub struct Addition {
+    pub after_block: usize,
+    pub first: usize,
+    pub rows: Tensor,
+}
+
+/// `h` (`[b, s, hidden]`) with sequence i's additions for block `block` added: one dense add of a
+/// tensor that is zero elsewhere (`x + 0 = x` exactly), or `h` itself when none applies.
+fn add_rows(h: Tensor, block: usize, additions: &[&[Addition]]) -> Result<Tensor> {
+    if !additions
+        .iter()
+        .any(|a| a.iter().any(|a| a.after_block == block))
+    {
+        return Ok(h);
+    }
+    let (b, s, hidden) = h.dims3()?;
+    let (dtype, device) = (h.dtype(), h.device().clone());
+    let mut rows = Vec::with_capacity(b);
+    for adds in additions {
+        let mut delta = Tensor::zeros((s, hidden), dtype, &device)?;
+        for a in adds.iter().filter(|a| a.after_block == block) {
+            let n = a.rows.dim(0)?;
+            if a.first + n > s {
+                return Err(Error::Internal(format!(
+                    "{n} added rows at {} overflow a {s}-token sequence",
+                    a.first
+                )));
+            }
+            delta = delta.slice_assign(
+                &[a.first..a.first + n, 0..hidden],
+                &a.rows.to_dtype(dtype)?.to_device(&device)?,
+            )?;
+        }
+        rows.push(delta);
+    }
+    Ok((h + Tensor::stack(&rows, 0)?)?)
 }
 
 struct Layer {
@@ -319,17 +417,12 @@ impl Decoder {
     }
 
     /// RoPE tables `[seq, head_dim/2]`: frequency slot j takes its angle from the position axis
-    /// `mrope_section` assigns it. Angles and cos/sin in f32, then cast (transformers' order).
+    /// [`DecoderConfig::rope_axes`] assigns it. Angles and cos/sin in f32, then cast
+    /// (transformers' order).
     fn rope_tables(&self, positions: &[[u32; 3]], device: &Device) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim;
         let freqs = self.cfg.rope_scaling.inv_freq(self.cfg.rope_theta, hd);
-        let axis: Vec<usize> = self
-            .cfg
-            .mrope_section
-            .iter()
-            .enumerate()
-            .flat_map(|(a, &n)| std::iter::repeat_n(a, n))
-            .collect();
+        let axis = self.cfg.rope_axes();
         let mut cos = Vec::with_capacity(positions.len() * hd / 2);
         let mut sin = Vec::with_capacity(cos.capacity());
         for p in positions {
@@ -458,11 +551,16 @@ impl Decoder {
     /// new row equals what a full forward over the whole sequence gives at its position.
     pub fn forward_cached(
         &self,
-        embeds: Tensor,
-        positions: &[[u32; 3]],
+        input: DecoderInput,
         cache: &mut KvCache,
         observer: &mut dyn LayerObserver,
     ) -> Result<()> {
+        let DecoderInput {
+            embeds,
+            positions,
+            additions,
+        } = input;
+        let positions = &positions[..];
         let s = embeds.dim(0)?;
         let past = cache.len;
         self.check_length(past + s)?;
@@ -491,6 +589,7 @@ impl Decoder {
         self.observe_each(0, &h, &mut [observer])?;
         for (l, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             h = self.block(layer, &h, (&cos, &sin), Some(&mask), Some(vec![c]))?;
+            h = add_rows(h, l, &[&additions])?;
             self.observe_each(l + 1, &h, &mut [&mut *observer])?;
         }
         cache.len += s;
@@ -551,19 +650,32 @@ impl Decoder {
     /// request's numbers what they are alone: the causal mask already hides later positions.
     pub fn forward_batch(
         &self,
-        embeds: Vec<Tensor>,
-        positions: &[Vec<[u32; 3]>],
+        inputs: Vec<DecoderInput>,
         observers: &mut [&mut dyn LayerObserver],
     ) -> Result<()> {
-        let b = embeds.len();
-        for e in &embeds {
-            self.check_length(e.dim(0)?)?;
-        }
-        if b == 0 || positions.len() != b || observers.len() != b {
+        let b = inputs.len();
+        if b == 0 || observers.len() != b {
             return Err(Error::Internal(
-                "forward_batch: inputs, positions and observers differ in number".into(),
+                "forward_batch: inputs and observers differ in number".into(),
             ));
         }
+        let mut embeds = Vec::with_capacity(b);
+        let mut positions = Vec::with_capacity(b);
+        let mut additions = Vec::with_capacity(b);
+        for i in inputs {
+            self.check_length(i.embeds.dim(0)?)?;
+            if i.positions.len() != i.embeds.dim(0)? {
+                return Err(Error::Internal(format!(
+                    "{} tokens and {} positions",
+                    i.embeds.dim(0)?,
+                    i.positions.len()
+                )));
+            }
+            embeds.push(i.embeds);
+            positions.push(i.positions);
+            additions.push(i.additions);
+        }
+        let additions: Vec<&[Addition]> = additions.iter().map(|a| &a[..]).collect();
         let lens: Vec<usize> = embeds
             .iter()
             .map(|e| e.dim(0))
@@ -621,6 +733,7 @@ impl Decoder {
         observe(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
             h = self.block(layer, &h, (&cos, &sin), Some(&mask), None)?;
+            h = add_rows(h, l, &additions)?;
             profile::op("lens (per layer)", &device, || {
                 observe(l + 1, &h, observers)
             })?;

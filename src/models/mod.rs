@@ -21,6 +21,7 @@ pub mod llava_onevision;
 pub mod profile;
 pub mod qwen2_5_vl;
 pub mod qwen2_vl;
+pub mod qwen3_vl;
 pub mod snapshot;
 pub mod vit;
 pub mod weight_names;
@@ -55,6 +56,24 @@ pub struct PixelInputs {
     pub grid_thw: [usize; 3],
     /// The image's size before preprocessing, (height, width).
     pub original_size: [usize; 2],
+}
+
+/// One image's features as the decoder takes them.
+pub struct ImageFeatures {
+    /// `[tokens, hidden]`, written over the image's placeholders.
+    pub tokens: Tensor,
+    /// DeepStack (Qwen3-VL): entry i, `[tokens, hidden]`, is added to the image positions'
+    /// residual stream right after decoder block i. Empty for the other families.
+    pub deepstack: Vec<Tensor>,
+}
+
+impl From<Tensor> for ImageFeatures {
+    fn from(tokens: Tensor) -> Self {
+        ImageFeatures {
+            tokens,
+            deepstack: Vec::new(),
+        }
+    }
 }
 
 /// A model-ready request: the token sequence after templating and placeholder expansion.
@@ -129,6 +148,10 @@ pub struct ModelInfo {
     /// The tokens that end an answer (`generate`): generation_config.json's `eos_token_id`, else
     /// config.json's, else the tokenizer's `eos_token`.
     pub stop_ids: Vec<u32>,
+    /// The lens layers that read the residual stream after DeepStack added vision features at
+    /// the image positions (Qwen3-VL: layer i + 1 for the features added after block i); empty
+    /// for the other families.
+    pub deepstack_layers: Vec<usize>,
 }
 
 impl ModelInfo {
@@ -156,6 +179,7 @@ impl ModelInfo {
             weight_bytes,
             images,
             stop_ids: snapshot.stop_ids(tokenizer)?,
+            deepstack_layers: Vec::new(),
         })
     }
 }
@@ -167,17 +191,18 @@ pub trait VisionLanguageModel: Send + Sync {
     fn prepare(&self, prompt: &str, image: Option<&Rgb8>, chat_template: bool) -> Result<Prepared>;
     /// The features of several requests' images, in as few passes through the vision tower as
     /// the family allows (one, with attention kept within each image): entry i is image i's,
-    /// `[tokens, hidden]`, ready to be written over its placeholders, what it gets alone.
-    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<Tensor>>;
+    /// ready to be written over its placeholders, what it gets alone.
+    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<ImageFeatures>>;
     /// The decoder's input: token embeddings with the image's features (from
-    /// [`Self::image_features`]) in place, and each token's `(t, h, w)` position.
+    /// [`Self::image_features`]) in place, each token's `(t, h, w)` position, and any
+    /// DeepStack additions.
     fn embed_with(
         &self,
         inputs: &Prepared,
-        features: Option<Tensor>,
-    ) -> Result<(Tensor, Vec<[u32; 3]>)>;
+        features: Option<ImageFeatures>,
+    ) -> Result<decoder::DecoderInput>;
     /// [`Self::embed_with`] the request's own image features.
-    fn embed(&self, inputs: &Prepared) -> Result<(Tensor, Vec<[u32; 3]>)> {
+    fn embed(&self, inputs: &Prepared) -> Result<decoder::DecoderInput> {
         let features = match &inputs.pixels {
             Some(px) => self.image_features(&[px])?.pop(),
             None => None,
@@ -219,22 +244,19 @@ pub trait VisionLanguageModel: Send + Sync {
             )));
         }
         let mut features = features.into_iter();
-        let mut embeds = Vec::with_capacity(inputs.len());
-        let mut positions = Vec::with_capacity(inputs.len());
+        let mut embedded = Vec::with_capacity(inputs.len());
         for p in inputs {
             let f = if p.pixels.is_some() {
                 features.next()
             } else {
                 None
             };
-            let (e, pos) = self.embed_with(p, f)?;
-            embeds.push(e);
-            positions.push(pos);
+            embedded.push(self.embed_with(p, f)?);
         }
         profile::stage(
             &format!("decoder ({} sequence(s), lens per layer)", inputs.len()),
             &device,
-            || self.decoder().forward_batch(embeds, &positions, observers),
+            || self.decoder().forward_batch(embedded, observers),
         )?;
         profile::report_ops();
         Ok(())
@@ -257,6 +279,7 @@ pub type Loader =
 pub const FAMILIES: &[Family] = &[
     qwen2_vl::FAMILY,        // Qwen2-VL
     qwen2_5_vl::FAMILY,      // Qwen2.5-VL
+    qwen3_vl::FAMILY,        // Qwen3-VL (DeepStack)
     llava::FAMILY,           // LLaVA-1.5
     llava_next::FAMILY,      // LLaVA-NeXT (v1.6)
     llava_onevision::FAMILY, // LLaVA-OneVision

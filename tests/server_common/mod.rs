@@ -137,14 +137,14 @@ impl VisionLanguageModel for Faulty {
     fn image_features(
         &self,
         pixels: &[&logit_lens::models::PixelInputs],
-    ) -> logit_lens::Result<Vec<candle_core::Tensor>> {
+    ) -> logit_lens::Result<Vec<logit_lens::models::ImageFeatures>> {
         self.0.image_features(pixels)
     }
     fn embed_with(
         &self,
         inputs: &Prepared,
-        features: Option<candle_core::Tensor>,
-    ) -> logit_lens::Result<(candle_core::Tensor, Vec<[u32; 3]>)> {
+        features: Option<logit_lens::models::ImageFeatures>,
+    ) -> logit_lens::Result<logit_lens::models::decoder::DecoderInput> {
         self.0.embed_with(inputs, features)
     }
     fn decoder(&self) -> &logit_lens::models::decoder::Decoder {

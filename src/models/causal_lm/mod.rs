@@ -8,14 +8,15 @@
 //! (the template writes its own BOS, so no special tokens are added), or verbatim as
 //! `tokenizer(prompt)` encodes it (the tokenizer's post-processor adds BOS where the model has one).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
-use crate::models::decoder::{sequential_positions, Decoder, DecoderConfig};
+use crate::models::decoder::{sequential_positions, Decoder, DecoderConfig, DecoderInput};
 use crate::models::snapshot::{Snapshot, Weights};
 use crate::models::weight_names::Rename;
 use crate::models::{
-    token_kinds, Family, LensHead, ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
+    token_kinds, Family, ImageFeatures, LensHead, ModelInfo, PixelInputs, Prepared,
+    VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::template::ChatTemplate;
@@ -155,19 +156,19 @@ impl VisionLanguageModel for CausalLm {
         })
     }
 
-    fn image_features(&self, _pixels: &[&PixelInputs]) -> Result<Vec<Tensor>> {
+    fn image_features(&self, _pixels: &[&PixelInputs]) -> Result<Vec<ImageFeatures>> {
         Err(Self::no_images())
     }
 
     fn embed_with(
         &self,
         inputs: &Prepared,
-        features: Option<Tensor>,
-    ) -> Result<(Tensor, Vec<[u32; 3]>)> {
+        features: Option<ImageFeatures>,
+    ) -> Result<DecoderInput> {
         if features.is_some() {
             return Err(Self::no_images());
         }
-        Ok((
+        Ok(DecoderInput::new(
             self.text.embed(&inputs.input_ids)?,
             sequential_positions(inputs.input_ids.len()),
         ))

@@ -13,14 +13,14 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::models::decoder::{sequential_positions, Decoder, DecoderConfig};
+use crate::models::decoder::{sequential_positions, Decoder, DecoderConfig, DecoderInput};
 use crate::models::layers::{Activation, Linear};
 use crate::models::snapshot::{field, Snapshot, Weights};
 use crate::models::vit::{layers_for_feature, VisionTransformer, VitConfig};
 use crate::models::weight_names::Rename;
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, Family, ImageGrid, LensHead,
-    ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, Family, ImageFeatures, ImageGrid,
+    LensHead, ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::prompt::{tokenize, PromptFormat};
@@ -322,22 +322,22 @@ impl VisionLanguageModel for Llava {
         &self.parts.text
     }
 
-    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<Tensor>> {
+    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<ImageFeatures>> {
         let px: Vec<&Tensor> = pixels.iter().map(|p| &p.pixel_values).collect();
         self.parts
             .image_features_many(&px)?
             .into_iter()
-            .map(|f| Ok(f.squeeze(0)?))
+            .map(|f| Ok(f.squeeze(0)?.into()))
             .collect()
     }
 
     fn embed_with(
         &self,
         inputs: &Prepared,
-        features: Option<Tensor>,
-    ) -> Result<(Tensor, Vec<[u32; 3]>)> {
+        features: Option<ImageFeatures>,
+    ) -> Result<DecoderInput> {
         let mut embeds = self.parts.text.embed(&inputs.input_ids)?;
-        if let Some(feats) = features {
+        if let Some(ImageFeatures { tokens: feats, .. }) = features {
             let first = inputs
                 .kinds
                 .iter()
@@ -345,6 +345,9 @@ impl VisionLanguageModel for Llava {
                 .unwrap_or(0);
             embeds = scatter_image_features(embeds, feats, first)?;
         }
-        Ok((embeds, sequential_positions(inputs.input_ids.len())))
+        Ok(DecoderInput::new(
+            embeds,
+            sequential_positions(inputs.input_ids.len()),
+        ))
     }
 }

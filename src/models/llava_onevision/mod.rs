@@ -10,13 +10,13 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::models::decoder::{sequential_positions, Decoder};
+use crate::models::decoder::{sequential_positions, Decoder, DecoderInput};
 use crate::models::llava::LlavaParts;
 use crate::models::snapshot::{field, Snapshot};
 use crate::models::weight_names::Rename;
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, Family, ImageGrid, LensHead,
-    ModelInfo, PixelInputs, Prepared, TokenKind, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, Family, ImageFeatures, ImageGrid,
+    LensHead, ModelInfo, PixelInputs, Prepared, TokenKind, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use processor::AnyResConfig;
@@ -261,7 +261,7 @@ impl VisionLanguageModel for LlavaOnevision {
         &self.parts.text
     }
 
-    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<Tensor>> {
+    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<ImageFeatures>> {
         let px: Vec<&Tensor> = pixels.iter().map(|p| &p.pixel_values).collect();
         let feats = self.parts.image_features_many(&px)?;
         pixels
@@ -269,11 +269,13 @@ impl VisionLanguageModel for LlavaOnevision {
             .zip(feats)
             .map(|(px, feats)| {
                 let [_, rows, cols] = px.grid_thw;
-                self.pack(
-                    &feats,
-                    (px.original_size[0], px.original_size[1]),
-                    (rows, cols),
-                )
+                Ok(self
+                    .pack(
+                        &feats,
+                        (px.original_size[0], px.original_size[1]),
+                        (rows, cols),
+                    )?
+                    .into())
             })
             .collect()
     }
@@ -281,10 +283,10 @@ impl VisionLanguageModel for LlavaOnevision {
     fn embed_with(
         &self,
         inputs: &Prepared,
-        features: Option<Tensor>,
-    ) -> Result<(Tensor, Vec<[u32; 3]>)> {
+        features: Option<ImageFeatures>,
+    ) -> Result<DecoderInput> {
         let mut embeds = self.parts.text.embed(&inputs.input_ids)?;
-        if let Some(packed) = features {
+        if let Some(ImageFeatures { tokens: packed, .. }) = features {
             let first = inputs
                 .kinds
                 .iter()
@@ -299,6 +301,9 @@ impl VisionLanguageModel for LlavaOnevision {
             }
             embeds = scatter_image_features(embeds, packed, first)?;
         }
-        Ok((embeds, sequential_positions(inputs.input_ids.len())))
+        Ok(DecoderInput::new(
+            embeds,
+            sequential_positions(inputs.input_ids.len()),
+        ))
     }
 }

@@ -6,7 +6,7 @@
 
 pub mod vision;
 
-use crate::models::qwen2_vl::Qwen2Vl;
+use crate::models::qwen2_vl::{Qwen2Vl, QwenVlSpec};
 use crate::models::weight_names::Rename;
 use crate::models::Family;
 
@@ -15,17 +15,19 @@ pub const FAMILY: Family = Family {
     architectures: &["Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"],
     load: |snapshot, name, device, dtype| {
         Ok(Box::new(Qwen2Vl::load_with(
-            snapshot,
-            name,
-            device,
-            dtype,
-            "qwen2_5_vl",
-            WEIGHT_NAMES,
-            |w, v| {
-                let cfg = vision::VisionConfig::from_json(v)?;
-                Ok(Box::new(vision::VisionTower::load(w, &cfg)?))
-            },
+            snapshot, name, device, dtype, &SPEC,
         )?))
+    },
+};
+
+/// Qwen2-VL's config reading, Qwen2.5-VL's tower.
+const SPEC: QwenVlSpec = QwenVlSpec {
+    family: "qwen2_5_vl",
+    weight_names: WEIGHT_NAMES,
+    config: crate::models::qwen2_vl::config::Config::from_json,
+    vision: |w, v| {
+        let cfg = vision::VisionConfig::from_json(v)?;
+        Ok(Box::new(vision::VisionTower::load(w, &cfg)?))
     },
 };
 

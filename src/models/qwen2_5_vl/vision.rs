@@ -13,6 +13,7 @@ use crate::models::layers::{Activation, Linear, RmsNorm};
 use crate::models::profile;
 use crate::models::qwen2_vl::vision::{attention_block, rotary_tables, Encoder};
 use crate::models::snapshot::{field, Prefixed};
+use crate::models::ImageFeatures;
 
 const NORM_EPS: f64 = 1e-6;
 
@@ -179,7 +180,7 @@ fn permute_groups(x: &Tensor, order: &[u32], unit: usize, device: &Device) -> Re
 impl Encoder for VisionTower {
     /// Several images in one pass, as transformers batches them (window order across images,
     /// attention within each window or image), each image's merged features in raster order.
-    fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<Tensor>> {
+    fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<ImageFeatures>> {
         let dtype = self.patch_embed.dtype();
         let dev = self.patch_embed.device().clone();
         let (heads, hd, e) = (self.cfg.num_heads, self.cfg.head_dim(), self.cfg.embed_dim);
@@ -245,7 +246,7 @@ impl Encoder for VisionTower {
         let mut out = Vec::with_capacity(rows.len());
         let mut at = 0;
         for r in rows {
-            out.push(merged.narrow(0, at, r / unit)?);
+            out.push(merged.narrow(0, at, r / unit)?.into());
             at += r / unit;
         }
         Ok(out)

@@ -122,6 +122,7 @@ impl Config {
             rms_norm_eps: or(field(t, "rms_norm_eps")?, 1e-5),
             rope_theta,
             mrope_section,
+            mrope_interleaved: false,
             head_dim,
             qkv_bias: true,
             tie_word_embeddings,

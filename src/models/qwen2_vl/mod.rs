@@ -12,12 +12,12 @@ pub mod vision;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::models::decoder::Decoder;
+use crate::models::decoder::{Addition, Decoder, DecoderInput};
 use crate::models::snapshot::{Prefixed, Snapshot, Weights};
 use crate::models::weight_names::Rename;
 use crate::models::{
-    check_image_tokens, scatter_image_features, token_kinds, Family, ImageGrid, LensHead,
-    ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
+    check_image_tokens, scatter_image_features, token_kinds, Family, ImageFeatures, ImageGrid,
+    LensHead, ModelInfo, PixelInputs, Prepared, VisionLanguageModel,
 };
 use crate::preprocess::image::Rgb8;
 use crate::preprocess::prompt::{tokenize, PromptFormat};
@@ -61,37 +61,44 @@ pub struct Qwen2Vl {
     head: LensHead,
 }
 
-/// Loads a family's vision tower from its weights (`model.visual.`) and `vision_config`.
-pub type VisionLoader = fn(&Prefixed, &serde_json::Value) -> Result<Box<dyn vision::Encoder>>;
+/// What one Qwen-VL generation brings to the shared model: its name, weight renamings, how its
+/// config.json reads, and its vision tower, loaded from its weights (`model.visual.`) and
+/// `vision_config`.
+pub struct QwenVlSpec {
+    pub family: &'static str,
+    pub weight_names: &'static [Rename],
+    pub config: fn(&serde_json::Value) -> Result<Config>,
+    pub vision: fn(&Prefixed, &serde_json::Value) -> Result<Box<dyn vision::Encoder>>,
+}
+
+/// Qwen2-VL's own.
+pub const SPEC: QwenVlSpec = QwenVlSpec {
+    family: "qwen2_vl",
+    weight_names: WEIGHT_NAMES,
+    config: Config::from_json,
+    vision: |w, v| {
+        let cfg = config::VisionConfig::from_json(v)?;
+        Ok(Box::new(vision::VisionTower::load(w, &cfg)?))
+    },
+};
 
 impl Qwen2Vl {
     pub fn load(snapshot: Snapshot, name: &str, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load_with(
-            snapshot,
-            name,
-            device,
-            dtype,
-            "qwen2_vl",
-            WEIGHT_NAMES,
-            |w, v| {
-                let cfg = config::VisionConfig::from_json(v)?;
-                Ok(Box::new(vision::VisionTower::load(w, &cfg)?))
-            },
-        )
+        Self::load_with(snapshot, name, device, dtype, &SPEC)
     }
 
-    /// The Qwen-VL model around a family's own vision tower: the same processor, prompt,
-    /// M-RoPE decoder and read-out (Qwen2-VL, Qwen2.5-VL).
+    /// The Qwen-VL model around a generation's own config and vision tower: the same processor,
+    /// prompt, M-RoPE decoder and read-out (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
     pub fn load_with(
         snapshot: Snapshot,
         name: &str,
         device: &Device,
         dtype: DType,
-        family: &'static str,
-        weight_names: &'static [Rename],
-        load_vision: VisionLoader,
+        spec: &QwenVlSpec,
     ) -> Result<Self> {
-        let cfg = Config::from_snapshot(&snapshot)?;
+        let family = spec.family;
+        let cfg = (spec.config)(&snapshot.config)
+            .map_err(|e| snapshot.err(format!("config.json: {e}")))?;
         let processor = ImageProcessorConfig::from_snapshot(&snapshot)?;
         let tokenizer = snapshot.tokenizer()?;
         let template = snapshot
@@ -114,22 +121,30 @@ impl Qwen2Vl {
         let eos_token = snapshot
             .special_token("eos_token")?
             .unwrap_or_else(|| "<|im_end|>".into());
-        let weights = Weights::open(&snapshot, family, weight_names, dtype, device)?;
+        let weights = Weights::open(&snapshot, family, spec.weight_names, dtype, device)?;
         let vision_cfg = snapshot
             .config
             .get("vision_config")
             .cloned()
             .unwrap_or(serde_json::Value::Null);
         let vision =
-            load_vision(&weights.pp("model.visual"), &vision_cfg).map_err(|e| match e {
+            (spec.vision)(&weights.pp("model.visual"), &vision_cfg).map_err(|e| match e {
                 crate::Error::Internal(m) => snapshot.err(format!("config.json: {m}")),
                 e => e,
             })?;
         let text = Decoder::load(&weights.pp("model.language_model"), &cfg.text)?;
         let head = LensHead::new(&text, &weights, "lm_head.weight", cfg.tie_word_embeddings)?;
-        let info = ModelInfo::new(
+        let mut info = ModelInfo::new(
             name, family, &snapshot, &cfg.text, &weights, true, &tokenizer,
         )?;
+        let deepstack = vision.deepstack_blocks();
+        if deepstack > cfg.text.num_hidden_layers {
+            return Err(snapshot.err(format!(
+                "config.json: {deepstack} DeepStack feature sets for {} decoder blocks",
+                cfg.text.num_hidden_layers
+            )));
+        }
+        info.deepstack_layers = (1..=deepstack).collect();
         Ok(Qwen2Vl {
             info,
             cfg,
@@ -203,7 +218,7 @@ impl VisionLanguageModel for Qwen2Vl {
         &self.text
     }
 
-    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<Tensor>> {
+    fn image_features(&self, pixels: &[&PixelInputs]) -> Result<Vec<ImageFeatures>> {
         let images: Vec<(&Tensor, [usize; 3])> = pixels
             .iter()
             .map(|p| (&p.pixel_values, p.grid_thw))
@@ -214,12 +229,25 @@ impl VisionLanguageModel for Qwen2Vl {
     fn embed_with(
         &self,
         inputs: &Prepared,
-        features: Option<Tensor>,
-    ) -> Result<(Tensor, Vec<[u32; 3]>)> {
+        features: Option<ImageFeatures>,
+    ) -> Result<DecoderInput> {
         let mut embeds = self.text.embed(&inputs.input_ids)?;
+        let mut additions = Vec::new();
         match (features, inputs.image_grid) {
             (Some(feats), Some(grid)) => {
-                embeds = scatter_image_features(embeds, feats, grid.first_position)?
+                let first = grid.first_position;
+                embeds = scatter_image_features(embeds, feats.tokens, first)?;
+                // DeepStack: set i goes into the image positions' residual after block i.
+                additions = feats
+                    .deepstack
+                    .into_iter()
+                    .enumerate()
+                    .map(|(after_block, rows)| Addition {
+                        after_block,
+                        first,
+                        rows,
+                    })
+                    .collect();
             }
             (None, None) => {}
             _ => {
@@ -228,7 +256,11 @@ impl VisionLanguageModel for Qwen2Vl {
                 ))
             }
         }
-        Ok((embeds, self.positions(inputs)))
+        Ok(DecoderInput {
+            embeds,
+            positions: self.positions(inputs),
+            additions,
+        })
     }
 }
 

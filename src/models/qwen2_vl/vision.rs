@@ -10,6 +10,7 @@ use crate::models::fused::{self, Kernel};
 use crate::models::layers::{attention, inv_freq, rope_in_f32, Activation, LayerNorm, Linear};
 use crate::models::profile;
 use crate::models::snapshot::Prefixed;
+use crate::models::ImageFeatures;
 
 const LN_EPS: f64 = 1e-6;
 const ROPE_THETA: f64 = 10_000.0;
@@ -36,12 +37,19 @@ pub struct VisionTower {
 /// A Qwen-VL vision tower as the model uses it: the patches of several images in (each
 /// `[n, C·T·P·P]` with its grid `(t, h, w)`), each image's merged features out, what it gets alone.
 pub trait Encoder: Send + Sync {
-    fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<Tensor>>;
+    fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<ImageFeatures>>;
+    /// How many DeepStack feature sets each image brings (Qwen3-VL); 0 for the others.
+    fn deepstack_blocks(&self) -> usize {
+        0
+    }
 }
 
 impl Encoder for VisionTower {
-    fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<Tensor>> {
-        VisionTower::forward_many(self, images)
+    fn forward_many(&self, images: &[(&Tensor, [usize; 3])]) -> Result<Vec<ImageFeatures>> {
+        Ok(VisionTower::forward_many(self, images)?
+            .into_iter()
+            .map(ImageFeatures::from)
+            .collect())
     }
 }
 
