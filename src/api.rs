@@ -334,7 +334,8 @@ pub struct AnswerToken {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct LensResponse {
     pub model: String,
-    /// `qwen2_vl`, `qwen2_5_vl`, `llava`, `llava_next`, `llava_onevision` or `causal_lm` (text only).
+    /// `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `llava`, `llava_next`, `llava_onevision` or
+    /// `causal_lm` (text only).
     pub family: String,
     pub num_layers: usize,
     pub input: InputInfo,

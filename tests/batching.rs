@@ -118,6 +118,11 @@ fn qwen2_5_vl_batch_equals_alone() {
 }
 
 #[test]
+fn qwen3_vl_batch_equals_alone() {
+    check("qwen3_vl-hub", "qwen3_vl");
+}
+
+#[test]
 fn llava_next_batch_equals_alone() {
     check("llava_next-hub", "llava_next");
 }

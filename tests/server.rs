@@ -1020,6 +1020,7 @@ fn the_warm_up_request_runs_on_every_family() {
     for dir in [
         "qwen2vl-hub",
         "qwen2_5_vl-hub",
+        "qwen3_vl-hub",
         "llava15-hub",
         "llava_next-hub",
         "onevision-hub",

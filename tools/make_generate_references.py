@@ -36,6 +36,7 @@ MAX_NEW = 6
 FIXTURES = {
     "qwen2vl-hub": "qwen2vl",
     "qwen2_5_vl-hub": "qwen2_5_vl",
+    "qwen3_vl-hub": "qwen3_vl",
     "llava15-hub": "llava15",
     "llava_next-hub": "llava_next",
     "onevision-hub": "onevision",

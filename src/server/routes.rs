@@ -39,6 +39,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList
                 parameters: m.info.parameters,
                 weight_bytes: m.info.weight_bytes,
                 images: m.info.images,
+                deepstack_layers: m.info.deepstack_layers.clone(),
             })
             .collect(),
     }))

@@ -69,7 +69,8 @@ pub struct LensJsonRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ModelOut {
     pub name: String,
-    /// `qwen2_vl`, `qwen2_5_vl`, `llava`, `llava_next`, `llava_onevision` or `causal_lm` (text only).
+    /// `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `llava`, `llava_next`, `llava_onevision` or
+    /// `causal_lm` (text only).
     pub family: String,
     pub architecture: String,
     /// Decoder blocks; the lens has `layers + 1` layers.
@@ -85,6 +86,11 @@ pub struct ModelOut {
     /// Whether the model takes an image: false for text-only language models (`causal_lm`),
     /// which refuse one with 422.
     pub images: bool,
+    /// The lens layers read after DeepStack added vision features to the image positions'
+    /// residual stream (Qwen3-VL: layer i + 1 holds block i's output plus feature set i, the
+    /// stream block i + 1 reads). Empty for the other families.
+    #[serde(default)]
+    pub deepstack_layers: Vec<usize>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
