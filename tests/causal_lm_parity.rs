@@ -1,5 +1,6 @@
 //! Text-only causal LMs (family `causal_lm`: Llama 3 with llama3 RoPE scaling, Mistral, Qwen2.5,
-//! Qwen3 with q/k norms) against transformers: tiny random checkpoints in the hub's layout and as
+//! Qwen3 with q/k norms, Gemma 2 with soft-capping and sandwich norms, Gemma 3 with local and
+//! global RoPE) against transformers: tiny random checkpoints in the hub's layout and as
 //! transformers 5 saves them (tests/fixtures/<arch>-{hub,tf5}), and the references that
 //! tools/make_text_fixtures.py computed in f32 with eager attention.
 
@@ -9,7 +10,7 @@ use common::*;
 use logit_lens::api::LensOptions;
 use logit_lens::engine::{run_lens, LensRequest};
 
-const ARCHS: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+const ARCHS: [&str; 6] = ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"];
 
 fn each(f: fn(&str, &str)) {
     for arch in ARCHS {
@@ -193,4 +194,62 @@ async fn serve_answers_text_and_refuses_an_image_with_422() {
     assert_eq!(r.status(), 422);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "image_not_accepted", "{body}");
+}
+
+/// Soft-capped logits (Gemma 2) on the GPU's reduction path (its CPU twin here): the same top-5,
+/// probabilities, entropy, KL (recomputed from the capped logits) and target ranks as the fused
+/// CPU path, which the references above check against transformers.
+#[test]
+fn soft_capped_lens_on_the_tensor_path_equals_the_cpu_path() {
+    use logit_lens::lens::{Lens, LensSpec};
+    let model = load_model("gemma2-hub");
+    assert_eq!(model.head().softcap, Some(10.0));
+    let p = model
+        .prepare("The capital of France is", None, true)
+        .unwrap();
+    let n = model.info().num_layers;
+    let spec = LensSpec {
+        positions: vec![0, p.input_ids.len() / 2, p.input_ids.len() - 1],
+        layers: (0..=n).collect(),
+        top_k: 5,
+        targets: vec![3, 300],
+        summary: true,
+        excluded: vec![],
+    };
+    let run = |tensor_path: bool| {
+        let lens = Lens::new(model.head(), &spec, n).unwrap();
+        let mut lens = if tensor_path {
+            lens.with_tensor_path()
+        } else {
+            lens
+        };
+        model.forward(&p, &mut lens).unwrap();
+        lens.finish().unwrap()
+    };
+    let (cpu, tensors) = (run(false), run(true));
+    for (a, b) in cpu.iter().zip(&tensors) {
+        assert!((a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-5);
+        for (pa, pb) in a.positions.iter().zip(&b.positions) {
+            let ids =
+                |p: &logit_lens::lens::PositionStats| p.top.iter().map(|t| t.0).collect::<Vec<_>>();
+            assert_eq!(ids(pa), ids(pb));
+            for (x, y) in pa.top.iter().zip(&pb.top) {
+                assert!((x.1 - y.1).abs() < 1e-5 && (x.2 - y.2).abs() < 1e-4);
+            }
+            assert!((pa.entropy - pb.entropy).abs() < 1e-4);
+            assert!((pa.kl_to_final - pb.kl_to_final).abs() < 1e-4);
+            if a.layer < n {
+                assert!(
+                    pa.kl_to_final > 1e-3,
+                    "layer {}: KL {}",
+                    a.layer,
+                    pa.kl_to_final
+                );
+            }
+            for (x, y) in pa.targets.iter().zip(&pb.targets) {
+                assert!((x.0 - y.0).abs() < 1e-5);
+                assert_eq!(x.1, y.1);
+            }
+        }
+    }
 }

@@ -1025,6 +1025,8 @@ fn the_warm_up_request_runs_on_every_family() {
         "llava_next-hub",
         "onevision-hub",
         "qwen3-hub",
+        "gemma2-hub",
+        "gemma3-hub",
     ] {
         let model = load(dir, dir);
         let ms = logit_lens::engine::warm_up(model.as_ref())

@@ -11,7 +11,8 @@ snapshot's ``eos_token_id``, none of its sampling or penalty settings) and ``out
   transformers returns it);
 * ``step_logprobs`` [n, L+1, V]: at step i, the position that emitted token i (the prompt's last position, then each
   generated token's) read through the lens from transformers' hidden states at that step:
-  ``log_softmax(lm_head(norm(h_l)))`` for l < L and ``log_softmax(lm_head(h_L))`` for the last (already normed);
+  ``log_softmax(lm_head(norm(h_l)))`` for l < L and ``log_softmax(lm_head(h_L))`` for the last (already normed),
+  the logits soft-capped first where the model caps them (Gemma 2's ``final_logit_softcapping``);
 * ``stopped_on_eos`` (int64 [1]).
 
 and ``cases.json``, one entry per file. Run from the repository root (deterministic, ~20 s):
@@ -44,6 +45,8 @@ FIXTURES = {
     "mistral-hub": "mistral",
     "qwen2-hub": "qwen2",
     "qwen3-hub": "qwen3",
+    "gemma2-hub": "gemma2",
+    "gemma3-hub": "gemma3",
 }
 
 
@@ -84,6 +87,9 @@ def reference(path: Path, case: dict):
         hs = torch.stack([h[0, -1] for h in step_hidden])  # [L+1, H]
         L = hs.shape[0] - 1
         logits = torch.cat([model.lm_head(lm.norm(hs[:L])), model.lm_head(hs[L:])])
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap is not None:  # the model's read-out caps its logits (Gemma 2): so does the lens
+            logits = torch.tanh(logits / cap) * cap
         steps.append(torch.log_softmax(logits.float(), dim=-1))
     step_logprobs = torch.stack(steps)  # [n, L+1, V]
     assert step_logprobs.shape[0] == new_ids.shape[0]

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Make the text-only causal-LM fixtures for logit-lens (family ``causal_lm``): Llama 3, Mistral, Qwen2(.5), Qwen3.
+"""Make the text-only causal-LM fixtures for logit-lens (family ``causal_lm``): Llama 3, Mistral, Qwen2(.5), Qwen3,
+Gemma 2, Gemma 3.
 
 For each architecture it writes, under tests/fixtures/:
 
@@ -30,6 +31,8 @@ U(0.5, 1.5), embeddings and an untied lm_head N(0, 0.5)):
 | mistral | MistralForCausalLM | sliding_window 4096, GQA 4/2, untied | SentencePiece-style BPE (make_llava_fixtures.py's Llama tokenizer) | Mistral-7B-Instruct-v0.2's |
 | qwen2 | Qwen2ForCausalLM | q/k/v biases, tied (as Qwen2.5 0.5B) | make_fixtures.py's Qwen2 BPE | Qwen2.5-Instruct's |
 | qwen3 | Qwen3ForCausalLM | q/k RMSNorm per head, head_dim 24 != hidden/heads, tied | Qwen2 BPE + `<think>` `</think>` (added, not special) | Qwen3's (namespace, reversed loop, enable_thinking) |
+| gemma2 | Gemma2ForCausalLM | scaled embeddings, `1 + w` norms, sandwich norms, query_pre_attn_scalar 24 != head_dim 32, attention and final logit soft-capping (10 and 10: the hub's 50 and 30 barely touch a tiny random model's values, these do), sliding / full layers alternating, tied | Gemma-style BPE (`<pad>` `<eos>` `<bos>` `<unk>` `<mask>` 0–4, byte fallback, spaces as `▁`, no prefix space, BOS by the post-processor) + `<start_of_turn>` `<end_of_turn>` | gemma-2-it's |
+| gemma3 | Gemma3ForCausalLM | Gemma 2's block without soft-capping, per-head q/k norms (`1 + w`), sliding layers with their own RoPE (`rope_local_base_freq` 10000) and the global layers with linear RoPE scaling ×8 (as Gemma 3 4B+), `sliding_window_pattern` 2 (so the 3 layers are sliding, global, sliding), tied | as gemma2 | gemma-3-it's |
 
 The chat templates are those models' templates as published, written here from memory (no network): what the
 tests prove is that logit-lens renders a snapshot's own template as transformers does, whichever it is.
@@ -60,7 +63,8 @@ import make_llava_fixtures as mlf  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,  # noqa: E402
+                        processors, trainers)
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 FIXTURES = mf.REPO / "tests" / "fixtures"
@@ -70,6 +74,57 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>"
 LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN3_ADDED = ["<think>", "</think>"]
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0-4 as in Gemma
+GEMMA_ADDED = ["<start_of_turn>", "<end_of_turn>"]
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
 
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
@@ -243,6 +298,39 @@ def llama3_tokenizer() -> Tokenizer:
     return tok
 
 
+def gemma_tokenizer() -> Tokenizer:
+    """A small Gemma-style tokenizer, in the pipeline transformers 5's GemmaTokenizer builds from vocab and merges:
+    normalizer Replace(" ", "▁") (no prefix space), pre-tokenizer Split(" ", merged_with_previous), BPE with byte
+    fallback and fused unknowns, decoder Replace/ByteFallback/Fuse, a post-processor that prepends ``<bos>``.
+    Vocabulary: Gemma's five specials at 0-4, the byte tokens, the trained pieces (words as ``▁word``; newlines by
+    byte fallback), then ``<start_of_turn>`` and ``<end_of_turn>`` as added special tokens."""
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=500, min_frequency=1, show_progress=False, special_tokens=GEMMA_SPECIALS)
+    lines = [line for line in mf.CORPUS.splitlines() if line.strip()] + ["user model", "Describe the scene."]
+    trainer_tok.train_from_iterator(lines * 3, trainer=trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(GEMMA_SPECIALS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        if t not in vocab:
+            vocab[t] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    bos = GEMMA_SPECIALS.index("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos>:0 $A:0", pair="<bos>:0 $A:0 <bos>:1 $B:1", special_tokens=[("<bos>", bos)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA_SPECIALS + GEMMA_ADDED])
+    for i, t in enumerate(GEMMA_SPECIALS):
+        assert tok.token_to_id(t) == i, t
+    return tok
+
+
 def qwen_tokenizer(extra: list) -> Tokenizer:
     tok = mf.train_tokenizer()
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra])
@@ -271,7 +359,15 @@ def arch_specs():
     mistral = mlf.train_llama_tokenizer()
     qwen2 = qwen_tokenizer([])
     qwen3 = qwen_tokenizer(QWEN3_ADDED)
+    gemma = gemma_tokenizer()
     v = lambda tok: 64 * -(-tok.get_vocab_size() // 64)  # the vocabulary rounded up, as hub models pad it
+    gemma_tok_cfg = lambda template: dict(
+        add_bos_token=True, add_eos_token=False, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", chat_template=template, spaces_between_special_tokens=False,
+        tokenizer_class="GemmaTokenizer", use_default_system_prompt=False, model_max_length=1000000000000000019884624838656)
+    gemma_cfg = dict(vocab_size=v(gemma), bos_token_id=2, eos_token_id=1, pad_token_id=0, head_dim=32,
+                     query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                     tie_word_embeddings=True, attention_bias=False)
     return {
         "llama3": dict(
             cls="LlamaForCausalLM", tok=llama3, added=[], specials=LLAMA3_SPECIALS,
@@ -315,6 +411,20 @@ def arch_specs():
                         head_dim=24, rope_theta=1000000.0, sliding_window=None, use_sliding_window=False,
                         max_window_layers=28, attention_bias=False, max_position_embeddings=40960,
                         rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")),
+        "gemma2": dict(
+            cls="Gemma2ForCausalLM", tok=gemma, added=[], specials=GEMMA_SPECIALS + GEMMA_ADDED,
+            tok_cfg=gemma_tok_cfg(GEMMA2_TEMPLATE), eos_extra="<end_of_turn>", embed_std=0.2,
+            config=dict(gemma_cfg, model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_act="gelu_pytorch_tanh",
+                        rope_theta=10000.0, sliding_window=4096, max_position_embeddings=8192,
+                        attn_logit_softcapping=10.0, final_logit_softcapping=10.0, cache_implementation="hybrid")),
+        "gemma3": dict(
+            cls="Gemma3ForCausalLM", tok=gemma, added=[], specials=GEMMA_SPECIALS + GEMMA_ADDED,
+            tok_cfg=gemma_tok_cfg(GEMMA3_TEMPLATE), eos_extra="<end_of_turn>", embed_std=0.2,
+            config=dict(gemma_cfg, model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                        rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=512,
+                        sliding_window_pattern=2, max_position_embeddings=32768, attn_logit_softcapping=None,
+                        final_logit_softcapping=None, cache_implementation="hybrid")),
     }
 
 
@@ -335,8 +445,11 @@ def write_hub(arch: str, spec: dict, out: Path, sizes: dict = TINY, embed_std: f
     cfg = dict(spec["config"], **sizes, torch_dtype="bfloat16", transformers_version="4.45.0", use_cache=True,
                attention_dropout=0.0, initializer_range=0.02)
     mf.write_json(out / "config.json", dict(sorted(cfg.items())))
+    eos = cfg["eos_token_id"]
+    if spec.get("eos_extra"):  # Gemma's instruction models stop on <end_of_turn> too
+        eos = [eos, tok.token_to_id(spec["eos_extra"])]
     mf.write_json(out / "generation_config.json",
-                  {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": False,
+                  {"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos, "do_sample": False,
                    "transformers_version": "4.45.0"})
     config = transformers.AutoConfig.from_pretrained(str(out))
     model = getattr(transformers, spec["cls"])(config)
@@ -399,7 +512,11 @@ def reference_case(model, tok, raw_tok: Tokenizer, name: str, prompt: str):
     torch.testing.assert_close(lm.norm(raw), hs[L], rtol=0, atol=1e-6)
     lens_pos = torch.tensor(sorted({0, S // 2, S - 3, S - 2, S - 1}), dtype=torch.int64)
     states = torch.cat([hs[:L], raw[None]])
-    logp = torch.log_softmax(model.lm_head(lm.norm(states)).float(), dim=-1)
+    z = model.lm_head(lm.norm(states))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:  # the model's own read-out caps its logits (Gemma 2): the lens does too
+        z = torch.tanh(z / cap) * cap
+    logp = torch.log_softmax(z.float(), dim=-1)
     p = logp.exp()
     max_prob = p.max(-1).values
     entropy = -(p * logp).sum(-1)
@@ -444,7 +561,7 @@ def main():
         return
     for arch, spec in arch_specs().items():
         hub, tf5, ref_dir = FIXTURES / f"{arch}-hub", FIXTURES / f"{arch}-tf5", FIXTURES / "reference" / arch
-        write_hub(arch, spec, hub)
+        write_hub(arch, spec, hub, embed_std=spec.get("embed_std", 0.5))
         model = load(hub)
         tok = AutoTokenizer.from_pretrained(str(hub))
         # transformers 5's own save of what it loaded

@@ -60,16 +60,20 @@ impl LayerObserver for LastRows<'_, '_> {
 }
 
 /// The model's own next token after `last` (the last layer's row `[1, hidden]`): the argmax of
-/// its logits over the whole vocabulary (ties: the lowest id, as torch's argmax).
+/// its logits over the whole vocabulary, soft-capped where the model caps them (the cap can tie
+/// what the raw logits order; ties: the lowest id, as torch's argmax).
 fn argmax_next(model: &dyn VisionLanguageModel, last: &Tensor) -> Result<u32> {
     let head = model.head();
     let logits = head
         .norm
         .forward(last)?
         .matmul(&head.unembed.t()?)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+        .to_dtype(DType::F32)?;
+    let logits = match head.softcap {
+        Some(c) => crate::models::layers::softcap_like_torch(&logits, c)?,
+        None => logits,
+    };
+    let logits = logits.flatten_all()?.to_vec1::<f32>()?;
     let mut best = 0;
     for (i, &z) in logits.iter().enumerate() {
         if z > logits[best] {

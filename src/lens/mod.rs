@@ -6,6 +6,8 @@
 //! entropy, top-k, targets) in one fused pass; no `[layers × positions × vocab]` tensor exists.
 //! KL to the final layer is recovered without keeping any earlier layer's distribution:
 //! `KL(p_L ‖ p_l) = lse_l − (Wᵀ p_L)·n_l − H(p_L)`, where `n_l` is the normed hidden state.
+//! (Soft-capped logits, Gemma 2's, are not linear in `n_l`: there the cross term `Σ p_L z_l` is
+//! recomputed at the end from the requested rows, one more pass over the vocabulary for them.)
 //!
 //! Two ways to run it, same numbers (a test compares them): on the CPU in f32, the layers' rows as
 //! they arrive, gathered until they fill a block (a short input's layers then share one pass over
@@ -88,8 +90,10 @@ pub struct Lens<'a> {
     layers: Vec<LayerStats>,
     /// Per reported layer and position: log-sum-exp and the normed hidden state, for KL.
     kl_parts: Vec<Vec<(f32, Vec<f32>)>>,
-    /// From the final layer, per position: `Wᵀ p_L` and `H(p_L)`.
+    /// From the final layer, per position: `Wᵀ p_L` (empty with soft-capping) and `H(p_L)`.
     final_parts: Option<Vec<(Vec<f32>, f32)>>,
+    /// With soft-capping: the final layer's requested normed rows and their log-sum-exps.
+    final_rows: Option<(Tensor, Vec<f32>)>,
     pub seconds: f64,
     /// Use the tensor-operation reduction even on the CPU (tests compare the two paths).
     tensor_path: bool,
@@ -151,6 +155,7 @@ impl<'a> Lens<'a> {
             layers: Vec::new(),
             kl_parts: Vec::new(),
             final_parts: None,
+            final_rows: None,
             seconds: 0.0,
             tensor_path: false,
             pending: Vec::new(),
@@ -187,6 +192,9 @@ impl<'a> Lens<'a> {
         let finals = self.final_parts.take().ok_or_else(|| {
             Error::Internal("the forward pass stopped before the last layer".into())
         })?;
+        if let Some((rows, lse)) = self.final_rows.take() {
+            return self.finish_capped(&finals, &rows, &lse);
+        }
         for (layer, parts) in self.layers.iter_mut().zip(&self.kl_parts) {
             if layer.layer == self.num_layers {
                 continue; // KL of the final distribution to itself: exactly 0.
@@ -199,6 +207,81 @@ impl<'a> Lens<'a> {
             }
         }
         Ok(self.layers)
+    }
+
+    /// [`Self::finish`] with soft-capped logits: `KL = lse_l − Σ_v p_L(v) z_l(v) − H(p_L)` with
+    /// the cross term from the requested rows' capped logits, recomputed block by block of the
+    /// vocabulary against the final layer's `p_L` (what the lens reported, computed again).
+    fn finish_capped(
+        mut self,
+        finals: &[(Vec<f32>, f32)],
+        final_rows: &Tensor,
+        final_lse: &[f32],
+    ) -> Result<Vec<LayerStats>> {
+        let t = Instant::now();
+        let (dev, dtype) = (final_rows.device().clone(), final_rows.dtype());
+        let hidden = final_rows.dim(1)?;
+        // Every (earlier reported layer, position) pair: its normed row and its position's index.
+        let mut flat = Vec::new();
+        let mut at = Vec::new();
+        for (layer, parts) in self.layers.iter().zip(&self.kl_parts) {
+            if layer.layer == self.num_layers {
+                continue;
+            }
+            for (k, (_, n)) in parts.iter().enumerate() {
+                flat.extend_from_slice(n);
+                at.push(k as u32);
+            }
+        }
+        if !at.is_empty() {
+            let r = at.len();
+            let n = Tensor::from_vec(flat, (r, hidden), &dev)?.to_dtype(dtype)?;
+            let idx = Tensor::from_vec(at, r, &dev)?;
+            let lse_t = Tensor::from_slice(final_lse, (final_lse.len(), 1), &dev)?;
+            let vocab = self.unembed.dim(0)?;
+            let step = if dev.is_cpu() {
+                VOCAB_BLOCK
+            } else {
+                DEVICE_VOCAB_BLOCK
+            };
+            let mut cross = vec![0f64; r];
+            for v0 in (0..vocab).step_by(step) {
+                let vc = step.min(vocab - v0);
+                let w = self.unembed.narrow(0, v0, vc)?;
+                let z = self.cap(unembed_f32(&n, &w)?)?;
+                let p = self
+                    .cap(unembed_f32(final_rows, &w)?)?
+                    .broadcast_sub(&lse_t)?
+                    .exp()?
+                    .index_select(&idx, 0)?;
+                let part = (z * p)?.sum(1)?.to_device(&candle_core::Device::Cpu)?;
+                for (c, x) in cross.iter_mut().zip(part.to_vec1::<f32>()?) {
+                    *c += x as f64;
+                }
+            }
+            let mut cross = cross.into_iter();
+            for (layer, parts) in self.layers.iter_mut().zip(&self.kl_parts) {
+                if layer.layer == self.num_layers {
+                    continue;
+                }
+                for ((pos, (lse, _)), (_, h_final)) in
+                    layer.positions.iter_mut().zip(parts).zip(finals)
+                {
+                    let dot = cross.next().unwrap_or(0.0);
+                    pos.kl_to_final = ((*lse as f64 - dot - *h_final as f64) as f32).max(0.0);
+                }
+            }
+        }
+        self.seconds += t.elapsed().as_secs_f64();
+        Ok(self.layers)
+    }
+
+    /// The model's soft-capping of logits (`[rows, vocab]` f32), where it has one.
+    fn cap(&self, logits: Tensor) -> Result<Tensor> {
+        match self.head.softcap {
+            Some(c) => crate::models::layers::softcap_like_torch(&logits, c),
+            None => Ok(logits),
+        }
     }
 
     fn process(&mut self, index: usize, hidden: &Tensor, normed: Option<&Tensor>) -> Result<()> {
@@ -383,6 +466,10 @@ impl<'a> Lens<'a> {
         if is_final {
             let finals: Vec<&RowState> = requested.iter().map(|&r| &states[r]).collect();
             self.final_parts = Some(self.final_parts(&n_requested, &finals)?);
+            if self.head.softcap.is_some() {
+                let lse = finals.iter().map(|s| s.lse()).collect();
+                self.final_rows = Some((n_requested.clone(), lse));
+            }
         }
         if report {
             let mut positions = Vec::with_capacity(requested.len());
@@ -435,10 +522,13 @@ impl<'a> Lens<'a> {
         let Some(w) = self.target_w.as_ref().filter(|_| detail.iter().any(|d| *d)) else {
             return Ok(vec![Vec::new(); detail.len()]);
         };
-        let z = n_block
-            .to_dtype(DType::F64)?
-            .matmul(&w.t()?)?
-            .to_dtype(DType::F32)?
+        let z = self
+            .cap(
+                n_block
+                    .to_dtype(DType::F64)?
+                    .matmul(&w.t()?)?
+                    .to_dtype(DType::F32)?,
+            )?
             .to_vec2::<f32>()?;
         Ok(z.into_iter()
             .zip(detail)
@@ -452,9 +542,11 @@ impl<'a> Lens<'a> {
             return Ok(None);
         };
         Ok(Some(
-            rows.to_dtype(DType::F64)?
-                .matmul(&w.t()?)?
-                .to_dtype(DType::F32)?,
+            self.cap(
+                rows.to_dtype(DType::F64)?
+                    .matmul(&w.t()?)?
+                    .to_dtype(DType::F32)?,
+            )?,
         ))
     }
 
@@ -464,7 +556,7 @@ impl<'a> Lens<'a> {
         for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
             let vc = VOCAB_BLOCK.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
-            let logits = n_block.matmul(&w.t()?)?;
+            let logits = self.cap(n_block.matmul(&w.t()?)?)?;
             with_cpu_f32(&logits, |z| {
                 z.par_chunks(vc)
                     .zip(states.par_iter_mut())
@@ -499,7 +591,7 @@ impl<'a> Lens<'a> {
         let mut detail_rows = Vec::new();
         for start in (0..total).step_by(DEVICE_ROWS) {
             let n = DEVICE_ROWS.min(total - start);
-            let logits = unembed_f32(&normed.narrow(0, start, n)?, &self.unembed)?;
+            let logits = self.cap(unembed_f32(&normed.narrow(0, start, n)?, &self.unembed)?)?;
             sums.push(row_max_sumexp(&logits)?);
             let here: Vec<u32> = detail
                 .iter()
@@ -588,6 +680,10 @@ impl<'a> Lens<'a> {
     /// For the final layer's requested rows: `u = Wᵀ p_L` (a second pass over the vocabulary,
     /// now that each row's log-sum-exp is known) and the entropy `H(p_L)`.
     fn final_parts(&self, n_rows: &Tensor, states: &[&RowState]) -> Result<Vec<(Vec<f32>, f32)>> {
+        if self.head.softcap.is_some() {
+            // `Wᵀ p_L` does not give the cross term of capped logits (see `finish_capped`).
+            return Ok(states.iter().map(|s| (Vec::new(), s.entropy())).collect());
+        }
         let vocab = self.unembed.dim(0)?;
         let lse: Vec<f32> = states.iter().map(|s| s.lse()).collect();
         let lse_t = Tensor::from_slice(&lse, (lse.len(), 1), n_rows.device())?;

@@ -1,15 +1,17 @@
 //! The decoder-only language model shared by the families: Llama (LLaVA-1.5, Llama 3), Qwen2
-//! (Qwen2-VL, LLaVA-OneVision, Qwen2.5), Qwen3 (per-head q/k RMSNorm) and Mistral. Pre-norm blocks,
-//! grouped-query attention with rotate-half RoPE (plain, linear or Llama 3 frequency scaling),
-//! SwiGLU MLP, RMSNorm. Positions are 3-D `(t, h, w)` so that Qwen2-VL's M-RoPE is the general case; plain
+//! (Qwen2-VL, LLaVA-OneVision, Qwen2.5), Qwen3 (per-head q/k RMSNorm), Mistral, and Gemma 2 / 3
+//! ([`Gemma`]: scaled embeddings, `1 + w` norms, sandwich norms, soft-capping, local RoPE).
+//! Pre-norm blocks, grouped-query attention with rotate-half RoPE (plain, linear or Llama 3
+//! frequency scaling), gated MLP, RMSNorm. Positions are 3-D `(t, h, w)` so that Qwen2-VL's M-RoPE is the general case; plain
 //! RoPE is M-RoPE with every frequency on the first axis and `t = h = w`.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::models::layers::{
-    attention, causal_attention, causal_mask, embed, inv_freq, rope, Activation, Linear, RmsNorm,
+    attention_capped, causal_attention, causal_mask, embed, inv_freq, rope, Activation, Linear,
+    RmsNorm, ATTENTION_SCORES_BUDGET,
 };
 use crate::models::profile;
 use crate::models::snapshot::{field, Prefixed};
@@ -42,6 +44,26 @@ pub struct DecoderConfig {
     /// Mistral's sliding window: every position attends to at most this many (itself included).
     /// Longer sequences are refused (see [`Decoder::check_length`]).
     pub sliding_window: Option<usize>,
+    /// Gemma 2 / 3's differences from the Llama block.
+    pub gemma: Option<Gemma>,
+}
+
+/// What Gemma 2 and Gemma 3 do differently (transformers' `Gemma2Model`, `Gemma3TextModel`):
+/// token embeddings scaled by `sqrt(hidden_size)`; every RMSNorm scales by `1 + weight` (loaded as
+/// such); sandwich norms (`post_attention_layernorm` on the attention output,
+/// `pre_feedforward_layernorm` / `post_feedforward_layernorm` around the MLP); attention scaled by
+/// `query_pre_attn_scalar^-½`; optional soft-capping of attention scores and of the logits (which
+/// the lens applies too); Gemma 3's sliding layers rotate with their own RoPE.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gemma {
+    pub embed_scale: f64,
+    pub query_pre_attn_scalar: f64,
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    /// Per block: a sliding-window layer (`layer_types`).
+    pub sliding_layers: Vec<bool>,
+    /// Gemma 3: the sliding layers' RoPE (`rope_parameters.sliding_attention`): theta and scaling.
+    pub local_rope: Option<(f64, RopeScaling)>,
 }
 
 /// The RoPE frequency variants transformers' `ROPE_INIT_FUNCTIONS` has that keep the attention
@@ -157,6 +179,18 @@ impl DecoderConfig {
                 kv: Some(32),
                 head_dim: None,
             },
+            "gemma2" => Defaults {
+                vocab: 256000,
+                intermediate: 9216,
+                kv: Some(4),
+                head_dim: Some(256),
+            },
+            "gemma3_text" => Defaults {
+                vocab: 262208,
+                intermediate: 9216,
+                kv: Some(4),
+                head_dim: Some(256),
+            },
             // Qwen3-VL's decoder is Qwen3's (its M-RoPE is set by the family).
             "qwen3" | "qwen3_vl_text" => Defaults {
                 vocab: 151936,
@@ -166,7 +200,7 @@ impl DecoderConfig {
             },
             other => {
                 return Err(Error::Internal(format!(
-                "text model type `{other}` is not supported (llama, mistral, qwen2, qwen3 and qwen3_vl_text are)"
+                "text model type `{other}` is not supported (llama, mistral, qwen2, qwen3, qwen3_vl_text, gemma2 and gemma3_text are)"
             )))
             }
         };
@@ -174,8 +208,11 @@ impl DecoderConfig {
             model_type == "qwen2",
             model_type == "qwen3" || model_type == "qwen3_vl_text",
         );
-        let hidden_size = field(t, "hidden_size")?.unwrap_or(4096);
-        let num_attention_heads = field(t, "num_attention_heads")?.unwrap_or(32);
+        let (gemma2, gemma3) = (model_type == "gemma2", model_type == "gemma3_text");
+        let gemma_like = gemma2 || gemma3;
+        let hidden_size = field(t, "hidden_size")?.unwrap_or(if gemma_like { 2304 } else { 4096 });
+        let num_attention_heads =
+            field(t, "num_attention_heads")?.unwrap_or(if gemma_like { 8 } else { 32 });
         let kv = match (t.get("num_key_value_heads"), d.kv) {
             (None, Some(kv)) => kv,
             _ => field(t, "num_key_value_heads")?.unwrap_or(num_attention_heads),
@@ -183,17 +220,27 @@ impl DecoderConfig {
         let head_dim = field(t, "head_dim")?
             .or(d.head_dim)
             .unwrap_or(hidden_size / num_attention_heads.max(1));
-        let rope: Value = field::<Value>(t, "rope_parameters")?
+        let mut rope: Value = field::<Value>(t, "rope_parameters")?
             .or(field::<Value>(t, "rope_scaling")?)
             .unwrap_or(Value::Null);
+        // Gemma 3 (transformers 5): one entry per layer type.
+        let local_rope_params = rope.get("sliding_attention").cloned();
+        if let Some(full) = rope.get("full_attention").cloned() {
+            rope = full;
+        }
         let rope_scaling = RopeScaling::from_json(&rope)?;
         if field::<bool>(t, "mlp_bias")?.unwrap_or(false) {
             return Err(Error::Internal(
                 "MLP biases (`mlp_bias`) are not implemented".into(),
             ));
         }
-        // Qwen2/3 use their window only with `use_sliding_window`; Mistral whenever it is set.
-        let sliding_window = if qwen2 || qwen3 {
+        let num_hidden_layers: usize =
+            field(t, "num_hidden_layers")?.unwrap_or(if gemma_like { 26 } else { 32 });
+        // Qwen2/3 use their window only with `use_sliding_window`; Mistral whenever it is set;
+        // Gemma on its sliding layers.
+        let sliding_window = if gemma_like {
+            Some(field(t, "sliding_window")?.unwrap_or(4096))
+        } else if qwen2 || qwen3 {
             if field::<bool>(t, "use_sliding_window")?.unwrap_or(false) {
                 return Err(Error::Internal(
                     "sliding-window attention on some layers (use_sliding_window) is not implemented"
@@ -213,26 +260,102 @@ impl DecoderConfig {
             vocab_size: field(t, "vocab_size")?.unwrap_or(d.vocab),
             hidden_size,
             intermediate_size: field(t, "intermediate_size")?.unwrap_or(d.intermediate),
-            num_hidden_layers: field(t, "num_hidden_layers")?.unwrap_or(32),
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: kv,
             head_dim,
-            hidden_act: field(t, "hidden_act")?.unwrap_or_else(|| "silu".into()),
+            hidden_act: if gemma_like {
+                // Gemma names it `hidden_activation` (older configs: `hidden_act`).
+                field(t, "hidden_activation")?
+                    .or(field(t, "hidden_act")?)
+                    .unwrap_or_else(|| "gelu_pytorch_tanh".into())
+            } else {
+                field(t, "hidden_act")?.unwrap_or_else(|| "silu".into())
+            },
             rms_norm_eps: field(t, "rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta: field(&rope, "rope_theta")?
                 .or(field(t, "rope_theta")?)
-                .unwrap_or(if model_type == "qwen3_vl_text" {
-                    500_000.0
-                } else {
-                    10_000.0
+                .unwrap_or(match model_type.as_str() {
+                    "qwen3_vl_text" => 500_000.0,
+                    "gemma3_text" => 1_000_000.0,
+                    _ => 10_000.0,
                 }),
             mrope_section: vec![head_dim / 2, 0, 0],
             mrope_interleaved: false,
             qkv_bias: qwen2 || field(t, "attention_bias")?.unwrap_or(false),
-            tie_word_embeddings: field(t, "tie_word_embeddings")?.unwrap_or(false),
-            qk_norm: qwen3,
+            tie_word_embeddings: field(t, "tie_word_embeddings")?.unwrap_or(gemma_like),
+            qk_norm: qwen3 || gemma3,
             rope_scaling,
             sliding_window,
+            gemma: if gemma_like {
+                Some(Gemma::from_json(
+                    t,
+                    gemma3,
+                    hidden_size,
+                    num_hidden_layers,
+                    local_rope_params,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl Gemma {
+    /// Gemma2Config / Gemma3TextConfig's fields (and defaults) beyond the Llama ones.
+    fn from_json(
+        t: &Value,
+        gemma3: bool,
+        hidden_size: usize,
+        layers: usize,
+        local_rope: Option<Value>,
+    ) -> Result<Self> {
+        let pattern: usize =
+            field(t, "sliding_window_pattern")?.unwrap_or(if gemma3 { 6 } else { 2 });
+        let sliding_layers = match field::<Vec<String>>(t, "layer_types")? {
+            Some(types) if types.len() == layers => types
+                .iter()
+                .map(|ty| match ty.as_str() {
+                    "sliding_attention" => Ok(true),
+                    "full_attention" => Ok(false),
+                    other => Err(Error::Internal(format!(
+                        "layer type `{other}` is not known"
+                    ))),
+                })
+                .collect::<Result<_>>()?,
+            Some(types) => {
+                return Err(Error::Internal(format!(
+                    "{} layer_types for {layers} layers",
+                    types.len()
+                )))
+            }
+            // transformers' defaults: every `pattern`-th layer global.
+            None => (0..layers).map(|i| (i + 1) % pattern.max(1) != 0).collect(),
+        };
+        let local_rope = if gemma3 {
+            // transformers 5: rope_parameters.sliding_attention; the hub: rope_local_base_freq.
+            let p = local_rope.unwrap_or(Value::Null);
+            let theta = field(&p, "rope_theta")?
+                .or(field(t, "rope_local_base_freq")?)
+                .unwrap_or(10_000.0);
+            Some((theta, RopeScaling::from_json(&p)?))
+        } else {
+            None
+        };
+        let cap = |k: &str, d: Option<f64>| -> Result<Option<f64>> {
+            Ok(match t.get(k) {
+                None => d,
+                Some(_) => field(t, k)?,
+            })
+        };
+        Ok(Gemma {
+            embed_scale: (hidden_size as f64).sqrt(),
+            query_pre_attn_scalar: field(t, "query_pre_attn_scalar")?.unwrap_or(256.0),
+            attn_softcap: cap("attn_logit_softcapping", (!gemma3).then_some(50.0))?,
+            final_softcap: cap("final_logit_softcapping", (!gemma3).then_some(30.0))?,
+            sliding_layers,
+            local_rope,
         })
     }
 }
@@ -324,8 +447,16 @@ fn add_rows(h: Tensor, block: usize, additions: &[&[Addition]]) -> Result<Tensor
 }
 
 struct Layer {
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
+    /// Before attention (`input_layernorm`).
+    attn_norm: RmsNorm,
+    /// Gemma: on the attention output, before the residual add (`post_attention_layernorm`).
+    attn_out_norm: Option<RmsNorm>,
+    /// Before the MLP (Llama: `post_attention_layernorm`; Gemma: `pre_feedforward_layernorm`).
+    mlp_norm: RmsNorm,
+    /// Gemma: on the MLP output (`post_feedforward_layernorm`).
+    mlp_out_norm: Option<RmsNorm>,
+    /// Gemma 3's sliding layers: the local RoPE table.
+    local_rope: bool,
     /// q, k and v projections stacked: one GEMM (rows `[q | k | v]`).
     qkv: Linear,
     o: Linear,
@@ -350,18 +481,40 @@ impl Decoder {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (qd, kvd) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         let eps = cfg.rms_norm_eps;
+        let gemma = cfg.gemma.as_ref();
+        // Gemma's norms scale by `1 + weight`: the sum taken once here, in f32.
+        let norm = |w: &Prefixed, dim: usize| -> Result<RmsNorm> {
+            let n = RmsNorm::load(w, dim, eps)?;
+            if gemma.is_none() {
+                return Ok(n);
+            }
+            let dtype = n.weight.dtype();
+            Ok(RmsNorm {
+                weight: (n.weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(dtype)?,
+                eps,
+            })
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
                 let b = w.pp(format!("layers.{l}"));
                 let a = b.pp("self_attn");
                 let m = b.pp("mlp");
+                let sandwich = |name: &str| gemma.map(|_| norm(&b.pp(name), h)).transpose();
                 Ok(Layer {
-                    input_layernorm: RmsNorm::load(&b.pp("input_layernorm"), h, eps)?,
-                    post_attention_layernorm: RmsNorm::load(
-                        &b.pp("post_attention_layernorm"),
+                    attn_norm: norm(&b.pp("input_layernorm"), h)?,
+                    attn_out_norm: sandwich("post_attention_layernorm")?,
+                    mlp_norm: norm(
+                        &b.pp(if gemma.is_some() {
+                            "pre_feedforward_layernorm"
+                        } else {
+                            "post_attention_layernorm"
+                        }),
                         h,
-                        eps,
                     )?,
+                    mlp_out_norm: sandwich("post_feedforward_layernorm")?,
+                    local_rope: gemma.is_some_and(|g| {
+                        g.local_rope.is_some() && g.sliding_layers.get(l).copied().unwrap_or(false)
+                    }),
                     qkv: {
                         let subs = [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)];
                         Linear::from_weight(
@@ -378,10 +531,7 @@ impl Decoder {
                     qk_norm: cfg
                         .qk_norm
                         .then(|| -> Result<_> {
-                            Ok((
-                                RmsNorm::load(&a.pp("q_norm"), hd, eps)?,
-                                RmsNorm::load(&a.pp("k_norm"), hd, eps)?,
-                            ))
+                            Ok((norm(&a.pp("q_norm"), hd)?, norm(&a.pp("k_norm"), hd)?))
                         })
                         .transpose()?,
                 })
@@ -391,13 +541,22 @@ impl Decoder {
             cfg: cfg.clone(),
             embed_tokens: w.pp("embed_tokens").get("weight", (cfg.vocab_size, h))?,
             layers,
-            norm: RmsNorm::load(&w.pp("norm"), h, eps)?,
+            norm: norm(&w.pp("norm"), h)?,
             act: Activation::from_name(&cfg.hidden_act)?,
         })
     }
 
+    /// Token embeddings as the first block reads them (Gemma: times `sqrt(hidden_size)`, the
+    /// factor rounded to the model dtype first, as transformers).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        embed(&self.embed_tokens, ids)
+        let e = embed(&self.embed_tokens, ids)?;
+        match &self.cfg.gemma {
+            Some(g) => {
+                let scale = Tensor::new(g.embed_scale as f32, e.device())?.to_dtype(e.dtype())?;
+                Ok(e.broadcast_mul(&scale)?)
+            }
+            None => Ok(e),
+        }
     }
 
     pub fn config(&self) -> &DecoderConfig {
@@ -419,9 +578,30 @@ impl Decoder {
     /// RoPE tables `[seq, head_dim/2]`: frequency slot j takes its angle from the position axis
     /// [`DecoderConfig::rope_axes`] assigns it. Angles and cos/sin in f32, then cast
     /// (transformers' order).
-    fn rope_tables(&self, positions: &[[u32; 3]], device: &Device) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(&self, positions: &[[u32; 3]], device: &Device) -> Result<RopeTables> {
+        let global = self.rope_table(
+            positions,
+            device,
+            self.cfg.rope_theta,
+            &self.cfg.rope_scaling,
+        )?;
+        let local = match self.cfg.gemma.as_ref().and_then(|g| g.local_rope.as_ref()) {
+            Some((theta, scaling)) => Some(self.rope_table(positions, device, *theta, scaling)?),
+            None => None,
+        };
+        Ok(RopeTables { global, local })
+    }
+
+    /// One RoPE table pair for `theta` and `scaling`.
+    fn rope_table(
+        &self,
+        positions: &[[u32; 3]],
+        device: &Device,
+        theta: f64,
+        scaling: &RopeScaling,
+    ) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim;
-        let freqs = self.cfg.rope_scaling.inv_freq(self.cfg.rope_theta, hd);
+        let freqs = scaling.inv_freq(theta, hd);
         let axis = self.cfg.rope_axes();
         let mut cos = Vec::with_capacity(positions.len() * hd / 2);
         let mut sin = Vec::with_capacity(cos.capacity());
@@ -447,7 +627,7 @@ impl Decoder {
         &self,
         layer: &Layer,
         h: &Tensor,
-        (cos, sin): (&Tensor, &Tensor),
+        tables: &RopeTables,
         mask: Option<&Tensor>,
         caches: Option<Vec<&mut LayerCache>>,
     ) -> Result<Tensor> {
@@ -455,11 +635,17 @@ impl Decoder {
         let (b, s, _) = h.dims3()?;
         let hd = self.cfg.head_dim;
         let (nh, nkv) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
-        let scale = (hd as f64).powf(-0.5);
+        let gemma = self.cfg.gemma.as_ref();
+        let scale = gemma
+            .map_or(hd as f64, |g| g.query_pre_attn_scalar)
+            .powf(-0.5);
+        let softcap = gemma.and_then(|g| g.attn_softcap);
+        let (cos, sin) = match (&tables.local, layer.local_rope) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&tables.global.0, &tables.global.1),
+        };
         let mut h = h.clone();
-        let x = profile::op("decoder norm", &device, || {
-            layer.input_layernorm.forward(&h)
-        })?;
+        let x = profile::op("decoder norm", &device, || layer.attn_norm.forward(&h))?;
         // [b, s, (nh + 2·nkv)·hd] → [b, nh + 2·nkv, s, hd]: q heads, then k, then v.
         let qkv = profile::op("decoder qkv", &device, || {
             Ok(layer
@@ -488,6 +674,15 @@ impl Decoder {
         let v = qkv.narrow(1, nh + nkv, nkv)?;
         let a = profile::op("decoder attention", &device, || {
             let a = match (caches, mask) {
+                (None, Some(mask)) if softcap.is_some() => attention_capped(
+                    &q,
+                    &k,
+                    &v,
+                    Some(mask),
+                    scale,
+                    softcap,
+                    ATTENTION_SCORES_BUDGET,
+                )?,
                 (None, Some(mask)) => causal_attention(&q, &k, &v, mask, scale)?,
                 (None, None) => {
                     return Err(Error::Internal("a block without mask or cache".into()))
@@ -500,7 +695,15 @@ impl Decoder {
                         .map(|(i, c)| {
                             let one = |t: &Tensor| t.narrow(0, i, 1);
                             let (k, v) = c.append(&one(&k)?, &one(&v)?)?;
-                            attention(&one(&q)?, &k, &v, mask, scale)
+                            attention_capped(
+                                &one(&q)?,
+                                &k,
+                                &v,
+                                mask,
+                                scale,
+                                softcap,
+                                ATTENTION_SCORES_BUDGET,
+                            )
                         })
                         .collect::<Result<Vec<_>>>()?;
                     Tensor::cat(&outs, 0)?
@@ -509,17 +712,24 @@ impl Decoder {
             Ok(a.transpose(1, 2)?.reshape((b, s, nh * hd))?)
         })?;
         h = profile::op("decoder o_proj + residual", &device, || {
-            Ok((&h + layer.o.forward(&a)?)?)
+            let o = layer.o.forward(&a)?;
+            let o = match &layer.attn_out_norm {
+                Some(n) => n.forward(&o)?,
+                None => o,
+            };
+            Ok((&h + o)?)
         })?;
-        let x = profile::op("decoder norm", &device, || {
-            layer.post_attention_layernorm.forward(&h)
-        })?;
+        let x = profile::op("decoder norm", &device, || layer.mlp_norm.forward(&h))?;
         let mlp = profile::op("decoder mlp", &device, || {
-            layer.down.forward(
+            let y = layer.down.forward(
                 &self
                     .act
                     .then_mul(&layer.gate.forward(&x)?, &layer.up.forward(&x)?)?,
-            )
+            )?;
+            match &layer.mlp_out_norm {
+                Some(n) => n.forward(&y),
+                None => Ok(y),
+            }
         })?;
         h = profile::op("decoder residual", &device, || Ok((&h + mlp)?))?;
         Ok(h)
@@ -577,7 +787,7 @@ impl Decoder {
         }
         let device = embeds.device().clone();
         let dtype = embeds.dtype();
-        let (cos, sin) = self.rope_tables(positions, &device)?;
+        let tables = self.rope_tables(positions, &device)?;
         // New row i sees the `past` cached keys and the new ones up to itself.
         let mask: Vec<f32> = (0..s)
             .flat_map(|i| {
@@ -588,7 +798,7 @@ impl Decoder {
         let mut h = embeds.unsqueeze(0)?;
         self.observe_each(0, &h, &mut [observer])?;
         for (l, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            h = self.block(layer, &h, (&cos, &sin), Some(&mask), Some(vec![c]))?;
+            h = self.block(layer, &h, &tables, Some(&mask), Some(vec![c]))?;
             h = add_rows(h, l, &[&additions])?;
             self.observe_each(l + 1, &h, &mut [&mut *observer])?;
         }
@@ -624,18 +834,13 @@ impl Decoder {
             }
         }
         let device = embeds.device().clone();
-        let (cos, sin) = self.rope_tables(positions, &device)?;
-        let (cos, sin) = if b == 1 {
-            (cos, sin)
-        } else {
-            (cos.reshape((b, 1, ()))?, sin.reshape((b, 1, ()))?)
-        };
+        let tables = self.rope_tables(positions, &device)?.batched(b, 1)?;
         let mut h = embeds.unsqueeze(1)?; // [b, 1, hidden]
         self.observe_each(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let per_seq: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            h = self.block(layer, &h, (&cos, &sin), None, Some(per_seq))?;
+            h = self.block(layer, &h, &tables, None, Some(per_seq))?;
             self.observe_each(l + 1, &h, observers)?;
         }
         for c in caches.iter_mut() {
@@ -703,12 +908,7 @@ impl Decoder {
             all_pos.extend_from_slice(&p[..n]);
             all_pos.extend(std::iter::repeat_n([0u32; 3], s - n));
         }
-        let (cos, sin) = self.rope_tables(&all_pos, &device)?;
-        let (cos, sin) = if b == 1 {
-            (cos, sin)
-        } else {
-            (cos.reshape((b, s, ()))?, sin.reshape((b, s, ()))?)
-        };
+        let tables = self.rope_tables(&all_pos, &device)?.batched(b, s)?;
         let mask = causal_mask(s, dtype, &device)?;
         let mut h = Tensor::stack(&padded, 0)?; // [b, s, hidden]
         let observe =
@@ -732,13 +932,36 @@ impl Decoder {
             };
         observe(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            h = self.block(layer, &h, (&cos, &sin), Some(&mask), None)?;
+            h = self.block(layer, &h, &tables, Some(&mask), None)?;
             h = add_rows(h, l, &additions)?;
             profile::op("lens (per layer)", &device, || {
                 observe(l + 1, &h, observers)
             })?;
         }
         Ok(())
+    }
+}
+
+/// RoPE cos/sin tables `[seq, head_dim/2]` (or `[b, seq, head_dim/2]`): the model's, and Gemma 3's
+/// local one for its sliding layers.
+struct RopeTables {
+    global: (Tensor, Tensor),
+    local: Option<(Tensor, Tensor)>,
+}
+
+impl RopeTables {
+    /// Tables of `b · s` rows as `[b, s, head_dim/2]` (unchanged for one sequence).
+    fn batched(self, b: usize, s: usize) -> Result<Self> {
+        if b == 1 {
+            return Ok(self);
+        }
+        let shape = |(c, sn): (Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
+            Ok((c.reshape((b, s, ()))?, sn.reshape((b, s, ()))?))
+        };
+        Ok(RopeTables {
+            global: shape(self.global)?,
+            local: self.local.map(shape).transpose()?,
+        })
     }
 }
 
@@ -823,6 +1046,52 @@ mod tests {
             ),
             (151936, 22016, 2, 1e6)
         );
+    }
+
+    /// transformers' class defaults where a Gemma config leaves fields out: Gemma 2 caps at 50 and
+    /// 30 and alternates sliding / full layers; Gemma 3 has no caps, every 6th layer global, and
+    /// reads its local RoPE from the hub's `rope_local_base_freq` or transformers 5's per-type
+    /// `rope_parameters`.
+    #[test]
+    fn gemma_defaults_follow_transformers() {
+        let g2 = DecoderConfig::from_json(
+            &json!({"model_type": "gemma2", "num_hidden_layers": 4}),
+            "llama",
+        )
+        .unwrap();
+        let g = g2.gemma.as_ref().unwrap();
+        assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
+        assert_eq!(g.sliding_layers, vec![true, false, true, false]);
+        assert_eq!((g.embed_scale, g.query_pre_attn_scalar), (48.0, 256.0));
+        assert!(g.local_rope.is_none() && !g2.qk_norm && g2.tie_word_embeddings);
+        assert_eq!(
+            (g2.hidden_act.as_str(), g2.head_dim, g2.sliding_window),
+            ("gelu_pytorch_tanh", 256, Some(4096))
+        );
+        let hub = DecoderConfig::from_json(
+            &json!({"model_type": "gemma3_text", "num_hidden_layers": 12, "rope_theta": 1e6,
+                    "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                    "sliding_window": 512}),
+            "llama",
+        )
+        .unwrap();
+        let v5 = DecoderConfig::from_json(
+            &json!({"model_type": "gemma3_text", "num_hidden_layers": 12, "sliding_window": 512,
+                    "layer_types": (0..12).map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }).collect::<Vec<_>>(),
+                    "rope_parameters": {
+                        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+            "llama",
+        )
+        .unwrap();
+        assert_eq!(hub, v5);
+        let g = hub.gemma.as_ref().unwrap();
+        assert_eq!((g.attn_softcap, g.final_softcap), (None, None));
+        assert_eq!(g.sliding_layers.iter().filter(|s| !**s).count(), 2);
+        assert!(!g.sliding_layers[5] && !g.sliding_layers[11] && g.sliding_layers[0]);
+        assert_eq!(g.local_rope, Some((1e4, RopeScaling::Default)));
+        assert_eq!(hub.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+        assert!(hub.qk_norm);
     }
 
     #[test]

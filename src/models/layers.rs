@@ -257,6 +257,20 @@ pub fn attention_within(
     scale: f64,
     budget: usize,
 ) -> Result<Tensor> {
+    attention_capped(q, k, v, mask, scale, None, budget)
+}
+
+/// [`attention`] with the scaled scores soft-capped before the mask, `c · tanh(s / c)` (Gemma 2's
+/// `attn_logit_softcapping`), where `softcap` is given; op by op (no flash, no fused softmax).
+pub fn attention_capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+    budget: usize,
+) -> Result<Tensor> {
     let (b, hq, s, d) = q.dims4()?;
     let (hkv, sk) = (k.dim(1)?, k.dim(2)?);
     if hkv == 0 || hq % hkv != 0 || k.dims()[0] != b || v.dims() != k.dims() {
@@ -275,7 +289,7 @@ pub fn attention_within(
             )));
         }
     }
-    if mask.is_none() {
+    if mask.is_none() && softcap.is_none() {
         if let Some(out) = flash(q, k, v, false, scale)? {
             return Ok(out);
         }
@@ -300,7 +314,10 @@ pub fn attention_within(
         })?,
     );
     let per = (budget / (rep * s * sk).max(1)).clamp(1, groups.max(1));
-    let fused = q.device().is_cuda() && q.dtype() != DType::F32 && fused::enabled(Kernel::Softmax);
+    let fused = q.device().is_cuda()
+        && q.dtype() != DType::F32
+        && softcap.is_none()
+        && fused::enabled(Kernel::Softmax);
     let mut outs = Vec::with_capacity(groups.div_ceil(per));
     for g0 in (0..groups).step_by(per) {
         let g = per.min(groups - g0);
@@ -316,7 +333,7 @@ pub fn attention_within(
             if fused {
                 fused::softmax::scaled_masked_softmax(&scores, mask, scale)
             } else {
-                attention_softmax(&scores, mask, scale)
+                attention_softmax_capped(&scores, mask, scale, softcap, scores.device().is_cpu())
             }
         })?;
         outs.push(op("  attention: probs·v", &mut || {
@@ -386,8 +403,25 @@ pub(crate) fn attention_softmax_with(
     scale: f64,
     fast_cpu: bool,
 ) -> Result<Tensor> {
+    attention_softmax_capped(scores, mask, scale, None, fast_cpu)
+}
+
+/// [`attention_softmax_with`], the scaled scores soft-capped first where `softcap` is given (in
+/// their dtype, as transformers: divide, tanh, multiply).
+fn attention_softmax_capped(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+    fast_cpu: bool,
+) -> Result<Tensor> {
     let dtype = scores.dtype();
-    let scores = scale_like_torch(scores, scale)?.to_dtype(DType::F32)?;
+    let scores = scale_like_torch(scores, scale)?;
+    let scores = match softcap {
+        Some(c) => softcap_like_torch(&scores, c)?,
+        None => scores,
+    };
+    let scores = scores.to_dtype(DType::F32)?;
     // The mask is 0 or −∞: adding it in f32 gives what transformers' half-precision add gives.
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
@@ -425,6 +459,19 @@ pub fn scale_like_torch(x: &Tensor, c: f64) -> Result<Tensor> {
         return Ok((x * c)?);
     }
     Ok((x.to_dtype(DType::F32)? * c)?.to_dtype(x.dtype())?)
+}
+
+/// `c · tanh(x / c)` as torch computes it on a tensor of the model dtype: each step rounded to
+/// that dtype (Gemma 2's soft-capping of attention scores and logits).
+pub fn softcap_like_torch(x: &Tensor, c: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let divisor = Tensor::new(c as f32, x.device())?;
+    let y = x
+        .to_dtype(DType::F32)?
+        .broadcast_div(&divisor)?
+        .to_dtype(dtype)?
+        .tanh()?;
+    scale_like_torch(&y, c)
 }
 
 /// Additive causal mask `[s, s]`: 0 on and below the diagonal, -inf above.

@@ -85,11 +85,14 @@ pub struct Prepared {
     pub pixels: Option<PixelInputs>,
 }
 
-/// The model's own read-out: final norm, then unembedding (`lm_head`, or the tied embeddings).
+/// The model's own read-out: final norm, then unembedding (`lm_head`, or the tied embeddings),
+/// then (Gemma 2) soft-capping of the logits.
 pub struct LensHead {
     pub norm: RmsNorm,
     /// `[vocab, hidden]`
     pub unembed: Tensor,
+    /// `final_logit_softcapping`: logits become `c · tanh(z / c)`.
+    pub softcap: Option<f64>,
 }
 
 impl LensHead {
@@ -109,6 +112,7 @@ impl LensHead {
         Ok(LensHead {
             norm: text.norm.clone(),
             unembed,
+            softcap: text.config().gemma.as_ref().and_then(|g| g.final_softcap),
         })
     }
 }

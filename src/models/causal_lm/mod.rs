@@ -1,6 +1,8 @@
 //! Text-only causal language models: `LlamaForCausalLM` (Llama 2 / 3 / 3.1 / 3.2), `MistralForCausalLM`,
-//! `Qwen2ForCausalLM` (Qwen2, Qwen2.5) and `Qwen3ForCausalLM`: the logit lens as nostalgebraist
-//! first ran it, on the decoder the VLM families already share. A request with an image is refused
+//! `Qwen2ForCausalLM` (Qwen2, Qwen2.5), `Qwen3ForCausalLM`, `Gemma2ForCausalLM` and
+//! `Gemma3ForCausalLM` (Gemma 3 1B; the lens reads through Gemma's own `1 + w` final norm and,
+//! for Gemma 2, its logit soft-capping): the logit lens as nostalgebraist first ran it, on the
+//! decoder the VLM families already share. A request with an image is refused
 //! (422, `image_not_accepted`).
 //!
 //! The prompt goes through the snapshot's chat template as `tokenizer.apply_chat_template(
@@ -28,6 +30,8 @@ pub const FAMILY: Family = Family {
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
     ],
     load: |snapshot, name, device, dtype| {
         Ok(Box::new(CausalLm::load(snapshot, name, device, dtype)?))
