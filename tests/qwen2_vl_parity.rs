@@ -338,8 +338,11 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
         // layers' worth: the host collects every second layer, as it does when many positions
         // ask for top-k; 1 byte: even one layer's rows are past it, and each chunk of rows is
         // reduced on the host as it comes.
-        let run = |tensor_path: bool, collect_every: Option<usize>| {
-            let lens = logit_lens::lens::Lens::new(model.head(), &spec, n).unwrap();
+        // `tile`: vocabulary entries per unembedding GEMM (0: all at once).
+        let run = |tensor_path: bool, collect_every: Option<usize>, tile: usize| {
+            let lens = logit_lens::lens::Lens::new(model.head(), &spec, n)
+                .unwrap()
+                .with_vocab_tile(tile);
             let mut lens = if tensor_path {
                 lens.with_tensor_path()
             } else {
@@ -351,10 +354,34 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
             model.forward(&p, &mut lens).unwrap();
             lens.finish().unwrap()
         };
-        let (fused, tensors) = (run(false, None), run(true, None));
+        let (fused, tensors) = (run(false, None, 0), run(true, None, 0));
         let layer_bytes = spec.positions.len() * model.info().vocab_size * 4;
-        assert_eq!(tensors, run(true, Some(layer_bytes * 3 / 2)));
-        assert_eq!(tensors, run(true, Some(1)));
+        assert_eq!(tensors, run(true, Some(layer_bytes * 3 / 2), 0));
+        assert_eq!(tensors, run(true, Some(1), 0));
+        // The vocabulary in tiles (the last one partial): each tile's max and sum-exp combined,
+        // the detail rows joined tile by tile, or (1 byte) reduced on the host tile by tile.
+        assert!(model.info().vocab_size % 100 != 0);
+        for (collect_every, tiled) in [
+            (None, run(true, None, 100)),
+            (Some(1), run(true, Some(1), 100)),
+        ] {
+            for (a, b) in tiled.iter().zip(&tensors) {
+                assert!((a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-5);
+                for (pa, pb) in a.positions.iter().zip(&b.positions) {
+                    assert_eq!(
+                        pa.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                        pb.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                        "{collect_every:?}"
+                    );
+                    assert!((pa.entropy - pb.entropy).abs() < 1e-4);
+                    assert!((pa.kl_to_final - pb.kl_to_final).abs() < 1e-4);
+                    assert_eq!(
+                        pa.targets.iter().map(|t| t.1).collect::<Vec<_>>(),
+                        pb.targets.iter().map(|t| t.1).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
         for (a, b) in fused.iter().zip(&tensors) {
             assert!((a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-5);
             for (pa, pb) in a.positions.iter().zip(&b.positions) {

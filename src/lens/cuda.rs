@@ -285,4 +285,67 @@ mod gpu_tests {
             );
         }
     }
+
+    /// The lens's vocabulary in cache-sized tiles (what `Lens::launch_layer` does; `DEVICE_VOCAB_TILE`)
+    /// against the whole vocabulary per GEMM: the same max and sum-exp, and the time of each for a
+    /// chunk of Qwen2-VL-2B rows, as TFLOP/s and a share of the H100's dense bf16 peak (989).
+    #[test]
+    fn vocabulary_tiles_give_the_whole_rows_sums_and_their_speed() {
+        let Some(gpu) = gpu() else { return };
+        let (vocab, k) = (151936, 1536);
+        let w = Tensor::randn(0f32, 0.02, (vocab, k), &gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let tiled = |rows: &Tensor, tile: usize| -> Tensor {
+            let parts = (0..vocab)
+                .step_by(tile)
+                .map(|v0| {
+                    let z = matmul_nt_f32(rows, &w.narrow(0, v0, tile.min(vocab - v0)).unwrap())
+                        .unwrap();
+                    row_max_sumexp(&z).unwrap()
+                })
+                .collect();
+            super::super::combine_max_sumexp(parts).unwrap()
+        };
+        let whole = |rows: &Tensor| row_max_sumexp(&matmul_nt_f32(rows, &w).unwrap()).unwrap();
+        let rows = Tensor::randn(0f32, 1.0, (64, k), &gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let (a, b) = (
+            whole(&rows).to_vec2::<f32>().unwrap(),
+            tiled(&rows, super::super::DEVICE_VOCAB_TILE)
+                .to_vec2::<f32>()
+                .unwrap(),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x[0], y[0], "max");
+            assert!(
+                ((x[1] - y[1]) / x[1]).abs() < 1e-5,
+                "sum {} vs {}",
+                x[1],
+                y[1]
+            );
+        }
+        let time = |f: &dyn Fn() -> Tensor| per_call(&gpu, 10, f).1 / 1e3;
+        for n in [512, 2048] {
+            let rows = Tensor::randn(0f32, 1.0, (n, k), &gpu)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let tflops = |ms: f64| 2.0 * n as f64 * vocab as f64 * k as f64 / (ms * 1e-3) / 1e12;
+            let w_ms = time(&|| whole(&rows));
+            eprint!("lens [{n}, {k}]·[{vocab}, {k}]ᵀ + max/sum-exp: whole vocabulary {w_ms:.3} ms ({:.0} TFLOP/s, {:.0} % of 989)", tflops(w_ms), tflops(w_ms) / 9.89);
+            for tile in [8192, 16384, 32768] {
+                let ms = time(&|| tiled(&rows, tile));
+                eprint!(
+                    "; tiles of {tile}: {ms:.3} ms ({:.0} TFLOP/s, {:.0} %)",
+                    tflops(ms),
+                    tflops(ms) / 9.89
+                );
+            }
+            eprintln!();
+        }
+    }
 }

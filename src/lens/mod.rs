@@ -78,6 +78,20 @@ const DEVICE_ROWS: usize = 512;
 /// `last` never reaches it; `all` on a long input is collected every layer or two instead of
 /// holding every layer's `[positions × vocab]` logits (GiBs, per request of a batch) until the end.
 const PENDING_DETAIL_BYTES: usize = 256 << 20;
+/// Tensor path: vocabulary entries per unembedding GEMM. 512 rows × 16384 entries of f32 logits are
+/// 32 MB, inside an H100's 50 MB L2, where the reduction kernel reads them back; 152k-entry rows
+/// (311 MB a chunk) went out to memory and back. `LOGIT_LENS_VOCAB_TILE` overrides it (0 or `all`:
+/// the whole vocabulary per GEMM, as before; for measuring one against the other).
+pub const DEVICE_VOCAB_TILE: usize = 16384;
+
+fn vocab_tile_from_env() -> usize {
+    match std::env::var("LOGIT_LENS_VOCAB_TILE") {
+        Ok(v) if v == "all" => 0,
+        Ok(v) => v.parse().unwrap_or(DEVICE_VOCAB_TILE),
+        Err(_) => DEVICE_VOCAB_TILE,
+    }
+}
+
 /// Vocabulary rows per block when the final layer's `Wᵀ p_L` is accumulated in f32.
 const DEVICE_VOCAB_BLOCK: usize = 65536;
 
@@ -102,6 +116,8 @@ pub struct Lens<'a> {
     pending: Vec<LayerPlan>,
     /// Collect `pending` once its detail rows exceed this many bytes (f32).
     pending_detail_bytes: usize,
+    /// Tensor path: vocabulary entries per unembedding GEMM (0: the whole vocabulary at once).
+    vocab_tile: usize,
     /// CPU path: layers waiting to be reduced together, so that a short input's layers share one
     /// pass over the unembedding (each pass reads all of it: 311 MB for a 152k × 512 f32 matrix,
     /// which dominates when a layer has tens of rows). Reduced once they hold `ROW_BLOCK` rows,
@@ -160,6 +176,7 @@ impl<'a> Lens<'a> {
             tensor_path: false,
             pending: Vec::new(),
             pending_detail_bytes: PENDING_DETAIL_BYTES,
+            vocab_tile: vocab_tile_from_env(),
             cpu_pending: Vec::new(),
         })
     }
@@ -174,6 +191,13 @@ impl<'a> Lens<'a> {
     /// rather than [`PENDING_DETAIL_BYTES`] (tests: `1` collects after every layer).
     pub fn with_pending_detail_bytes(mut self, bytes: usize) -> Self {
         self.pending_detail_bytes = bytes;
+        self
+    }
+
+    /// Tensor path: `n` vocabulary entries per unembedding GEMM (0: the whole vocabulary), rather
+    /// than `LOGIT_LENS_VOCAB_TILE` or [`DEVICE_VOCAB_TILE`].
+    pub fn with_vocab_tile(mut self, n: usize) -> Self {
+        self.vocab_tile = n;
         self
     }
 
@@ -569,9 +593,12 @@ impl<'a> Lens<'a> {
     }
 
     /// Queues one layer's reduction where its rows live (the GPU): the rows go through the
-    /// unembedding in chunks of `DEVICE_ROWS` rows × the whole vocabulary; each chunk's per-row
-    /// max and sum of exponentials come from one fused kernel (CUDA) or a few tensor ops, and the
-    /// rows that want detail are gathered; all of it stays on the device, nothing waits.
+    /// unembedding in chunks of `DEVICE_ROWS` rows × a tile of `vocab_tile` vocabulary entries
+    /// (cache-sized: the tile's f32 logits are read back by the reduction while still in the GPU's
+    /// L2, and no `[rows × vocab]` logits exist); each tile's per-row max and sum of exponentials
+    /// come from one fused kernel (CUDA) or a few tensor ops and are combined across tiles, and
+    /// the rows that want detail are gathered tile by tile; all of it stays on the device, nothing
+    /// waits.
     ///
     /// A layer whose detail rows alone pass the budget (many positions × a large vocabulary:
     /// `all` on a OneVision input is ~7000 × 152k) has each chunk's rows reduced on the host as
@@ -587,22 +614,35 @@ impl<'a> Lens<'a> {
             // The rows need their target logits before they are reduced.
             take_targets(std::slice::from_mut(plan))?;
         }
+        let vocab = self.unembed.dim(0)?;
+        let tile = if self.vocab_tile == 0 {
+            vocab
+        } else {
+            self.vocab_tile.min(vocab)
+        };
         let mut sums = Vec::new();
         let mut detail_rows = Vec::new();
         for start in (0..total).step_by(DEVICE_ROWS) {
             let n = DEVICE_ROWS.min(total - start);
-            let logits = self.cap(unembed_f32(&normed.narrow(0, start, n)?, &self.unembed)?)?;
-            sums.push(row_max_sumexp(&logits)?);
+            let rows = normed.narrow(0, start, n)?;
             let here: Vec<u32> = detail
                 .iter()
                 .filter(|&&r| (r as usize) >= start && (r as usize) < start + n)
                 .map(|&r| r - start as u32)
                 .collect();
-            if !here.is_empty() {
-                let idx = Tensor::from_slice(&here, here.len(), logits.device())?;
-                let rows = logits.index_select(&idx, 0)?;
+            let idx = (!here.is_empty())
+                .then(|| Tensor::from_slice(&here, here.len(), rows.device()))
+                .transpose()?;
+            let mut parts = Vec::with_capacity(vocab.div_ceil(tile));
+            let mut detail_tiles = Vec::new();
+            for v0 in (0..vocab).step_by(tile) {
+                let vc = tile.min(vocab - v0);
+                let logits = self.cap(unembed_f32(&rows, &self.unembed.narrow(0, v0, vc)?)?)?;
+                parts.push(row_max_sumexp(&logits)?);
+                let Some(idx) = &idx else { continue };
+                let picked = logits.index_select(idx, 0)?;
                 if immediate {
-                    let block = to_host_rows(&[rows])?;
+                    let block = to_host_rows(&[picked])?;
                     let states: Vec<&mut RowState> = plan.states[start..start + n]
                         .iter_mut()
                         .filter(|st| st.wants_detail())
@@ -611,11 +651,19 @@ impl<'a> Lens<'a> {
                         .into_par_iter()
                         .zip(block.par_iter())
                         .for_each(|(st, row)| {
-                            st.update(row, 0, &self.spec.targets, &self.spec.excluded)
+                            st.update(row, v0, &self.spec.targets, &self.spec.excluded)
                         });
                 } else {
-                    detail_rows.push(rows);
+                    detail_tiles.push(picked);
                 }
+            }
+            sums.push(combine_max_sumexp(parts)?);
+            if !detail_tiles.is_empty() {
+                detail_rows.push(if detail_tiles.len() == 1 {
+                    detail_tiles.remove(0)
+                } else {
+                    Tensor::cat(&detail_tiles, 1)?
+                });
             }
         }
         let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0)).transpose();
@@ -775,6 +823,19 @@ fn row_max_sumexp(logits: &Tensor) -> Result<Tensor> {
     let m = z.max_keepdim(1)?;
     let s = z.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?;
     Ok(Tensor::cat(&[m, s], 1)?)
+}
+
+/// Per-tile `[rows, 2]` (max, Σ e^(z − max)) of consecutive vocabulary tiles → the whole rows':
+/// `m = max m_t`, `s = Σ s_t · e^(m_t − m)` (a few small ops on the device; one tile: itself).
+fn combine_max_sumexp(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    let p = Tensor::stack(&parts, 1)?; // [rows, tiles, 2]
+    let (m_t, s_t) = (p.narrow(2, 0, 1)?, p.narrow(2, 1, 1)?);
+    let m = m_t.max_keepdim(1)?; // [rows, 1, 1]
+    let s = (s_t * m_t.broadcast_sub(&m)?.exp()?)?.sum_keepdim(1)?;
+    Ok(Tensor::cat(&[m, s], 2)?.squeeze(1)?)
 }
 
 /// `tensors` (rows of one width) stacked and brought to the host as f32 rows in one transfer;
