@@ -360,7 +360,7 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
         assert_eq!(tensors, run(true, Some(1), 0));
         // The vocabulary in tiles (the last one partial): each tile's max and sum-exp combined,
         // the detail rows joined tile by tile, or (1 byte) reduced on the host tile by tile.
-        assert!(model.info().vocab_size % 100 != 0);
+        assert!(!model.info().vocab_size.is_multiple_of(100));
         for (collect_every, tiled) in [
             (None, run(true, None, 100)),
             (Some(1), run(true, Some(1), 100)),
