@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Fills .gpu-carry/ (git-ignored) for the device call (bench/gpu/device.sh), here, without a GPU:
-#   logit-lens.gz   the service binary built with --features cuda (../shared/gpu/cuda-build.sh)
-#   lib-tests.gz    the library's unit tests built with --features cuda: device.sh runs `gpu_tests`
+#   logit-lens.gz   the service binary built with --features cudnn (CUDA, and cuDNN's attention behind
+#                   LOGIT_LENS_FUSED=...,cudnn-attention; ../shared/gpu/cuda-build.sh, headers from
+#                   bench/gpu/cudnn-headers.sh)
+#   lib-tests.gz    the library's unit tests built with --features cudnn: device.sh runs `gpu_tests`
 #                   (every fused kernel against the op-by-op path on the card) before the benchmark
 #   seed_baseline.py  the notebook's pipeline, timed in the same call
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-../shared/gpu/cuda-build.sh
+source bench/gpu/cudnn-headers.sh
+../shared/gpu/cuda-build.sh --features cudnn
 mkdir -p .gpu-carry
 gzip -c .gpu/logit-lens > .gpu-carry/logit-lens.gz
 # The same environment as cuda-build.sh (it exports nothing to us): rebuild it for the test binary.
@@ -15,7 +18,7 @@ cuda=$("$venv/bin/python" -c 'import sys; print(sys.prefix)')/lib/python3.$("$ve
 export CUDA_HOME=$cuda CUDA_ROOT=$cuda CUDA_PATH=$cuda NVCC=$cuda/bin/nvcc PATH=$cuda/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
 export CUDAFORGE_THREADS=$(nproc) LIBRARY_PATH=$cuda/lib:$cuda/lib/stubs
-test_bin=$(nice -n 10 cargo test --release --features cuda --target-dir target/cuda --lib --no-run \
+test_bin=$(nice -n 10 cargo test --release --features cudnn --target-dir target/cuda --lib --no-run \
   --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:

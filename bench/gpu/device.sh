@@ -15,7 +15,10 @@ chmod +x .gpu/logit-lens
 work=/tmp/logit-lens-gpu-results
 rm -rf "$work"; mkdir -p "$work"
 out=$work
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# cu13/lib: the CUDA 13 runtime and cuBLAS; cudnn/lib: libcudnn.so.9, which the cudnn-attention
+# kernel dlopens (torch's own copy; nothing of it is carried).
+nv=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+export LD_LIBRARY_PATH=$nv/cu13/lib:$nv/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 [[ -f .gpu-carry/seed_baseline.py ]] && export SEED_BASELINE=.gpu-carry/seed_baseline.py
 if [[ -f .gpu-carry/lib-tests.gz ]]; then

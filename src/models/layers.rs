@@ -368,7 +368,7 @@ pub fn causal_attention(
 /// output projection reads without a copy). None where it does not apply.
 fn flash(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result<Option<Tensor>> {
     let (b, hq, s, d) = q.dims4()?;
-    if !fused::applies(q, Kernel::Flash) || !fused::flash::fits(d, q.dtype()) {
+    if !fused::flash::wanted(q)? {
         return Ok(None);
     }
     let view = |t| fused::flash::View::of(t);
@@ -384,9 +384,12 @@ fn flash(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -> Result
         head_dim: d,
     };
     let out = profile::op("  attention: flash", q.device(), || {
-        fused::flash::flash_attention((q, qv), (k, kv), (v, vv), dims, causal, scale)
+        fused::flash::fused_attention((q, qv), (k, kv), (v, vv), dims, causal, scale)
     })?;
-    Ok(Some(out.transpose(1, 2)?))
+    Ok(match out {
+        Some(out) => Some(out.transpose(1, 2)?),
+        None => None,
+    })
 }
 
 /// `softmax(scores · scale + mask)` op by op, as transformers' eager attention: the scale as torch

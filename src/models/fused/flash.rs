@@ -60,6 +60,53 @@ pub fn fits(head_dim: usize, dtype: DType) -> bool {
     matches!(head_dim, 64 | 80 | 128) && matches!(dtype, DType::BF16 | DType::F16)
 }
 
+/// Whether a fused attention (cuDNN's or the flash kernel) would take `q` (`[b, heads, tokens,
+/// head_dim]`): a GPU, half precision, the switch naming one that takes the head dim.
+pub fn wanted(q: &Tensor) -> Result<bool> {
+    let (dtype, d) = (q.dtype(), q.dim(3)?);
+    Ok((super::applies(q, super::Kernel::CudnnAttention)
+        && super::cudnn::fits(d, dtype)
+        && cudnn_usable())
+        || (super::applies(q, super::Kernel::Flash) && fits(d, dtype)))
+}
+
+/// cuDNN's attention until it fails once (no libcudnn, a shape without an engine): then the other
+/// paths for the rest of the process, said once on stderr.
+fn cudnn_usable() -> bool {
+    !CUDNN_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static CUDNN_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The fused attention [`wanted`] picks: cuDNN's where named (and not failed), else the flash
+/// kernel where named and it takes the head dim. `None`: neither (the caller goes op by op).
+pub fn fused_attention(
+    q: (&Tensor, View),
+    k: (&Tensor, View),
+    v: (&Tensor, View),
+    dims: Dims,
+    causal: bool,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let dtype = q.0.dtype();
+    if super::applies(q.0, super::Kernel::CudnnAttention)
+        && super::cudnn::fits(dims.head_dim, dtype)
+        && cudnn_usable()
+    {
+        match super::cudnn::sdpa(q, k, v, dims, causal, scale) {
+            Ok(out) => return Ok(Some(out)),
+            Err(e) => {
+                CUDNN_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("warning: cuDNN attention failed ({e}); attention goes the other paths from now on");
+            }
+        }
+    }
+    if super::applies(q.0, super::Kernel::Flash) && fits(dims.head_dim, dtype) {
+        return Ok(Some(flash_attention(q, k, v, dims, causal, scale)?));
+    }
+    Ok(None)
+}
+
 /// `softmax(q kᵀ · scale + mask) v` with the mask causal or none; returns `[batch, queries,
 /// heads, head_dim]`.
 pub fn flash_attention(

@@ -18,12 +18,14 @@
 //! 40 ms, within 1–2 ulp of the op-by-op path where they differ at all, and as close to transformers
 //! in f32 as transformers' own half path); [`enabled`] reads the switch `LOGIT_LENS_FUSED` once:
 //! unset: `all`; `all` (the measured kernels), or a comma list of
-//! `softmax,layernorm,rmsnorm,rope,act,flash,warp-softmax` (`all,flash` adds flash attention,
-//! `all,warp-softmax` the softmax kernel with a warp per row; neither measured faster on a card
-//! yet); empty, `0` or `none`: off (the op-by-op path). `LOGIT_LENS_FUSED_SOFTMAX=1` (the older
+//! `softmax,layernorm,rmsnorm,rope,act,flash,warp-softmax,cudnn-attention` (`all,flash` adds flash
+//! attention, `all,warp-softmax` the softmax kernel with a warp per row, `all,cudnn-attention`
+//! cuDNN's fused attention in a binary built with the `cudnn` feature; none measured faster on a
+//! card yet); empty, `0` or `none`: off (the op-by-op path). `LOGIT_LENS_FUSED_SOFTMAX=1` (the older
 //! switch) adds `softmax`.
 
 mod act;
+pub mod cudnn;
 pub mod flash;
 mod norm;
 mod rope;
@@ -53,11 +55,14 @@ pub enum Kernel {
     /// the softmax kernel with one warp per row instead of one block (attention.cu); not in `all`
     /// until measured
     WarpSoftmax,
+    /// attention by cuDNN's fused SDPA (cudnn.rs, the `cudnn` feature), where flash attention
+    /// would run, before it; not in `all` until measured
+    CudnnAttention,
 }
 
 impl Kernel {
     /// Every kernel the switch can name.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::Softmax,
         Kernel::LayerNorm,
         Kernel::RmsNorm,
@@ -65,6 +70,7 @@ impl Kernel {
         Kernel::Act,
         Kernel::Flash,
         Kernel::WarpSoftmax,
+        Kernel::CudnnAttention,
     ];
 
     /// `all`, the default: the kernels measured on a card (bench/README.md).
@@ -86,6 +92,7 @@ impl Kernel {
             Kernel::Act => "act",
             Kernel::Flash => "flash",
             Kernel::WarpSoftmax => "warp-softmax",
+            Kernel::CudnnAttention => "cudnn-attention",
         }
     }
 }

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use super::config::VisionConfig;
 use crate::error::Result;
-use crate::models::fused::{self, Kernel};
+use crate::models::fused;
 use crate::models::layers::{attention, inv_freq, rope_in_f32, Activation, LayerNorm, Linear};
 use crate::models::profile;
 use crate::models::snapshot::Prefixed;
@@ -245,7 +245,7 @@ pub fn segmented_attention(
     segments: &[usize],
     scale: f64,
 ) -> Result<Tensor> {
-    let flash = fused::applies(q, Kernel::Flash) && fused::flash::fits(q.dim(3)?, q.dtype());
+    let flash = fused::flash::wanted(q)?;
     segmented_attention_with(q, k, v, segments, scale, flash)
 }
 
@@ -281,19 +281,34 @@ fn segmented_attention_with(
                 head_dim: hd,
             };
             let a = profile::op("  attention: flash", q.device(), || {
-                fused::flash::flash_attention(
-                    (q, run(qv)),
-                    (k, run(kv)),
-                    (v, run(vv)),
-                    dims,
-                    false,
-                    scale,
-                )
+                let a = if q.device().is_cpu() {
+                    // The CPU twin of the flash kernel (the tests).
+                    Some(fused::flash::flash_attention(
+                        (q, run(qv)),
+                        (k, run(kv)),
+                        (v, run(vv)),
+                        dims,
+                        false,
+                        scale,
+                    )?)
+                } else {
+                    fused::flash::fused_attention(
+                        (q, run(qv)),
+                        (k, run(kv)),
+                        (v, run(vv)),
+                        dims,
+                        false,
+                        scale,
+                    )?
+                };
+                Ok(a)
             })?; // [r, len, heads, hd]
-            outs.push(a.reshape((r * len, heads * hd))?);
-            at += r * len;
-            i += r;
-            continue;
+            if let Some(a) = a {
+                outs.push(a.reshape((r * len, heads * hd))?);
+                at += r * len;
+                i += r;
+                continue;
+            }
         }
         // [1, heads, r·len, hd] → [r, heads, len, hd]
         let part = |t: &Tensor| -> Result<Tensor> {

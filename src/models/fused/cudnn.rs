@@ -1,0 +1,322 @@
+//! Attention by cuDNN 9's fused SDPA (the `cudnn` feature; `LOGIT_LENS_FUSED=...,cudnn-attention`):
+//! NVIDIA's flash-attention kernels for Hopper, from a library the GPU machine already has (torch's
+//! wheels install libcudnn.so.9), called through a C shim over the header-only cuDNN frontend
+//! (`cudnn_sdpa.cpp`; build.rs compiles it). The same problem as [`super::flash`]: q, k and v read
+//! in place through their [`View`]s, grouped-query attention, causal or not, the output
+//! `[batch, queries, heads, head_dim]`; any head dim that is a multiple of 8 up to 256 (the vision
+//! towers' 64, 72 and 80 and the decoders' 128).
+//!
+//! Its numbers are cuDNN's, not eager attention's roundings (the probabilities stay in f32 inside
+//! the kernel): how far that is from transformers is measured on a card (the GPU test below), not
+//! assumed. Where cuDNN fails (no libcudnn, no engine for a shape), the caller falls back to the
+//! other attention paths and says so once.
+
+use candle_core::{DType, Layout, Shape, Tensor};
+
+use super::flash::{Dims, View};
+use crate::error::Result;
+
+/// Whether cuDNN takes this head dim and dtype (the frontend's rule for half precision).
+pub fn fits(head_dim: usize, dtype: DType) -> bool {
+    head_dim.is_multiple_of(8)
+        && (8..=256).contains(&head_dim)
+        && matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// `softmax(q kᵀ · scale + mask) v`, the mask causal (top-left) or none, by cuDNN; returns
+/// `[batch, queries, heads, head_dim]`.
+pub fn sdpa(
+    q: (&Tensor, View),
+    k: (&Tensor, View),
+    v: (&Tensor, View),
+    dims: Dims,
+    causal: bool,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = Sdpa {
+        views: [q.1, k.1, v.1],
+        dims,
+        causal,
+        scale: scale as f32,
+    };
+    Ok(q.0.apply_op3_no_bwd(k.0, v.0, &op)?)
+}
+
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+struct Sdpa {
+    views: [View; 3],
+    dims: Dims,
+    causal: bool,
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for Sdpa {
+    fn name(&self) -> &'static str {
+        "cudnn-sdpa"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("cuDNN attention runs on the GPU only")
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        ffi::run(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+#[cfg(feature = "cudnn")]
+mod ffi {
+    use std::ffi::{c_char, c_int, c_void};
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::{CudaStorage, DType, Layout, Shape};
+
+    use super::Sdpa;
+
+    extern "C" {
+        fn logit_lens_cudnn_sdpa_workspace(
+            dtype: c_int,
+            dims: *const i64,
+            strides: *const i64,
+            causal: c_int,
+            scale: f32,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> i64;
+        fn logit_lens_cudnn_sdpa_run(
+            dtype: c_int,
+            dims: *const i64,
+            strides: *const i64,
+            causal: c_int,
+            scale: f32,
+            stream: *mut c_void,
+            q: *const c_void,
+            k: *const c_void,
+            v: *const c_void,
+            o: *mut c_void,
+            workspace: *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+    }
+
+    fn message(buf: &[u8]) -> String {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    }
+
+    pub(super) fn run(
+        op: &Sdpa,
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+        (s3, l3): (&CudaStorage, &Layout),
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let d = op.dims;
+        if op.causal && d.queries != d.keys {
+            candle_core::bail!("cuDNN attention: causal needs as many queries as keys ({d:?})");
+        }
+        let dtype = match (s1.dtype(), s2.dtype(), s3.dtype()) {
+            (DType::BF16, DType::BF16, DType::BF16) => 0,
+            (DType::F16, DType::F16, DType::F16) => 1,
+            _ => candle_core::bail!("cuDNN attention: q, k, v all bf16 or all f16"),
+        };
+        let dims = [d.batch, d.heads, d.kv_heads, d.queries, d.keys, d.head_dim].map(|x| x as i64);
+        let [qv, kv, vv] = op.views;
+        let strides = [
+            qv.batch, qv.head, qv.token, kv.batch, kv.head, kv.token, vv.batch, vv.head, vv.token,
+        ]
+        .map(|x| x as i64);
+        let mut err = vec![0u8; 1024];
+        // SAFETY: plain values and a buffer the shim writes at most err.len() bytes into.
+        let ws = unsafe {
+            logit_lens_cudnn_sdpa_workspace(
+                dtype,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                op.causal as c_int,
+                op.scale,
+                err.as_mut_ptr().cast(),
+                err.len(),
+            )
+        };
+        if ws < 0 {
+            candle_core::bail!("{}", message(&err));
+        }
+        let dev = s1.device();
+        let stream = dev.cuda_stream();
+        let n = d.batch * d.queries * d.heads * d.head_dim;
+        let mut workspace = dev.alloc_zeros::<u8>((ws as usize).max(1))?;
+        macro_rules! go {
+            ($ty:ty) => {{
+                // Each operand from its layout's start plus its view's offset; the bounds are the
+                // flash kernel's (same views), checked by the caller's shapes.
+                let q = s1
+                    .as_cuda_slice::<$ty>()?
+                    .slice(l1.start_offset() + qv.offset..);
+                let k = s2
+                    .as_cuda_slice::<$ty>()?
+                    .slice(l2.start_offset() + kv.offset..);
+                let v = s3
+                    .as_cuda_slice::<$ty>()?
+                    .slice(l3.start_offset() + vv.offset..);
+                // SAFETY: cuDNN writes every element of the output.
+                let mut out = unsafe { dev.alloc::<$ty>(n) }?;
+                {
+                    let (qp, _g1) = q.device_ptr(&stream);
+                    let (kp, _g2) = k.device_ptr(&stream);
+                    let (vp, _g3) = v.device_ptr(&stream);
+                    let (op_, _g4) = out.device_ptr_mut(&stream);
+                    let (wp, _g5) = workspace.device_ptr_mut(&stream);
+                    // SAFETY: device pointers valid for the call on `stream`, which the shim sets
+                    // as the handle's stream; the views stay within the operands (as for flash).
+                    let rc = unsafe {
+                        logit_lens_cudnn_sdpa_run(
+                            dtype,
+                            dims.as_ptr(),
+                            strides.as_ptr(),
+                            op.causal as c_int,
+                            op.scale,
+                            stream.cu_stream() as *mut c_void,
+                            qp as *const c_void,
+                            kp as *const c_void,
+                            vp as *const c_void,
+                            op_ as *mut c_void,
+                            wp as *mut c_void,
+                            err.as_mut_ptr().cast(),
+                            err.len(),
+                        )
+                    };
+                    if rc != 0 {
+                        candle_core::bail!("{}", message(&err));
+                    }
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = if dtype == 0 {
+            go!(half::bf16)
+        } else {
+            go!(half::f16)
+        };
+        Ok((out, Shape::from((d.batch, d.queries, d.heads, d.head_dim))))
+    }
+}
+
+/// On a card (bench/gpu/device.sh runs `gpu_tests` with LOGIT_LENS_FUSED=none, so that the
+/// reference is op by op; needs the `cudnn` feature and libcudnn.so.9): cuDNN's attention against
+/// eager attention at the models' shapes (head dims 80, 64, 72 and 128, causal and not, grouped
+/// queries, q/k/v strided views of a packed projection), how far apart they are, and what each
+/// costs. cuDNN keeps the probabilities in f32 (eager rounds them to the dtype before `· v`), so
+/// they differ in the last bits: reported, and held to the same bound as the flash kernel.
+#[cfg(all(test, feature = "cudnn"))]
+mod gpu_tests {
+    use super::*;
+    use crate::models::fused::test_util::differ_and_max;
+    use crate::models::layers::{attention_within, causal_mask, ATTENTION_SCORES_BUDGET};
+    use crate::models::profile::on_a_card::{gpu, per_call};
+
+    #[test]
+    fn cudnn_attention_equals_op_by_op_on_the_gpu() {
+        let Some(gpu) = gpu() else { return };
+        let mut failures = Vec::new();
+        // name, batch, heads, kv heads, tokens, head dim, causal
+        let cases = [
+            ("qwen2-vl vision 640x480", 1, 16, 16, 1196, 80, false),
+            ("qwen2-vl vision, 7 images", 7, 16, 16, 1196, 80, false),
+            ("clip vit-l/14-336", 1, 16, 16, 577, 64, false),
+            ("siglip so400m (onevision)", 5, 16, 16, 729, 72, false),
+            ("qwen2-vl decoder", 1, 12, 2, 418, 128, true),
+            ("llava decoder, batch 2", 2, 32, 32, 595, 128, true),
+            ("ragged", 1, 2, 1, 37, 64, true),
+        ];
+        for dtype in [DType::BF16, DType::F16] {
+            for (name, b, hq, hkv, s, d, causal) in cases {
+                let packed = Tensor::randn(0f32, 1.0, (b, s, hq + 2 * hkv, d), &gpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let heads = packed.transpose(1, 2).unwrap();
+                let q = heads.narrow(1, 0, hq).unwrap();
+                let k = heads.narrow(1, hq, hkv).unwrap();
+                let v = heads.narrow(1, hq + hkv, hkv).unwrap();
+                let scale = (d as f64).powf(-0.5);
+                let mask = causal.then(|| causal_mask(s, dtype, &gpu).unwrap());
+                let op_by_op = || {
+                    attention_within(&q, &k, &v, mask.as_ref(), scale, ATTENTION_SCORES_BUDGET)
+                        .unwrap()
+                };
+                let dims = Dims {
+                    batch: b,
+                    heads: hq,
+                    kv_heads: hkv,
+                    queries: s,
+                    keys: s,
+                    head_dim: d,
+                };
+                let views = [&q, &k, &v].map(|t| View::of(t).unwrap());
+                let run = || {
+                    sdpa(
+                        (&q, views[0]),
+                        (&k, views[1]),
+                        (&v, views[2]),
+                        dims,
+                        causal,
+                        scale,
+                    )
+                };
+                let got = match run() {
+                    Ok(t) => t.transpose(1, 2).unwrap(),
+                    Err(e) => {
+                        failures.push(format!("{dtype:?} {name}: {e}"));
+                        eprintln!("cudnn {dtype:?} {name:28} failed: {e}");
+                        continue;
+                    }
+                };
+                let want = op_by_op();
+                let (differ, max) = differ_and_max(&got, &want);
+                let top = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let total = want.elem_count();
+                let (t_op, t_cudnn) = (
+                    per_call(&gpu, 20, &op_by_op).1,
+                    per_call(&gpu, 20, &|| run().unwrap()).1,
+                );
+                eprintln!(
+                    "cudnn {dtype:?} {name:28} {differ:>8}/{total} differ, max {max:.2e} (of {top:.2}); \
+                     µs per call: op by op {t_op:.0}, cudnn {t_cudnn:.0}"
+                );
+                if max > top / 64.0 {
+                    failures.push(format!(
+                        "{dtype:?} {name}: {differ}/{total} differ, max {max}"
+                    ));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+}

@@ -1,0 +1,238 @@
+// Attention through cuDNN 9's fused SDPA (scaled dot-product attention), for the `cudnn` feature:
+// a small C ABI over the header-only cuDNN frontend (PyPI's nvidia-cudnn-frontend wheel), built by
+// build.rs with the host compiler. cuDNN itself is dlopened at run time (libcudnn.so.9, as torch's
+// wheels install it): nothing links against it, and the binary stays small.
+//
+// One problem shape: q `[b, hq, sq, d]`, k and v `[b, hkv, skv, d]` (grouped-query attention when
+// hkv < hq), each read in place through element strides (batch, head, token; the head dim
+// contiguous), bf16 or f16, causal (top-left) or not, softmax(q·kᵀ·scale)·v in f32 inside, the
+// output `[b, sq, hq, d]` contiguous. A graph is built once per shape and kept.
+
+#include <cudnn_frontend.h>
+#include <dlfcn.h>
+
+#include <array>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace cudnn_frontend {
+// NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING: the frontend resolves every cuDNN call through this.
+void *cudnn_dlhandle = nullptr;
+}  // namespace cudnn_frontend
+
+namespace fe = cudnn_frontend;
+
+namespace {
+
+struct Shape {
+    int dtype;  // 0: bf16, 1: f16
+    int64_t b, hq, hkv, sq, skv, d;
+    std::array<int64_t, 9> strides;  // q, k, v: batch, head, token
+    int causal;
+    float scale;
+
+    bool operator<(Shape const &o) const {
+        auto key = [](Shape const &s) {
+            return std::make_tuple(s.dtype, s.b, s.hq, s.hkv, s.sq, s.skv, s.d, s.strides, s.causal, s.scale);
+        };
+        return key(*this) < key(o);
+    }
+};
+
+enum Uid : int64_t { Q = 1, K = 2, V = 3, O = 4 };
+
+struct State {
+    std::mutex lock;
+    cudnnHandle_t handle = nullptr;
+    std::map<Shape, std::shared_ptr<fe::graph::Graph>> graphs;
+};
+
+State &state() {
+    static State *s = new State();  // never destroyed: graphs may outlive static teardown order
+    return *s;
+}
+
+void set_error(char *err, size_t len, std::string const &msg) {
+    if (err && len) {
+        std::snprintf(err, len, "%s", msg.c_str());
+    }
+}
+
+// Opens libcudnn.so.9 and a handle, once. The caller holds the lock.
+bool ready(State &s, char *err, size_t len) {
+    if (s.handle) {
+        return true;
+    }
+    if (!fe::cudnn_dlhandle) {
+        fe::cudnn_dlhandle = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_GLOBAL);
+        if (!fe::cudnn_dlhandle) {
+            fe::cudnn_dlhandle = dlopen("libcudnn.so", RTLD_NOW | RTLD_GLOBAL);
+        }
+        if (!fe::cudnn_dlhandle) {
+            const char *why = dlerror();
+            set_error(err, len,
+                      std::string("cannot load libcudnn.so.9 (put the nvidia-cudnn wheel's lib/ on "
+                                  "LD_LIBRARY_PATH): ") +
+                          (why ? why : "not found"));
+            return false;
+        }
+    }
+    auto status = fe::detail::create_handle(&s.handle);
+    if (status != CUDNN_STATUS_SUCCESS) {
+        s.handle = nullptr;
+        set_error(err, len, "cudnnCreate failed: status " + std::to_string(static_cast<int>(status)));
+        return false;
+    }
+    return true;
+}
+
+std::shared_ptr<fe::graph::Graph> build(State &s, Shape const &p, char *err, size_t len) {
+    auto it = s.graphs.find(p);
+    if (it != s.graphs.end()) {
+        return it->second;
+    }
+    auto io = p.dtype == 0 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
+    auto graph = std::make_shared<fe::graph::Graph>();
+    graph->set_io_data_type(io)
+        .set_intermediate_data_type(fe::DataType_t::FLOAT)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    auto operand = [&](char const *name, Uid uid, int64_t heads, int64_t tokens, int at) {
+        return graph->tensor(fe::graph::Tensor_attributes()
+                                 .set_name(name)
+                                 .set_uid(uid)
+                                 .set_dim({p.b, heads, tokens, p.d})
+                                 .set_stride({p.strides[at], p.strides[at + 1], p.strides[at + 2], 1}));
+    };
+    auto q = operand("Q", Q, p.hq, p.sq, 0);
+    auto k = operand("K", K, p.hkv, p.skv, 3);
+    auto v = operand("V", V, p.hkv, p.skv, 6);
+    auto options = fe::graph::SDPA_attributes()
+                       .set_name("sdpa")
+                       .set_generate_stats(false)
+                       .set_causal_mask(p.causal != 0)
+                       .set_attn_scale(p.scale);
+    auto outputs = graph->sdpa(q, k, v, options);
+    // [b, sq, hq, d] in memory: what the output projection reads.
+    outputs[0]
+        ->set_output(true)
+        .set_uid(O)
+        .set_dim({p.b, p.hq, p.sq, p.d})
+        .set_stride({p.sq * p.hq * p.d, p.d, p.hq * p.d, 1});
+    auto check = [&](fe::error_t e, char const *step) {
+        if (e.is_good()) {
+            return true;
+        }
+        set_error(err, len, std::string("cuDNN SDPA ") + step + ": " + e.get_message());
+        return false;
+    };
+    if (!check(graph->validate(), "validate") || !check(graph->build_operation_graph(s.handle), "operation graph") ||
+        !check(graph->create_execution_plans({fe::HeurMode_t::A}), "execution plans") ||
+        !check(graph->check_support(s.handle), "support") || !check(graph->build_plans(), "plans")) {
+        return nullptr;
+    }
+    s.graphs.emplace(p, graph);
+    return graph;
+}
+
+Shape shape(int dtype,
+            int64_t const *dims,
+            int64_t const *strides,
+            int causal,
+            float scale) {
+    Shape p{};
+    p.dtype  = dtype;
+    p.b      = dims[0];
+    p.hq     = dims[1];
+    p.hkv    = dims[2];
+    p.sq     = dims[3];
+    p.skv    = dims[4];
+    p.d      = dims[5];
+    std::memcpy(p.strides.data(), strides, sizeof(int64_t) * 9);
+    p.causal = causal;
+    p.scale  = scale;
+    return p;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The workspace (bytes) the shape's plan needs, building the plan if new; -1 on error (`err`).
+// dims: b, hq, hkv, sq, skv, d; strides: q, k, v (batch, head, token) in elements.
+int64_t logit_lens_cudnn_sdpa_workspace(int dtype,
+                                        int64_t const *dims,
+                                        int64_t const *strides,
+                                        int causal,
+                                        float scale,
+                                        char *err,
+                                        size_t err_len) {
+    auto &s = state();
+    std::lock_guard<std::mutex> guard(s.lock);
+    try {
+        if (!ready(s, err, err_len)) {
+            return -1;
+        }
+        auto graph = build(s, shape(dtype, dims, strides, causal, scale), err, err_len);
+        if (!graph) {
+            return -1;
+        }
+        int64_t bytes = 0;
+        auto e = graph->get_workspace_size(bytes);
+        if (!e.is_good()) {
+            set_error(err, err_len, "cuDNN SDPA workspace: " + e.get_message());
+            return -1;
+        }
+        return bytes;
+    } catch (std::exception const &e) {
+        set_error(err, err_len, std::string("cuDNN SDPA: ") + e.what());
+        return -1;
+    }
+}
+
+// Runs the shape's plan on `stream` (a cudaStream_t). 0 on success, -1 on error (`err`).
+int logit_lens_cudnn_sdpa_run(int dtype,
+                              int64_t const *dims,
+                              int64_t const *strides,
+                              int causal,
+                              float scale,
+                              void *stream,
+                              void const *q,
+                              void const *k,
+                              void const *v,
+                              void *o,
+                              void *workspace,
+                              char *err,
+                              size_t err_len) {
+    auto &s = state();
+    std::lock_guard<std::mutex> guard(s.lock);
+    try {
+        if (!ready(s, err, err_len)) {
+            return -1;
+        }
+        auto graph = build(s, shape(dtype, dims, strides, causal, scale), err, err_len);
+        if (!graph) {
+            return -1;
+        }
+        if (fe::detail::set_stream(s.handle, static_cast<cudaStream_t>(stream)) != CUDNN_STATUS_SUCCESS) {
+            set_error(err, err_len, "cudnnSetStream failed");
+            return -1;
+        }
+        std::unordered_map<int64_t, void *> pack = {
+            {Q, const_cast<void *>(q)}, {K, const_cast<void *>(k)}, {V, const_cast<void *>(v)}, {O, o}};
+        auto e = graph->execute(s.handle, pack, workspace);
+        if (!e.is_good()) {
+            set_error(err, err_len, "cuDNN SDPA execute: " + e.get_message());
+            return -1;
+        }
+        return 0;
+    } catch (std::exception const &e) {
+        set_error(err, err_len, std::string("cuDNN SDPA: ") + e.what());
+        return -1;
+    }
+}
+
+}  // extern "C"
