@@ -6,6 +6,8 @@
 # Usage (repository root):
 #   bench/gpu/variants.sh [--model qwen2vl] [--bin PATH] [--small] VARIANT...
 #   e.g. bench/gpu/variants.sh all all,warp-softmax all,flash all,flash,warp-softmax
+#   A variant may end in @TILE: the lens's vocabulary tile (LOGIT_LENS_VOCAB_TILE; `all`: the whole
+#   vocabulary per GEMM), e.g. all@all all all,cudnn-attention (issue 17: tiles vs whole, cuDNN).
 # On the device: bench/gpu/device.sh --variants all all,warp-softmax ... (after the GPU tests).
 # Results: $OUT (or bench/results/variants-<date>): variants.jsonl, serve-<model>-<variant>.log,
 # variants.txt (the table).
@@ -37,9 +39,10 @@ log "checkpoint $model${small:+ (small)}"
 $py bench/gpu/make_checkpoints.py --out "$ckpt" --models "$model" $small > "$out/checkpoint.json" \
   || { log "checkpoint failed"; exit 1; }
 for v in "${variants[@]}"; do
-  name=${v//,/+}
-  log "serve $model with LOGIT_LENS_FUSED=$v"
-  LOGIT_LENS_FUSED=$v "$bin" serve --model "$model=$ckpt/$model" --port $port --max-batch-size 8 \
+  name=${v//,/+}; name=${name//@/-tile-}
+  fused=${v%%@*}; tile=16384; [[ $v == *@* ]] && tile=${v#*@}
+  log "serve $model with LOGIT_LENS_FUSED=$fused LOGIT_LENS_VOCAB_TILE=$tile"
+  LOGIT_LENS_FUSED=$fused LOGIT_LENS_VOCAB_TILE=$tile "$bin" serve --model "$model=$ckpt/$model" --port $port --max-batch-size 8 \
     --max-queue 256 > "$out/serve-$model-$name.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 600); do

@@ -282,7 +282,12 @@ mod gpu_tests {
                         scale,
                     )
                 };
-                let got = match run() {
+                // The first call builds the shape's plan (cached after): what a new shape costs.
+                let t0 = std::time::Instant::now();
+                let first = run();
+                gpu.synchronize().unwrap();
+                let build_ms = t0.elapsed().as_secs_f64() * 1e3;
+                let got = match first {
                     Ok(t) => t.transpose(1, 2).unwrap(),
                     Err(e) => {
                         failures.push(format!("{dtype:?} {name}: {e}"));
@@ -308,7 +313,7 @@ mod gpu_tests {
                 );
                 eprintln!(
                     "cudnn {dtype:?} {name:28} {differ:>8}/{total} differ, max {max:.2e} (of {top:.2}); \
-                     µs per call: op by op {t_op:.0}, cudnn {t_cudnn:.0}"
+                     µs per call: op by op {t_op:.0}, cudnn {t_cudnn:.0}; first call (plan) {build_ms:.0} ms"
                 );
                 if max > top / 64.0 {
                     failures.push(format!(

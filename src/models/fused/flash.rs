@@ -66,17 +66,19 @@ pub fn wanted(q: &Tensor) -> Result<bool> {
     let (dtype, d) = (q.dtype(), q.dim(3)?);
     Ok((super::applies(q, super::Kernel::CudnnAttention)
         && super::cudnn::fits(d, dtype)
-        && cudnn_usable())
+        && cudnn_usable((d, dtype)))
         || (super::applies(q, super::Kernel::Flash) && fits(d, dtype)))
 }
 
-/// cuDNN's attention until it fails once (no libcudnn, a shape without an engine): then the other
-/// paths for the rest of the process, said once on stderr.
-fn cudnn_usable() -> bool {
-    !CUDNN_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+/// cuDNN's attention for a head dim and dtype until it fails once there (no libcudnn, no engine
+/// for the shape): then the other paths for them for the rest of the process, said once on stderr.
+fn cudnn_usable(key: (usize, DType)) -> bool {
+    !CUDNN_FAILED
+        .lock()
+        .is_ok_and(|failed| failed.contains(&key))
 }
 
-static CUDNN_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static CUDNN_FAILED: std::sync::Mutex<Vec<(usize, DType)>> = std::sync::Mutex::new(Vec::new());
 
 /// The fused attention [`wanted`] picks: cuDNN's where named (and not failed), else the flash
 /// kernel where named and it takes the head dim. `None`: neither (the caller goes op by op).
@@ -89,15 +91,22 @@ pub fn fused_attention(
     scale: f64,
 ) -> Result<Option<Tensor>> {
     let dtype = q.0.dtype();
+    let key = (dims.head_dim, dtype);
     if super::applies(q.0, super::Kernel::CudnnAttention)
         && super::cudnn::fits(dims.head_dim, dtype)
-        && cudnn_usable()
+        && cudnn_usable(key)
     {
         match super::cudnn::sdpa(q, k, v, dims, causal, scale) {
             Ok(out) => return Ok(Some(out)),
             Err(e) => {
-                CUDNN_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
-                eprintln!("warning: cuDNN attention failed ({e}); attention goes the other paths from now on");
+                if let Ok(mut failed) = CUDNN_FAILED.lock() {
+                    failed.push(key);
+                }
+                eprintln!(
+                    "warning: cuDNN attention failed for head dim {} {dtype:?} ({e}); those go the \
+                     other paths from now on",
+                    dims.head_dim
+                );
             }
         }
     }
