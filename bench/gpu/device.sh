@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command to give the lent GPU machine (`run` tool, carry [".gpu-carry"]), prepared here with
-#   bench/gpu/build-carry.sh     # .gpu-carry/: the CUDA binary and unit tests (gzipped), seed_baseline.py
+#   bench/gpu/build-carry.sh     # .gpu-carry/: the CUDA binary and unit tests (xz), seed_baseline.py
 # then, on the device:  bench/gpu/device.sh [run.sh arguments]
 #                  or:  bench/gpu/device.sh --variants all all,warp-softmax ...   (variants.sh)
 # It unpacks the binaries, points them at the machine's CUDA 13 libraries (torch's wheels), runs the
@@ -8,7 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p .gpu
-gunzip -c .gpu-carry/logit-lens.gz > .gpu/logit-lens
+# xz's format through Python's lzma (the xz tool may not be installed there).
+unxz() { python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"; }
+unxz .gpu-carry/logit-lens.xz .gpu/logit-lens
 chmod +x .gpu/logit-lens
 # Everything lands in $work; $OUT (what `run` brings back: at most 8 files) gets the table, the GPU
 # test's output, the fused-kernel verdicts and all of it as results.tgz.
@@ -21,9 +23,9 @@ nv=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
 export LD_LIBRARY_PATH=$nv/cu13/lib:$nv/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 [[ -f .gpu-carry/seed_baseline.py ]] && export SEED_BASELINE=.gpu-carry/seed_baseline.py
-if [[ -f .gpu-carry/lib-tests.gz ]]; then
+if [[ -f .gpu-carry/lib-tests.xz ]]; then
   # Every fused kernel against the op-by-op path on this card (the ulps allowed: see the test).
-  gunzip -c .gpu-carry/lib-tests.gz > .gpu/lib-tests && chmod +x .gpu/lib-tests
+  unxz .gpu-carry/lib-tests.xz .gpu/lib-tests && chmod +x .gpu/lib-tests
   # One test at a time: the tests print timings, which tests sharing the card would blur.
   LOGIT_LENS_FUSED=none timeout 150 .gpu/lib-tests gpu_tests --nocapture --test-threads=1 > "$out/gpu-tests.txt" 2>&1 \
     || echo "gpu_tests failed (see gpu-tests.txt)" >&2
