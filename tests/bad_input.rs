@@ -46,24 +46,32 @@ fn an_unsupported_format_is_named() {
     assert!(e.to_string().contains("Pnm"), "{e}");
 }
 
+/// The Qwen-VL generations share the processor: each refuses and upscales alike.
+const QWEN_VL: [&str; 3] = ["qwen2vl-hub", "qwen2_5_vl-hub", "qwen3_vl-hub"];
+
 #[test]
 fn an_image_over_aspect_200_is_refused_with_the_reason() {
-    let model = load_model("qwen2vl-hub");
-    let img = decode(&png(10_000, 1)).unwrap();
-    let e = run_lens(model.as_ref(), &request("Color?", Some(img)))
-        .err()
-        .unwrap();
-    assert_eq!(e.code(), "image_not_accepted");
-    assert!(e.to_string().contains("aspect ratio"), "{e}");
+    for dir in QWEN_VL {
+        let model = load_model(dir);
+        let img = decode(&png(10_000, 1)).unwrap();
+        let e = run_lens(model.as_ref(), &request("Color?", Some(img)))
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), "image_not_accepted", "{dir}");
+        assert!(e.to_string().contains("aspect ratio"), "{dir}: {e}");
+    }
 }
 
 #[test]
 fn a_one_pixel_image_is_upscaled_as_transformers_does() {
-    let model = load_model("qwen2vl-hub");
-    let img = decode(&png(1, 1)).unwrap();
-    let resp = run_lens(model.as_ref(), &request("Color?", Some(img))).unwrap();
-    // smart_resize(1, 1) = 56×56 → a 4×4 patch grid → 2×2 merged tokens.
-    assert_eq!(resp.input.num_image_tokens, 4);
+    for dir in QWEN_VL {
+        let model = load_model(dir);
+        let img = decode(&png(1, 1)).unwrap();
+        let resp = run_lens(model.as_ref(), &request("Color?", Some(img))).unwrap();
+        // smart_resize(1, 1) = 56×56 (patch 14; Qwen3-VL: 64×64, patch 16) → a 4×4 patch grid
+        // → 2×2 merged tokens.
+        assert_eq!(resp.input.num_image_tokens, 4, "{dir}");
+    }
 }
 
 #[test]
@@ -110,11 +118,13 @@ fn bad_options_are_refused_with_the_valid_range() {
 
 #[test]
 fn a_prompt_that_spells_the_image_placeholder_is_refused() {
-    let model = load_model("qwen2vl-hub");
-    let e = run_lens(model.as_ref(), &request("look: <|image_pad|>", None))
-        .err()
-        .unwrap();
-    assert_eq!(e.code(), "invalid_option", "{e}");
+    for dir in QWEN_VL {
+        let model = load_model(dir);
+        let e = run_lens(model.as_ref(), &request("look: <|image_pad|>", None))
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), "invalid_option", "{dir}: {e}");
+    }
 }
 
 fn copy_fixture(dir: &str) -> tempdir::Dir {

@@ -68,6 +68,8 @@ fn listed_as_text_only_causal_lms() {
         ("mistral-tf5", "MistralForCausalLM"),
         ("qwen2-hub", "Qwen2ForCausalLM"),
         ("qwen3-tf5", "Qwen3ForCausalLM"),
+        ("gemma2-hub", "Gemma2ForCausalLM"),
+        ("gemma3-tf5", "Gemma3ForCausalLM"),
     ] {
         let m = load_model(dir);
         let info = m.info();
@@ -80,63 +82,78 @@ fn listed_as_text_only_causal_lms() {
 
 #[test]
 fn an_image_is_refused_with_image_not_accepted() {
-    let model = load_model("qwen3-hub");
-    let req = LensRequest {
-        prompt: "Describe".into(),
-        image: image(&Case {
-            name: "x".into(),
-            image: Some("images/tiny.png".into()),
-            prompt: String::new(),
-            num_tokens: 0,
-            num_image_tokens: 0,
-            image_grid_thw: None,
-        }),
-        options: LensOptions::default(),
-    };
-    let e = run_lens(model.as_ref(), &req).unwrap_err();
-    assert_eq!(e.code(), "image_not_accepted");
-    assert!(e.to_string().contains("text only"), "{e}");
+    for dir in ["qwen3-hub", "gemma2-hub", "gemma3-hub"] {
+        let model = load_model(dir);
+        let req = LensRequest {
+            prompt: "Describe".into(),
+            image: image(&Case {
+                name: "x".into(),
+                image: Some("images/tiny.png".into()),
+                prompt: String::new(),
+                num_tokens: 0,
+                num_image_tokens: 0,
+                image_grid_thw: None,
+            }),
+            options: LensOptions::default(),
+        };
+        let e = run_lens(model.as_ref(), &req).unwrap_err();
+        assert_eq!(e.code(), "image_not_accepted");
+        assert!(e.to_string().contains("text only"), "{e}");
+    }
 }
 
-/// Mistral's sliding window: an input longer than it is refused (422), not computed with full
-/// attention; one within it runs.
+/// Mistral's and Gemma's sliding windows: an input longer than the window is refused (422), not
+/// computed with full attention; one within it runs.
 #[test]
 fn an_input_longer_than_the_sliding_window_is_refused() {
-    let dir = std::env::temp_dir().join(format!("logit-lens-window-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(fixtures().join("mistral-hub")).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-    }
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        cfg.replace("\"sliding_window\": 4096", "\"sliding_window\": 24"),
-    )
-    .unwrap();
-    let model = logit_lens::models::load(
-        &dir,
-        "m",
-        &candle_core::Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
-    let ok = model
-        .prepare("The capital of France is", None, true)
+    for (fixture, window) in [
+        ("mistral-hub", "\"sliding_window\": 4096"),
+        ("gemma2-hub", "\"sliding_window\": 4096"),
+        ("gemma3-hub", "\"sliding_window\": 512"),
+    ] {
+        let dir = std::env::temp_dir().join(format!(
+            "logit-lens-window-{}-{fixture}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(fixtures().join(fixture)).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+        let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        assert!(cfg.contains(window), "{fixture}");
+        std::fs::write(
+            dir.join("config.json"),
+            cfg.replace(window, "\"sliding_window\": 20"),
+        )
         .unwrap();
-    assert!(ok.input_ids.len() <= 24);
-    let e = match model.prepare(
-        "Describe the scene in detail: a red cube, a blue sphere.",
-        None,
-        true,
-    ) {
-        Ok(p) => panic!("{} tokens past a window of 24 ran", p.input_ids.len()),
-        Err(e) => e,
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(e.code(), "unprocessable");
-    assert!(e.to_string().contains("sliding window of 24"), "{e}");
+        let model = logit_lens::models::load(
+            &dir,
+            "m",
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let ok = model
+            .prepare("The capital of France is", None, true)
+            .unwrap();
+        assert!(ok.input_ids.len() <= 20);
+        let e = match model.prepare(
+            "Describe the scene in detail: a red cube, a blue sphere.",
+            None,
+            true,
+        ) {
+            Ok(p) => panic!(
+                "{fixture}: {} tokens past a window of 20 ran",
+                p.input_ids.len()
+            ),
+            Err(e) => e,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(e.code(), "unprocessable");
+        assert!(e.to_string().contains("sliding window of 20"), "{e}");
+    }
 }
 
 /// `serve` with a text-only model: text requests answer as `run_lens` does, an image gets 422.
