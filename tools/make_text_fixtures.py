@@ -28,11 +28,11 @@ U(0.5, 1.5), embeddings and an untied lm_head N(0, 0.5)):
 | fixture | class | special | tokenizer | chat template |
 |---|---|---|---|---|
 | llama3 | LlamaForCausalLM | rope_type llama3 (factor 32, 8192), rope_theta 5e5, tied (as Llama 3.2 1B) | byte-level BPE with Llama 3's regex and specials, BOS by the post-processor | Meta-Llama-3-8B-Instruct's |
-| mistral | MistralForCausalLM | sliding_window 4096, GQA 4/2, untied | SentencePiece-style BPE (make_llava_fixtures.py's Llama tokenizer) | Mistral-7B-Instruct-v0.2's |
+| mistral | MistralForCausalLM | sliding_window 16 (the hub's is 4096: 16 makes both cases, 20 and 29 tokens, and the generated tokens after them attend within it), GQA 4/2, untied | SentencePiece-style BPE (make_llava_fixtures.py's Llama tokenizer) | Mistral-7B-Instruct-v0.2's |
 | qwen2 | Qwen2ForCausalLM | q/k/v biases, tied (as Qwen2.5 0.5B) | make_fixtures.py's Qwen2 BPE | Qwen2.5-Instruct's |
 | qwen3 | Qwen3ForCausalLM | q/k RMSNorm per head, head_dim 24 != hidden/heads, tied | Qwen2 BPE + `<think>` `</think>` (added, not special) | Qwen3's (namespace, reversed loop, enable_thinking) |
 | gemma2 | Gemma2ForCausalLM | scaled embeddings, `1 + w` norms, sandwich norms, query_pre_attn_scalar 24 != head_dim 32, attention and final logit soft-capping (10 and 10: the hub's 50 and 30 barely touch a tiny random model's values, these do), sliding / full layers alternating, tied | Gemma-style BPE (`<pad>` `<eos>` `<bos>` `<unk>` `<mask>` 0–4, byte fallback, spaces as `▁`, no prefix space, BOS by the post-processor) + `<start_of_turn>` `<end_of_turn>` | gemma-2-it's |
-| gemma3 | Gemma3ForCausalLM | Gemma 2's block without soft-capping, per-head q/k norms (`1 + w`), sliding layers with their own RoPE (`rope_local_base_freq` 10000) and the global layers with linear RoPE scaling ×8 (as Gemma 3 4B+), `sliding_window_pattern` 2 (so the 3 layers are sliding, global, sliding), tied | as gemma2 | gemma-3-it's |
+| gemma3 | Gemma3ForCausalLM | Gemma 2's block without soft-capping, per-head q/k norms (`1 + w`), sliding layers with their own RoPE (`rope_local_base_freq` 10000) and the global layers with linear RoPE scaling ×8 (as Gemma 3 4B+), `sliding_window_pattern` 2 (so the 3 layers are sliding, global, sliding), sliding_window 16 (the hub's 512: the 24-token case and the generated tokens after the 15-token one attend within it), tied | as gemma2 | gemma-3-it's |
 
 The chat templates are those models' templates as published, written here from memory (no network): what the
 tests prove is that logit-lens renders a snapshot's own template as transformers does, whichever it is.
@@ -388,7 +388,7 @@ def arch_specs():
                          unk_token="<unk>", legacy=False, chat_template=MISTRAL_TEMPLATE,
                          tokenizer_class="LlamaTokenizer", model_max_length=1000000000000000019884624838656),
             config=dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=v(mistral),
-                        bos_token_id=1, eos_token_id=2, rope_theta=1000000.0, sliding_window=4096,
+                        bos_token_id=1, eos_token_id=2, rope_theta=1000000.0, sliding_window=16,
                         max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
                         hidden_act="silu")),
         "qwen2": dict(
@@ -422,7 +422,7 @@ def arch_specs():
             tok_cfg=gemma_tok_cfg(GEMMA3_TEMPLATE), eos_extra="<end_of_turn>", embed_std=0.2,
             config=dict(gemma_cfg, model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
                         rope_theta=1000000.0, rope_local_base_freq=10000.0,
-                        rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=512,
+                        rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=16,
                         sliding_window_pattern=2, max_position_embeddings=32768, attn_logit_softcapping=None,
                         final_logit_softcapping=None, cache_implementation="hybrid")),
     }

@@ -41,8 +41,8 @@ pub struct DecoderConfig {
     pub qk_norm: bool,
     /// RoPE frequency scaling (`rope_parameters.rope_type`).
     pub rope_scaling: RopeScaling,
-    /// Mistral's sliding window: every position attends to at most this many (itself included).
-    /// Longer sequences are refused (see [`Decoder::check_length`]).
+    /// Mistral's sliding window (every layer) or Gemma's (its sliding layers): a position attends
+    /// to at most this many keys, itself included (transformers: `q − kv < window`).
     pub sliding_window: Option<usize>,
     /// Gemma 2 / 3's differences from the Llama block.
     pub gemma: Option<Gemma>,
@@ -457,6 +457,8 @@ struct Layer {
     mlp_out_norm: Option<RmsNorm>,
     /// Gemma 3's sliding layers: the local RoPE table.
     local_rope: bool,
+    /// The layer's sliding window (Mistral: every layer; Gemma: its sliding layers).
+    window: Option<usize>,
     /// q, k and v projections stacked: one GEMM (rows `[q | k | v]`).
     qkv: Linear,
     o: Linear,
@@ -515,6 +517,10 @@ impl Decoder {
                     local_rope: gemma.is_some_and(|g| {
                         g.local_rope.is_some() && g.sliding_layers.get(l).copied().unwrap_or(false)
                     }),
+                    window: match gemma {
+                        Some(g) if !g.sliding_layers.get(l).copied().unwrap_or(false) => None,
+                        _ => cfg.sliding_window,
+                    },
                     qkv: {
                         let subs = [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)];
                         Linear::from_weight(
@@ -563,16 +569,51 @@ impl Decoder {
         &self.cfg
     }
 
-    /// A sequence longer than the sliding window would need the windowed mask, which is not
-    /// implemented: refused (422) rather than computed with full attention.
-    pub fn check_length(&self, len: usize) -> Result<()> {
-        match self.cfg.sliding_window {
-            Some(w) if len > w => Err(Error::Unprocessable(format!(
-                "the input is {len} tokens and this model attends within a sliding window of {w}; \
-                 inputs longer than the window are not supported"
-            ))),
-            _ => Ok(()),
+    /// The additive mask `[s, past + s]` of `s` new rows after `past` cached ones: row i sees the
+    /// keys up to itself (`past + i`) and, with a sliding `window`, none `window` or more behind.
+    /// None where it hides nothing (a single new row with no window in reach).
+    fn mask(
+        s: usize,
+        past: usize,
+        window: Option<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        let hidden = |i: usize, j: usize| j > past + i || window.is_some_and(|w| past + i >= j + w);
+        if (0..s).all(|i| (0..past + s).all(|j| !hidden(i, j))) {
+            return Ok(None);
         }
+        let data: Vec<f32> = (0..s)
+            .flat_map(|i| {
+                (0..past + s).map(move |j| if hidden(i, j) { f32::NEG_INFINITY } else { 0.0 })
+            })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(data, (s, past + s), device)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// The window masks a pass of `s` new rows after `past` cached ones needs, one per distinct
+    /// window of its layers, where the window hides something.
+    fn window_masks(
+        &self,
+        s: usize,
+        past: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Vec<(usize, Tensor)>> {
+        let mut windows: Vec<usize> = self.layers.iter().filter_map(|l| l.window).collect();
+        windows.sort_unstable();
+        windows.dedup();
+        let mut out = Vec::new();
+        for w in windows {
+            if past + s > w {
+                if let Some(m) = Self::mask(s, past, Some(w), dtype, device)? {
+                    out.push((w, m));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// RoPE tables `[seq, head_dim/2]`: frequency slot j takes its angle from the position axis
@@ -630,7 +671,14 @@ impl Decoder {
         tables: &RopeTables,
         mask: Option<&Tensor>,
         caches: Option<Vec<&mut LayerCache>>,
+        window_masks: &[(usize, Tensor)],
     ) -> Result<Tensor> {
+        // A sliding layer whose window hides keys of this pass: its own mask, not the causal one
+        // (and not flash attention, which knows only causal).
+        let window_mask = layer
+            .window
+            .and_then(|w| window_masks.iter().find(|(x, _)| *x == w))
+            .map(|(_, m)| m);
         let device = h.device().clone();
         let (b, s, _) = h.dims3()?;
         let hd = self.cfg.head_dim;
@@ -674,15 +722,17 @@ impl Decoder {
         let v = qkv.narrow(1, nh + nkv, nkv)?;
         let a = profile::op("decoder attention", &device, || {
             let a = match (caches, mask) {
-                (None, Some(mask)) if softcap.is_some() => attention_capped(
-                    &q,
-                    &k,
-                    &v,
-                    Some(mask),
-                    scale,
-                    softcap,
-                    ATTENTION_SCORES_BUDGET,
-                )?,
+                (None, Some(mask)) if softcap.is_some() || window_mask.is_some() => {
+                    attention_capped(
+                        &q,
+                        &k,
+                        &v,
+                        Some(window_mask.unwrap_or(mask)),
+                        scale,
+                        softcap,
+                        ATTENTION_SCORES_BUDGET,
+                    )?
+                }
                 (None, Some(mask)) => causal_attention(&q, &k, &v, mask, scale)?,
                 (None, None) => {
                     return Err(Error::Internal("a block without mask or cache".into()))
@@ -695,11 +745,20 @@ impl Decoder {
                         .map(|(i, c)| {
                             let one = |t: &Tensor| t.narrow(0, i, 1);
                             let (k, v) = c.append(&one(&k)?, &one(&v)?)?;
+                            // A decoding step (no mask; each sequence its own length): its window
+                            // where it reaches past the cache's start.
+                            let step_mask = match (mask, layer.window) {
+                                (None, Some(w)) => {
+                                    let past = k.dim(2)? - s;
+                                    Self::mask(s, past, Some(w), k.dtype(), &device)?
+                                }
+                                _ => None,
+                            };
                             attention_capped(
                                 &one(&q)?,
                                 &k,
                                 &v,
-                                mask,
+                                step_mask.as_ref().or(window_mask).or(mask),
                                 scale,
                                 softcap,
                                 ATTENTION_SCORES_BUDGET,
@@ -773,7 +832,6 @@ impl Decoder {
         let positions = &positions[..];
         let s = embeds.dim(0)?;
         let past = cache.len;
-        self.check_length(past + s)?;
         if positions.len() != s {
             return Err(Error::Internal(format!(
                 "{s} new tokens and {} positions",
@@ -789,16 +847,12 @@ impl Decoder {
         let dtype = embeds.dtype();
         let tables = self.rope_tables(positions, &device)?;
         // New row i sees the `past` cached keys and the new ones up to itself.
-        let mask: Vec<f32> = (0..s)
-            .flat_map(|i| {
-                (0..past + s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (s, past + s), &device)?.to_dtype(dtype)?;
+        let mask = Self::mask(s, past, None, dtype, &device)?;
+        let windows = self.window_masks(s, past, dtype, &device)?;
         let mut h = embeds.unsqueeze(0)?;
         self.observe_each(0, &h, &mut [observer])?;
         for (l, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            h = self.block(layer, &h, &tables, Some(&mask), Some(vec![c]))?;
+            h = self.block(layer, &h, &tables, mask.as_ref(), Some(vec![c]), &windows)?;
             h = add_rows(h, l, &[&additions])?;
             self.observe_each(l + 1, &h, &mut [&mut *observer])?;
         }
@@ -826,7 +880,6 @@ impl Decoder {
             ));
         }
         for c in caches.iter() {
-            self.check_length(c.len + 1)?;
             if c.layers.len() != self.layers.len() {
                 return Err(Error::Internal(
                     "forward_step_batch: a cache was not prefilled".into(),
@@ -840,7 +893,7 @@ impl Decoder {
         for (l, layer) in self.layers.iter().enumerate() {
             let per_seq: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            h = self.block(layer, &h, &tables, None, Some(per_seq))?;
+            h = self.block(layer, &h, &tables, None, Some(per_seq), &[])?;
             self.observe_each(l + 1, &h, observers)?;
         }
         for c in caches.iter_mut() {
@@ -868,7 +921,6 @@ impl Decoder {
         let mut positions = Vec::with_capacity(b);
         let mut additions = Vec::with_capacity(b);
         for i in inputs {
-            self.check_length(i.embeds.dim(0)?)?;
             if i.positions.len() != i.embeds.dim(0)? {
                 return Err(Error::Internal(format!(
                     "{} tokens and {} positions",
@@ -910,6 +962,8 @@ impl Decoder {
         }
         let tables = self.rope_tables(&all_pos, &device)?.batched(b, s)?;
         let mask = causal_mask(s, dtype, &device)?;
+        // Right padding keeps the windows too: a valid row's window holds only earlier valid rows.
+        let windows = self.window_masks(s, 0, dtype, &device)?;
         let mut h = Tensor::stack(&padded, 0)?; // [b, s, hidden]
         let observe =
             |index: usize, h: &Tensor, observers: &mut [&mut dyn LayerObserver]| -> Result<()> {
@@ -932,7 +986,7 @@ impl Decoder {
             };
         observe(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            h = self.block(layer, &h, &tables, Some(&mask), None)?;
+            h = self.block(layer, &h, &tables, Some(&mask), None, &windows)?;
             h = add_rows(h, l, &additions)?;
             profile::op("lens (per layer)", &device, || {
                 observe(l + 1, &h, observers)

@@ -149,7 +149,6 @@ impl VisionLanguageModel for CausalLm {
         if input_ids.is_empty() {
             return Err(Error::InvalidOption("the prompt has no tokens".into()));
         }
-        self.text.check_length(input_ids.len())?;
         let kinds = token_kinds(&self.tokenizer, &input_ids, u32::MAX);
         Ok(Prepared {
             input_ids,
