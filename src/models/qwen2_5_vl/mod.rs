@@ -1,12 +1,12 @@
 //! Qwen2.5-VL (Bai et al., 2025, "Qwen2.5-VL Technical Report"), following transformers'
 //! `Qwen2_5_VLForConditionalGeneration`: Qwen2-VL's processor, prompt, M-RoPE Qwen2 decoder and
-//! read-out (shared through [`Qwen2Vl::load_with`]) around its own vision tower (window attention,
+//! read-out (shared through [`QwenVl::load_with`]) around its own vision tower (window attention,
 //! RMSNorm, SwiGLU: [`vision`]). For an image the M-RoPE positions are Qwen2-VL's (the temporal
 //! index is 0; `tokens_per_second` only spaces video frames).
 
 pub mod vision;
 
-use crate::models::qwen2_vl::{Qwen2Vl, QwenVlSpec};
+use crate::models::qwen2_vl::{QwenVl, QwenVlSpec};
 use crate::models::weight_names::Rename;
 use crate::models::Family;
 
@@ -14,7 +14,7 @@ pub const FAMILY: Family = Family {
     name: "qwen2_5_vl",
     architectures: &["Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"],
     load: |snapshot, name, device, dtype| {
-        Ok(Box::new(Qwen2Vl::load_with(
+        Ok(Box::new(QwenVl::load_with(
             snapshot, name, device, dtype, &SPEC,
         )?))
     },

@@ -33,7 +33,7 @@ pub const FAMILY: Family = Family {
     name: "qwen2_vl",
     architectures: &["Qwen2VLForConditionalGeneration", "qwen2_vl"],
     load: |snapshot, name, device, dtype| {
-        Ok(Box::new(Qwen2Vl::load(snapshot, name, device, dtype)?))
+        Ok(Box::new(QwenVl::load(snapshot, name, device, dtype)?))
     },
 };
 
@@ -49,7 +49,9 @@ pub const WEIGHT_NAMES: &[Rename] = &[
     ),
 ];
 
-pub struct Qwen2Vl {
+/// A Qwen-VL model (Qwen2-VL, and through [`QwenVlSpec`] Qwen2.5-VL and Qwen3-VL): the shared
+/// processor, prompt, M-RoPE decoder and read-out around a generation's own vision tower.
+pub struct QwenVl {
     info: ModelInfo,
     cfg: Config,
     processor: ImageProcessorConfig,
@@ -82,7 +84,7 @@ pub const SPEC: QwenVlSpec = QwenVlSpec {
     },
 };
 
-impl Qwen2Vl {
+impl QwenVl {
     pub fn load(snapshot: Snapshot, name: &str, device: &Device, dtype: DType) -> Result<Self> {
         Self::load_with(snapshot, name, device, dtype, &SPEC)
     }
@@ -145,7 +147,7 @@ impl Qwen2Vl {
             )));
         }
         info.deepstack_layers = (1..=deepstack).collect();
-        Ok(Qwen2Vl {
+        Ok(QwenVl {
             info,
             cfg,
             processor,
@@ -159,7 +161,7 @@ impl Qwen2Vl {
     }
 }
 
-impl VisionLanguageModel for Qwen2Vl {
+impl VisionLanguageModel for QwenVl {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -264,7 +266,7 @@ impl VisionLanguageModel for Qwen2Vl {
     }
 }
 
-impl Qwen2Vl {
+impl QwenVl {
     /// 3-D M-RoPE position ids `(t, h, w)` per token.
     pub fn positions(&self, inputs: &Prepared) -> Vec<[u32; 3]> {
         text::rope_positions(

@@ -1,7 +1,7 @@
 //! Qwen3-VL (Qwen team, 2025, "Qwen3-VL Technical Report"), following transformers'
 //! `Qwen3VLForConditionalGeneration`: Qwen2-VL's processor (patch 16, mean = std = 0.5 from the
 //! snapshot), prompt, placeholder expansion and 3-D positions (shared through
-//! [`Qwen2Vl::load_with`]), a Qwen3 decoder (per-head q/k RMSNorm, explicit `head_dim`) whose
+//! [`QwenVl::load_with`]), a Qwen3 decoder (per-head q/k RMSNorm, explicit `head_dim`) whose
 //! M-RoPE frequency slots are interleaved (t h w t h w …), and its own vision tower ([`vision`])
 //! with DeepStack.
 //!
@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::models::decoder::DecoderConfig;
 use crate::models::qwen2_vl::config::Config;
-use crate::models::qwen2_vl::{Qwen2Vl, QwenVlSpec};
+use crate::models::qwen2_vl::{QwenVl, QwenVlSpec};
 use crate::models::snapshot::field;
 use crate::models::weight_names::Rename;
 use crate::models::Family;
@@ -27,7 +27,7 @@ pub const FAMILY: Family = Family {
     name: "qwen3_vl",
     architectures: &["Qwen3VLForConditionalGeneration", "qwen3_vl"],
     load: |snapshot, name, device, dtype| {
-        Ok(Box::new(Qwen2Vl::load_with(
+        Ok(Box::new(QwenVl::load_with(
             snapshot, name, device, dtype, &SPEC,
         )?))
     },
