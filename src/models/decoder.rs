@@ -1148,6 +1148,43 @@ mod tests {
         assert!(hub.qk_norm);
     }
 
+    /// The masks: causal, and a window of `w` keeps the `w` latest keys, itself included
+    /// (transformers: `q − kv < w`); nothing hidden gives no mask at all.
+    #[test]
+    fn masks_are_causal_and_windowed() {
+        let dev = Device::Cpu;
+        let rows = |m: Option<Tensor>| -> Vec<Vec<bool>> {
+            m.unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(|r| r.into_iter().map(|x| x == 0.0).collect())
+                .collect()
+        };
+        // 3 new rows after 2 cached, window 2: row i (position 2 + i) sees positions 1 + i and 2 + i.
+        let m = rows(Decoder::mask(3, 2, Some(2), DType::F32, &dev).unwrap());
+        assert_eq!(
+            m,
+            vec![
+                vec![false, true, true, false, false],
+                vec![false, false, true, true, false],
+                vec![false, false, false, true, true],
+            ]
+        );
+        // Causal only.
+        let m = rows(Decoder::mask(2, 1, None, DType::F32, &dev).unwrap());
+        assert_eq!(m, vec![vec![true, true, false], vec![true, true, true]]);
+        // One new row, no window or one that reaches the start: nothing to hide.
+        assert!(Decoder::mask(1, 5, None, DType::F32, &dev)
+            .unwrap()
+            .is_none());
+        assert!(Decoder::mask(1, 5, Some(6), DType::F32, &dev)
+            .unwrap()
+            .is_none());
+        let m = rows(Decoder::mask(1, 5, Some(4), DType::F32, &dev).unwrap());
+        assert_eq!(m, vec![vec![false, false, true, true, true, true]]);
+    }
+
     #[test]
     fn scaled_rope_is_refused_not_silently_ignored() {
         let e = DecoderConfig::from_json(

@@ -265,10 +265,16 @@ mod tests {
         let (all, unknown) = p(Some("all"), None);
         assert!(unknown.is_empty());
         assert!(Kernel::MEASURED.iter().all(|&k| all.has(k)));
-        // Flash attention and the warp softmax only by name, until measured.
-        assert!(!all.has(Kernel::Flash) && !all.has(Kernel::WarpSoftmax));
+        // Flash attention, the warp softmax and cuDNN's attention only by name, until measured.
+        assert!(
+            !all.has(Kernel::Flash)
+                && !all.has(Kernel::WarpSoftmax)
+                && !all.has(Kernel::CudnnAttention)
+        );
         assert!(p(Some("all, flash"), None).0.has(Kernel::Flash));
         assert!(p(Some("all,warp-softmax"), None).0.has(Kernel::WarpSoftmax));
+        let cudnn = p(Some("all,cudnn-attention"), None).0;
+        assert!(cudnn.has(Kernel::CudnnAttention) && !cudnn.has(Kernel::Flash));
         let (s, unknown) = p(Some(" LayerNorm, rope,,bogus "), None);
         assert_eq!(unknown, vec!["bogus".to_string()]);
         for k in Kernel::ALL {
