@@ -229,57 +229,26 @@ mod ffi {
 #[cfg(all(test, feature = "cudnn"))]
 mod gpu_tests {
     use super::*;
-    use crate::models::fused::test_util::differ_and_max;
-    use crate::models::layers::{attention_within, causal_mask, ATTENTION_SCORES_BUDGET};
+    use crate::models::fused::test_util::{differ_and_max, AttentionCase, ATTENTION_CASES};
     use crate::models::profile::on_a_card::{gpu, per_call};
 
     #[test]
     fn cudnn_attention_equals_op_by_op_on_the_gpu() {
         let Some(gpu) = gpu() else { return };
         let mut failures = Vec::new();
-        // name, batch, heads, kv heads, tokens, head dim, causal
-        let cases = [
-            ("qwen2-vl vision 640x480", 1, 16, 16, 1196, 80, false),
-            ("qwen2-vl vision, 7 images", 7, 16, 16, 1196, 80, false),
-            ("clip vit-l/14-336", 1, 16, 16, 577, 64, false),
-            ("siglip so400m (onevision)", 5, 16, 16, 729, 72, false),
-            ("qwen2-vl decoder", 1, 12, 2, 418, 128, true),
-            ("llava decoder, batch 2", 2, 32, 32, 595, 128, true),
-            ("ragged", 1, 2, 1, 37, 64, true),
-        ];
         for dtype in [DType::BF16, DType::F16] {
-            for (name, b, hq, hkv, s, d, causal) in cases {
-                let packed = Tensor::randn(0f32, 1.0, (b, s, hq + 2 * hkv, d), &gpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let heads = packed.transpose(1, 2).unwrap();
-                let q = heads.narrow(1, 0, hq).unwrap();
-                let k = heads.narrow(1, hq, hkv).unwrap();
-                let v = heads.narrow(1, hq + hkv, hkv).unwrap();
-                let scale = (d as f64).powf(-0.5);
-                let mask = causal.then(|| causal_mask(s, dtype, &gpu).unwrap());
-                let op_by_op = || {
-                    attention_within(&q, &k, &v, mask.as_ref(), scale, ATTENTION_SCORES_BUDGET)
-                        .unwrap()
-                };
-                let dims = Dims {
-                    batch: b,
-                    heads: hq,
-                    kv_heads: hkv,
-                    queries: s,
-                    keys: s,
-                    head_dim: d,
-                };
-                let views = [&q, &k, &v].map(|t| View::of(t).unwrap());
+            for (name, b, hq, hkv, s, d, causal) in ATTENTION_CASES {
+                let case = AttentionCase::new(&gpu, dtype, (b, hq, hkv, s, d, causal));
+                let (dims, views) = case.dims_and_views();
+                let op_by_op = || case.op_by_op();
                 let run = || {
                     sdpa(
-                        (&q, views[0]),
-                        (&k, views[1]),
-                        (&v, views[2]),
+                        (&case.q, views[0]),
+                        (&case.k, views[1]),
+                        (&case.v, views[2]),
                         dims,
                         causal,
-                        scale,
+                        case.scale,
                     )
                 };
                 // The first call builds the shape's plan (cached after): what a new shape costs.
@@ -297,15 +266,7 @@ mod gpu_tests {
                 };
                 let want = op_by_op();
                 let (differ, max) = differ_and_max(&got, &want);
-                let top = want
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let top = AttentionCase::top(&want);
                 let total = want.elem_count();
                 let (t_op, t_cudnn) = (
                     per_call(&gpu, 20, &op_by_op).1,

@@ -548,10 +548,9 @@ mod tests {
 /// by op): the kernel against op-by-op attention at the models' shapes, and what each costs.
 #[cfg(all(test, feature = "cuda"))]
 mod gpu_tests {
-    use super::super::test_util::differ_and_max;
+    use super::super::test_util::{differ_and_max, AttentionCase, ATTENTION_CASES};
     use super::*;
     use crate::models::fused::{self, Kernel};
-    use crate::models::layers::{attention_within, causal_mask, ATTENTION_SCORES_BUDGET};
     use crate::models::profile::on_a_card::{gpu, per_call};
 
     #[test]
@@ -562,46 +561,20 @@ mod gpu_tests {
             "run with LOGIT_LENS_FUSED=none: the op-by-op reference would be flash too"
         );
         let mut failures = Vec::new();
-        // name, batch, heads, kv heads, tokens, head dim, causal
-        let cases = [
-            ("qwen2-vl vision 640x480", 1, 16, 16, 1196, 80, false),
-            ("qwen2-vl vision, 7 images", 7, 16, 16, 1196, 80, false),
-            ("clip vit-l/14-336", 1, 16, 16, 577, 64, false),
-            ("qwen2-vl decoder", 1, 12, 2, 418, 128, true),
-            ("llava decoder, batch 2", 2, 32, 32, 595, 128, true),
-            ("ragged", 1, 2, 1, 37, 64, true),
-        ];
         for dtype in [DType::BF16, DType::F16] {
-            for (name, b, hq, hkv, s, d, causal) in cases {
-                // Packed as a QKV projection leaves them, viewed per head (strided).
-                let packed = Tensor::randn(0f32, 1.0, (b, s, hq + 2 * hkv, d), &gpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let heads = packed.transpose(1, 2).unwrap();
-                let q = heads.narrow(1, 0, hq).unwrap();
-                let k = heads.narrow(1, hq, hkv).unwrap();
-                let v = heads.narrow(1, hq + hkv, hkv).unwrap();
-                let scale = (d as f64).powf(-0.5);
-                let mask = causal.then(|| causal_mask(s, dtype, &gpu).unwrap());
-                let op_by_op = || {
-                    attention_within(&q, &k, &v, mask.as_ref(), scale, ATTENTION_SCORES_BUDGET)
-                        .unwrap()
-                };
-                let dims = Dims {
-                    batch: b,
-                    heads: hq,
-                    kv_heads: hkv,
-                    queries: s,
-                    keys: s,
-                    head_dim: d,
-                };
-                let views = [&q, &k, &v].map(|t| View::of(t).unwrap());
+            // The kernel's head dims only (SigLIP's 72 is cuDNN's).
+            for (name, b, hq, hkv, s, d, causal) in
+                ATTENTION_CASES.into_iter().filter(|c| fits(c.5, dtype))
+            {
+                let case = AttentionCase::new(&gpu, dtype, (b, hq, hkv, s, d, causal));
+                let (q, k, v, mask, scale) = (&case.q, &case.k, &case.v, &case.mask, case.scale);
+                let op_by_op = || case.op_by_op();
+                let (dims, views) = case.dims_and_views();
                 let flash = || {
                     flash_attention(
-                        (&q, views[0]),
-                        (&k, views[1]),
-                        (&v, views[2]),
+                        (q, views[0]),
+                        (k, views[1]),
+                        (v, views[2]),
                         dims,
                         causal,
                         scale,
@@ -611,15 +584,7 @@ mod gpu_tests {
                 let want = op_by_op();
                 let got = flash().transpose(1, 2).unwrap();
                 let (differ, max) = differ_and_max(&got, &want);
-                let top = want
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let top = AttentionCase::top(&want);
                 let total = want.elem_count();
                 // The path served before flash: the scores GEMM, the fused softmax, probs·v.
                 let rep = hq / hkv;

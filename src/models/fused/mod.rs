@@ -355,6 +355,92 @@ mod test_util {
             .filter(|(x, y)| **x != *y)
             .fold((0, 0f32), |(n, m), (x, y)| (n + 1, m.max((x - y).abs())))
     }
+
+    /// The attention problems of the models, for the GPU tests of the fused attentions: name,
+    /// batch, heads, kv heads, tokens, head dim, causal.
+    #[cfg(feature = "cuda")]
+    pub const ATTENTION_CASES: [(&str, usize, usize, usize, usize, usize, bool); 7] = [
+        ("qwen2-vl vision 640x480", 1, 16, 16, 1196, 80, false),
+        ("qwen2-vl vision, 7 images", 7, 16, 16, 1196, 80, false),
+        ("clip vit-l/14-336", 1, 16, 16, 577, 64, false),
+        ("siglip so400m (onevision)", 5, 16, 16, 729, 72, false),
+        ("qwen2-vl decoder", 1, 12, 2, 418, 128, true),
+        ("llava decoder, batch 2", 2, 32, 32, 595, 128, true),
+        ("ragged", 1, 2, 1, 37, 64, true),
+    ];
+
+    /// One attention problem on `device`: q, k and v as strided per-head views of a packed q/k/v
+    /// projection (`[b, s, hq + 2·hkv, d]`, as the models leave it), and eager attention's output
+    /// `[b, hq, s, d]` op by op (the reference; run with LOGIT_LENS_FUSED=none).
+    #[cfg(feature = "cuda")]
+    pub struct AttentionCase {
+        pub q: Tensor,
+        pub k: Tensor,
+        pub v: Tensor,
+        pub mask: Option<Tensor>,
+        pub scale: f64,
+    }
+
+    #[cfg(feature = "cuda")]
+    impl AttentionCase {
+        pub fn new(
+            device: &Device,
+            dtype: DType,
+            (b, hq, hkv, s, d, causal): (usize, usize, usize, usize, usize, bool),
+        ) -> Self {
+            let packed = Tensor::randn(0f32, 1.0, (b, s, hq + 2 * hkv, d), device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let heads = packed.transpose(1, 2).unwrap();
+            AttentionCase {
+                q: heads.narrow(1, 0, hq).unwrap(),
+                k: heads.narrow(1, hq, hkv).unwrap(),
+                v: heads.narrow(1, hq + hkv, hkv).unwrap(),
+                mask: causal.then(|| crate::models::layers::causal_mask(s, dtype, device).unwrap()),
+                scale: (d as f64).powf(-0.5),
+            }
+        }
+
+        pub fn op_by_op(&self) -> Tensor {
+            crate::models::layers::attention_within(
+                &self.q,
+                &self.k,
+                &self.v,
+                self.mask.as_ref(),
+                self.scale,
+                crate::models::layers::ATTENTION_SCORES_BUDGET,
+            )
+            .unwrap()
+        }
+
+        /// The problem's shape and the operands' views, as the fused attentions take them.
+        pub fn dims_and_views(&self) -> (super::flash::Dims, [super::flash::View; 3]) {
+            let (b, hq, s, d) = self.q.dims4().unwrap();
+            let dims = super::flash::Dims {
+                batch: b,
+                heads: hq,
+                kv_heads: self.k.dim(1).unwrap(),
+                queries: s,
+                keys: self.k.dim(2).unwrap(),
+                head_dim: d,
+            };
+            let view = |t: &Tensor| super::flash::View::of(t).unwrap();
+            (dims, [view(&self.q), view(&self.k), view(&self.v)])
+        }
+
+        /// The largest |value| of `t`, the scale the differences are judged at.
+        pub fn top(t: &Tensor) -> f32 {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        }
+    }
 }
 
 /// On a GPU (`LOGIT_LENS_FUSED=none cargo test --release --features cuda --lib fused --
