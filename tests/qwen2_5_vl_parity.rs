@@ -15,34 +15,7 @@ const FAMILY: &str = "qwen2_5_vl";
 #[test]
 fn input_ids_grids_and_position_ids_equal_transformers() {
     for dir in FIXTURES {
-        let model = load_model(dir);
-        assert_eq!(model.info().family, FAMILY);
-        for case in cases(FAMILY) {
-            let r = Reference::load(FAMILY, &case.name);
-            let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
-            let ids: Vec<i64> = p.input_ids.iter().map(|&i| i as i64).collect();
-            assert_eq!(ids, r.ids("input_ids"), "{dir}/{}", case.name);
-            if let Some(g) = case.image_grid_thw {
-                assert_eq!(
-                    p.pixels.as_ref().unwrap().grid_thw,
-                    g,
-                    "{dir}/{}",
-                    case.name
-                );
-            }
-            let pos = model.embed(&p).unwrap().positions;
-            let want = r.ids("position_ids");
-            let n = ids.len();
-            for (i, got) in pos.iter().enumerate() {
-                let exp = [want[i], want[n + i], want[2 * n + i]];
-                assert_eq!(
-                    got.map(|v| v as i64),
-                    exp,
-                    "{dir}/{}: position {i}",
-                    case.name
-                );
-            }
-        }
+        check_ids_grids_and_positions(dir, FAMILY);
     }
 }
 
@@ -95,21 +68,5 @@ fn the_cases_cover_several_and_partial_windows() {
 /// Several images of different sizes through the tower together give each its own features.
 #[test]
 fn a_batch_of_images_gets_what_each_gets_alone() {
-    let model = load_model("qwen2_5_vl-hub");
-    let prepared: Vec<_> = cases(FAMILY)
-        .iter()
-        .filter(|c| c.image.is_some())
-        .map(|c| model.prepare(&c.prompt, image(c).as_ref(), true).unwrap())
-        .collect();
-    let pixels: Vec<_> = prepared
-        .iter()
-        .map(|p| p.pixels.as_ref().unwrap())
-        .collect();
-    let together = model.image_features(&pixels).unwrap();
-    for (px, t) in pixels.iter().zip(&together) {
-        let alone = model.image_features(&[px]).unwrap().remove(0);
-        let a: Vec<f32> = alone.tokens.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = t.tokens.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(max_diff(&b, &a) < 1e-5);
-    }
+    check_image_batch("qwen2_5_vl-hub", FAMILY, 0);
 }

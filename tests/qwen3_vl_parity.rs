@@ -15,34 +15,7 @@ const FAMILY: &str = "qwen3_vl";
 #[test]
 fn input_ids_grids_and_position_ids_equal_transformers() {
     for dir in FIXTURES {
-        let model = load_model(dir);
-        assert_eq!(model.info().family, FAMILY);
-        for case in cases(FAMILY) {
-            let r = Reference::load(FAMILY, &case.name);
-            let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
-            let ids: Vec<i64> = p.input_ids.iter().map(|&i| i as i64).collect();
-            assert_eq!(ids, r.ids("input_ids"), "{dir}/{}", case.name);
-            if let Some(g) = case.image_grid_thw {
-                assert_eq!(
-                    p.pixels.as_ref().unwrap().grid_thw,
-                    g,
-                    "{dir}/{}",
-                    case.name
-                );
-            }
-            let pos = model.embed(&p).unwrap().positions;
-            let want = r.ids("position_ids");
-            let n = ids.len();
-            for (i, got) in pos.iter().enumerate() {
-                let exp = [want[i], want[n + i], want[2 * n + i]];
-                assert_eq!(
-                    got.map(|v| v as i64),
-                    exp,
-                    "{dir}/{}: position {i}",
-                    case.name
-                );
-            }
-        }
+        check_ids_grids_and_positions(dir, FAMILY);
     }
 }
 
@@ -137,24 +110,5 @@ fn deepstack_adds_at_the_image_positions_after_the_first_blocks() {
 /// Several images of different sizes through the tower together give each its own features.
 #[test]
 fn a_batch_of_images_gets_what_each_gets_alone() {
-    let model = load_model("qwen3_vl-hub");
-    let prepared: Vec<_> = cases(FAMILY)
-        .iter()
-        .filter(|c| c.image.is_some())
-        .map(|c| model.prepare(&c.prompt, image(c).as_ref(), true).unwrap())
-        .collect();
-    let pixels: Vec<_> = prepared
-        .iter()
-        .map(|p| p.pixels.as_ref().unwrap())
-        .collect();
-    let together = model.image_features(&pixels).unwrap();
-    for (px, t) in pixels.iter().zip(&together) {
-        let alone = model.image_features(&[px]).unwrap().remove(0);
-        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-        assert!(max_diff(&flat(&t.tokens), &flat(&alone.tokens)) < 1e-5);
-        assert_eq!(t.deepstack.len(), 2);
-        for (a, b) in alone.deepstack.iter().zip(&t.deepstack) {
-            assert!(max_diff(&flat(b), &flat(a)) < 1e-5);
-        }
-    }
+    check_image_batch("qwen3_vl-hub", FAMILY, 2);
 }

@@ -556,6 +556,31 @@ def reference_case(model, processor, name, image_rel, prompt, fixtures: Path):
     return tensors, meta, case, stats, batch
 
 
+def save_tf5_and_check(cls, config, model, processor, tf5_dir: Path, hub_names, batches: dict, load):
+    """transformers 5's own save of a model built from `config` (``cls(config)`` + ``load_state_dict``), in bf16
+    (the weights are bf16 already), and the processor's; then that copy, reloaded with ``load``, must give the
+    hub copy's inputs for every case and bit-identical logits (``batches``: each case's hub inputs)."""
+    fresh = cls(config)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.to(torch.bfloat16).save_pretrained(str(tf5_dir))
+    processor.save_pretrained(str(tf5_dir))
+    with safe_open(str(tf5_dir / "model.safetensors"), "pt") as f:
+        names = sorted(f.keys())
+    print(f"save_pretrained wrote {len(names)} tensors; prefixes "
+          f"{sorted({'.'.join(n.split('.')[:2]) for n in names})}; hub names: {names == hub_names}")
+    tf5_model = load(tf5_dir)
+    tf5_processor = AutoProcessor.from_pretrained(str(tf5_dir))
+    for name, image_rel, prompt in CASES:
+        image_path = REPO / "tests" / "fixtures" / "images" / image_rel if image_rel else None
+        _, b = make_inputs(tf5_processor, image_path, prompt)
+        ref = batches[name]
+        assert torch.equal(b["input_ids"], ref["input_ids"]), name
+        if image_rel:
+            assert torch.equal(b["pixel_values"], ref["pixel_values"]), name
+        assert torch.equal(tf5_model(**ref).logits, model(**ref).logits), f"{name}: tf5 logits differ"
+    print("tf5 fixture: same inputs and logits as the hub fixture for every case")
+
+
 SMART_RESIZE_PAIRS = [(480, 640), (406, 406), (1, 1), (10, 10), (28, 5000), (500, 300), (1000, 1000), (4000, 3000),
                       (30, 20), (56, 56), (1, 199), (1, 200), (1, 201), (14, 14), (42, 42), (70, 70), (27, 29),
                       (320, 480), (224, 224), (448, 448), (1080, 1920), (3000, 4000), (8000, 8000), (100, 20000),

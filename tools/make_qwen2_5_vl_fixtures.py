@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as mf  # noqa: E402  (sets HF_HUB_OFFLINE)
 
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration  # noqa: E402
@@ -148,26 +147,7 @@ def main():
               f"grid {case['image_grid_thw']}, {json.dumps(stats)}")
     mf.write_json(ref_dir / "cases.json", cases)
 
-    # transformers 5's own save of a model built from the config, in bf16 (the weights are bf16 already).
-    fresh = Qwen2_5_VLForConditionalGeneration(config)
-    fresh.load_state_dict(model.state_dict(), strict=True)
-    fresh.to(torch.bfloat16).save_pretrained(str(tf5_dir))
-    processor.save_pretrained(str(tf5_dir))
-    with safe_open(str(tf5_dir / "model.safetensors"), "pt") as f:
-        names = sorted(f.keys())
-    print(f"save_pretrained wrote {len(names)} tensors; prefixes "
-          f"{sorted({'.'.join(n.split('.')[:2]) for n in names})}; hub names: {names == hub_names}")
-    tf5_model = load_reference_model(tf5_dir)
-    tf5_processor = AutoProcessor.from_pretrained(str(tf5_dir))
-    for name, image_rel, prompt in mf.CASES:
-        image_path = fixtures / "images" / image_rel if image_rel else None
-        _, b = mf.make_inputs(tf5_processor, image_path, prompt)
-        ref = batches[name]
-        assert torch.equal(b["input_ids"], ref["input_ids"]), name
-        if image_rel:
-            assert torch.equal(b["pixel_values"], ref["pixel_values"]), name
-        assert torch.equal(tf5_model(**ref).logits, model(**ref).logits), f"{name}: tf5 logits differ"
-    print("tf5 fixture: same inputs and logits as the hub fixture for every case")
+    mf.save_tf5_and_check(Qwen2_5_VLForConditionalGeneration, config, model, processor, tf5_dir, hub_names, batches, load_reference_model)
     for d in (hub_dir, tf5_dir, ref_dir):
         print(f"{d}: {mf.dir_size(d) / 1024:.0f} KiB")
 

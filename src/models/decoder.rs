@@ -664,6 +664,7 @@ impl Decoder {
     /// One decoder block over `h` (`[b, s, hidden]`). With `caches` (one per sequence of the
     /// batch): each sequence's keys and values so far come first, its new ones are appended, and it
     /// attends to all of them (`mask`, `[s, cached + s]`, where given; none for single new tokens).
+    /// `windows`: [`Self::window_masks`] for every sequence (one entry) or per sequence (one each).
     fn block(
         &self,
         layer: &Layer,
@@ -671,14 +672,15 @@ impl Decoder {
         tables: &RopeTables,
         mask: Option<&Tensor>,
         caches: Option<Vec<&mut LayerCache>>,
-        window_masks: &[(usize, Tensor)],
+        windows: &[Vec<(usize, Tensor)>],
     ) -> Result<Tensor> {
         // A sliding layer whose window hides keys of this pass: its own mask, not the causal one
         // (and not flash attention, which knows only causal).
-        let window_mask = layer
-            .window
-            .and_then(|w| window_masks.iter().find(|(x, _)| *x == w))
-            .map(|(_, m)| m);
+        let window_mask = |i: usize| {
+            let w = layer.window?;
+            let masks = windows.get(i).or(windows.first())?;
+            masks.iter().find(|(x, _)| *x == w).map(|(_, m)| m)
+        };
         let device = h.device().clone();
         let (b, s, _) = h.dims3()?;
         let hd = self.cfg.head_dim;
@@ -722,12 +724,12 @@ impl Decoder {
         let v = qkv.narrow(1, nh + nkv, nkv)?;
         let a = profile::op("decoder attention", &device, || {
             let a = match (caches, mask) {
-                (None, Some(mask)) if softcap.is_some() || window_mask.is_some() => {
+                (None, Some(mask)) if softcap.is_some() || window_mask(0).is_some() => {
                     attention_capped(
                         &q,
                         &k,
                         &v,
-                        Some(window_mask.unwrap_or(mask)),
+                        Some(window_mask(0).unwrap_or(mask)),
                         scale,
                         softcap,
                         ATTENTION_SCORES_BUDGET,
@@ -745,20 +747,11 @@ impl Decoder {
                         .map(|(i, c)| {
                             let one = |t: &Tensor| t.narrow(0, i, 1);
                             let (k, v) = c.append(&one(&k)?, &one(&v)?)?;
-                            // A decoding step (no mask; each sequence its own length): its window
-                            // where it reaches past the cache's start.
-                            let step_mask = match (mask, layer.window) {
-                                (None, Some(w)) => {
-                                    let past = k.dim(2)? - s;
-                                    Self::mask(s, past, Some(w), k.dtype(), &device)?
-                                }
-                                _ => None,
-                            };
                             attention_capped(
                                 &one(&q)?,
                                 &k,
                                 &v,
-                                step_mask.as_ref().or(window_mask).or(mask),
+                                window_mask(i).or(mask),
                                 scale,
                                 softcap,
                                 ATTENTION_SCORES_BUDGET,
@@ -852,7 +845,14 @@ impl Decoder {
         let mut h = embeds.unsqueeze(0)?;
         self.observe_each(0, &h, &mut [observer])?;
         for (l, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            h = self.block(layer, &h, &tables, mask.as_ref(), Some(vec![c]), &windows)?;
+            h = self.block(
+                layer,
+                &h,
+                &tables,
+                mask.as_ref(),
+                Some(vec![c]),
+                std::slice::from_ref(&windows),
+            )?;
             h = add_rows(h, l, &[&additions])?;
             self.observe_each(l + 1, &h, &mut [&mut *observer])?;
         }
@@ -888,12 +888,17 @@ impl Decoder {
         }
         let device = embeds.device().clone();
         let tables = self.rope_tables(positions, &device)?.batched(b, 1)?;
+        // Each sequence's window masks for its new row (its own length), once for every layer.
+        let windows = caches
+            .iter()
+            .map(|c| self.window_masks(1, c.len, embeds.dtype(), &device))
+            .collect::<Result<Vec<_>>>()?;
         let mut h = embeds.unsqueeze(1)?; // [b, 1, hidden]
         self.observe_each(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let per_seq: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            h = self.block(layer, &h, &tables, None, Some(per_seq), &[])?;
+            h = self.block(layer, &h, &tables, None, Some(per_seq), &windows)?;
             self.observe_each(l + 1, &h, observers)?;
         }
         for c in caches.iter_mut() {
@@ -986,7 +991,14 @@ impl Decoder {
             };
         observe(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            h = self.block(layer, &h, &tables, Some(&mask), None, &windows)?;
+            h = self.block(
+                layer,
+                &h,
+                &tables,
+                Some(&mask),
+                None,
+                std::slice::from_ref(&windows),
+            )?;
             h = add_rows(h, l, &additions)?;
             profile::op("lens (per layer)", &device, || {
                 observe(l + 1, &h, observers)

@@ -420,3 +420,60 @@ impl Serving {
             .unwrap()
     }
 }
+
+/// A Qwen-VL family's inputs against transformers': input ids and the image grid exactly, and
+/// every token's 3-D M-RoPE position.
+pub fn check_ids_grids_and_positions(dir: &str, family: &str) {
+    let model = load_model(dir);
+    assert_eq!(model.info().family, family);
+    for case in cases(family) {
+        let r = Reference::load(family, &case.name);
+        let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
+        let ids: Vec<i64> = p.input_ids.iter().map(|&i| i as i64).collect();
+        assert_eq!(ids, r.ids("input_ids"), "{dir}/{}", case.name);
+        if let Some(g) = case.image_grid_thw {
+            assert_eq!(
+                p.pixels.as_ref().unwrap().grid_thw,
+                g,
+                "{dir}/{}",
+                case.name
+            );
+        }
+        let pos = model.embed(&p).unwrap().positions;
+        let want = r.ids("position_ids");
+        let n = ids.len();
+        for (i, got) in pos.iter().enumerate() {
+            let exp = [want[i], want[n + i], want[2 * n + i]];
+            assert_eq!(
+                got.map(|v| v as i64),
+                exp,
+                "{dir}/{}: position {i}",
+                case.name
+            );
+        }
+    }
+}
+
+/// The family's image cases through the vision tower together give each image what it gets
+/// alone: its tokens, and its `deepstack_sets` DeepStack feature sets (Qwen3-VL; 0 elsewhere).
+pub fn check_image_batch(dir: &str, family: &str, deepstack_sets: usize) {
+    let model = load_model(dir);
+    let prepared: Vec<_> = cases(family)
+        .iter()
+        .filter(|c| c.image.is_some())
+        .map(|c| model.prepare(&c.prompt, image(c).as_ref(), true).unwrap())
+        .collect();
+    let pixels: Vec<_> = prepared
+        .iter()
+        .map(|p| p.pixels.as_ref().unwrap())
+        .collect();
+    let together = model.image_features(&pixels).unwrap();
+    for (px, t) in pixels.iter().zip(&together) {
+        let alone = model.image_features(&[px]).unwrap().remove(0);
+        assert!(max_diff(&flat(&t.tokens), &flat(&alone.tokens)) < 1e-5);
+        assert_eq!(t.deepstack.len(), deepstack_sets);
+        for (a, b) in alone.deepstack.iter().zip(&t.deepstack) {
+            assert!(max_diff(&flat(b), &flat(a)) < 1e-5);
+        }
+    }
+}

@@ -63,11 +63,21 @@ pub fn fits(head_dim: usize, dtype: DType) -> bool {
 /// Whether a fused attention (cuDNN's or the flash kernel) would take `q` (`[b, heads, tokens,
 /// head_dim]`): a GPU, half precision, the switch naming one that takes the head dim.
 pub fn wanted(q: &Tensor) -> Result<bool> {
-    let (dtype, d) = (q.dtype(), q.dim(3)?);
-    Ok((super::applies(q, super::Kernel::CudnnAttention)
-        && super::cudnn::fits(d, dtype)
-        && cudnn_usable((d, dtype)))
-        || (super::applies(q, super::Kernel::Flash) && fits(d, dtype)))
+    let d = q.dim(3)?;
+    Ok(cudnn_takes(q, d) || flash_takes(q, d))
+}
+
+/// cuDNN's attention for `q` with head dim `d`: named by the switch, a head dim it takes, and not
+/// failed there before.
+fn cudnn_takes(q: &Tensor, d: usize) -> bool {
+    super::applies(q, super::Kernel::CudnnAttention)
+        && super::cudnn::fits(d, q.dtype())
+        && cudnn_usable((d, q.dtype()))
+}
+
+/// The flash kernel for `q` with head dim `d`: named by the switch and a head dim it takes.
+fn flash_takes(q: &Tensor, d: usize) -> bool {
+    super::applies(q, super::Kernel::Flash) && fits(d, q.dtype())
 }
 
 /// cuDNN's attention for a head dim and dtype until it fails once there (no libcudnn, no engine
@@ -91,16 +101,12 @@ pub fn fused_attention(
     scale: f64,
 ) -> Result<Option<Tensor>> {
     let dtype = q.0.dtype();
-    let key = (dims.head_dim, dtype);
-    if super::applies(q.0, super::Kernel::CudnnAttention)
-        && super::cudnn::fits(dims.head_dim, dtype)
-        && cudnn_usable(key)
-    {
+    if cudnn_takes(q.0, dims.head_dim) {
         match super::cudnn::sdpa(q, k, v, dims, causal, scale) {
             Ok(out) => return Ok(Some(out)),
             Err(e) => {
                 if let Ok(mut failed) = CUDNN_FAILED.lock() {
-                    failed.push(key);
+                    failed.push((dims.head_dim, dtype));
                 }
                 eprintln!(
                     "warning: cuDNN attention failed for head dim {} {dtype:?} ({e}); those go the \
@@ -110,7 +116,7 @@ pub fn fused_attention(
             }
         }
     }
-    if super::applies(q.0, super::Kernel::Flash) && fits(dims.head_dim, dtype) {
+    if flash_takes(q.0, dims.head_dim) {
         return Ok(Some(flash_attention(q, k, v, dims, causal, scale)?));
     }
     Ok(None)

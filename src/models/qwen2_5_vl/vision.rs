@@ -11,7 +11,9 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::models::layers::{Activation, Linear, RmsNorm};
 use crate::models::profile;
-use crate::models::qwen2_vl::vision::{attention_block, rotary_tables, Encoder};
+use crate::models::qwen2_vl::vision::{
+    attention_block, frame_segments, packed_pixels, rotary_tables, split_per_image, Encoder,
+};
 use crate::models::snapshot::{field, Prefixed};
 use crate::models::ImageFeatures;
 
@@ -186,31 +188,23 @@ impl Encoder for VisionTower {
         let (heads, hd, e) = (self.cfg.num_heads, self.cfg.head_dim(), self.cfg.embed_dim);
         let m = self.cfg.spatial_merge_size;
         let unit = m * m;
-        let rows: Vec<usize> = images
-            .iter()
-            .map(|(px, _)| px.dim(0))
-            .collect::<candle_core::Result<_>>()?;
+        let (rows, pixels) = packed_pixels(images, &dev, dtype)?;
         let n: usize = rows.iter().sum();
         // The window permutation over all images (in merged tokens) and the two segmentations.
-        let (mut order, mut windows, mut full) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut order, mut windows, full) = (Vec::new(), Vec::new(), frame_segments(images));
         let mut offset = 0;
         for (_, g) in images {
             let (o, sizes) = window_index(*g, m, self.cfg.window_merged());
             order.extend(o.iter().map(|&i| (i + offset) as u32));
             windows.extend(sizes.iter().map(|s| s * unit));
-            full.extend(std::iter::repeat_n(g[1] * g[2], g[0]));
             offset += g[0] * (g[1] / m) * (g[2] / m);
         }
         let mut inverse = vec![0u32; order.len()];
         for (k, &i) in order.iter().enumerate() {
             inverse[i as usize] = k as u32;
         }
-        let pixels: Vec<Tensor> = images
-            .iter()
-            .map(|(px, _)| px.to_device(&dev)?.to_dtype(dtype))
-            .collect::<candle_core::Result<_>>()?;
         let x = profile::op("vision patch embed", &dev, || {
-            crate::models::gemm::matmul(&Tensor::cat(&pixels, 0)?, &self.patch_embed.t()?)
+            crate::models::gemm::matmul(&pixels, &self.patch_embed.t()?)
         })?;
         let mut x = permute_groups(&x, &order, unit, &dev)?;
         let tables: Vec<(Tensor, Tensor)> = images
@@ -243,13 +237,10 @@ impl Encoder for VisionTower {
         })?;
         // Back to raster order, image by image.
         let merged = merged.index_select(&Tensor::from_slice(&inverse, inverse.len(), &dev)?, 0)?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut at = 0;
-        for r in rows {
-            out.push(merged.narrow(0, at, r / unit)?.into());
-            at += r / unit;
-        }
-        Ok(out)
+        Ok(split_per_image(&merged, &rows, unit)?
+            .into_iter()
+            .map(ImageFeatures::from)
+            .collect())
     }
 }
 

@@ -53,6 +53,44 @@ impl Encoder for VisionTower {
     }
 }
 
+/// The images' patches as a Qwen-VL tower takes them: each image's number of patch rows, and all
+/// of them in one `[Σ rows, C·T·P·P]` tensor on `dev` in `dtype` (transformers concatenates them).
+pub fn packed_pixels(
+    images: &[(&Tensor, [usize; 3])],
+    dev: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> Result<(Vec<usize>, Tensor)> {
+    let rows = images
+        .iter()
+        .map(|(px, _)| px.dim(0))
+        .collect::<candle_core::Result<_>>()?;
+    let pixels: Vec<Tensor> = images
+        .iter()
+        .map(|(px, _)| px.to_device(dev)?.to_dtype(dtype))
+        .collect::<candle_core::Result<_>>()?;
+    Ok((rows, Tensor::cat(&pixels, 0)?))
+}
+
+/// Attention segments of the packed patches: one per frame of each image (`cu_seqlens`).
+pub fn frame_segments(images: &[(&Tensor, [usize; 3])]) -> Vec<usize> {
+    images
+        .iter()
+        .flat_map(|(_, g)| std::iter::repeat_n(g[1] * g[2], g[0]))
+        .collect()
+}
+
+/// The merged features of the packed images (`[Σ rows / unit, …]`, `unit` patches merged into
+/// one) back into each image's.
+pub fn split_per_image(merged: &Tensor, rows: &[usize], unit: usize) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut at = 0;
+    for r in rows {
+        out.push(merged.narrow(0, at, r / unit)?);
+        at += r / unit;
+    }
+    Ok(out)
+}
+
 /// Rotary tables `[n, head_dim/2]` for the patches of one image in pixel-row order
 /// (merge-block-major): angles `[row·f, col·f]` with `f` the `head_dim/2` frequencies, f32.
 pub fn rotary_tables(
@@ -155,22 +193,11 @@ impl VisionTower {
         let dtype = self.patch_embed.dtype();
         let dev = self.patch_embed.device().clone();
         let (heads, e) = (self.cfg.num_heads, self.cfg.embed_dim);
-        let rows: Vec<usize> = images
-            .iter()
-            .map(|(px, _)| px.dim(0))
-            .collect::<candle_core::Result<_>>()?;
+        let (rows, pixels) = packed_pixels(images, &dev, dtype)?;
         let n: usize = rows.iter().sum();
-        // Attention segments: one per frame of each image.
-        let segments: Vec<usize> = images
-            .iter()
-            .flat_map(|(_, g)| std::iter::repeat_n(g[1] * g[2], g[0]))
-            .collect();
-        let pixels: Vec<Tensor> = images
-            .iter()
-            .map(|(px, _)| px.to_device(&dev)?.to_dtype(dtype))
-            .collect::<candle_core::Result<_>>()?;
+        let segments = frame_segments(images);
         let mut x = profile::op("vision patch embed", &dev, || {
-            crate::models::gemm::matmul(&Tensor::cat(&pixels, 0)?, &self.patch_embed.t()?)
+            crate::models::gemm::matmul(&pixels, &self.patch_embed.t()?)
         })?;
         let tables: Vec<(Tensor, Tensor)> = images
             .iter()
@@ -193,13 +220,7 @@ impl VisionTower {
             let x = Activation::Gelu.forward(&self.merger_fc1.forward(&x)?)?;
             self.merger_fc2.forward(&x)
         })?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut at = 0;
-        for r in rows {
-            out.push(merged.narrow(0, at, r / m2)?);
-            at += r / m2;
-        }
-        Ok(out)
+        split_per_image(&merged, &rows, m2)
     }
 }
 

@@ -12,7 +12,9 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::models::layers::{Activation, LayerNorm, Linear};
 use crate::models::profile;
-use crate::models::qwen2_vl::vision::{attention_block, rotary_tables, Encoder};
+use crate::models::qwen2_vl::vision::{
+    attention_block, frame_segments, packed_pixels, rotary_tables, split_per_image, Encoder,
+};
 use crate::models::snapshot::{field, Prefixed};
 use crate::models::ImageFeatures;
 
@@ -266,10 +268,7 @@ impl Encoder for VisionTower {
         let heads = self.cfg.num_heads;
         let m = self.cfg.spatial_merge_size;
         let unit = m * m;
-        let rows: Vec<usize> = images
-            .iter()
-            .map(|(px, _)| px.dim(0))
-            .collect::<candle_core::Result<_>>()?;
+        let (rows, pixels) = packed_pixels(images, &dev, dtype)?;
         for ((_, g), &r) in images.iter().zip(&rows) {
             if g[0] * g[1] * g[2] != r || g[1] % m != 0 || g[2] % m != 0 {
                 return Err(Error::Internal(format!(
@@ -277,20 +276,13 @@ impl Encoder for VisionTower {
                 )));
             }
         }
-        let segments: Vec<usize> = images
-            .iter()
-            .flat_map(|(_, g)| std::iter::repeat_n(g[1] * g[2], g[0]))
-            .collect();
-        let pixels: Vec<Tensor> = images
-            .iter()
-            .map(|(px, _)| px.to_device(&dev)?.to_dtype(dtype))
-            .collect::<candle_core::Result<_>>()?;
+        let segments = frame_segments(images);
         let positions: Vec<Tensor> = images
             .iter()
             .map(|(_, g)| self.positions(*g, &dev))
             .collect::<Result<_>>()?;
         let mut x = profile::op("vision patch embed", &dev, || {
-            let x = crate::models::gemm::matmul(&Tensor::cat(&pixels, 0)?, &self.patch_embed.t()?)?;
+            let x = crate::models::gemm::matmul(&pixels, &self.patch_embed.t()?)?;
             Ok((x.broadcast_add(&self.patch_bias)? + Tensor::cat(&positions, 0)?)?)
         })?;
         let tables: Vec<(Tensor, Tensor)> = images
@@ -320,20 +312,18 @@ impl Encoder for VisionTower {
             }
         }
         let merged = profile::op("vision merger", &dev, || self.merger.forward(&x, unit))?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut at = 0;
-        for r in rows {
-            let part = |t: &Tensor| t.narrow(0, at, r / unit);
-            out.push(ImageFeatures {
-                tokens: part(&merged)?,
-                deepstack: deepstack
-                    .iter()
-                    .map(part)
-                    .collect::<candle_core::Result<_>>()?,
-            });
-            at += r / unit;
-        }
-        Ok(out)
+        // Per image: its tokens, and its rows of each DeepStack set.
+        let mut sets = deepstack
+            .iter()
+            .map(|d| Ok(split_per_image(d, &rows, unit)?.into_iter()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(split_per_image(&merged, &rows, unit)?
+            .into_iter()
+            .map(|tokens| ImageFeatures {
+                tokens,
+                deepstack: sets.iter_mut().filter_map(Iterator::next).collect(),
+            })
+            .collect())
     }
 
     fn deepstack_blocks(&self) -> usize {
