@@ -42,6 +42,16 @@ pub fn sdpa(
     Ok(q.0.apply_op3_no_bwd(k.0, v.0, &op)?)
 }
 
+/// What the shim keeps: plans kept and evicted, and per topology (dtype, heads, head dim, mask)
+/// whether its graphs share one compiled kernel (dynamic shapes) or were built statically, and why.
+#[cfg(feature = "cudnn")]
+pub fn describe() -> String {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: the shim writes at most buf.len() bytes, NUL included.
+    unsafe { ffi::logit_lens_cudnn_sdpa_describe(buf.as_mut_ptr().cast(), buf.len()) };
+    ffi::message(&buf)
+}
+
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
 struct Sdpa {
     views: [View; 3],
@@ -116,9 +126,10 @@ mod ffi {
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
+        pub(super) fn logit_lens_cudnn_sdpa_describe(out: *mut c_char, len: usize);
     }
 
-    fn message(buf: &[u8]) -> String {
+    pub(super) fn message(buf: &[u8]) -> String {
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         String::from_utf8_lossy(&buf[..end]).into_owned()
     }
@@ -264,6 +275,23 @@ mod gpu_tests {
                         continue;
                     }
                 };
+                // A new length of the same topology: a plan, and with dynamic shapes no compilation.
+                let other = AttentionCase::new(&gpu, dtype, (b, hq, hkv, s + 8, d, causal));
+                let (other_dims, other_views) = other.dims_and_views();
+                let t1 = std::time::Instant::now();
+                let second = sdpa(
+                    (&other.q, other_views[0]),
+                    (&other.k, other_views[1]),
+                    (&other.v, other_views[2]),
+                    other_dims,
+                    causal,
+                    other.scale,
+                );
+                gpu.synchronize().unwrap();
+                let rebuild_ms = t1.elapsed().as_secs_f64() * 1e3;
+                if let Err(e) = second {
+                    failures.push(format!("{dtype:?} {name}, {} tokens: {e}", s + 8));
+                }
                 let want = op_by_op();
                 let (differ, max) = differ_and_max(&got, &want);
                 let top = AttentionCase::top(&want);
@@ -274,7 +302,9 @@ mod gpu_tests {
                 );
                 eprintln!(
                     "cudnn {dtype:?} {name:28} {differ:>8}/{total} differ, max {max:.2e} (of {top:.2}); \
-                     µs per call: op by op {t_op:.0}, cudnn {t_cudnn:.0}; first call (plan) {build_ms:.0} ms"
+                     µs per call: op by op {t_op:.0}, cudnn {t_cudnn:.0}; first call (plan) {build_ms:.0} ms, \
+                     then {} tokens {rebuild_ms:.0} ms",
+                    s + 8
                 );
                 if max > top / 64.0 {
                     failures.push(format!(
@@ -283,6 +313,7 @@ mod gpu_tests {
                 }
             }
         }
+        eprintln!("cudnn plans: {}", describe());
         assert!(failures.is_empty(), "{failures:#?}");
     }
 }

@@ -6,18 +6,23 @@
 // One problem shape: q `[b, hq, sq, d]`, k and v `[b, hkv, skv, d]` (grouped-query attention when
 // hkv < hq), each read in place through element strides (batch, head, token; the head dim
 // contiguous), bf16 or f16, causal (top-left) or not, softmax(q·kᵀ·scale)·v in f32 inside, the
-// output `[b, sq, hq, d]` contiguous. A graph is built once per shape and kept.
+// output `[b, sq, hq, d]` contiguous. A graph is built once per shape and kept (the least recently
+// used go past MAX_PLANS); with dynamic shapes (cuDNN >= 9.4), the graphs of one topology (dtype,
+// heads, head dim, mask, scale) share one compiled kernel through cuDNN's kernel cache, so a new
+// sequence length or image size costs a plan, not a compilation.
 
 #include <cudnn_frontend.h>
 #include <dlfcn.h>
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 
 namespace cudnn_frontend {
 // NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING: the frontend resolves every cuDNN call through this.
@@ -43,12 +48,48 @@ struct Shape {
     }
 };
 
+// What a graph is apart from its sizes: graphs of one topology share compiled kernels (cuDNN's
+// kernel cache, for graphs built with dynamic shapes), so a new sequence length or batch builds a
+// plan without compiling its kernel again.
+struct Topology {
+    int dtype;
+    int64_t hq, hkv, d;
+    int causal;
+    float scale;
+
+    explicit Topology(Shape const &p) : dtype(p.dtype), hq(p.hq), hkv(p.hkv), d(p.d), causal(p.causal), scale(p.scale) {}
+
+    bool operator<(Topology const &o) const {
+        return std::make_tuple(dtype, hq, hkv, d, causal, scale) <
+               std::make_tuple(o.dtype, o.hq, o.hkv, o.d, o.causal, o.scale);
+    }
+};
+
+struct Kernels {
+    bool dynamic = true;                      // until a dynamic-shape build fails for this topology
+    std::shared_ptr<fe::KernelCache> cache;   // shared by the topology's dynamic-shape graphs
+    std::string why;                          // why it went static
+};
+
+struct Plan {
+    std::shared_ptr<fe::graph::Graph> graph;
+    uint64_t used;  // the state's clock at the last use: the least recently used plan goes first
+};
+
+// Plans kept at most: every distinct shape (a sequence length, an image size, a batch) builds one,
+// and a long-running server sees many; each holds an execution plan (and, built statically, its
+// compiled kernel).
+constexpr size_t MAX_PLANS = 256;
+
 enum Uid : int64_t { Q = 1, K = 2, V = 3, O = 4 };
 
 struct State {
     std::mutex lock;
     cudnnHandle_t handle = nullptr;
-    std::map<Shape, std::shared_ptr<fe::graph::Graph>> graphs;
+    std::map<Shape, Plan> plans;
+    std::map<Topology, Kernels> kernels;
+    uint64_t clock = 0;
+    uint64_t evicted = 0;
 };
 
 State &state() {
@@ -60,6 +101,16 @@ void set_error(char *err, size_t len, std::string const &msg) {
     if (err && len) {
         std::snprintf(err, len, "%s", msg.c_str());
     }
+}
+
+// Dynamic shapes and the kernel cache (cuDNN >= 9.4), unless LOGIT_LENS_CUDNN_DYNAMIC=0: a
+// graph per shape either way; with them, a new shape of a known topology compiles nothing.
+bool dynamic_wanted() {
+    static bool const wanted = [] {
+        char const *v = std::getenv("LOGIT_LENS_CUDNN_DYNAMIC");
+        return !(v && std::strcmp(v, "0") == 0);
+    }();
+    return wanted;
 }
 
 // Opens libcudnn.so.9 and a handle, once. The caller holds the lock.
@@ -90,16 +141,20 @@ bool ready(State &s, char *err, size_t len) {
     return true;
 }
 
-std::shared_ptr<fe::graph::Graph> build(State &s, Shape const &p, char *err, size_t len) {
-    auto it = s.graphs.find(p);
-    if (it != s.graphs.end()) {
-        return it->second;
-    }
+// The graph and plan for one shape; with `cache`, a dynamic-shape graph whose kernel the cache
+// holds (compiled by the topology's first graph, reused by the rest). nullptr and `msg` on failure.
+std::shared_ptr<fe::graph::Graph> make_graph(State &s,
+                                             Shape const &p,
+                                             std::shared_ptr<fe::KernelCache> const &cache,
+                                             std::string &msg) {
     auto io = p.dtype == 0 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
     auto graph = std::make_shared<fe::graph::Graph>();
     graph->set_io_data_type(io)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)
         .set_compute_data_type(fe::DataType_t::FLOAT);
+    if (cache) {
+        graph->set_dynamic_shape_enabled(true).set_kernel_cache(cache);
+    }
     auto operand = [&](char const *name, Uid uid, int64_t heads, int64_t tokens, int at) {
         return graph->tensor(fe::graph::Tensor_attributes()
                                  .set_name(name)
@@ -122,19 +177,63 @@ std::shared_ptr<fe::graph::Graph> build(State &s, Shape const &p, char *err, siz
         .set_uid(O)
         .set_dim({p.b, p.hq, p.sq, p.d})
         .set_stride({p.sq * p.hq * p.d, p.d, p.hq * p.d, 1});
-    auto check = [&](fe::error_t e, char const *step) {
+    auto good = [&](fe::error_t e, char const *step) {
         if (e.is_good()) {
             return true;
         }
-        set_error(err, len, std::string("cuDNN SDPA ") + step + ": " + e.get_message());
+        msg = std::string(step) + ": " + e.get_message();
         return false;
     };
-    if (!check(graph->validate(), "validate") || !check(graph->build_operation_graph(s.handle), "operation graph") ||
-        !check(graph->create_execution_plans({fe::HeurMode_t::A}), "execution plans") ||
-        !check(graph->check_support(s.handle), "support") || !check(graph->build_plans(), "plans")) {
+    if (!good(graph->validate(), "validate") || !good(graph->build_operation_graph(s.handle), "operation graph") ||
+        !good(graph->create_execution_plans({fe::HeurMode_t::A}), "execution plans") ||
+        !good(graph->check_support(s.handle), "support") || !good(graph->build_plans(), "plans")) {
         return nullptr;
     }
-    s.graphs.emplace(p, graph);
+    return graph;
+}
+
+// The shape's graph: kept, or built (dynamic shapes with the topology's kernel cache first; if
+// cuDNN refuses that for the topology, statically from then on), evicting the least recently used
+// plan past MAX_PLANS. The caller holds the lock.
+std::shared_ptr<fe::graph::Graph> build(State &s, Shape const &p, char *err, size_t len) {
+    s.clock += 1;
+    auto it = s.plans.find(p);
+    if (it != s.plans.end()) {
+        it->second.used = s.clock;
+        return it->second.graph;
+    }
+    auto &kernels = s.kernels[Topology(p)];
+    std::shared_ptr<fe::graph::Graph> graph;
+    std::string msg;
+    if (kernels.dynamic && dynamic_wanted()) {
+        if (!kernels.cache) {
+            kernels.cache = std::make_shared<fe::KernelCache>();
+        }
+        graph = make_graph(s, p, kernels.cache, msg);
+        if (!graph) {
+            kernels.dynamic = false;
+            kernels.cache.reset();
+            kernels.why = msg;
+        }
+    }
+    if (!graph) {
+        graph = make_graph(s, p, nullptr, msg);
+    }
+    if (!graph) {
+        set_error(err, len, "cuDNN SDPA " + msg);
+        return nullptr;
+    }
+    if (s.plans.size() >= MAX_PLANS) {
+        auto oldest = s.plans.begin();
+        for (auto i = s.plans.begin(); i != s.plans.end(); ++i) {
+            if (i->second.used < oldest->second.used) {
+                oldest = i;
+            }
+        }
+        s.plans.erase(oldest);
+        s.evicted += 1;
+    }
+    s.plans.emplace(p, Plan{graph, s.clock});
     return graph;
 }
 
@@ -233,6 +332,28 @@ int logit_lens_cudnn_sdpa_run(int dtype,
         set_error(err, err_len, std::string("cuDNN SDPA: ") + e.what());
         return -1;
     }
+}
+
+// What is cached, for logs and the GPU test: plans kept and evicted, and per topology whether its
+// graphs have dynamic shapes (one compiled kernel) or are static (with cuDNN's reason). Writes at
+// most `len` bytes (NUL included) into `out`.
+void logit_lens_cudnn_sdpa_describe(char *out, size_t len) {
+    auto &s = state();
+    std::lock_guard<std::mutex> guard(s.lock);
+    std::string text = std::to_string(s.plans.size()) + " plans kept (at most " + std::to_string(MAX_PLANS) +
+                       "), " + std::to_string(s.evicted) + " evicted";
+    for (auto const &[t, k] : s.kernels) {
+        text += "; d " + std::to_string(t.d) + (t.dtype == 0 ? " bf16" : " f16") + " heads " + std::to_string(t.hq) +
+                "/" + std::to_string(t.hkv) + (t.causal ? " causal" : "") + ": ";
+        if (!dynamic_wanted()) {
+            text += "static (LOGIT_LENS_CUDNN_DYNAMIC=0)";
+        } else if (k.dynamic) {
+            text += "dynamic shapes, one kernel";
+        } else {
+            text += "static (dynamic refused: " + k.why + ")";
+        }
+    }
+    set_error(out, len, text);
 }
 
 }  // extern "C"
