@@ -338,11 +338,12 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
         // layers' worth: the host collects every second layer, as it does when many positions
         // ask for top-k; 1 byte: even one layer's rows are past it, and each chunk of rows is
         // reduced on the host as it comes.
-        // `tile`: vocabulary entries per unembedding GEMM (0: all at once).
-        let run = |tensor_path: bool, collect_every: Option<usize>, tile: usize| {
+        // `tile`: vocabulary entries per unembedding GEMM (0: all at once); `chunk`: rows per GEMM.
+        let run_blocks = |tensor_path: bool, collect_every: Option<usize>, tile: usize, chunk| {
             let lens = logit_lens::lens::Lens::new(model.head(), &spec, n)
                 .unwrap()
-                .with_vocab_tile(tile);
+                .with_vocab_tile(tile)
+                .with_row_chunk(chunk);
             let mut lens = if tensor_path {
                 lens.with_tensor_path()
             } else {
@@ -354,16 +355,29 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
             model.forward(&p, &mut lens).unwrap();
             lens.finish().unwrap()
         };
+        let run = |tensor_path: bool, collect_every: Option<usize>, tile: usize| {
+            run_blocks(
+                tensor_path,
+                collect_every,
+                tile,
+                logit_lens::lens::DEVICE_ROWS,
+            )
+        };
         let (fused, tensors) = (run(false, None, 0), run(true, None, 0));
         let layer_bytes = spec.positions.len() * model.info().vocab_size * 4;
         assert_eq!(tensors, run(true, Some(layer_bytes * 3 / 2), 0));
         assert_eq!(tensors, run(true, Some(1), 0));
         // The vocabulary in tiles (the last one partial): each tile's max and sum-exp combined,
-        // the detail rows joined tile by tile, or (1 byte) reduced on the host tile by tile.
+        // the detail rows joined tile by tile, or (1 byte) reduced on the host tile by tile; and
+        // the rows in chunks of 7 (the last one partial; the tiles the outer loop, so each chunk
+        // sees its tiles in turn among the others').
         assert!(!model.info().vocab_size.is_multiple_of(100));
+        assert!(p.input_ids.len() > 14 && !p.input_ids.len().is_multiple_of(7));
         for (collect_every, tiled) in [
             (None, run(true, None, 100)),
             (Some(1), run(true, Some(1), 100)),
+            (None, run_blocks(true, None, 100, 7)),
+            (Some(1), run_blocks(true, Some(1), 100, 7)),
         ] {
             for (a, b) in tiled.iter().zip(&tensors) {
                 assert!((a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-5);

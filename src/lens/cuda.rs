@@ -286,9 +286,12 @@ mod gpu_tests {
         }
     }
 
-    /// The lens's vocabulary in cache-sized tiles (what `Lens::launch_layer` does; `DEVICE_VOCAB_TILE`)
-    /// against the whole vocabulary per GEMM: the same max and sum-exp, and the time of each for a
-    /// chunk of Qwen2-VL-2B rows, as TFLOP/s and a share of the H100's dense bf16 peak (989).
+    /// The lens's pass over the unembedding in blocks (what `Lens::launch_layer` does:
+    /// [`super::super::unembed_blocks`], the vocabulary tiles outermost) against one GEMM over the
+    /// whole vocabulary: the same max and sum-exp; and the time of one layer of Qwen2-VL-2B rows
+    /// (one 640×480 request: 418 rows; a batch of 7: 2926) by tile and rows per GEMM, as TFLOP/s
+    /// and a share of the H100's dense bf16 peak (989), to choose `DEVICE_VOCAB_TILE` and
+    /// `DEVICE_ROWS` (`LOGIT_LENS_VOCAB_TILE` / `LOGIT_LENS_ROW_CHUNK` set them without a rebuild).
     #[test]
     fn vocabulary_tiles_give_the_whole_rows_sums_and_their_speed() {
         let Some(gpu) = gpu() else { return };
@@ -297,25 +300,28 @@ mod gpu_tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let tiled = |rows: &Tensor, tile: usize| -> Tensor {
-            let parts = (0..vocab)
-                .step_by(tile)
-                .map(|v0| {
-                    let z = matmul_nt_f32(rows, &w.narrow(0, v0, tile.min(vocab - v0)).unwrap())
-                        .unwrap();
-                    row_max_sumexp(&z).unwrap()
-                })
+        let blocks = |rows: &Tensor, chunk: usize, tile: usize| -> Tensor {
+            let chunks = rows.dim(0).unwrap().div_ceil(chunk);
+            let mut parts = vec![Vec::new(); chunks];
+            super::super::unembed_blocks(rows, &w, chunk, tile, |c, _, z| {
+                parts[c].push(row_max_sumexp(&z)?);
+                Ok(())
+            })
+            .unwrap();
+            let sums: Vec<Tensor> = parts
+                .into_iter()
+                .map(|p| super::super::combine_max_sumexp(p).unwrap())
                 .collect();
-            super::super::combine_max_sumexp(parts).unwrap()
+            Tensor::cat(&sums, 0).unwrap()
         };
         let whole = |rows: &Tensor| row_max_sumexp(&matmul_nt_f32(rows, &w).unwrap()).unwrap();
-        let rows = Tensor::randn(0f32, 1.0, (64, k), &gpu)
+        let rows = Tensor::randn(0f32, 1.0, (100, k), &gpu)
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
         let (a, b) = (
             whole(&rows).to_vec2::<f32>().unwrap(),
-            tiled(&rows, super::super::DEVICE_VOCAB_TILE)
+            blocks(&rows, 48, super::super::DEVICE_VOCAB_TILE)
                 .to_vec2::<f32>()
                 .unwrap(),
         );
@@ -328,24 +334,39 @@ mod gpu_tests {
                 y[1]
             );
         }
-        let time = |f: &dyn Fn() -> Tensor| per_call(&gpu, 10, f).1 / 1e3;
-        for n in [512, 2048] {
+        let time = |f: &dyn Fn() -> Tensor| per_call(&gpu, 5, f).1 / 1e3;
+        for n in [418, 2926] {
             let rows = Tensor::randn(0f32, 1.0, (n, k), &gpu)
                 .unwrap()
                 .to_dtype(DType::BF16)
                 .unwrap();
             let tflops = |ms: f64| 2.0 * n as f64 * vocab as f64 * k as f64 / (ms * 1e-3) / 1e12;
-            let w_ms = time(&|| whole(&rows));
-            eprint!("lens [{n}, {k}]·[{vocab}, {k}]ᵀ + max/sum-exp: whole vocabulary {w_ms:.3} ms ({:.0} TFLOP/s, {:.0} % of 989)", tflops(w_ms), tflops(w_ms) / 9.89);
-            for tile in [8192, 16384, 32768] {
-                let ms = time(&|| tiled(&rows, tile));
-                eprint!(
-                    "; tiles of {tile}: {ms:.3} ms ({:.0} TFLOP/s, {:.0} %)",
+            let say = |what: &str, ms: f64| {
+                eprintln!(
+                    "lens layer [{n}, {k}]·[{vocab}, {k}]ᵀ + max/sum-exp, {what}: {ms:.3} ms \
+                     ({:.0} TFLOP/s, {:.0} % of 989)",
                     tflops(ms),
                     tflops(ms) / 9.89
-                );
+                )
+            };
+            say(
+                "the whole vocabulary and rows in one GEMM",
+                time(&|| whole(&rows)),
+            );
+            for chunk in [512, 1024, 2048] {
+                if chunk > n.next_power_of_two() {
+                    continue;
+                }
+                for tile in [0, 4096, 8192, 16384, 32768] {
+                    let ms = time(&|| blocks(&rows, chunk, tile));
+                    let tile = if tile == 0 {
+                        "all".to_string()
+                    } else {
+                        tile.to_string()
+                    };
+                    say(&format!("rows per GEMM {chunk}, tile {tile}"), ms);
+                }
             }
-            eprintln!();
         }
     }
 }

@@ -70,9 +70,9 @@ pub struct LayerStats {
 /// GEMM at full speed.
 const ROW_BLOCK: usize = 512;
 const VOCAB_BLOCK: usize = 4096;
-/// On an accelerator (and the tensor path): rows per unembedding GEMM over the whole vocabulary
-/// (512 × 152k f32 logits are 311 MB).
-const DEVICE_ROWS: usize = 512;
+/// On an accelerator (and the tensor path): rows per unembedding GEMM. `LOGIT_LENS_ROW_CHUNK`
+/// overrides it.
+pub const DEVICE_ROWS: usize = 512;
 /// Tensor path: the detail rows (whole-vocabulary logits of the positions that want top-k) that
 /// may wait on the device before the queued layers are collected, counted as the f32 host copy:
 /// `last` never reaches it; `all` on a long input is collected every layer or two instead of
@@ -90,6 +90,14 @@ fn vocab_tile_from_env() -> usize {
         Ok(v) => v.parse().unwrap_or(DEVICE_VOCAB_TILE),
         Err(_) => DEVICE_VOCAB_TILE,
     }
+}
+
+fn row_chunk_from_env() -> usize {
+    std::env::var("LOGIT_LENS_ROW_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(DEVICE_ROWS)
 }
 
 /// Vocabulary rows per block when the final layer's `Wᵀ p_L` is accumulated in f32.
@@ -118,6 +126,8 @@ pub struct Lens<'a> {
     pending_detail_bytes: usize,
     /// Tensor path: vocabulary entries per unembedding GEMM (0: the whole vocabulary at once).
     vocab_tile: usize,
+    /// Tensor path: rows per unembedding GEMM.
+    row_chunk: usize,
     /// CPU path: layers waiting to be reduced together, so that a short input's layers share one
     /// pass over the unembedding (each pass reads all of it: 311 MB for a 152k × 512 f32 matrix,
     /// which dominates when a layer has tens of rows). Reduced once they hold `ROW_BLOCK` rows,
@@ -177,6 +187,7 @@ impl<'a> Lens<'a> {
             pending: Vec::new(),
             pending_detail_bytes: PENDING_DETAIL_BYTES,
             vocab_tile: vocab_tile_from_env(),
+            row_chunk: row_chunk_from_env(),
             cpu_pending: Vec::new(),
         })
     }
@@ -198,6 +209,13 @@ impl<'a> Lens<'a> {
     /// than `LOGIT_LENS_VOCAB_TILE` or [`DEVICE_VOCAB_TILE`].
     pub fn with_vocab_tile(mut self, n: usize) -> Self {
         self.vocab_tile = n;
+        self
+    }
+
+    /// Tensor path: `n` rows per unembedding GEMM, rather than `LOGIT_LENS_ROW_CHUNK` or
+    /// [`DEVICE_ROWS`].
+    pub fn with_row_chunk(mut self, n: usize) -> Self {
+        self.row_chunk = n.max(1);
         self
     }
 
@@ -593,16 +611,15 @@ impl<'a> Lens<'a> {
     }
 
     /// Queues one layer's reduction where its rows live (the GPU): the rows go through the
-    /// unembedding in chunks of `DEVICE_ROWS` rows × a tile of `vocab_tile` vocabulary entries
-    /// (cache-sized: the tile's f32 logits are read back by the reduction while still in the GPU's
-    /// L2, and no `[rows × vocab]` logits exist); each tile's per-row max and sum of exponentials
-    /// come from one fused kernel (CUDA) or a few tensor ops and are combined across tiles, and
-    /// the rows that want detail are gathered tile by tile; all of it stays on the device, nothing
-    /// waits.
+    /// unembedding in blocks of `row_chunk` rows × `vocab_tile` vocabulary entries
+    /// ([`unembed_blocks`]: cache-sized, the tiles outermost); each block's per-row max and sum of
+    /// exponentials come from one fused kernel (CUDA) or a few tensor ops and are combined across
+    /// tiles, and the rows that want detail are gathered tile by tile; all of it stays on the
+    /// device, nothing waits.
     ///
     /// A layer whose detail rows alone pass the budget (many positions × a large vocabulary:
-    /// `all` on a OneVision input is ~7000 × 152k) has each chunk's rows reduced on the host as
-    /// they come instead, so the device holds one chunk of them, not the layer's.
+    /// `all` on a OneVision input is ~7000 × 152k) has each block's detail rows reduced on the host
+    /// as they come instead, so the device holds one block of them, not the layer's.
     fn launch_layer(&self, plan: &mut LayerPlan) -> Result<()> {
         let normed = plan.normed_rows.take().expect("planned rows");
         let total = normed.dim(0)?;
@@ -614,58 +631,70 @@ impl<'a> Lens<'a> {
             // The rows need their target logits before they are reduced.
             take_targets(std::slice::from_mut(plan))?;
         }
-        let vocab = self.unembed.dim(0)?;
-        let tile = if self.vocab_tile == 0 {
-            vocab
-        } else {
-            self.vocab_tile.min(vocab)
-        };
-        let mut sums = Vec::new();
-        let mut detail_rows = Vec::new();
-        for start in (0..total).step_by(DEVICE_ROWS) {
-            let n = DEVICE_ROWS.min(total - start);
-            let rows = normed.narrow(0, start, n)?;
-            let here: Vec<u32> = detail
-                .iter()
-                .filter(|&&r| (r as usize) >= start && (r as usize) < start + n)
-                .map(|&r| r - start as u32)
-                .collect();
-            let idx = (!here.is_empty())
-                .then(|| Tensor::from_slice(&here, here.len(), rows.device()))
-                .transpose()?;
-            let mut parts = Vec::with_capacity(vocab.div_ceil(tile));
-            let mut detail_tiles = Vec::new();
-            for v0 in (0..vocab).step_by(tile) {
-                let vc = tile.min(vocab - v0);
-                let logits = self.cap(unembed_f32(&rows, &self.unembed.narrow(0, v0, vc)?)?)?;
-                parts.push(row_max_sumexp(&logits)?);
-                let Some(idx) = &idx else { continue };
+        let chunk = self.row_chunk.max(1);
+        let chunks = total.div_ceil(chunk);
+        // Per chunk: its detail rows' indices within it (none: no index tensor).
+        let idx = (0..chunks)
+            .map(|c| {
+                let (start, end) = (c * chunk, ((c + 1) * chunk).min(total));
+                let here: Vec<u32> = detail
+                    .iter()
+                    .filter(|&&r| (start..end).contains(&(r as usize)))
+                    .map(|&r| r - start as u32)
+                    .collect();
+                (!here.is_empty())
+                    .then(|| Tensor::from_slice(&here, here.len(), normed.device()))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut parts = vec![Vec::new(); chunks];
+        let mut detail_tiles = vec![Vec::new(); chunks];
+        let states = &mut plan.states;
+        unembed_blocks(
+            &normed,
+            &self.unembed,
+            chunk,
+            self.vocab_tile,
+            |c, v0, logits| {
+                let logits = self.cap(logits)?;
+                parts[c].push(row_max_sumexp(&logits)?);
+                let Some(idx) = &idx[c] else { return Ok(()) };
                 let picked = logits.index_select(idx, 0)?;
                 if immediate {
                     let block = to_host_rows(&[picked])?;
-                    let states: Vec<&mut RowState> = plan.states[start..start + n]
+                    let start = c * chunk;
+                    let n = logits.dim(0)?;
+                    let wanting: Vec<&mut RowState> = states[start..start + n]
                         .iter_mut()
                         .filter(|st| st.wants_detail())
                         .collect();
-                    states
+                    wanting
                         .into_par_iter()
                         .zip(block.par_iter())
                         .for_each(|(st, row)| {
                             st.update(row, v0, &self.spec.targets, &self.spec.excluded)
                         });
                 } else {
-                    detail_tiles.push(picked);
+                    detail_tiles[c].push(picked);
                 }
-            }
-            sums.push(combine_max_sumexp(parts)?);
-            if !detail_tiles.is_empty() {
-                detail_rows.push(if detail_tiles.len() == 1 {
-                    detail_tiles.remove(0)
+                Ok(())
+            },
+        )?;
+        let sums = parts
+            .into_iter()
+            .map(combine_max_sumexp)
+            .collect::<Result<Vec<_>>>()?;
+        let detail_rows = detail_tiles
+            .into_iter()
+            .filter(|tiles| !tiles.is_empty())
+            .map(|mut tiles| {
+                if tiles.len() == 1 {
+                    Ok(tiles.remove(0))
                 } else {
-                    Tensor::cat(&detail_tiles, 1)?
-                });
-            }
-        }
+                    Ok(Tensor::cat(&tiles, 1)?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0)).transpose();
         plan.device_sums = cat(sums)?;
         plan.device_detail = cat(detail_rows)?;
@@ -787,6 +816,37 @@ fn unembed_f32(rows: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(rows
         .to_dtype(DType::F32)?
         .matmul(&w.to_dtype(DType::F32)?.t()?)?)
+}
+
+/// The tensor path's pass over the unembedding for one layer's `rows`: `rows · unembedᵀ` in f32
+/// ([`unembed_f32`]) in blocks of `row_chunk` rows × `tile` vocabulary entries (0: the whole
+/// vocabulary), calling `each(chunk, v0, logits)` for every block: `chunk` the rows
+/// `chunk · row_chunk ..`, `v0` the tile's first entry, in increasing `v0` for each chunk.
+///
+/// The tiles are the outer loop: a tile of the unembedding (16384 × 1536 bf16 is 50 MB for
+/// Qwen2-VL-2B) is read from memory once and serves every chunk of rows while it is in the GPU's
+/// L2; with the chunks outermost, every 512-row chunk read the whole 467 MB unembedding again (a
+/// batch of 7 Qwen2-VL requests, 2926 rows a layer: 2.8 GB a layer).
+fn unembed_blocks(
+    rows: &Tensor,
+    unembed: &Tensor,
+    row_chunk: usize,
+    tile: usize,
+    mut each: impl FnMut(usize, usize, Tensor) -> Result<()>,
+) -> Result<()> {
+    let (total, vocab) = (rows.dim(0)?, unembed.dim(0)?);
+    let tile = if tile == 0 { vocab } else { tile.min(vocab) };
+    let chunks: Vec<Tensor> = (0..total)
+        .step_by(row_chunk.max(1))
+        .map(|start| rows.narrow(0, start, row_chunk.min(total - start)))
+        .collect::<candle_core::Result<_>>()?;
+    for v0 in (0..vocab).step_by(tile) {
+        let w = unembed.narrow(0, v0, tile.min(vocab - v0))?;
+        for (c, chunk) in chunks.iter().enumerate() {
+            each(c, v0, unembed_f32(chunk, &w)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The plans' target logits, still on the device, to their rows' states (in one transfer).
