@@ -190,7 +190,7 @@ fn run_group(
     let lenses = forward?;
     let forward_ms = ms(t1.elapsed()) - lenses.iter().map(|l| l.seconds * 1e3).sum::<f64>();
     let tokenizer = model.tokenizer();
-    Ok(group
+    let responses = group
         .iter()
         .zip(lenses)
         .map(|(r, lens)| {
@@ -222,7 +222,10 @@ fn run_group(
             });
             (r.index, response)
         })
-        .collect::<Vec<_>>())
+        .collect::<Vec<_>>();
+    // LOGIT_LENS_PROFILE=2: the lens's deferred part by group of operations, summed over the group.
+    crate::models::profile::report_ops();
+    Ok(responses)
 }
 
 pub(crate) fn ms(d: std::time::Duration) -> f64 {

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 mod cuda;
 
 use crate::error::{Error, Result};
-use crate::models::{LayerObserver, LensHead};
+use crate::models::{profile, LayerObserver, LensHead};
 
 /// What to compute, resolved against one input sequence.
 #[derive(Clone, Debug)]
@@ -406,7 +406,12 @@ impl<'a> Lens<'a> {
             .filter(|p| p.report)
             .map(|p| p.requested_rows.clone())
             .collect();
-        let mut host_rows = to_host_rows(&reported)?.into_iter();
+        let mut host_rows = profile::op(
+            "lens collect: requested rows to the host",
+            self.unembed.device(),
+            || to_host_rows(&reported),
+        )?
+        .into_iter();
         for plan in plans {
             let rows = plan
                 .report
@@ -507,7 +512,12 @@ impl<'a> Lens<'a> {
             summary.then(|| (states.iter().map(|st| 1.0 / st.s).sum::<f64>() / seq as f64) as f32);
         if is_final {
             let finals: Vec<&RowState> = requested.iter().map(|&r| &states[r]).collect();
-            self.final_parts = Some(self.final_parts(&n_requested, &finals)?);
+            let dev = self.unembed.device();
+            self.final_parts = Some(profile::op(
+                "lens collect: final layer's Wᵀ p_L",
+                dev,
+                || self.final_parts(&n_requested, &finals),
+            )?);
             if self.head.softcap.is_some() {
                 let lse = finals.iter().map(|s| s.lse()).collect();
                 self.final_rows = Some((n_requested.clone(), lse));
@@ -705,9 +715,13 @@ impl<'a> Lens<'a> {
     /// transfer, the detail rows in another, then each detail row reduced (entropy, top-k, ranks)
     /// in parallel.
     fn collect_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
+        let dev = self.unembed.device();
         take_targets(plans)?;
         let sums: Vec<Tensor> = plans.iter().filter_map(|p| p.device_sums.clone()).collect();
-        let mut rows = to_host_rows(&sums)?.into_iter();
+        let mut rows = profile::op("lens collect: sums to the host", dev, || {
+            to_host_rows(&sums)
+        })?
+        .into_iter();
         for plan in plans.iter_mut() {
             if plan.device_sums.take().is_none() {
                 continue;
@@ -726,7 +740,9 @@ impl<'a> Lens<'a> {
             .iter()
             .filter_map(|p| p.device_detail.clone())
             .collect();
-        let block = to_host_rows(&detail)?;
+        let block = profile::op("lens collect: detail rows to the host", dev, || {
+            to_host_rows(&detail)
+        })?;
         if block.is_empty() {
             return Ok(());
         }
@@ -745,13 +761,15 @@ impl<'a> Lens<'a> {
                 states.len()
             )));
         }
-        states
-            .into_par_iter()
-            .zip(block.par_iter())
-            .for_each(|(st, row)| {
-                st.update(row, 0, &self.spec.targets, &self.spec.excluded);
-            });
-        Ok(())
+        profile::op("lens collect: detail rows reduced on the host", dev, || {
+            states
+                .into_par_iter()
+                .zip(block.par_iter())
+                .for_each(|(st, row)| {
+                    st.update(row, 0, &self.spec.targets, &self.spec.excluded);
+                });
+            Ok(())
+        })
     }
 
     /// For the final layer's requested rows: `u = Wᵀ p_L` (a second pass over the vocabulary,
