@@ -406,16 +406,20 @@ impl<'a> Lens<'a> {
             .filter(|p| p.report)
             .map(|p| p.requested_rows.clone())
             .collect();
-        let mut host_rows = profile::op(
+        let host = profile::op(
             "lens collect: requested rows to the host",
             self.unembed.device(),
             || to_host_rows(&reported),
-        )?
-        .into_iter();
+        )?;
+        let mut host_rows = host.rows();
         for plan in plans {
-            let rows = plan
-                .report
-                .then(|| host_rows.by_ref().take(plan.requested.len()).collect());
+            let rows = plan.report.then(|| {
+                host_rows
+                    .by_ref()
+                    .take(plan.requested.len())
+                    .map(<[f32]>::to_vec)
+                    .collect()
+            });
             self.record(plan, rows)?;
         }
         Ok(())
@@ -680,7 +684,7 @@ impl<'a> Lens<'a> {
                         .collect();
                     wanting
                         .into_par_iter()
-                        .zip(block.par_iter())
+                        .zip(block.par_rows())
                         .for_each(|(st, row)| {
                             st.update(row, v0, &self.spec.targets, &self.spec.excluded)
                         });
@@ -718,10 +722,10 @@ impl<'a> Lens<'a> {
         let dev = self.unembed.device();
         take_targets(plans)?;
         let sums: Vec<Tensor> = plans.iter().filter_map(|p| p.device_sums.clone()).collect();
-        let mut rows = profile::op("lens collect: sums to the host", dev, || {
+        let sums = profile::op("lens collect: sums to the host", dev, || {
             to_host_rows(&sums)
-        })?
-        .into_iter();
+        })?;
+        let mut rows = sums.rows();
         for plan in plans.iter_mut() {
             if plan.device_sums.take().is_none() {
                 continue;
@@ -764,7 +768,7 @@ impl<'a> Lens<'a> {
         profile::op("lens collect: detail rows reduced on the host", dev, || {
             states
                 .into_par_iter()
-                .zip(block.par_iter())
+                .zip(block.par_rows())
                 .for_each(|(st, row)| {
                     st.update(row, 0, &self.spec.targets, &self.spec.excluded);
                 });
@@ -873,7 +877,8 @@ fn take_targets(plans: &mut [LayerPlan]) -> Result<()> {
         .iter()
         .filter_map(|p| p.device_targets.clone())
         .collect();
-    let mut rows = to_host_rows(&targets)?.into_iter();
+    let host = to_host_rows(&targets)?;
+    let mut rows = host.rows();
     for plan in plans.iter_mut() {
         if plan.device_targets.take().is_none() {
             continue;
@@ -883,8 +888,8 @@ fn take_targets(plans: &mut [LayerPlan]) -> Result<()> {
                 .next()
                 .ok_or_else(|| Error::Internal("lens: fewer target rows".into()))?;
             let st = &mut plan.states[r];
-            st.target_z.clone_from(&z);
-            st.target_cmp = z;
+            st.target_z = z.to_vec();
+            st.target_cmp = z.to_vec();
         }
     }
     Ok(())
@@ -916,16 +921,67 @@ fn combine_max_sumexp(mut parts: Vec<Tensor>) -> Result<Tensor> {
     Ok(Tensor::cat(&[m, s], 2)?.squeeze(1)?)
 }
 
+/// Rows of one width on the host, in one flat buffer: a `Vec` per row (candle's `to_vec2`) would
+/// copy every row once more and allocate each (the detail rows are 29 × 152k f32 for one Qwen2-VL
+/// request at the last position, 17.6 MB).
+struct HostRows {
+    data: Vec<f32>,
+    width: usize,
+}
+
+impl HostRows {
+    fn len(&self) -> usize {
+        self.data.len() / self.width.max(1)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
+        self.data.chunks_exact(self.width.max(1))
+    }
+
+    fn par_rows(&self) -> rayon::slice::ChunksExact<'_, f32> {
+        self.data.par_chunks_exact(self.width.max(1))
+    }
+}
+
 /// `tensors` (rows of one width) stacked and brought to the host as f32 rows in one transfer;
 /// none: no rows.
-fn to_host_rows(tensors: &[Tensor]) -> Result<Vec<Vec<f32>>> {
+fn to_host_rows(tensors: &[Tensor]) -> Result<HostRows> {
     if tensors.is_empty() {
-        return Ok(Vec::new());
+        return Ok(HostRows {
+            data: Vec::new(),
+            width: 0,
+        });
     }
-    Ok(Tensor::cat(tensors, 0)?
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?)
+    let all = Tensor::cat(tensors, 0)?.to_dtype(DType::F32)?;
+    let width = all.dim(1)?;
+    Ok(HostRows {
+        data: host_f32(&all)?,
+        width,
+    })
+}
+
+/// An f32 tensor's elements on the host, in order. From a CUDA buffer that holds exactly them (a
+/// fresh `cat`), the copy the transfer makes is the result (candle's `to_vec1` copies it again).
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() {
+        use candle_core::backend::BackendStorage;
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cuda(s), Some((0, n))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            if let candle_core::CpuStorage::F32(v) = s.to_cpu_storage()? {
+                if v.len() == n {
+                    return Ok(v);
+                }
+            }
+        }
+    }
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 fn gather_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {

@@ -321,8 +321,17 @@ mod gpu_tests {
             );
         }
         // What one call costs (printed, not asserted): the bias copy + matmul onto it against
-        // matmul + a bias add (both two launches).
-        for (rows, k, out) in [(418, 1536, 2048), (1196, 1280, 3840), (8 * 418, 1536, 2048)] {
+        // matmul + a bias add (both two launches), and its TFLOP/s against the H100's dense bf16
+        // 989: Qwen2-VL-2B's decoder q/k/v alone and for 8 requests, its vision tower's q/k/v for
+        // one image and its MLP for 7 images (8372 patches), where the big GEMMs should run
+        // near the card's peak (run 5's profile had the 7-image vision MLP at ~175 TFLOP/s).
+        for (rows, k, out) in [
+            (418, 1536, 2048),
+            (1196, 1280, 3840),
+            (8 * 418, 1536, 2048),
+            (8372, 1280, 5120),
+            (8372, 5120, 1280),
+        ] {
             let t = |shape: (usize, usize)| {
                 Tensor::randn(0f32, 0.05, shape, &gpu)
                     .unwrap()
@@ -339,10 +348,17 @@ mod gpu_tests {
                     .broadcast_add(&b)
                     .unwrap()
             });
+            let tflops = |us: f64| 2.0 * (rows * k * out) as f64 / (us * 1e-6) / 1e12;
             eprintln!(
                 "linear-bias bf16 [{rows}, {k}]·[{out}, {k}]ᵀ µs per call (host issue, total): \
-                 bias copy + matmul onto it {:.0}, {:.0}; matmul + add {:.0}, {:.0}",
-                lt.0, lt.1, two.0, two.1
+                 bias copy + matmul onto it {:.0}, {:.0} ({:.0} TFLOP/s); matmul + add {:.0}, {:.0} \
+                 ({:.0} TFLOP/s)",
+                lt.0,
+                lt.1,
+                tflops(lt.1),
+                two.0,
+                two.1,
+                tflops(two.1)
             );
         }
     }
