@@ -100,8 +100,12 @@ fn row_chunk_from_env() -> usize {
         .unwrap_or(DEVICE_ROWS)
 }
 
-/// Vocabulary rows per block when the final layer's `Wᵀ p_L` is accumulated in f32.
-const DEVICE_VOCAB_BLOCK: usize = 65536;
+/// Vocabulary rows per block when the final layer's `Wᵀ p_L` is accumulated in f32 (and, with
+/// soft-capping, the KL cross terms). Each block widens its slice of the unembedding to f32 on
+/// the device, a transient on top of the weights: 16384 × 1536 × 4 = 100 MB for Qwen2-VL-2B,
+/// 16384 × 4096 × 4 = 268 MB for LLaVA-1.5-7B (blocks of 65536 held 400 and 524 MB, a quarter of
+/// issue 17's 2 GiB over the weights).
+const DEVICE_VOCAB_BLOCK: usize = 16384;
 
 /// Collects the lens as the forward pass produces layers.
 pub struct Lens<'a> {
