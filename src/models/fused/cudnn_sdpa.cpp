@@ -15,6 +15,7 @@
 #include <dlfcn.h>
 
 #include <array>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -39,10 +40,12 @@ struct Shape {
     std::array<int64_t, 9> strides;  // q, k, v: batch, head, token
     int causal;
     float scale;
+    int dynamic;  // built with dynamic shapes (the topology's kernel cache) if cuDNN takes it
 
     bool operator<(Shape const &o) const {
         auto key = [](Shape const &s) {
-            return std::make_tuple(s.dtype, s.b, s.hq, s.hkv, s.sq, s.skv, s.d, s.strides, s.causal, s.scale);
+            return std::make_tuple(
+                s.dtype, s.b, s.hq, s.hkv, s.sq, s.skv, s.d, s.strides, s.causal, s.scale, s.dynamic);
         };
         return key(*this) < key(o);
     }
@@ -103,14 +106,18 @@ void set_error(char *err, size_t len, std::string const &msg) {
     }
 }
 
-// Dynamic shapes and the kernel cache (cuDNN >= 9.4), unless LOGIT_LENS_CUDNN_DYNAMIC=0: a
-// graph per shape either way; with them, a new shape of a known topology compiles nothing.
+// Dynamic shapes and the kernel cache (cuDNN >= 9.4), unless LOGIT_LENS_CUDNN_DYNAMIC=0 (or
+// logit_lens_cudnn_sdpa_set_dynamic(0), for the GPU test's comparison): a graph per shape either
+// way; with them, a new shape of a known topology compiles nothing.
+std::atomic<int> dynamic_override{-1};
+
 bool dynamic_wanted() {
-    static bool const wanted = [] {
+    static bool const from_env = [] {
         char const *v = std::getenv("LOGIT_LENS_CUDNN_DYNAMIC");
         return !(v && std::strcmp(v, "0") == 0);
     }();
-    return wanted;
+    int o = dynamic_override.load();
+    return o < 0 ? from_env : o != 0;
 }
 
 // Opens libcudnn.so.9 and a handle, once. The caller holds the lock.
@@ -205,7 +212,7 @@ std::shared_ptr<fe::graph::Graph> build(State &s, Shape const &p, char *err, siz
     auto &kernels = s.kernels[Topology(p)];
     std::shared_ptr<fe::graph::Graph> graph;
     std::string msg;
-    if (kernels.dynamic && dynamic_wanted()) {
+    if (kernels.dynamic && p.dynamic) {
         if (!kernels.cache) {
             kernels.cache = std::make_shared<fe::KernelCache>();
         }
@@ -251,8 +258,9 @@ Shape shape(int dtype,
     p.skv    = dims[4];
     p.d      = dims[5];
     std::memcpy(p.strides.data(), strides, sizeof(int64_t) * 9);
-    p.causal = causal;
-    p.scale  = scale;
+    p.causal  = causal;
+    p.scale   = scale;
+    p.dynamic = dynamic_wanted() ? 1 : 0;
     return p;
 }
 
@@ -345,8 +353,8 @@ void logit_lens_cudnn_sdpa_describe(char *out, size_t len) {
     for (auto const &[t, k] : s.kernels) {
         text += "; d " + std::to_string(t.d) + (t.dtype == 0 ? " bf16" : " f16") + " heads " + std::to_string(t.hq) +
                 "/" + std::to_string(t.hkv) + (t.causal ? " causal" : "") + ": ";
-        if (!dynamic_wanted()) {
-            text += "static (LOGIT_LENS_CUDNN_DYNAMIC=0)";
+        if (!k.cache && k.why.empty()) {
+            text += "static (dynamic shapes off)";
         } else if (k.dynamic) {
             text += "dynamic shapes, one kernel";
         } else {
@@ -354,6 +362,12 @@ void logit_lens_cudnn_sdpa_describe(char *out, size_t len) {
         }
     }
     set_error(out, len, text);
+}
+
+// 1: new shapes are built with dynamic shapes (the default unless LOGIT_LENS_CUDNN_DYNAMIC=0),
+// 0: statically. Plans already built keep theirs (the mode is part of a plan's key).
+void logit_lens_cudnn_sdpa_set_dynamic(int on) {
+    dynamic_override.store(on ? 1 : 0);
 }
 
 }  // extern "C"
