@@ -21,6 +21,70 @@ pub fn row_max_sumexp(logits: &Tensor) -> candle_core::Result<Tensor> {
 
 struct RowMaxSumExp;
 
+/// `acc` `[rows, 2]` f32 (each row's max and Σ e^(z − max) over earlier vocabulary tiles) with the
+/// tile `logits` `[rows, cols]` f32 folded in, in place: one launch a tile.
+pub fn fold_max_sumexp(acc: &Tensor, logits: &Tensor) -> candle_core::Result<()> {
+    acc.inplace_op2(&logits.contiguous()?, &FoldMaxSumExp)
+}
+
+struct FoldMaxSumExp;
+
+impl candle_core::InplaceOp2 for FoldMaxSumExp {
+    fn name(&self) -> &'static str {
+        "row-max-sumexp-fold"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("row-max-sumexp-fold runs on the GPU only (the CPU combines tensors)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        acc: &mut CudaStorage,
+        acc_l: &Layout,
+        z: &CudaStorage,
+        z_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (rows, cols) = z_l.shape().dims2()?;
+        let (a0, _) = acc_l
+            .contiguous_offsets()
+            .filter(|_| acc_l.shape().dims() == [rows, 2])
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("row-max-sumexp-fold: acc {:?}", acc_l.shape()))
+            })?;
+        let (z0, _) = z_l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("row-max-sumexp-fold needs contiguous logits".into())
+        })?;
+        if z.dtype() != DType::F32 || acc.dtype() != DType::F32 {
+            candle_core::bail!("row-max-sumexp-fold: f32 logits and sums");
+        }
+        let dev = z.device().clone();
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let cols = cols as i64;
+        let func =
+            dev.get_or_load_custom_func("row_max_sumexp_fold_f32", "logit_lens_row_reduce", PTX)?;
+        let src = z.as_cuda_slice::<f32>()?.slice(z0..);
+        let mut dst = acc.as_cuda_slice_mut::<f32>()?.slice_mut(a0..);
+        let mut b = func.builder();
+        b.arg(&src);
+        b.arg(&mut dst);
+        b.arg(&cols);
+        // SAFETY: the kernel reads rows·cols elements of `src` and reads and writes rows·2 of `dst`.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
 impl candle_core::CustomOp1 for RowMaxSumExp {
     fn name(&self) -> &'static str {
         "row-max-sumexp"
@@ -42,7 +106,8 @@ impl candle_core::CustomOp1 for RowMaxSumExp {
             candle_core::Error::Msg("row-max-sumexp needs contiguous logits".into())
         })?;
         let dev = storage.device();
-        let out = dev.alloc_zeros::<f32>(rows * 2)?;
+        // SAFETY: the kernel writes both values of every row (one block per row).
+        let out = unsafe { dev.alloc::<f32>(rows * 2) }?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (512, 1, 1),
@@ -287,7 +352,8 @@ mod gpu_tests {
     }
 
     /// The lens's pass over the unembedding in blocks (what `Lens::launch_layer` does:
-    /// [`super::super::unembed_blocks`], the vocabulary tiles outermost) against one GEMM over the
+    /// [`super::super::unembed_blocks`], the vocabulary tiles outermost, each tile's sums folded in
+    /// place by `row_max_sumexp_fold_f32`) against one GEMM over the
     /// whole vocabulary: the same max and sum-exp; and the time of one layer of Qwen2-VL-2B rows
     /// (one 640×480 request: 418 rows; a batch of 7: 2926) by tile and rows per GEMM, as TFLOP/s
     /// and a share of the H100's dense bf16 peak (989), to choose `DEVICE_VOCAB_TILE` and
@@ -301,17 +367,15 @@ mod gpu_tests {
             .to_dtype(DType::BF16)
             .unwrap();
         let blocks = |rows: &Tensor, chunk: usize, tile: usize| -> Tensor {
+            // As `Lens::launch_layer`: each tile folded into its chunk's sums in place.
             let chunks = rows.dim(0).unwrap().div_ceil(chunk);
-            let mut parts = vec![Vec::new(); chunks];
+            let mut sums: Vec<Option<Tensor>> = vec![None; chunks];
             super::super::unembed_blocks(rows, &w, chunk, tile, |c, _, z| {
-                parts[c].push(row_max_sumexp(&z)?);
+                sums[c] = Some(super::super::fold_max_sumexp(sums[c].take(), &z)?);
                 Ok(())
             })
             .unwrap();
-            let sums: Vec<Tensor> = parts
-                .into_iter()
-                .map(|p| super::super::combine_max_sumexp(p).unwrap())
-                .collect();
+            let sums: Vec<Tensor> = sums.into_iter().map(Option::unwrap).collect();
             Tensor::cat(&sums, 0).unwrap()
         };
         let whole = |rows: &Tensor| row_max_sumexp(&matmul_nt_f32(rows, &w).unwrap()).unwrap();

@@ -665,7 +665,8 @@ impl<'a> Lens<'a> {
                     .transpose()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut parts = vec![Vec::new(); chunks];
+        // Per chunk: its rows' (max, Σ e^(z − max)) over the tiles so far.
+        let mut sums: Vec<Option<Tensor>> = vec![None; chunks];
         let mut detail_tiles = vec![Vec::new(); chunks];
         let states = &mut plan.states;
         unembed_blocks(
@@ -675,7 +676,7 @@ impl<'a> Lens<'a> {
             self.vocab_tile,
             |c, v0, logits| {
                 let logits = self.cap(logits)?;
-                parts[c].push(row_max_sumexp(&logits)?);
+                sums[c] = Some(fold_max_sumexp(sums[c].take(), &logits)?);
                 let Some(idx) = &idx[c] else { return Ok(()) };
                 let picked = logits.index_select(idx, 0)?;
                 if immediate {
@@ -698,9 +699,9 @@ impl<'a> Lens<'a> {
                 Ok(())
             },
         )?;
-        let sums = parts
+        let sums = sums
             .into_iter()
-            .map(combine_max_sumexp)
+            .map(|s| s.ok_or_else(|| Error::Internal("lens: a chunk without tiles".into())))
             .collect::<Result<Vec<_>>>()?;
         let detail_rows = detail_tiles
             .into_iter()
@@ -910,6 +911,21 @@ fn row_max_sumexp(logits: &Tensor) -> Result<Tensor> {
     let m = z.max_keepdim(1)?;
     let s = z.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?;
     Ok(Tensor::cat(&[m, s], 1)?)
+}
+
+/// The per-row (max, Σ e^(z − max)) of the vocabulary tiles so far (`acc`; none before the first)
+/// with the tile `logits` folded in: on CUDA one kernel updating `acc` in place, elsewhere the
+/// tile's own reduction combined with `acc` ([`combine_max_sumexp`]).
+fn fold_max_sumexp(acc: Option<Tensor>, logits: &Tensor) -> Result<Tensor> {
+    let Some(acc) = acc else {
+        return row_max_sumexp(logits);
+    };
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && logits.dtype() == DType::F32 {
+        cuda::fold_max_sumexp(&acc, logits)?;
+        return Ok(acc);
+    }
+    combine_max_sumexp(vec![acc, row_max_sumexp(logits)?])
 }
 
 /// Per-tile `[rows, 2]` (max, Σ e^(z − max)) of consecutive vocabulary tiles → the whole rows':
