@@ -249,26 +249,31 @@ mod gpu_tests {
     fn cudnn_attention_equals_op_by_op_on_the_gpu() {
         let Some(gpu) = gpu() else { return };
         let mut failures = Vec::new();
+        let sdpa_of = |case: &AttentionCase, causal| {
+            let (dims, views) = case.dims_and_views();
+            sdpa(
+                (&case.q, views[0]),
+                (&case.k, views[1]),
+                (&case.v, views[2]),
+                dims,
+                causal,
+                case.scale,
+            )
+        };
+        // One call and its wall time (ms) to the end of its work on the card: a new shape's
+        // first call is its plan's build.
+        let timed = |f: &dyn Fn() -> Result<Tensor>| {
+            let t = std::time::Instant::now();
+            let out = f();
+            gpu.synchronize().unwrap();
+            (out, t.elapsed().as_secs_f64() * 1e3)
+        };
         for dtype in [DType::BF16, DType::F16] {
             for (name, b, hq, hkv, s, d, causal) in ATTENTION_CASES {
                 let case = AttentionCase::new(&gpu, dtype, (b, hq, hkv, s, d, causal));
-                let (dims, views) = case.dims_and_views();
                 let op_by_op = || case.op_by_op();
-                let run = || {
-                    sdpa(
-                        (&case.q, views[0]),
-                        (&case.k, views[1]),
-                        (&case.v, views[2]),
-                        dims,
-                        causal,
-                        case.scale,
-                    )
-                };
-                // The first call builds the shape's plan (cached after): what a new shape costs.
-                let t0 = std::time::Instant::now();
-                let first = run();
-                gpu.synchronize().unwrap();
-                let build_ms = t0.elapsed().as_secs_f64() * 1e3;
+                let run = || sdpa_of(&case, causal);
+                let (first, build_ms) = timed(&run);
                 let got = match first {
                     Ok(t) => t.transpose(1, 2).unwrap(),
                     Err(e) => {
@@ -279,18 +284,7 @@ mod gpu_tests {
                 };
                 // A new length of the same topology: a plan, and with dynamic shapes no compilation.
                 let other = AttentionCase::new(&gpu, dtype, (b, hq, hkv, s + 8, d, causal));
-                let (other_dims, other_views) = other.dims_and_views();
-                let t1 = std::time::Instant::now();
-                let second = sdpa(
-                    (&other.q, other_views[0]),
-                    (&other.k, other_views[1]),
-                    (&other.v, other_views[2]),
-                    other_dims,
-                    causal,
-                    other.scale,
-                );
-                gpu.synchronize().unwrap();
-                let rebuild_ms = t1.elapsed().as_secs_f64() * 1e3;
+                let (second, rebuild_ms) = timed(&|| sdpa_of(&other, causal));
                 if let Err(e) = second {
                     failures.push(format!("{dtype:?} {name}, {} tokens: {e}", s + 8));
                 }
@@ -308,10 +302,7 @@ mod gpu_tests {
                 if dtype == DType::BF16 {
                     // SAFETY: sets a flag the shim reads when it builds a new plan.
                     unsafe { ffi::logit_lens_cudnn_sdpa_set_dynamic(0) };
-                    let t2 = std::time::Instant::now();
-                    let fixed = run();
-                    gpu.synchronize().unwrap();
-                    let static_ms = t2.elapsed().as_secs_f64() * 1e3;
+                    let (fixed, static_ms) = timed(&run);
                     let t_static = match fixed {
                         Ok(_) => per_call(&gpu, 20, &|| run().unwrap()).1,
                         Err(e) => {
