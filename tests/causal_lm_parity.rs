@@ -102,19 +102,20 @@ fn an_image_is_refused_with_image_not_accepted() {
     }
 }
 
-/// Mistral's and Gemma 3's sliding windows (16 in these fixtures): a case longer than the window
-/// is in each fixture (the parity tests above hold it to transformers, which attends within the
-/// window), and the window is not a no-op: without it (the same snapshot with a window of 4096)
-/// the last layer of that case comes out different.
+/// Mistral's, Gemma 3's and Qwen3's (`use_sliding_window`, from `max_window_layers` on) sliding
+/// windows (16 in these fixtures): a case longer than the window is in each fixture (the parity
+/// tests above hold it to transformers, which attends within the window), and the window is not a
+/// no-op: without it (the same snapshot with a window of 4096) the last layer of that case comes
+/// out different.
 #[test]
 fn inputs_longer_than_the_sliding_window_attend_within_it() {
-    for fixture in ["mistral-hub", "gemma3-hub"] {
+    for fixture in ["mistral-hub", "gemma3-hub", "qwen3-hub", "qwen3-tf5"] {
         let cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixtures().join(fixture).join("config.json")).unwrap(),
         )
         .unwrap();
         let window = cfg["sliding_window"].as_u64().unwrap() as usize;
-        let arch = fixture.trim_end_matches("-hub");
+        let arch = fixture.split('-').next().unwrap();
         let case = cases(arch)
             .into_iter()
             .find(|c| c.num_tokens > window)

@@ -30,7 +30,7 @@ U(0.5, 1.5), embeddings and an untied lm_head N(0, 0.5)):
 | llama3 | LlamaForCausalLM | rope_type llama3 (factor 32, 8192), rope_theta 5e5, tied (as Llama 3.2 1B) | byte-level BPE with Llama 3's regex and specials, BOS by the post-processor | Meta-Llama-3-8B-Instruct's |
 | mistral | MistralForCausalLM | sliding_window 16 (the hub's is 4096: 16 makes both cases, 20 and 29 tokens, and the generated tokens after them attend within it), GQA 4/2, untied | SentencePiece-style BPE (make_llava_fixtures.py's Llama tokenizer) | Mistral-7B-Instruct-v0.2's |
 | qwen2 | Qwen2ForCausalLM | q/k/v biases, tied (as Qwen2.5 0.5B) | make_fixtures.py's Qwen2 BPE | Qwen2.5-Instruct's |
-| qwen3 | Qwen3ForCausalLM | q/k RMSNorm per head, head_dim 24 != hidden/heads, tied | Qwen2 BPE + `<think>` `</think>` (added, not special) | Qwen3's (namespace, reversed loop, enable_thinking) |
+| qwen3 | Qwen3ForCausalLM | q/k RMSNorm per head, head_dim 24 != hidden/heads, `use_sliding_window` with sliding_window 16 from `max_window_layers` 1 on (the hub's Qwen3 has it off: on here, layer 0 full and layers 1–2 windowed, so the 22-token case and the generated tokens after the 13-token one attend within it), tied | Qwen2 BPE + `<think>` `</think>` (added, not special) | Qwen3's (namespace, reversed loop, enable_thinking) |
 | gemma2 | Gemma2ForCausalLM | scaled embeddings, `1 + w` norms, sandwich norms, query_pre_attn_scalar 24 != head_dim 32, attention and final logit soft-capping (10 and 10: the hub's 50 and 30 barely touch a tiny random model's values, these do), sliding / full layers alternating, tied | Gemma-style BPE (`<pad>` `<eos>` `<bos>` `<unk>` `<mask>` 0–4, byte fallback, spaces as `▁`, no prefix space, BOS by the post-processor) + `<start_of_turn>` `<end_of_turn>` | gemma-2-it's |
 | gemma3 | Gemma3ForCausalLM | Gemma 2's block without soft-capping, per-head q/k norms (`1 + w`), sliding layers with their own RoPE (`rope_local_base_freq` 10000) and the global layers with linear RoPE scaling ×8 (as Gemma 3 4B+), `sliding_window_pattern` 2 (so the 3 layers are sliding, global, sliding), sliding_window 16 (the hub's 512: the 24-token case and the generated tokens after the 15-token one attend within it), tied | as gemma2 | gemma-3-it's |
 
@@ -408,8 +408,8 @@ def arch_specs():
                          split_special_tokens=False, tokenizer_class="Qwen2Tokenizer", model_max_length=131072),
             config=dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=v(qwen3),
                         bos_token_id=qwen3.token_to_id("<|endoftext|>"), eos_token_id=qwen3.token_to_id("<|im_end|>"),
-                        head_dim=24, rope_theta=1000000.0, sliding_window=None, use_sliding_window=False,
-                        max_window_layers=28, attention_bias=False, max_position_embeddings=40960,
+                        head_dim=24, rope_theta=1000000.0, sliding_window=16, use_sliding_window=True,
+                        max_window_layers=1, attention_bias=False, max_position_embeddings=40960,
                         rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")),
         "gemma2": dict(
             cls="Gemma2ForCausalLM", tok=gemma, added=[], specials=GEMMA_SPECIALS + GEMMA_ADDED,

@@ -41,9 +41,13 @@ pub struct DecoderConfig {
     pub qk_norm: bool,
     /// RoPE frequency scaling (`rope_parameters.rope_type`).
     pub rope_scaling: RopeScaling,
-    /// Mistral's sliding window (every layer) or Gemma's (its sliding layers): a position attends
-    /// to at most this many keys, itself included (transformers: `q − kv < window`).
+    /// Mistral's sliding window (every layer), Gemma's or Qwen2/3's with `use_sliding_window`
+    /// (their sliding layers): a position attends to at most this many keys, itself included
+    /// (transformers: `q − kv < window`).
     pub sliding_window: Option<usize>,
+    /// Per block, whether it is a sliding layer (`layer_types`, or the class's default: Gemma's
+    /// pattern, Qwen's blocks from `max_window_layers` on); none: every block (Mistral).
+    pub sliding_layers: Option<Vec<bool>>,
     /// Gemma 2 / 3's differences from the Llama block.
     pub gemma: Option<Gemma>,
 }
@@ -60,8 +64,6 @@ pub struct Gemma {
     pub query_pre_attn_scalar: f64,
     pub attn_softcap: Option<f64>,
     pub final_softcap: Option<f64>,
-    /// Per block: a sliding-window layer (`layer_types`).
-    pub sliding_layers: Vec<bool>,
     /// Gemma 3: the sliding layers' RoPE (`rope_parameters.sliding_attention`): theta and scaling.
     pub local_rope: Option<(f64, RopeScaling)>,
 }
@@ -236,25 +238,39 @@ impl DecoderConfig {
         }
         let num_hidden_layers: usize =
             field(t, "num_hidden_layers")?.unwrap_or(if gemma_like { 26 } else { 32 });
-        // Qwen2/3 use their window only with `use_sliding_window`; Mistral whenever it is set;
-        // Gemma on its sliding layers.
-        let sliding_window = if gemma_like {
-            Some(field(t, "sliding_window")?.unwrap_or(4096))
+        // Qwen2/3 use their window only with `use_sliding_window`, on the blocks from
+        // `max_window_layers` on; Mistral whenever it is set, on every block; Gemma on its sliding
+        // layers (every `sliding_window_pattern`-th block global). transformers 5 writes the
+        // blocks' kinds out as `layer_types`, which then decide.
+        let window_or = |default: usize| -> Result<Option<usize>> {
+            Ok(match t.get("sliding_window") {
+                None => Some(default),
+                Some(_) => field(t, "sliding_window")?,
+            })
+        };
+        let (sliding_window, default_layers) = if gemma_like {
+            let pattern: usize =
+                field(t, "sliding_window_pattern")?.unwrap_or(if gemma3 { 6 } else { 2 });
+            let layers = (0..num_hidden_layers)
+                .map(|i| (i + 1) % pattern.max(1) != 0)
+                .collect();
+            (Some(window_or(4096)?.unwrap_or(4096)), Some(layers))
         } else if qwen2 || qwen3 {
             if field::<bool>(t, "use_sliding_window")?.unwrap_or(false) {
-                return Err(Error::Internal(
-                    "sliding-window attention on some layers (use_sliding_window) is not implemented"
-                        .into(),
-                ));
+                let from: usize = field(t, "max_window_layers")?.unwrap_or(28);
+                let layers = (0..num_hidden_layers).map(|i| i >= from).collect();
+                (window_or(4096)?, Some(layers))
+            } else {
+                (None, None)
             }
-            None
         } else if model_type == "mistral" {
-            match t.get("sliding_window") {
-                None => Some(4096),
-                Some(_) => field(t, "sliding_window")?,
-            }
+            (window_or(4096)?, None)
         } else {
-            None
+            (None, None)
+        };
+        let sliding_layers = match layer_types(t, num_hidden_layers)? {
+            Some(types) if sliding_window.is_some() => Some(types),
+            _ => default_layers,
         };
         Ok(DecoderConfig {
             vocab_size: field(t, "vocab_size")?.unwrap_or(d.vocab),
@@ -287,14 +303,9 @@ impl DecoderConfig {
             qk_norm: qwen3 || gemma3,
             rope_scaling,
             sliding_window,
+            sliding_layers,
             gemma: if gemma_like {
-                Some(Gemma::from_json(
-                    t,
-                    gemma3,
-                    hidden_size,
-                    num_hidden_layers,
-                    local_rope_params,
-                )?)
+                Some(Gemma::from_json(t, gemma3, hidden_size, local_rope_params)?)
             } else {
                 None
             },
@@ -308,31 +319,8 @@ impl Gemma {
         t: &Value,
         gemma3: bool,
         hidden_size: usize,
-        layers: usize,
         local_rope: Option<Value>,
     ) -> Result<Self> {
-        let pattern: usize =
-            field(t, "sliding_window_pattern")?.unwrap_or(if gemma3 { 6 } else { 2 });
-        let sliding_layers = match field::<Vec<String>>(t, "layer_types")? {
-            Some(types) if types.len() == layers => types
-                .iter()
-                .map(|ty| match ty.as_str() {
-                    "sliding_attention" => Ok(true),
-                    "full_attention" => Ok(false),
-                    other => Err(Error::Internal(format!(
-                        "layer type `{other}` is not known"
-                    ))),
-                })
-                .collect::<Result<_>>()?,
-            Some(types) => {
-                return Err(Error::Internal(format!(
-                    "{} layer_types for {layers} layers",
-                    types.len()
-                )))
-            }
-            // transformers' defaults: every `pattern`-th layer global.
-            None => (0..layers).map(|i| (i + 1) % pattern.max(1) != 0).collect(),
-        };
         let local_rope = if gemma3 {
             // transformers 5: rope_parameters.sliding_attention; the hub: rope_local_base_freq.
             let p = local_rope.unwrap_or(Value::Null);
@@ -354,13 +342,44 @@ impl Gemma {
             query_pre_attn_scalar: field(t, "query_pre_attn_scalar")?.unwrap_or(256.0),
             attn_softcap: cap("attn_logit_softcapping", (!gemma3).then_some(50.0))?,
             final_softcap: cap("final_logit_softcapping", (!gemma3).then_some(30.0))?,
-            sliding_layers,
             local_rope,
         })
     }
 }
 
+/// A config's `layer_types` (transformers 5) as "is a sliding layer" per block; none without it.
+fn layer_types(t: &Value, layers: usize) -> Result<Option<Vec<bool>>> {
+    let Some(types) = field::<Vec<String>>(t, "layer_types")? else {
+        return Ok(None);
+    };
+    if types.len() != layers {
+        return Err(Error::Internal(format!(
+            "{} layer_types for {layers} layers",
+            types.len()
+        )));
+    }
+    types
+        .iter()
+        .map(|ty| match ty.as_str() {
+            "sliding_attention" => Ok(true),
+            "full_attention" => Ok(false),
+            other => Err(Error::Internal(format!(
+                "layer type `{other}` is not known"
+            ))),
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
 impl DecoderConfig {
+    /// Whether block `layer` is a sliding layer (the window, where there is one, applies to it).
+    pub fn is_sliding_layer(&self, layer: usize) -> bool {
+        match &self.sliding_layers {
+            Some(layers) => layers.get(layer).copied().unwrap_or(false),
+            None => true,
+        }
+    }
+
     /// The position axis (0 = t, 1 = h, 2 = w) of each of the `head_dim / 2` frequency slots.
     /// Runs: `mrope_section[0]` slots of t, then h, then w (transformers' `apply_multimodal_rotary_pos_emb`).
     /// Interleaved: slot j is h where `j % 3 == 1` and `j < 3·section[1]`, w where `j % 3 == 2` and
@@ -514,13 +533,9 @@ impl Decoder {
                         h,
                     )?,
                     mlp_out_norm: sandwich("post_feedforward_layernorm")?,
-                    local_rope: gemma.is_some_and(|g| {
-                        g.local_rope.is_some() && g.sliding_layers.get(l).copied().unwrap_or(false)
-                    }),
-                    window: match gemma {
-                        Some(g) if !g.sliding_layers.get(l).copied().unwrap_or(false) => None,
-                        _ => cfg.sliding_window,
-                    },
+                    local_rope: gemma.is_some_and(|g| g.local_rope.is_some())
+                        && cfg.is_sliding_layer(l),
+                    window: cfg.sliding_window.filter(|_| cfg.is_sliding_layer(l)),
                     qkv: {
                         let subs = [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)];
                         Linear::from_weight(
@@ -1127,7 +1142,7 @@ mod tests {
         .unwrap();
         let g = g2.gemma.as_ref().unwrap();
         assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
-        assert_eq!(g.sliding_layers, vec![true, false, true, false]);
+        assert_eq!(g2.sliding_layers, Some(vec![true, false, true, false]));
         assert_eq!((g.embed_scale, g.query_pre_attn_scalar), (48.0, 256.0));
         assert!(g.local_rope.is_none() && !g2.qk_norm && g2.tie_word_embeddings);
         assert_eq!(
@@ -1153,11 +1168,49 @@ mod tests {
         assert_eq!(hub, v5);
         let g = hub.gemma.as_ref().unwrap();
         assert_eq!((g.attn_softcap, g.final_softcap), (None, None));
-        assert_eq!(g.sliding_layers.iter().filter(|s| !**s).count(), 2);
-        assert!(!g.sliding_layers[5] && !g.sliding_layers[11] && g.sliding_layers[0]);
+        let sliding = hub.sliding_layers.as_ref().unwrap();
+        assert_eq!(sliding.iter().filter(|s| !**s).count(), 2);
+        assert!(!sliding[5] && !sliding[11] && sliding[0]);
         assert_eq!(g.local_rope, Some((1e4, RopeScaling::Default)));
         assert_eq!(hub.rope_scaling, RopeScaling::Linear { factor: 8.0 });
         assert!(hub.qk_norm);
+    }
+
+    /// Qwen2 / Qwen3's window as transformers' config classes read it: only with
+    /// `use_sliding_window`, on the blocks from `max_window_layers` on (or as `layer_types` says);
+    /// a null window is none.
+    #[test]
+    fn qwen_windows_follow_transformers() {
+        let read = |extra: serde_json::Value| {
+            let mut t = json!({"model_type": "qwen3", "num_hidden_layers": 4});
+            t.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let c = DecoderConfig::from_json(&t, "llama").unwrap();
+            (c.sliding_window, c.sliding_layers)
+        };
+        assert_eq!(read(json!({"sliding_window": 16})), (None, None));
+        assert_eq!(
+            read(json!({"use_sliding_window": true, "sliding_window": 16, "max_window_layers": 2})),
+            (Some(16), Some(vec![false, false, true, true]))
+        );
+        assert_eq!(
+            read(json!({"use_sliding_window": true, "max_window_layers": 3,
+                        "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]})),
+            (Some(4096), Some(vec![true, false, false, true]))
+        );
+        assert_eq!(
+            read(json!({"use_sliding_window": true, "sliding_window": null})).0,
+            None
+        );
+        // Mistral: every block.
+        let m = DecoderConfig::from_json(
+            &json!({"model_type": "mistral", "sliding_window": 8}),
+            "llama",
+        )
+        .unwrap();
+        assert!((m.sliding_window, m.sliding_layers.is_none()) == (Some(8), true));
+        assert!(m.is_sliding_layer(31));
     }
 
     /// The masks: causal, and a window of `w` keeps the `w` latest keys, itself included

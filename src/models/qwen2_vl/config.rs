@@ -129,6 +129,7 @@ impl Config {
             qk_norm: false,
             rope_scaling: crate::models::decoder::RopeScaling::Default,
             sliding_window: None,
+            sliding_layers: None,
             gemma: None,
         };
         if text.mrope_section.iter().sum::<usize>() != head_dim / 2 {
