@@ -242,36 +242,22 @@ impl DecoderConfig {
         // `max_window_layers` on; Mistral whenever it is set, on every block; Gemma on its sliding
         // layers (every `sliding_window_pattern`-th block global). transformers 5 writes the
         // blocks' kinds out as `layer_types`, which then decide.
-        let window_or = |default: usize| -> Result<Option<usize>> {
-            Ok(match t.get("sliding_window") {
-                None => Some(default),
-                Some(_) => field(t, "sliding_window")?,
-            })
-        };
         let (sliding_window, default_layers) = if gemma_like {
             let pattern: usize =
                 field(t, "sliding_window_pattern")?.unwrap_or(if gemma3 { 6 } else { 2 });
             let layers = (0..num_hidden_layers)
                 .map(|i| (i + 1) % pattern.max(1) != 0)
                 .collect();
-            (Some(window_or(4096)?.unwrap_or(4096)), Some(layers))
-        } else if qwen2 || qwen3 {
-            if field::<bool>(t, "use_sliding_window")?.unwrap_or(false) {
-                let from: usize = field(t, "max_window_layers")?.unwrap_or(28);
-                let layers = (0..num_hidden_layers).map(|i| i >= from).collect();
-                (window_or(4096)?, Some(layers))
-            } else {
-                (None, None)
-            }
+            (Some(window_or(t, 4096)?.unwrap_or(4096)), Some(layers))
+        } else if qwen2 || model_type == "qwen3" {
+            // (Qwen3-VL's decoder has no window in transformers.)
+            qwen_window(t, num_hidden_layers, 28)?
         } else if model_type == "mistral" {
-            (window_or(4096)?, None)
+            (window_or(t, 4096)?, None)
         } else {
             (None, None)
         };
-        let sliding_layers = match layer_types(t, num_hidden_layers)? {
-            Some(types) if sliding_window.is_some() => Some(types),
-            _ => default_layers,
-        };
+        let sliding_layers = sliding_layers(t, num_hidden_layers, sliding_window, default_layers)?;
         Ok(DecoderConfig {
             vocab_size: field(t, "vocab_size")?.unwrap_or(d.vocab),
             hidden_size,
@@ -345,6 +331,46 @@ impl Gemma {
             local_rope,
         })
     }
+}
+
+/// `sliding_window`, or `default` where the config leaves it out (null: no window).
+fn window_or(t: &Value, default: usize) -> Result<Option<usize>> {
+    Ok(match t.get("sliding_window") {
+        None => Some(default),
+        Some(_) => field(t, "sliding_window")?,
+    })
+}
+
+/// Qwen2, Qwen2-VL and Qwen3's window as their transformers config classes read it: only with
+/// `use_sliding_window`, on the blocks from `max_window_layers` (class default `from`) on. The
+/// window and the default sliding blocks (see [`sliding_layers`]).
+pub(crate) fn qwen_window(
+    t: &Value,
+    layers: usize,
+    from: usize,
+) -> Result<(Option<usize>, Option<Vec<bool>>)> {
+    if !field::<bool>(t, "use_sliding_window")?.unwrap_or(false) {
+        return Ok((None, None));
+    }
+    let from: usize = field(t, "max_window_layers")?.unwrap_or(from);
+    Ok((
+        window_or(t, 4096)?,
+        Some((0..layers).map(|i| i >= from).collect()),
+    ))
+}
+
+/// Which blocks use the window: as `layer_types` says where transformers 5 wrote them out (and
+/// there is a window), else the class's `default` (none: every block).
+pub(crate) fn sliding_layers(
+    t: &Value,
+    layers: usize,
+    window: Option<usize>,
+    default: Option<Vec<bool>>,
+) -> Result<Option<Vec<bool>>> {
+    Ok(match layer_types(t, layers)? {
+        Some(types) if window.is_some() => Some(types),
+        _ => default,
+    })
 }
 
 /// A config's `layer_types` (transformers 5) as "is a sliding layer" per block; none without it.

@@ -92,16 +92,15 @@ impl Config {
             None => vec![head_dim / 2, 0, 0],
         };
         let num_hidden_layers: usize = or(field(t, "num_hidden_layers")?, 80);
-        if field::<bool>(t, "use_sliding_window")?.unwrap_or(false) {
-            let max_window_layers: usize = or(field(t, "max_window_layers")?, 80);
-            if max_window_layers < num_hidden_layers {
-                return Err(crate::error::Error::Internal(
-                    "use_sliding_window is true with max_window_layers < num_hidden_layers: \
-                     sliding-window attention is not implemented"
-                        .into(),
-                ));
-            }
-        }
+        // As Qwen2 (class default max_window_layers 80): the hub's configs have it off.
+        let (sliding_window, default_layers) =
+            crate::models::decoder::qwen_window(t, num_hidden_layers, 80)?;
+        let sliding_layers = crate::models::decoder::sliding_layers(
+            t,
+            num_hidden_layers,
+            sliding_window,
+            default_layers,
+        )?;
         // transformers 5 forwards a `true` found in text_config to the top level.
         let tie_word_embeddings = field::<bool>(root, "tie_word_embeddings")?.unwrap_or(false)
             || field::<bool>(t, "tie_word_embeddings")?.unwrap_or(false);
@@ -128,8 +127,8 @@ impl Config {
             tie_word_embeddings,
             qk_norm: false,
             rope_scaling: crate::models::decoder::RopeScaling::Default,
-            sliding_window: None,
-            sliding_layers: None,
+            sliding_window,
+            sliding_layers,
             gemma: None,
         };
         if text.mrope_section.iter().sum::<usize>() != head_dim / 2 {
@@ -188,6 +187,30 @@ mod tests {
             assert_eq!(v.patch_dim(), 1176);
             assert_eq!(c.image_token_id, 151655, "class default when absent");
         }
+    }
+
+    /// The decoder's window as Qwen2VLTextConfig reads it: off unless `use_sliding_window`, then
+    /// on the blocks from `max_window_layers` (class default 80) on; the hub's configs have it off.
+    #[test]
+    fn sliding_window_only_with_use_sliding_window() {
+        let read = |extra: Value| {
+            let mut t = json!({"num_hidden_layers": 4, "sliding_window": 32,
+                               "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}});
+            t.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let c = Config::from_json(&t).unwrap();
+            (c.text.sliding_window, c.text.sliding_layers)
+        };
+        assert_eq!(read(json!({"max_window_layers": 2})), (None, None));
+        assert_eq!(
+            read(json!({"use_sliding_window": true, "max_window_layers": 2})),
+            (Some(32), Some(vec![false, false, true, true]))
+        );
+        assert_eq!(
+            read(json!({"use_sliding_window": true})),
+            (Some(32), Some(vec![false; 4]))
+        );
     }
 
     #[test]
