@@ -367,10 +367,10 @@ pub(crate) fn sliding_layers(
     window: Option<usize>,
     default: Option<Vec<bool>>,
 ) -> Result<Option<Vec<bool>>> {
-    Ok(match layer_types(t, layers)? {
-        Some(types) if window.is_some() => Some(types),
-        _ => default,
-    })
+    if window.is_none() {
+        return Ok(default);
+    }
+    Ok(layer_types(t, layers)?.or(default))
 }
 
 /// A config's `layer_types` (transformers 5) as "is a sliding layer" per block; none without it.
