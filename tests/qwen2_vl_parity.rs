@@ -35,17 +35,11 @@ fn input_ids_and_position_ids_equal_transformers() {
                 ids.len(),
                 p.image_grid.map(|g| (g.first_position, g.rows, g.cols)),
             );
-            let want = r.ids("position_ids");
-            let n = ids.len();
-            for (i, got) in pos.iter().enumerate() {
-                let exp = [want[i], want[n + i], want[2 * n + i]];
-                assert_eq!(
-                    got.map(|v| v as i64),
-                    exp,
-                    "{dir}/{}: position {i}",
-                    case.name
-                );
-            }
+            check_positions(
+                &pos,
+                &r.ids("position_ids"),
+                &format!("{dir}/{}", case.name),
+            );
             if let Some(g) = case.image_grid_thw {
                 assert_eq!(
                     p.pixels.as_ref().unwrap().grid_thw,

@@ -440,17 +440,21 @@ pub fn check_ids_grids_and_positions(dir: &str, family: &str) {
             );
         }
         let pos = model.embed(&p).unwrap().positions;
-        let want = r.ids("position_ids");
-        let n = ids.len();
-        for (i, got) in pos.iter().enumerate() {
-            let exp = [want[i], want[n + i], want[2 * n + i]];
-            assert_eq!(
-                got.map(|v| v as i64),
-                exp,
-                "{dir}/{}: position {i}",
-                case.name
-            );
-        }
+        check_positions(
+            &pos,
+            &r.ids("position_ids"),
+            &format!("{dir}/{}", case.name),
+        );
+    }
+}
+
+/// 3-D (t, h, w) rope positions against transformers' `position_ids` (`[3, 1, n]`, flattened).
+pub fn check_positions(got: &[[u32; 3]], want: &[i64], label: &str) {
+    let n = got.len();
+    assert_eq!(want.len(), 3 * n, "{label}: position_ids");
+    for (i, got) in got.iter().enumerate() {
+        let exp = [want[i], want[n + i], want[2 * n + i]];
+        assert_eq!(got.map(|v| v as i64), exp, "{label}: position {i}");
     }
 }
 

@@ -264,6 +264,34 @@ Shape shape(int dtype,
     return p;
 }
 
+// Under the lock, with cuDNN loaded: `use(state, graph)` with the shape's graph (built if new);
+// its result, or -1 with `err` set where loading, building or `use` fails.
+template <typename F>
+int64_t with_graph(int dtype,
+                   int64_t const *dims,
+                   int64_t const *strides,
+                   int causal,
+                   float scale,
+                   char *err,
+                   size_t err_len,
+                   F use) {
+    auto &s = state();
+    std::lock_guard<std::mutex> guard(s.lock);
+    try {
+        if (!ready(s, err, err_len)) {
+            return -1;
+        }
+        auto graph = build(s, shape(dtype, dims, strides, causal, scale), err, err_len);
+        if (!graph) {
+            return -1;
+        }
+        return use(s, *graph);
+    } catch (std::exception const &e) {
+        set_error(err, err_len, std::string("cuDNN SDPA: ") + e.what());
+        return -1;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -277,27 +305,15 @@ int64_t logit_lens_cudnn_sdpa_workspace(int dtype,
                                         float scale,
                                         char *err,
                                         size_t err_len) {
-    auto &s = state();
-    std::lock_guard<std::mutex> guard(s.lock);
-    try {
-        if (!ready(s, err, err_len)) {
-            return -1;
-        }
-        auto graph = build(s, shape(dtype, dims, strides, causal, scale), err, err_len);
-        if (!graph) {
-            return -1;
-        }
+    return with_graph(dtype, dims, strides, causal, scale, err, err_len, [&](State &, fe::graph::Graph &graph) {
         int64_t bytes = 0;
-        auto e = graph->get_workspace_size(bytes);
+        auto e = graph.get_workspace_size(bytes);
         if (!e.is_good()) {
             set_error(err, err_len, "cuDNN SDPA workspace: " + e.get_message());
-            return -1;
+            return int64_t{-1};
         }
         return bytes;
-    } catch (std::exception const &e) {
-        set_error(err, err_len, std::string("cuDNN SDPA: ") + e.what());
-        return -1;
-    }
+    });
 }
 
 // Runs the shape's plan on `stream` (a cudaStream_t). 0 on success, -1 on error (`err`).
@@ -314,32 +330,21 @@ int logit_lens_cudnn_sdpa_run(int dtype,
                               void *workspace,
                               char *err,
                               size_t err_len) {
-    auto &s = state();
-    std::lock_guard<std::mutex> guard(s.lock);
-    try {
-        if (!ready(s, err, err_len)) {
-            return -1;
-        }
-        auto graph = build(s, shape(dtype, dims, strides, causal, scale), err, err_len);
-        if (!graph) {
-            return -1;
-        }
+    auto rc = with_graph(dtype, dims, strides, causal, scale, err, err_len, [&](State &s, fe::graph::Graph &graph) {
         if (fe::detail::set_stream(s.handle, static_cast<cudaStream_t>(stream)) != CUDNN_STATUS_SUCCESS) {
             set_error(err, err_len, "cudnnSetStream failed");
-            return -1;
+            return int64_t{-1};
         }
         std::unordered_map<int64_t, void *> pack = {
             {Q, const_cast<void *>(q)}, {K, const_cast<void *>(k)}, {V, const_cast<void *>(v)}, {O, o}};
-        auto e = graph->execute(s.handle, pack, workspace);
+        auto e = graph.execute(s.handle, pack, workspace);
         if (!e.is_good()) {
             set_error(err, err_len, "cuDNN SDPA execute: " + e.get_message());
-            return -1;
+            return int64_t{-1};
         }
-        return 0;
-    } catch (std::exception const &e) {
-        set_error(err, err_len, std::string("cuDNN SDPA: ") + e.what());
-        return -1;
-    }
+        return int64_t{0};
+    });
+    return static_cast<int>(rc);
 }
 
 // What is cached, for logs and the GPU test: plans kept and evicted, and per topology whether its

@@ -302,27 +302,15 @@ fn segmented_attention_with(
                 head_dim: hd,
             };
             let a = profile::op("  attention: flash", q.device(), || {
-                let a = if q.device().is_cpu() {
+                let (qa, ka, va) = ((q, run(qv)), (k, run(kv)), (v, run(vv)));
+                Ok(if q.device().is_cpu() {
                     // The CPU twin of the flash kernel (the tests).
                     Some(fused::flash::flash_attention(
-                        (q, run(qv)),
-                        (k, run(kv)),
-                        (v, run(vv)),
-                        dims,
-                        false,
-                        scale,
+                        qa, ka, va, dims, false, scale,
                     )?)
                 } else {
-                    fused::flash::fused_attention(
-                        (q, run(qv)),
-                        (k, run(kv)),
-                        (v, run(vv)),
-                        dims,
-                        false,
-                        scale,
-                    )?
-                };
-                Ok(a)
+                    fused::flash::fused_attention(qa, ka, va, dims, false, scale)?
+                })
             })?; // [r, len, heads, hd]
             if let Some(a) = a {
                 outs.push(a.reshape((r * len, heads * hd))?);
