@@ -24,6 +24,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+pub mod amx;
 #[cfg(feature = "cuda")]
 mod cuda;
 
@@ -140,6 +141,8 @@ pub struct Lens<'a> {
     /// The targets' unembedding rows `[targets, hidden]` in f64 (their logits are exact dot
     /// products), taken once.
     target_w: Option<Tensor>,
+    /// CPU path: the unembedding packed for AMX, where the head has it.
+    amx: Option<&'a amx::PackedUnembed>,
 }
 
 /// One lens layer's work: the normed rows to read out and their running reductions.
@@ -193,12 +196,22 @@ impl<'a> Lens<'a> {
             vocab_tile: vocab_tile_from_env(),
             row_chunk: row_chunk_from_env(),
             cpu_pending: Vec::new(),
+            amx: head.packed.as_deref(),
         })
     }
 
     /// Reduces with tensor operations, as on an accelerator, even on the CPU.
     pub fn with_tensor_path(mut self) -> Self {
         self.tensor_path = true;
+        // Its sums come from the tensor GEMM; so must everything recomputed from them.
+        self.amx = None;
+        self
+    }
+
+    /// The CPU path multiplies with candle's f32 GEMM even where the head is packed for AMX (tests
+    /// compare the two).
+    pub fn without_amx(mut self) -> Self {
+        self.amx = None;
         self
     }
 
@@ -291,12 +304,12 @@ impl<'a> Lens<'a> {
                 DEVICE_VOCAB_BLOCK
             };
             let mut cross = vec![0f64; r];
+            let (n_split, final_split) = (self.amx_rows(&n)?, self.amx_rows(final_rows)?);
             for v0 in (0..vocab).step_by(step) {
                 let vc = step.min(vocab - v0);
-                let w = self.unembed.narrow(0, v0, vc)?;
-                let z = self.cap(unembed_f32(&n, &w)?)?;
+                let z = self.cap(self.block_logits(&n, n_split.as_ref(), v0, vc)?)?;
                 let p = self
-                    .cap(unembed_f32(final_rows, &w)?)?
+                    .cap(self.block_logits(final_rows, final_split.as_ref(), v0, vc)?)?
                     .broadcast_sub(&lse_t)?
                     .exp()?
                     .index_select(&idx, 0)?;
@@ -610,22 +623,72 @@ impl<'a> Lens<'a> {
         ))
     }
 
-    /// One pass over the vocabulary in blocks: a GEMM, then one fused reduction of every row.
+    /// One pass over the vocabulary in blocks: a GEMM, then one fused reduction of every row. The
+    /// GEMM is AMX's where the head has the unembedding packed for it ([`amx`]), candle's f32
+    /// GEMM otherwise.
     fn reduce_vocabulary(&self, n_block: &Tensor, states: &mut [RowState]) -> Result<()> {
         let vocab = self.unembed.dim(0)?;
+        let reduce = |z: &[f32], v0: usize, vc: usize, states: &mut [RowState]| {
+            z.par_chunks(vc)
+                .zip(states.par_iter_mut())
+                .for_each(|(row, st)| st.update(row, v0, &self.spec.targets, &self.spec.excluded));
+        };
+        if let (Some(packed), Some(rows)) = (self.amx, self.amx_rows(n_block)?) {
+            let n = n_block.dim(0)?;
+            let mut z = vec![0f32; n * VOCAB_BLOCK.min(vocab)];
+            for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
+                let vc = VOCAB_BLOCK.min(vocab - v0);
+                let z = &mut z[..n * vc];
+                amx::matmul(&rows, packed, v0, vc, z);
+                if self.head.softcap.is_some() {
+                    let capped = self.cap(Tensor::from_slice(z, (n, vc), n_block.device())?)?;
+                    with_cpu_f32(&capped, |z| reduce(z, v0, vc, states))?;
+                } else {
+                    reduce(z, v0, vc, states);
+                }
+            }
+            return Ok(());
+        }
         for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
             let vc = VOCAB_BLOCK.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
             let logits = self.cap(n_block.matmul(&w.t()?)?)?;
-            with_cpu_f32(&logits, |z| {
-                z.par_chunks(vc)
-                    .zip(states.par_iter_mut())
-                    .for_each(|(row, st)| {
-                        st.update(row, v0, &self.spec.targets, &self.spec.excluded)
-                    });
-            })?;
+            with_cpu_f32(&logits, |z| reduce(z, v0, vc, states))?;
         }
         Ok(())
+    }
+
+    /// `rows` split for the AMX GEMM, when this lens multiplies there (CPU, f32, packed head).
+    fn amx_rows(&self, rows: &Tensor) -> Result<Option<amx::SplitRows>> {
+        if self.amx.is_none() || !rows.device().is_cpu() || rows.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (n, hidden) = rows.dims2()?;
+        Ok(Some(with_cpu_f32(rows, |a| {
+            amx::SplitRows::new(a, n, hidden)
+        })?))
+    }
+
+    /// `rows · wᵀ` (f32) for the `vc` vocabulary entries from `v0`, through the same GEMM as the
+    /// reduction (AMX where `split`, from [`Self::amx_rows`], is given): the sums recomputed from
+    /// these logits (`Wᵀ p_L`, the capped cross terms) must agree with the reduction's log-sum-exps,
+    /// or `p_L` no longer sums to 1 and KL is off by that much times the cross term.
+    fn block_logits(
+        &self,
+        rows: &Tensor,
+        split: Option<&amx::SplitRows>,
+        v0: usize,
+        vc: usize,
+    ) -> Result<Tensor> {
+        match (split, self.amx) {
+            (Some(split), Some(packed)) => {
+                let n = rows.dim(0)?;
+                let mut z = vec![0f32; n * vc];
+                amx::matmul(split, packed, v0, vc, &mut z);
+                Ok(Tensor::from_vec(z, (n, vc), rows.device())?)
+            }
+            _ => unembed_f32(rows, &self.unembed.narrow(0, v0, vc)?),
+        }
     }
 
     /// Queues one layer's reduction where its rows live (the GPU): the rows go through the
@@ -797,10 +860,14 @@ impl<'a> Lens<'a> {
         } else {
             DEVICE_VOCAB_BLOCK
         };
+        let split = self.amx_rows(n_rows)?;
         for v0 in (0..vocab).step_by(step) {
             let vc = step.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
-            let p = unembed_f32(n_rows, &w)?.broadcast_sub(&lse_t)?.exp()?;
+            let p = self
+                .block_logits(n_rows, split.as_ref(), v0, vc)?
+                .broadcast_sub(&lse_t)?
+                .exp()?;
             let part = p.matmul(&w.to_dtype(DType::F32)?)?;
             u = Some(match u {
                 Some(acc) => (acc + part)?,

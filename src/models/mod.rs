@@ -93,6 +93,9 @@ pub struct LensHead {
     pub unembed: Tensor,
     /// `final_logit_softcapping`: logits become `c · tanh(z / c)`.
     pub softcap: Option<f64>,
+    /// The unembedding packed for the CPU lens's AMX GEMM (src/lens/amx.rs), where the CPU has AMX
+    /// and the unembedding is f32 on the CPU.
+    pub packed: Option<std::sync::Arc<crate::lens::amx::PackedUnembed>>,
 }
 
 impl LensHead {
@@ -109,10 +112,12 @@ impl LensHead {
         } else {
             text.embed_tokens.clone()
         };
+        let packed = crate::lens::amx::pack_unembed(&unembed)?;
         Ok(LensHead {
             norm: text.norm.clone(),
             unembed,
             softcap: text.config().gemma.as_ref().and_then(|g| g.final_softcap),
+            packed,
         })
     }
 }

@@ -1,0 +1,465 @@
+//! The CPU lens's vocabulary GEMM on Intel AMX (Xeon 4th generation, "Sapphire Rapids", and later),
+//! in f32 arithmetic.
+//!
+//! AMX multiplies tiles of bf16 and accumulates in f32 (`TDPBF16PS`): 512 multiply-adds a cycle
+//! per core, 16 times what AVX-512 does in f32. The lens stays f32 all the same:
+//!
+//! - every f32 value is the exact sum of three bf16 values (8 + 8 + 8 significant bits), and a
+//!   product of two bf16 values is exact in f32;
+//! - so the rows `a` are split into `a₁ + a₂ + a₃`, and the unembedding `w` into as many pieces
+//!   as its values need: one for weights that were bf16 on disk (most hub checkpoints), two for
+//!   f16 (LLaVA-1.5's), three for f32;
+//! - `a · w = Σ aᵢ · wⱼ` over the pairs with `i + j ≤ 4`. The pairs left out (only with f32
+//!   weights) are below 2⁻²⁴ of the product, f32's own rounding of one product. All sums are f32,
+//!   as in an f32 GEMM (in another order, with more terms).
+//!
+//! So one product pair per piece of `a` for bf16 weights: 3 tile products per block instead of 1,
+//! still about 5 times AVX-512's f32 rate. The unembedding is packed once, when the model is
+//! loaded ([`PackedUnembed::new`]); the rows are split per call.
+//!
+//! Used when the CPU has AMX-BF16 and Linux grants the tile state (`arch_prctl`); else, or with
+//! `LOGIT_LENS_AMX=0`, the lens multiplies in f32 through candle as before. Tests compare the two.
+
+use std::sync::{Arc, OnceLock};
+
+use rayon::prelude::*;
+
+/// Tile geometry: a tile is 16 rows of 64 bytes (16 f32, or 32 bf16 = 16 pairs).
+const T: usize = 16;
+/// The inner dimension per tile product (bf16 values per tile row).
+const K: usize = 32;
+/// Vocabulary entries per task: its pieces of the unembedding (32 KB a piece per 32 entries for a
+/// hidden size of 512) stay in L2 while the task's rows go by.
+const TASK_VOCAB: usize = 256;
+/// Row pairs (of 16 rows) per group: a group's split rows stay in L2 while a task's vocabulary
+/// entries go by (3 pieces × 128 rows × 1536 × 2 bytes = 1.2 MB for Qwen2-VL-2B).
+const GROUP_ROW_PAIRS: usize = 4;
+
+/// Whether the lens's GEMM runs on AMX here: the CPU has AMX-TILE and AMX-BF16, Linux grants the
+/// process the tile state, and `LOGIT_LENS_AMX` is not `0` / `off`. Asked once.
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let off = std::env::var("LOGIT_LENS_AMX").is_ok_and(|v| v == "0" || v == "off");
+        !off && detect()
+    })
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+    let c = core::arch::x86_64::__cpuid_count(7, 0);
+    let (bf16, tile) = ((c.edx >> 22) & 1 == 1, (c.edx >> 24) & 1 == 1);
+    // Linux hands out the 8 KB tile state per process on request (ARCH_REQ_XCOMP_PERM for
+    // XFEATURE_XTILEDATA); without it the first tile instruction faults.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    bf16 && tile
+        && unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        } == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// The unembedding packed for the AMX GEMM, when it is f32 on the CPU and [`available`].
+pub fn pack_unembed(unembed: &candle_core::Tensor) -> crate::Result<Option<Arc<PackedUnembed>>> {
+    if !(unembed.device().is_cpu() && unembed.dtype() == candle_core::DType::F32 && available()) {
+        return Ok(None);
+    }
+    let (vocab, hidden) = unembed.dims2()?;
+    let w = unembed.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Arc::new(PackedUnembed::new(
+        &cpu.as_slice::<f32>()?[a..b],
+        vocab,
+        hidden,
+    ))))
+}
+
+/// bf16 bits of `x`, rounded to nearest even.
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+fn bf16_value(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// `x` as three bf16 values whose sum is `x` (exactly, for every finite f32 whose pieces are
+/// normal numbers).
+fn split3(x: f32) -> [u16; 3] {
+    let p1 = bf16_bits(x);
+    let r1 = x - bf16_value(p1);
+    let p2 = bf16_bits(r1);
+    let r2 = r1 - bf16_value(p2);
+    [p1, p2, bf16_bits(r2)]
+}
+
+/// The unembedding `[vocab, hidden]` in bf16 pieces, laid out as AMX's B operand: for each 16
+/// vocabulary entries, each piece and each 32 hidden units, one 1 KB tile whose row `r` holds, for
+/// each of the 16 entries, the pair of hidden units `2r, 2r + 1` ("VNNI" order). Padded with zeros
+/// to 32 entries and 32 hidden units.
+pub struct PackedUnembed {
+    vocab: usize,
+    hidden: usize,
+    /// `hidden` rounded up to K.
+    kp: usize,
+    /// bf16 pieces per weight: 1, 2 or 3.
+    pieces: usize,
+    /// Tiles `[vocab / 16][pieces][kp / 32]`, 512 bf16 each.
+    tiles: Vec<u16>,
+}
+
+impl PackedUnembed {
+    /// Packs `w` (`[vocab, hidden]` f32, row-major) with as few pieces as its values need.
+    pub fn new(w: &[f32], vocab: usize, hidden: usize) -> Self {
+        assert_eq!(w.len(), vocab * hidden);
+        let pieces = w
+            .par_iter()
+            .map(|&x| {
+                let [_, p2, p3] = split3(x);
+                1 + usize::from(p2 != 0 || p3 != 0) + usize::from(p3 != 0)
+            })
+            .max()
+            .unwrap_or(1);
+        let kp = hidden.next_multiple_of(K);
+        let vp = vocab.next_multiple_of(2 * T);
+        let nkb = kp / K;
+        let mut tiles = vec![0u16; vp * kp * pieces];
+        tiles
+            .par_chunks_mut(pieces * nkb * T * K)
+            .enumerate()
+            .for_each(|(vb, block)| {
+                for n in 0..T.min(vocab.saturating_sub(vb * T)) {
+                    let v = vb * T + n;
+                    for (k, &x) in w[v * hidden..(v + 1) * hidden].iter().enumerate() {
+                        let at = (k / K) * T * K + (k % K / 2) * K + n * 2 + k % 2;
+                        for (piece, bits) in split3(x).into_iter().take(pieces).enumerate() {
+                            block[piece * nkb * T * K + at] = bits;
+                        }
+                    }
+                }
+            });
+        PackedUnembed {
+            vocab,
+            hidden,
+            kp,
+            pieces,
+            tiles,
+        }
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// bf16 pieces per weight: 1 (bf16 weights), 2 (f16) or 3 (f32).
+    pub fn pieces(&self) -> usize {
+        self.pieces
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * 2
+    }
+
+    /// The tile of piece `piece` for vocabulary entries `16 vb ..` and hidden units `32 kb ..`.
+    fn tile(&self, vb: usize, piece: usize, kb: usize) -> *const u16 {
+        let nkb = self.kp / K;
+        self.tiles[((vb * self.pieces + piece) * nkb + kb) * T * K..].as_ptr()
+    }
+}
+
+/// Rows `[n, hidden]` split into three bf16 pieces, each `[n rounded up to 32, kp]` row-major,
+/// zero-padded: AMX's A operand.
+pub struct SplitRows {
+    n: usize,
+    kp: usize,
+    pieces: [Vec<u16>; 3],
+}
+
+impl SplitRows {
+    pub fn new(a: &[f32], n: usize, hidden: usize) -> Self {
+        assert_eq!(a.len(), n * hidden);
+        let kp = hidden.next_multiple_of(K);
+        let np = n.next_multiple_of(2 * T).max(2 * T);
+        let mut pieces = [
+            vec![0u16; np * kp],
+            vec![0u16; np * kp],
+            vec![0u16; np * kp],
+        ];
+        let [p1, p2, p3] = &mut pieces;
+        p1.par_chunks_mut(kp)
+            .zip(p2.par_chunks_mut(kp))
+            .zip(p3.par_chunks_mut(kp))
+            .zip(a.par_chunks(hidden.max(1)))
+            .for_each(|(((r1, r2), r3), row)| {
+                for (k, &x) in row.iter().enumerate() {
+                    [r1[k], r2[k], r3[k]] = split3(x);
+                }
+            });
+        SplitRows { n, kp, pieces }
+    }
+}
+
+/// `out[r][j] = a[r] · w[v0 + j]` for the `n` split rows and the `vc` vocabulary entries from `v0`
+/// (a multiple of 32), `out` `[n, vc]` row-major. Needs [`available`].
+pub fn matmul(a: &SplitRows, w: &PackedUnembed, v0: usize, vc: usize, out: &mut [f32]) {
+    assert!(available(), "AMX is not available");
+    assert_eq!(a.kp, w.kp, "rows and unembedding differ in hidden size");
+    assert!(v0.is_multiple_of(2 * T) && v0 + vc <= w.vocab);
+    assert_eq!(out.len(), a.n * vc);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let col_pairs = vc.div_ceil(2 * T);
+    let per_task = TASK_VOCAB / (2 * T);
+    (0..col_pairs.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let cbs = task * per_task..((task + 1) * per_task).min(col_pairs);
+            // Each task writes its own columns of `out`, no two tasks the same element.
+            unsafe { x86::task(a, w, v0, vc, cbs, out_ptr) };
+        });
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{PackedUnembed, SendPtr, SplitRows, GROUP_ROW_PAIRS, K, T};
+    use std::arch::asm;
+    use std::ops::Range;
+
+    /// LDTILECFG's 64-byte operand: palette 1, every tile 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// One task: the column pairs `cbs` (32 vocabulary entries each, from `v0`) for every row.
+    /// Tiles: tmm0–3 the 2 × 2 accumulators, tmm4–5 two row tiles of a piece of `a`, tmm6–7 two
+    /// column tiles of a piece of `w`.
+    pub(super) unsafe fn task(
+        a: &SplitRows,
+        w: &PackedUnembed,
+        v0: usize,
+        vc: usize,
+        cbs: Range<usize>,
+        out: SendPtr,
+    ) {
+        let mut cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = T as u8;
+        }
+        asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+        let row_pairs = a.n.div_ceil(2 * T);
+        let nkb = w.kp / K;
+        let a_stride = a.kp * 2;
+        let mut scratch = [0f32; 4 * T * T];
+        for group in (0..row_pairs).step_by(GROUP_ROW_PAIRS) {
+            for cb in cbs.clone() {
+                let vb = (v0 / T) + 2 * cb;
+                for rb in group..(group + GROUP_ROW_PAIRS).min(row_pairs) {
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                    for kb in 0..nkb {
+                        for j in 0..w.pieces {
+                            let (b0, b1) = (w.tile(vb, j, kb), w.tile(vb + 1, j, kb));
+                            asm!(
+                                "tileloadd tmm6, [{b0} + {s}*1]",
+                                "tileloadd tmm7, [{b1} + {s}*1]",
+                                b0 = in(reg) b0, b1 = in(reg) b1, s = in(reg) 64usize,
+                                options(nostack, readonly)
+                            );
+                            // Pieces of `a` with i + j ≤ 4 (1-based): 3 with w's first piece, 2
+                            // with its second, 1 with its third.
+                            for ap in &a.pieces[..3 - j] {
+                                let r0 = ap.as_ptr().add(rb * 2 * T * a.kp + kb * K);
+                                let r1 = r0.add(T * a.kp);
+                                asm!(
+                                    "tileloadd tmm4, [{r0} + {s}*1]",
+                                    "tileloadd tmm5, [{r1} + {s}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    r0 = in(reg) r0, r1 = in(reg) r1, s = in(reg) a_stride,
+                                    options(nostack, readonly)
+                                );
+                            }
+                        }
+                    }
+                    store(&mut scratch, rb, cb, a.n, vc, out);
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// The four accumulators of row pair `rb`, column pair `cb` to `out` (`[n, vc]`): straight
+    /// there when the block is inside it, else through `scratch`, keeping what is inside.
+    unsafe fn store(
+        scratch: &mut [f32; 4 * T * T],
+        rb: usize,
+        cb: usize,
+        n: usize,
+        vc: usize,
+        out: SendPtr,
+    ) {
+        let (r0, c0) = (rb * 2 * T, cb * 2 * T);
+        if r0 + 2 * T <= n && c0 + 2 * T <= vc {
+            let base = out.0.add(r0 * vc + c0);
+            asm!(
+                "tilestored [{p0} + {s}*1], tmm0",
+                "tilestored [{p1} + {s}*1], tmm1",
+                "tilestored [{p2} + {s}*1], tmm2",
+                "tilestored [{p3} + {s}*1], tmm3",
+                p0 = in(reg) base, p1 = in(reg) base.add(T), p2 = in(reg) base.add(T * vc),
+                p3 = in(reg) base.add(T * vc + T), s = in(reg) vc * 4,
+                options(nostack)
+            );
+            return;
+        }
+        // scratch: [32 rows][32 columns].
+        let base = scratch.as_mut_ptr();
+        asm!(
+            "tilestored [{p0} + {s}*1], tmm0",
+            "tilestored [{p1} + {s}*1], tmm1",
+            "tilestored [{p2} + {s}*1], tmm2",
+            "tilestored [{p3} + {s}*1], tmm3",
+            p0 = in(reg) base, p1 = in(reg) base.add(T), p2 = in(reg) base.add(2 * T * T),
+            p3 = in(reg) base.add(2 * T * T + T), s = in(reg) 2 * T * 4,
+            options(nostack)
+        );
+        for r in 0..(2 * T).min(n.saturating_sub(r0)) {
+            let cols = (2 * T).min(vc - c0);
+            std::ptr::copy_nonoverlapping(base.add(r * 2 * T), out.0.add((r0 + r) * vc + c0), cols);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    pub(super) unsafe fn task(
+        _: &super::SplitRows,
+        _: &super::PackedUnembed,
+        _: usize,
+        _: usize,
+        _: std::ops::Range<usize>,
+        _: super::SendPtr,
+    ) {
+        unreachable!("AMX exists on x86-64 only")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn three_bf16_pieces_sum_to_the_f32_value() {
+        let mut s = 7;
+        for _ in 0..100_000 {
+            let x = lcg(&mut s) * 10f32.powi((lcg(&mut s) * 8.0) as i32);
+            let [a, b, c] = split3(x);
+            assert_eq!(bf16_value(a) + bf16_value(b) + bf16_value(c), x, "{x}");
+        }
+    }
+
+    /// Every shape edge (rows, hidden and vocabulary not multiples of the tiles, a block that
+    /// starts inside the vocabulary), for weights of one, two and three pieces: each logit within
+    /// 2⁻²⁰ of its terms' magnitude `Σ |aₖ wₖ|` of the f64 dot product (an f32 GEMM of this length
+    /// is within ~2⁻²²; a missing piece of `a` is off by ~2⁻⁹, one of `w` by ~2⁻¹⁷).
+    #[test]
+    fn amx_products_equal_f64_dot_products() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AMX-BF16 (or Linux refused the tile state)");
+            return;
+        }
+        let mut s = 1;
+        for (pieces, round) in [
+            (1, (|x: f32| bf16_value(bf16_bits(x))) as fn(f32) -> f32),
+            (2, |x: f32| half::f16::from_f32(x).to_f32()),
+            (3, |x: f32| x),
+        ] {
+            for (n, hidden, vocab, v0, vc) in [
+                (37, 80, 100, 0, 100),
+                (37, 80, 100, 32, 50),
+                (64, 64, 96, 64, 32),
+                (5, 300, 70, 0, 70),
+                (130, 96, 600, 256, 300),
+            ] {
+                let a: Vec<f32> = (0..n * hidden).map(|_| lcg(&mut s) * 3.0).collect();
+                let w: Vec<f32> = (0..vocab * hidden)
+                    .map(|_| round(lcg(&mut s) * 0.05))
+                    .collect();
+                let packed = PackedUnembed::new(&w, vocab, hidden);
+                assert_eq!(packed.pieces(), pieces);
+                let mut out = vec![f32::NAN; n * vc];
+                matmul(&SplitRows::new(&a, n, hidden), &packed, v0, vc, &mut out);
+                for r in 0..n {
+                    for j in 0..vc {
+                        let (ar, wr) = (
+                            &a[r * hidden..(r + 1) * hidden],
+                            &w[(v0 + j) * hidden..(v0 + j + 1) * hidden],
+                        );
+                        let exact: f64 =
+                            ar.iter().zip(wr).map(|(&x, &y)| x as f64 * y as f64).sum();
+                        let size: f64 = ar
+                            .iter()
+                            .zip(wr)
+                            .map(|(&x, &y)| (x as f64 * y as f64).abs())
+                            .sum();
+                        let got = out[r * vc + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= size * 2f64.powi(-20),
+                            "pieces {pieces}, shape {n}×{hidden}·{vocab} from {v0}: [{r}][{j}] {got} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
