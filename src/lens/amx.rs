@@ -187,11 +187,12 @@ impl PackedUnembed {
     }
 }
 
-/// Rows `[n, hidden]` split into three bf16 pieces, each `[n rounded up to 32, kp]` row-major,
-/// zero-padded: AMX's A operand.
+/// Rows `[n, hidden]` split into three bf16 pieces, laid out as AMX's A operand: per piece, for
+/// each 16 rows and 32 hidden units, one 1 KB tile (row-major), zero-padded to 32 rows and 32 units.
 pub struct SplitRows {
     n: usize,
     kp: usize,
+    /// Per piece: tiles `[rows / 16][kp / 32]`, 512 bf16 each.
     pieces: [Vec<u16>; 3],
 }
 
@@ -200,22 +201,32 @@ impl SplitRows {
         assert_eq!(a.len(), n * hidden);
         let kp = hidden.next_multiple_of(K);
         let np = n.next_multiple_of(2 * T).max(2 * T);
+        let nkb = kp / K;
         let mut pieces = [
             vec![0u16; np * kp],
             vec![0u16; np * kp],
             vec![0u16; np * kp],
         ];
         let [p1, p2, p3] = &mut pieces;
-        p1.par_chunks_mut(kp)
-            .zip(p2.par_chunks_mut(kp))
-            .zip(p3.par_chunks_mut(kp))
-            .zip(a.par_chunks(hidden.max(1)))
-            .for_each(|(((r1, r2), r3), row)| {
-                for (k, &x) in row.iter().enumerate() {
-                    [r1[k], r2[k], r3[k]] = split3(x);
+        p1.par_chunks_mut(nkb * T * K)
+            .zip(p2.par_chunks_mut(nkb * T * K))
+            .zip(p3.par_chunks_mut(nkb * T * K))
+            .enumerate()
+            .for_each(|(rt, ((t1, t2), t3))| {
+                for rr in 0..T.min(n.saturating_sub(rt * T)) {
+                    let row = &a[(rt * T + rr) * hidden..][..hidden];
+                    for (k, &x) in row.iter().enumerate() {
+                        let at = (k / K) * T * K + rr * K + k % K;
+                        [t1[at], t2[at], t3[at]] = split3(x);
+                    }
                 }
             });
         SplitRows { n, kp, pieces }
+    }
+
+    /// The tile of piece `piece` for rows `16 rt ..` and hidden units `32 kb ..`.
+    fn tile(&self, piece: usize, rt: usize, kb: usize) -> *const u16 {
+        self.pieces[piece][(rt * (self.kp / K) + kb) * T * K..].as_ptr()
     }
 }
 
@@ -284,12 +295,11 @@ mod x86 {
         asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
         let row_pairs = a.n.div_ceil(2 * T);
         let nkb = w.kp / K;
-        let a_stride = a.kp * 2;
         let mut scratch = [0f32; 4 * T * T];
-        for group in (0..row_pairs).step_by(GROUP_ROW_PAIRS) {
+        for g0 in (0..row_pairs).step_by(GROUP_ROW_PAIRS) {
             for cb in cbs.clone() {
                 let vb = (v0 / T) + 2 * cb;
-                for rb in group..(group + GROUP_ROW_PAIRS).min(row_pairs) {
+                for rb in g0..(g0 + GROUP_ROW_PAIRS).min(row_pairs) {
                     asm!(
                         "tilezero tmm0",
                         "tilezero tmm1",
@@ -308,9 +318,8 @@ mod x86 {
                             );
                             // Pieces of `a` with i + j ≤ 4 (1-based): 3 with w's first piece, 2
                             // with its second, 1 with its third.
-                            for ap in &a.pieces[..3 - j] {
-                                let r0 = ap.as_ptr().add(rb * 2 * T * a.kp + kb * K);
-                                let r1 = r0.add(T * a.kp);
+                            for i in 0..3 - j {
+                                let (r0, r1) = (a.tile(i, 2 * rb, kb), a.tile(i, 2 * rb + 1, kb));
                                 asm!(
                                     "tileloadd tmm4, [{r0} + {s}*1]",
                                     "tileloadd tmm5, [{r1} + {s}*1]",
@@ -318,7 +327,7 @@ mod x86 {
                                     "tdpbf16ps tmm1, tmm4, tmm7",
                                     "tdpbf16ps tmm2, tmm5, tmm6",
                                     "tdpbf16ps tmm3, tmm5, tmm7",
-                                    r0 = in(reg) r0, r1 = in(reg) r1, s = in(reg) a_stride,
+                                    r0 = in(reg) r0, r1 = in(reg) r1, s = in(reg) 64usize,
                                     options(nostack, readonly)
                                 );
                             }

@@ -116,7 +116,40 @@ pub fn prepared_with_python_pixels(
 }
 
 pub fn lens_on(model: &dyn VisionLanguageModel, p: &Prepared, spec: &LensSpec) -> Vec<LayerStats> {
+    lens_with(model, p, spec, Gemm::Default)
+}
+
+/// The CPU lens's vocabulary GEMM: the one the model's head picked (AMX where the CPU has it), or
+/// candle's f32 GEMM.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Gemm {
+    Default,
+    CandleF32,
+}
+
+/// The GEMMs a CPU lens can take on this machine: candle's f32 one, and AMX's where the head is
+/// packed for it.
+pub fn gemms(model: &dyn VisionLanguageModel) -> Vec<Gemm> {
+    let amx = model.head().packed.is_some();
+    // On a CPU with AMX every f32 CPU head is packed, so the parity tests hold both GEMMs.
+    assert_eq!(amx, logit_lens::lens::amx::available());
+    if amx {
+        vec![Gemm::Default, Gemm::CandleF32]
+    } else {
+        vec![Gemm::Default]
+    }
+}
+
+pub fn lens_with(
+    model: &dyn VisionLanguageModel,
+    p: &Prepared,
+    spec: &LensSpec,
+    gemm: Gemm,
+) -> Vec<LayerStats> {
     let mut lens = Lens::new(model.head(), spec, model.info().num_layers).unwrap();
+    if gemm == Gemm::CandleF32 {
+        lens = lens.without_amx();
+    }
     model.forward(p, &mut lens).unwrap();
     lens.finish().unwrap()
 }
@@ -167,12 +200,19 @@ pub fn check_inputs_and_hidden_states(dir: &str, family: &str) {
 }
 
 /// Per layer and position: top-5 ids and probabilities, target probabilities and ranks,
-/// entropy, KL to the final layer, and the mean-max-prob summary, against transformers.
+/// entropy, KL to the final layer, and the mean-max-prob summary, against transformers; with each
+/// GEMM the CPU lens can take here ([`gemms`]).
 pub fn check_lens(dir: &str, family: &str) {
     let model = load_model(dir);
+    for gemm in gemms(model.as_ref()) {
+        check_lens_with(model.as_ref(), dir, family, gemm);
+    }
+}
+
+fn check_lens_with(model: &dyn VisionLanguageModel, dir: &str, family: &str, gemm: Gemm) {
     for case in cases(family) {
         let r = Reference::load(family, &case.name);
-        let p = prepared_with_python_pixels(model.as_ref(), &case, &r);
+        let p = prepared_with_python_pixels(model, &case, &r);
         let positions: Vec<usize> = r
             .ids("lens_positions")
             .iter()
@@ -188,7 +228,7 @@ pub fn check_lens(dir: &str, family: &str) {
             summary: true,
             excluded: vec![],
         };
-        let out = lens_on(model.as_ref(), &p, &spec);
+        let out = lens_with(model, &p, &spec, gemm);
         let (logprobs, top5) = (r.f32s("lens_logprobs"), r.ids("top5_ids"));
         let (entropy, kl, mmp) = (
             r.f32s("lens_entropy"),
@@ -203,13 +243,16 @@ pub fn check_lens(dir: &str, family: &str) {
             let m = layer.mean_max_prob.unwrap();
             assert!(
                 (m - mmp[l]).abs() < 1e-4,
-                "{dir}/{}: layer {l} mean_max_prob {m} vs {}",
+                "{dir}/{} ({gemm:?}): layer {l} mean_max_prob {m} vs {}",
                 case.name,
                 mmp[l]
             );
             for (k, pos) in layer.positions.iter().enumerate() {
                 let row = &logprobs[(l * np + k) * vocab..(l * np + k + 1) * vocab];
-                let ctx = format!("{dir}/{} layer {l} position {}", case.name, pos.position);
+                let ctx = format!(
+                    "{dir}/{} ({gemm:?}) layer {l} position {}",
+                    case.name, pos.position
+                );
                 for (rank, &(id, prob, _)) in pos.top.iter().enumerate() {
                     let want = row[id as usize].exp();
                     assert!(
