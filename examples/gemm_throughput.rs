@@ -30,19 +30,17 @@ fn run(hidden: usize) {
     let w_bf16 = w.to_dtype(candle_core::DType::BF16).unwrap();
     let w_bf16 = w_bf16.to_dtype(candle_core::DType::F32).unwrap();
     let packed = amx::available().then(|| {
+        let one: Vec<f32> = w_bf16.flatten_all().unwrap().to_vec1().unwrap();
         let t = Instant::now();
-        let one = amx::PackedUnembed::new(
-            &w_bf16.flatten_all().unwrap().to_vec1().unwrap(),
-            VOCAB,
-            hidden,
-        );
+        let one = amx::PackedUnembed::new(&one, VOCAB, hidden);
         println!(
-            "hidden {hidden}: packed the bf16 weights in {:.0} ms ({} piece)",
+            "hidden {hidden}: packed the bf16 weights in {:.0} ms ({} piece, {} MB)",
             t.elapsed().as_secs_f64() * 1e3,
-            one.pieces()
+            one.pieces(),
+            one.bytes() >> 20
         );
-        let three =
-            amx::PackedUnembed::new(&w.flatten_all().unwrap().to_vec1().unwrap(), VOCAB, hidden);
+        let three: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let three = amx::PackedUnembed::new(&three, VOCAB, hidden);
         (one, three)
     });
     for rows in [9usize, 64, 418, 588] {
