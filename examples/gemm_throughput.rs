@@ -1,10 +1,10 @@
 //! The lens's GEMM shape on this machine: `[rows, hidden] × [hidden, vocab block]` over the
 //! 151936-token vocabulary, as bench/README.md quotes it: candle's f32 GEMM, and where the CPU has
-//! AMX the lens's split-bf16 GEMM (src/lens/amx.rs) with bf16-exact weights (1 piece, as hub
+//! AMX the lens's split-bf16 GEMM (src/models/amx.rs) with bf16-exact weights (1 piece, as hub
 //! checkpoints) and with f32 weights (3 pieces). GFLOP/s count the f32 GEMM's 2 · rows · hidden ·
 //! vocab. `cargo run --release --example gemm_throughput [hidden ...]` (default 512)
 use candle_core::{Device, Tensor};
-use logit_lens::lens::amx;
+use logit_lens::models::amx;
 use std::time::Instant;
 
 const VOCAB: usize = 151936;
@@ -32,7 +32,7 @@ fn run(hidden: usize) {
     let packed = amx::available().then(|| {
         let one: Vec<f32> = w_bf16.flatten_all().unwrap().to_vec1().unwrap();
         let t = Instant::now();
-        let one = amx::PackedUnembed::new(&one, VOCAB, hidden);
+        let one = amx::PackedWeight::new(&one, VOCAB, hidden);
         println!(
             "hidden {hidden}: packed the bf16 weights in {:.0} ms ({} piece, {} MB)",
             t.elapsed().as_secs_f64() * 1e3,
@@ -40,7 +40,7 @@ fn run(hidden: usize) {
             one.bytes() >> 20
         );
         let three: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-        let three = amx::PackedUnembed::new(&three, VOCAB, hidden);
+        let three = amx::PackedWeight::new(&three, VOCAB, hidden);
         (one, three)
     });
     for rows in [9usize, 64, 418, 588] {

@@ -64,11 +64,14 @@ impl LayerObserver for LastRows<'_, '_> {
 /// what the raw logits order; ties: the lowest id, as torch's argmax).
 fn argmax_next(model: &dyn VisionLanguageModel, last: &Tensor) -> Result<u32> {
     let head = model.head();
-    let logits = head
-        .norm
-        .forward(last)?
-        .matmul(&head.unembed.t()?)?
-        .to_dtype(DType::F32)?;
+    let normed = head.norm.forward(last)?;
+    let logits = match &head.packed {
+        // The lens's own GEMM on a CPU with AMX (models/amx.rs), f32 as the other.
+        Some(packed) if normed.device().is_cpu() && normed.dtype() == DType::F32 => {
+            crate::models::amx::linear(&normed, packed)?
+        }
+        _ => normed.matmul(&head.unembed.t()?)?.to_dtype(DType::F32)?,
+    };
     let logits = match head.softcap {
         Some(c) => crate::models::layers::softcap_like_torch(&logits, c)?,
         None => logits,

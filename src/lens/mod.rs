@@ -24,12 +24,11 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-pub mod amx;
 #[cfg(feature = "cuda")]
 mod cuda;
 
 use crate::error::{Error, Result};
-use crate::models::{profile, LayerObserver, LensHead};
+use crate::models::{amx, profile, LayerObserver, LensHead};
 
 /// What to compute, resolved against one input sequence.
 #[derive(Clone, Debug)]
@@ -142,7 +141,7 @@ pub struct Lens<'a> {
     /// products), taken once.
     target_w: Option<Tensor>,
     /// CPU path: the unembedding packed for AMX, where the head has it.
-    amx: Option<&'a amx::PackedUnembed>,
+    amx: Option<&'a amx::PackedWeight>,
 }
 
 /// One lens layer's work: the normed rows to read out and their running reductions.

@@ -569,7 +569,7 @@ impl Decoder {
                             cfg.qkv_bias
                                 .then(|| a.stacked(&subs, "bias", &[]))
                                 .transpose()?,
-                        )
+                        )?
                     },
                     o: Linear::load(&a.pp("o_proj"), qd, h, false)?,
                     gate: Linear::load(&m.pp("gate_proj"), h, i, false)?,

@@ -4,16 +4,39 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::models::profile;
 use crate::models::snapshot::Prefixed;
+use crate::models::{amx, profile};
 
 use crate::models::fused::{self, Kernel};
 
 /// `y = x Wᵀ + b` over the last dimension of any-rank input.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// A Linear's weight: a tensor, or (f32 on a CPU with AMX, the values stored in bf16 or f16) only
+/// its AMX packing ([`amx`]), no larger than the f32 tensor it replaces.
+#[derive(Clone)]
+enum Weight {
+    Tensor(Tensor),
+    Amx(std::sync::Arc<amx::PackedWeight>),
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Weight::Tensor(t) => write!(f, "Tensor({:?}, {:?})", t.dims(), t.dtype()),
+            Weight::Amx(p) => write!(
+                f,
+                "Amx([{}, {}], {} pieces)",
+                p.out_dim(),
+                p.in_dim(),
+                p.pieces()
+            ),
+        }
+    }
 }
 
 impl Linear {
@@ -24,15 +47,27 @@ impl Linear {
         } else {
             None
         };
+        Self::new(weight, bias)
+    }
+
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::new(weight, bias)
+    }
+
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = match amx::pack(&weight)? {
+            Some(packed) => Weight::Amx(packed),
+            None => Weight::Tensor(weight),
+        };
         Ok(Linear { weight, bias })
     }
 
-    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Output features.
+    pub fn out_dim(&self) -> Result<usize> {
+        Ok(match &self.weight {
+            Weight::Tensor(t) => t.dim(0)?,
+            Weight::Amx(p) => p.out_dim(),
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -42,13 +77,24 @@ impl Linear {
             .ok_or_else(|| Error::Internal("linear on a scalar".into()))?;
         let rows = x.elem_count() / in_dim.max(1);
         let x = x.reshape((rows, in_dim))?;
-        // With a bias, one rounding in half precision, as torch's addmm (gemm.rs).
-        let y = match &self.bias {
-            Some(b) => super::gemm::linear_bias(&x, &self.weight, b)?,
-            None => super::gemm::matmul(&x, &self.weight.t()?)?,
+        let y = match &self.weight {
+            // f32 on the CPU: the products exact, the sums f32 (amx.rs); the bias added after, as
+            // candle's f32 path does.
+            Weight::Amx(w) => {
+                let y = amx::linear(&x, w)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            // With a bias, one rounding in half precision, as torch's addmm (gemm.rs).
+            Weight::Tensor(w) => match &self.bias {
+                Some(b) => super::gemm::linear_bias(&x, w, b)?,
+                None => super::gemm::matmul(&x, &w.t()?)?,
+            },
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
+        *out_dims.last_mut().unwrap_or(&mut 0) = self.out_dim()?;
         Ok(y.reshape(out_dims)?)
     }
 }
@@ -501,6 +547,55 @@ pub fn embed(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Linear whose weights were stored in bf16 or f16 keeps only its AMX packing on a CPU with
+    /// AMX, and gives, on a batch of any rank, within f32 rounding of the f64 product plus bias;
+    /// an f32 weight (three pieces) stays a tensor.
+    #[test]
+    fn half_precision_weights_multiply_on_amx_in_f32() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2., (3, 37, 200), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 70, &dev).unwrap();
+        let w32 = Tensor::randn(0f32, 0.1, (70, 200), &dev).unwrap();
+        for stored in [DType::BF16, DType::F16, DType::F32] {
+            let w = w32.to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
+            let lin = Linear::new(w.clone(), Some(b.clone())).unwrap();
+            let packed = matches!(lin.weight, Weight::Amx(_));
+            assert_eq!(
+                packed,
+                amx::available() && stored != DType::F32,
+                "{stored:?}"
+            );
+            let y = lin.forward(&x).unwrap();
+            assert_eq!(y.dims(), &[3, 37, 70]);
+            let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+            let want = f64s(&x)
+                .reshape((111, 200))
+                .unwrap()
+                .matmul(&f64s(&w).t().unwrap())
+                .unwrap()
+                .broadcast_add(&f64s(&b))
+                .unwrap();
+            let size = f64s(&x)
+                .reshape((111, 200))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .matmul(&f64s(&w).abs().unwrap().t().unwrap())
+                .unwrap();
+            let err = (f64s(&y).reshape((111, 70)).unwrap() - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .broadcast_div(&(size + 1.0).unwrap())
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(err < 2f64.powi(-20), "{stored:?} (packed: {packed}): {err}");
+        }
+    }
 
     /// Attention written out head by head, as transformers' eager path: k and v repeated per
     /// query head, scores, mask, softmax, weighted sum.

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::preprocess::image::Rgb8;
 
+pub mod amx;
 pub mod causal_lm;
 pub mod decoder;
 pub mod fastmath;
@@ -95,7 +96,7 @@ pub struct LensHead {
     pub softcap: Option<f64>,
     /// The unembedding packed for the CPU lens's AMX GEMM (src/lens/amx.rs), where the CPU has AMX
     /// and the unembedding is f32 on the CPU.
-    pub packed: Option<std::sync::Arc<crate::lens::amx::PackedUnembed>>,
+    pub packed: Option<std::sync::Arc<amx::PackedWeight>>,
 }
 
 impl LensHead {
@@ -112,7 +113,7 @@ impl LensHead {
         } else {
             text.embed_tokens.clone()
         };
-        let packed = crate::lens::amx::pack_unembed(&unembed)?;
+        let packed = amx::pack(&unembed)?;
         Ok(LensHead {
             norm: text.norm.clone(),
             unembed,

@@ -129,7 +129,7 @@ impl VisionTransformer {
                         Linear::from_weight(
                             a.stacked(&subs, "weight", &[d])?,
                             Some(a.stacked(&subs, "bias", &[])?),
-                        )
+                        )?
                     },
                     out: Linear::load(&a.pp("out_proj"), d, d, true)?,
                     fc1: Linear::load(&l.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,

@@ -132,7 +132,7 @@ pub enum Gemm {
 pub fn gemms(model: &dyn VisionLanguageModel) -> Vec<Gemm> {
     let amx = model.head().packed.is_some();
     // On a CPU with AMX every f32 CPU head is packed, so the parity tests hold both GEMMs.
-    assert_eq!(amx, logit_lens::lens::amx::available());
+    assert_eq!(amx, logit_lens::models::amx::available());
     if amx {
         vec![Gemm::Default, Gemm::CandleF32]
     } else {

@@ -1,24 +1,26 @@
-//! The CPU lens's vocabulary GEMM on Intel AMX (Xeon 4th generation, "Sapphire Rapids", and later),
-//! in f32 arithmetic.
+//! f32 GEMMs on Intel AMX (Xeon 4th generation, "Sapphire Rapids", and later), for the CPU path:
+//! the lens's vocabulary GEMM, and every `Linear` of the models whose weights are stored in bf16 or
+//! f16.
 //!
 //! AMX multiplies tiles of bf16 and accumulates in f32 (`TDPBF16PS`): 512 multiply-adds a cycle
-//! per core, 16 times what AVX-512 does in f32. The lens stays f32 all the same:
+//! per core, 16 times what AVX-512 does in f32. The arithmetic stays f32 all the same:
 //!
 //! - every f32 value is the exact sum of three bf16 values (8 + 8 + 8 significant bits), and a
 //!   product of two bf16 values is exact in f32;
-//! - so the rows `a` are split into `a₁ + a₂ + a₃`, and the unembedding `w` into as many pieces
-//!   as its values need: one for weights that were bf16 on disk (most hub checkpoints), two for
-//!   f16 (LLaVA-1.5's), three for f32;
+//! - so the rows `a` are split into `a₁ + a₂ + a₃` per call, and the weight `w` (`[out, in]`) into as
+//!   many pieces as its values need, once, at load: one for weights that were bf16 on disk (most
+//!   hub checkpoints), two for f16 (LLaVA-1.5's), three for f32;
 //! - `a · w = Σ aᵢ · wⱼ` over the pairs with `i + j ≤ 4`. The pairs left out (only with f32
 //!   weights) are below 2⁻²⁴ of the product, f32's own rounding of one product. All sums are f32,
 //!   as in an f32 GEMM (in another order, with more terms).
 //!
-//! So one product pair per piece of `a` for bf16 weights: 3 tile products per block instead of 1,
-//! still about 5 times AVX-512's f32 rate. The unembedding is packed once, when the model is
-//! loaded ([`PackedUnembed::new`]); the rows are split per call.
+//! So three tile products per block for bf16 weights instead of one, still several times
+//! AVX-512's f32 rate. Weights are packed ([`pack`]) only when they need at most two pieces: the
+//! packed copy is then no larger than the f32 one (a `Linear` keeps only it), and f32 checkpoints,
+//! whose six products a block would gain little, keep candle's f32 GEMM.
 //!
 //! Used when the CPU has AMX-BF16 and Linux grants the tile state (`arch_prctl`); else, or with
-//! `LOGIT_LENS_AMX=0`, the lens multiplies in f32 through candle as before. Tests compare the two.
+//! `LOGIT_LENS_AMX=0`, everything multiplies in f32 through candle. Tests compare the two.
 
 use std::sync::{Arc, OnceLock};
 
@@ -28,11 +30,10 @@ use rayon::prelude::*;
 const T: usize = 16;
 /// The inner dimension per tile product (bf16 values per tile row).
 const K: usize = 32;
-/// Vocabulary entries per task: its pieces of the unembedding (32 KB a piece per 32 entries for a
-/// hidden size of 512) stay in L2 while the task's rows go by.
+/// Output columns (vocabulary entries, for the lens) per task: its pieces of the weight (32 KB a
+/// piece per 32 columns for 512 inputs) stay in L2 while the task's rows go by.
 const TASK_VOCAB: usize = 256;
-/// Row pairs (of 16 rows) per group: a group's split rows stay in L2 while a task's vocabulary
-/// entries go by (3 pieces × 128 rows × 1536 × 2 bytes = 1.2 MB for Qwen2-VL-2B).
+/// Row pairs (of 16 rows) per group: a group's split rows stay in L2 while a task's columns go by (3 pieces × 128 rows × 1536 × 2 bytes = 1.2 MB for Qwen2-VL-2B).
 const GROUP_ROW_PAIRS: usize = 4;
 
 /// Whether the lens's GEMM runs on AMX here: the CPU has AMX-TILE and AMX-BF16, Linux grants the
@@ -69,23 +70,61 @@ fn detect() -> bool {
     false
 }
 
-/// The unembedding packed for the AMX GEMM, when it is f32 on the CPU and [`available`].
-pub fn pack_unembed(unembed: &candle_core::Tensor) -> crate::Result<Option<Arc<PackedUnembed>>> {
-    if !(unembed.device().is_cpu() && unembed.dtype() == candle_core::DType::F32 && available()) {
+/// `w` (`[out, in]`) packed for the AMX GEMM, when it is f32 on the CPU, [`available`], and its
+/// values need at most two bf16 pieces (they were bf16 or f16).
+pub fn pack(w: &candle_core::Tensor) -> crate::Result<Option<Arc<PackedWeight>>> {
+    if !(w.device().is_cpu() && w.dtype() == candle_core::DType::F32 && available()) {
         return Ok(None);
     }
-    let (vocab, hidden) = unembed.dims2()?;
-    let w = unembed.contiguous()?;
+    let (out, inner) = w.dims2()?;
+    let w = w.contiguous()?;
     let (storage, layout) = w.storage_and_layout();
     let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets())
     else {
         return Ok(None);
     };
-    Ok(Some(Arc::new(PackedUnembed::new(
-        &cpu.as_slice::<f32>()?[a..b],
-        vocab,
-        hidden,
-    ))))
+    let values = &cpu.as_slice::<f32>()?[a..b];
+    Ok((pieces_needed(values) <= 2).then(|| Arc::new(PackedWeight::new(values, out, inner))))
+}
+
+/// `x · wᵀ` (`x` `[rows, in]` f32 on the CPU) with a packed weight: `[rows, out]`.
+pub fn linear(x: &candle_core::Tensor, w: &PackedWeight) -> crate::Result<candle_core::Tensor> {
+    let (rows, inner) = x.dims2()?;
+    if inner != w.inner || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return Err(crate::Error::Internal(format!(
+            "AMX linear: input {:?} {:?} for a packed [{}, {}] weight",
+            x.dims(),
+            x.dtype(),
+            w.out,
+            w.inner
+        )));
+    }
+    let x = x.contiguous()?;
+    let split = {
+        let (storage, layout) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Err(crate::Error::Internal(
+                "AMX linear: input not on the CPU".into(),
+            ));
+        };
+        SplitRows::new(&cpu.as_slice::<f32>()?[a..b], rows, inner)
+    };
+    let mut y = vec![0f32; rows * w.out];
+    matmul(&split, w, 0, w.out, &mut y);
+    Ok(candle_core::Tensor::from_vec(y, (rows, w.out), x.device())?)
+}
+
+/// bf16 pieces the values need: 1 (all are bf16), 2 (f16, or bf16 + bf16) or 3.
+fn pieces_needed(w: &[f32]) -> usize {
+    w.par_iter()
+        .map(|&x| {
+            let [_, p2, p3] = split3(x);
+            1 + usize::from(p2 != 0 || p3 != 0) + usize::from(p3 != 0)
+        })
+        .max()
+        .unwrap_or(1)
 }
 
 /// bf16 bits of `x`, rounded to nearest even.
@@ -108,44 +147,37 @@ fn split3(x: f32) -> [u16; 3] {
     [p1, p2, bf16_bits(r2)]
 }
 
-/// The unembedding `[vocab, hidden]` in bf16 pieces, laid out as AMX's B operand: for each 16
-/// vocabulary entries, each piece and each 32 hidden units, one 1 KB tile whose row `r` holds, for
-/// each of the 16 entries, the pair of hidden units `2r, 2r + 1` ("VNNI" order). Padded with zeros
-/// to 32 entries and 32 hidden units.
-pub struct PackedUnembed {
-    vocab: usize,
-    hidden: usize,
-    /// `hidden` rounded up to K.
+/// A weight `[out, in]` (the unembedding: `[vocab, hidden]`) in bf16 pieces, laid out as AMX's B
+/// operand: for each 16 output columns, each piece and each 32 inputs, one 1 KB tile whose row `r`
+/// holds, for each of the 16 columns, the pair of inputs `2r, 2r + 1` ("VNNI" order). Padded with
+/// zeros to 32 columns and 32 inputs.
+pub struct PackedWeight {
+    out: usize,
+    inner: usize,
+    /// `inner` rounded up to K.
     kp: usize,
     /// bf16 pieces per weight: 1, 2 or 3.
     pieces: usize,
-    /// Tiles `[vocab / 16][pieces][kp / 32]`, 512 bf16 each.
+    /// Tiles `[out / 16][pieces][kp / 32]`, 512 bf16 each.
     tiles: Vec<u16>,
 }
 
-impl PackedUnembed {
-    /// Packs `w` (`[vocab, hidden]` f32, row-major) with as few pieces as its values need.
-    pub fn new(w: &[f32], vocab: usize, hidden: usize) -> Self {
-        assert_eq!(w.len(), vocab * hidden);
-        let pieces = w
-            .par_iter()
-            .map(|&x| {
-                let [_, p2, p3] = split3(x);
-                1 + usize::from(p2 != 0 || p3 != 0) + usize::from(p3 != 0)
-            })
-            .max()
-            .unwrap_or(1);
-        let kp = hidden.next_multiple_of(K);
-        let vp = vocab.next_multiple_of(2 * T);
+impl PackedWeight {
+    /// Packs `w` (`[out, inner]` f32, row-major) with as few pieces as its values need.
+    pub fn new(w: &[f32], out: usize, inner: usize) -> Self {
+        assert_eq!(w.len(), out * inner);
+        let pieces = pieces_needed(w);
+        let kp = inner.next_multiple_of(K);
+        let vp = out.next_multiple_of(2 * T);
         let nkb = kp / K;
         let mut tiles = vec![0u16; vp * kp * pieces];
         tiles
             .par_chunks_mut(pieces * nkb * T * K)
             .enumerate()
             .for_each(|(vb, block)| {
-                for n in 0..T.min(vocab.saturating_sub(vb * T)) {
+                for n in 0..T.min(out.saturating_sub(vb * T)) {
                     let v = vb * T + n;
-                    for (k, &x) in w[v * hidden..(v + 1) * hidden].iter().enumerate() {
+                    for (k, &x) in w[v * inner..(v + 1) * inner].iter().enumerate() {
                         let at = (k / K) * T * K + (k % K / 2) * K + n * 2 + k % 2;
                         for (piece, bits) in split3(x).into_iter().take(pieces).enumerate() {
                             block[piece * nkb * T * K + at] = bits;
@@ -153,21 +185,22 @@ impl PackedUnembed {
                     }
                 }
             });
-        PackedUnembed {
-            vocab,
-            hidden,
+        PackedWeight {
+            out,
+            inner,
             kp,
             pieces,
             tiles,
         }
     }
 
-    pub fn vocab(&self) -> usize {
-        self.vocab
+    /// Output columns (rows of the weight).
+    pub fn out_dim(&self) -> usize {
+        self.out
     }
 
-    pub fn hidden(&self) -> usize {
-        self.hidden
+    pub fn in_dim(&self) -> usize {
+        self.inner
     }
 
     /// bf16 pieces per weight: 1 (bf16 weights), 2 (f16) or 3 (f32).
@@ -180,7 +213,7 @@ impl PackedUnembed {
         self.tiles.len() * 2
     }
 
-    /// The tile of piece `piece` for vocabulary entries `16 vb ..` and hidden units `32 kb ..`.
+    /// The tile of piece `piece` for output columns `16 vb ..` and inputs `32 kb ..`.
     fn tile(&self, vb: usize, piece: usize, kb: usize) -> *const u16 {
         let nkb = self.kp / K;
         self.tiles[((vb * self.pieces + piece) * nkb + kb) * T * K..].as_ptr()
@@ -230,23 +263,33 @@ impl SplitRows {
     }
 }
 
-/// `out[r][j] = a[r] · w[v0 + j]` for the `n` split rows and the `vc` vocabulary entries from `v0`
+/// `out[r][j] = a[r] · w[v0 + j]` for the `n` split rows and the `vc` output columns from `v0`
 /// (a multiple of 32), `out` `[n, vc]` row-major. Needs [`available`].
-pub fn matmul(a: &SplitRows, w: &PackedUnembed, v0: usize, vc: usize, out: &mut [f32]) {
+pub fn matmul(a: &SplitRows, w: &PackedWeight, v0: usize, vc: usize, out: &mut [f32]) {
     assert!(available(), "AMX is not available");
-    assert_eq!(a.kp, w.kp, "rows and unembedding differ in hidden size");
-    assert!(v0.is_multiple_of(2 * T) && v0 + vc <= w.vocab);
+    assert_eq!(a.kp, w.kp, "rows and weight differ in their inner size");
+    assert!(v0.is_multiple_of(2 * T) && v0 + vc <= w.out);
     assert_eq!(out.len(), a.n * vc);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let col_pairs = vc.div_ceil(2 * T);
     let per_task = TASK_VOCAB / (2 * T);
-    (0..col_pairs.div_ceil(per_task))
-        .into_par_iter()
-        .for_each(|task| {
-            let cbs = task * per_task..((task + 1) * per_task).min(col_pairs);
-            // Each task writes its own columns of `out`, no two tasks the same element.
-            unsafe { x86::task(a, w, v0, vc, cbs, out_ptr) };
-        });
+    let col_tasks = col_pairs.div_ceil(per_task);
+    // A narrow weight (a `Linear` with a few hundred outputs) has few column tasks: its rows are
+    // split too, into groups, so that every core has work.
+    let row_pairs = a.n.div_ceil(2 * T);
+    let groups = row_pairs.div_ceil(GROUP_ROW_PAIRS);
+    let row_tasks = (4 * rayon::current_num_threads())
+        .div_ceil(col_tasks)
+        .clamp(1, groups);
+    let groups_per_task = groups.div_ceil(row_tasks);
+    (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
+        let (rt, ct) = (task / col_tasks, task % col_tasks);
+        let cbs = ct * per_task..((ct + 1) * per_task).min(col_pairs);
+        let rbs = (rt * groups_per_task * GROUP_ROW_PAIRS).min(row_pairs)
+            ..((rt + 1) * groups_per_task * GROUP_ROW_PAIRS).min(row_pairs);
+        // Each task writes its own block of `out`, no two tasks the same element.
+        unsafe { x86::task(a, w, v0, vc, rbs, cbs, out_ptr) };
+    });
 }
 
 #[derive(Clone, Copy)]
@@ -256,7 +299,7 @@ unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PackedUnembed, SendPtr, SplitRows, GROUP_ROW_PAIRS, K, T};
+    use super::{PackedWeight, SendPtr, SplitRows, GROUP_ROW_PAIRS, K, T};
     use std::arch::asm;
     use std::ops::Range;
 
@@ -270,14 +313,16 @@ mod x86 {
         rows: [u8; 16],
     }
 
-    /// One task: the column pairs `cbs` (32 vocabulary entries each, from `v0`) for every row.
+    /// One task: the row pairs `rbs` (32 rows each) × the column pairs `cbs` (32 output columns
+    /// each, from `v0`).
     /// Tiles: tmm0–3 the 2 × 2 accumulators, tmm4–5 two row tiles of a piece of `a`, tmm6–7 two
     /// column tiles of a piece of `w`.
     pub(super) unsafe fn task(
         a: &SplitRows,
-        w: &PackedUnembed,
+        w: &PackedWeight,
         v0: usize,
         vc: usize,
+        rbs: Range<usize>,
         cbs: Range<usize>,
         out: SendPtr,
     ) {
@@ -293,13 +338,12 @@ mod x86 {
             cfg.rows[t] = T as u8;
         }
         asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
-        let row_pairs = a.n.div_ceil(2 * T);
         let nkb = w.kp / K;
         let mut scratch = [0f32; 4 * T * T];
-        for g0 in (0..row_pairs).step_by(GROUP_ROW_PAIRS) {
+        for g0 in rbs.clone().step_by(GROUP_ROW_PAIRS) {
             for cb in cbs.clone() {
                 let vb = (v0 / T) + 2 * cb;
-                for rb in g0..(g0 + GROUP_ROW_PAIRS).min(row_pairs) {
+                for rb in g0..(g0 + GROUP_ROW_PAIRS).min(rbs.end) {
                     asm!(
                         "tilezero tmm0",
                         "tilezero tmm1",
@@ -386,9 +430,10 @@ mod x86 {
 mod x86 {
     pub(super) unsafe fn task(
         _: &super::SplitRows,
-        _: &super::PackedUnembed,
+        _: &super::PackedWeight,
         _: usize,
         _: usize,
+        _: std::ops::Range<usize>,
         _: std::ops::Range<usize>,
         _: super::SendPtr,
     ) {
@@ -444,7 +489,7 @@ mod tests {
                 let w: Vec<f32> = (0..vocab * hidden)
                     .map(|_| round(lcg(&mut s) * 0.05))
                     .collect();
-                let packed = PackedUnembed::new(&w, vocab, hidden);
+                let packed = PackedWeight::new(&w, vocab, hidden);
                 assert_eq!(packed.pieces(), pieces);
                 let mut out = vec![f32::NAN; n * vc];
                 matmul(&SplitRows::new(&a, n, hidden), &packed, v0, vc, &mut out);
