@@ -11,7 +11,8 @@
 //!
 //! Two ways to run it, same numbers (a test compares them): on the CPU in f32, the layers' rows as
 //! they arrive, gathered until they fill a block (a short input's layers then share one pass over
-//! the unembedding), GEMMs over cache-sized vocabulary blocks feeding one fused pass per row; elsewhere (the
+//! the unembedding), GEMMs over cache-sized vocabulary blocks (on AMX tiles where the CPU has them:
+//! models/amx.rs, still f32) feeding one fused pass per row; elsewhere (the
 //! GPU, half precision), each layer's work is queued on the device as the layer arrives (a GEMM
 //! over the whole vocabulary per chunk of rows and one kernel, cuda.rs, for max and sum-exp), only
 //! its small results are kept (per row max and sum; the requested rows' logits), and the host
@@ -662,10 +663,7 @@ impl<'a> Lens<'a> {
         if self.amx.is_none() || !rows.device().is_cpu() || rows.dtype() != DType::F32 {
             return Ok(None);
         }
-        let (n, hidden) = rows.dims2()?;
-        Ok(Some(with_cpu_f32(rows, |a| {
-            amx::SplitRows::new(a, n, hidden)
-        })?))
+        Ok(Some(amx::SplitRows::of(rows)?))
     }
 
     /// `rows · wᵀ` (f32) for the `vc` vocabulary entries from `v0`, through the same GEMM as the

@@ -77,43 +77,49 @@ pub fn pack(w: &candle_core::Tensor) -> crate::Result<Option<Arc<PackedWeight>>>
         return Ok(None);
     }
     let (out, inner) = w.dims2()?;
-    let w = w.contiguous()?;
-    let (storage, layout) = w.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let values = &cpu.as_slice::<f32>()?[a..b];
-    Ok((pieces_needed(values) <= 2).then(|| Arc::new(PackedWeight::new(values, out, inner))))
+    with_cpu_f32(w, |values| {
+        (pieces_needed(values) <= 2).then(|| Arc::new(PackedWeight::new(values, out, inner)))
+    })
 }
 
 /// `x · wᵀ` (`x` `[rows, in]` f32 on the CPU) with a packed weight: `[rows, out]`.
 pub fn linear(x: &candle_core::Tensor, w: &PackedWeight) -> crate::Result<candle_core::Tensor> {
-    let (rows, inner) = x.dims2()?;
-    if inner != w.inner || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    let split = SplitRows::of(x)?;
+    if split.kp != w.kp {
         return Err(crate::Error::Internal(format!(
-            "AMX linear: input {:?} {:?} for a packed [{}, {}] weight",
+            "AMX linear: input {:?} for a packed [{}, {}] weight",
             x.dims(),
-            x.dtype(),
             w.out,
             w.inner
         )));
     }
-    let x = x.contiguous()?;
-    let split = {
-        let (storage, layout) = x.storage_and_layout();
-        let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        else {
-            return Err(crate::Error::Internal(
-                "AMX linear: input not on the CPU".into(),
-            ));
-        };
-        SplitRows::new(&cpu.as_slice::<f32>()?[a..b], rows, inner)
-    };
-    let mut y = vec![0f32; rows * w.out];
+    let mut y = vec![0f32; split.n * w.out];
     matmul(&split, w, 0, w.out, &mut y);
-    Ok(candle_core::Tensor::from_vec(y, (rows, w.out), x.device())?)
+    Ok(candle_core::Tensor::from_vec(
+        y,
+        (split.n, w.out),
+        x.device(),
+    )?)
+}
+
+/// The values of `t`, f32 on the CPU, without a copy where it is contiguous.
+fn with_cpu_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> crate::Result<R> {
+    if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
+        return Err(crate::Error::Internal(format!(
+            "AMX: a {:?} tensor on {:?}, not f32 on the CPU",
+            t.dtype(),
+            t.device()
+        )));
+    }
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets())
+    else {
+        return Err(crate::Error::Internal(
+            "AMX: a tensor without CPU storage".into(),
+        ));
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[a..b]))
 }
 
 /// bf16 pieces the values need: 1 (all are bf16), 2 (f16, or bf16 + bf16) or 3.
@@ -255,6 +261,12 @@ impl SplitRows {
                 }
             });
         SplitRows { n, kp, pieces }
+    }
+
+    /// The rows of `x` (`[n, in]`, f32 on the CPU).
+    pub fn of(x: &candle_core::Tensor) -> crate::Result<Self> {
+        let (n, inner) = x.dims2()?;
+        with_cpu_f32(x, |a| SplitRows::new(a, n, inner))
     }
 
     /// The tile of piece `piece` for rows `16 rt ..` and hidden units `32 kb ..`.

@@ -47,14 +47,11 @@ impl Linear {
         } else {
             None
         };
-        Self::new(weight, bias)
+        Self::from_weight(weight, bias)
     }
 
+    /// Packed for AMX where [`amx::pack`] takes the weight; the tensor otherwise.
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Self::new(weight, bias)
-    }
-
-    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let weight = match amx::pack(&weight)? {
             Some(packed) => Weight::Amx(packed),
             None => Weight::Tensor(weight),
@@ -559,7 +556,7 @@ mod tests {
         let w32 = Tensor::randn(0f32, 0.1, (70, 200), &dev).unwrap();
         for stored in [DType::BF16, DType::F16, DType::F32] {
             let w = w32.to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
-            let lin = Linear::new(w.clone(), Some(b.clone())).unwrap();
+            let lin = Linear::from_weight(w.clone(), Some(b.clone())).unwrap();
             let packed = matches!(lin.weight, Weight::Amx(_));
             assert_eq!(
                 packed,

@@ -94,8 +94,8 @@ pub struct LensHead {
     pub unembed: Tensor,
     /// `final_logit_softcapping`: logits become `c · tanh(z / c)`.
     pub softcap: Option<f64>,
-    /// The unembedding packed for the CPU lens's AMX GEMM (src/lens/amx.rs), where the CPU has AMX
-    /// and the unembedding is f32 on the CPU.
+    /// The unembedding packed for the CPU lens's AMX GEMM ([`amx::pack`]: a CPU with AMX, the
+    /// unembedding f32 on the CPU, its values bf16 or f16).
     pub packed: Option<std::sync::Arc<amx::PackedWeight>>,
 }
 
