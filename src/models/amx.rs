@@ -78,7 +78,8 @@ pub fn pack(w: &candle_core::Tensor) -> crate::Result<Option<Arc<PackedWeight>>>
     }
     let (out, inner) = w.dims2()?;
     with_cpu_f32(w, |values| {
-        (pieces_needed(values) <= 2).then(|| Arc::new(PackedWeight::new(values, out, inner)))
+        let pieces = pieces_needed(values);
+        (pieces <= 2).then(|| Arc::new(PackedWeight::with_pieces(values, out, inner, pieces)))
     })
 }
 
@@ -124,13 +125,15 @@ fn with_cpu_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> crat
 
 /// bf16 pieces the values need: 1 (all are bf16), 2 (f16, or bf16 + bf16) or 3.
 fn pieces_needed(w: &[f32]) -> usize {
-    w.par_iter()
-        .map(|&x| {
-            let [_, p2, p3] = split3(x);
-            1 + usize::from(p2 != 0 || p3 != 0) + usize::from(p3 != 0)
-        })
-        .max()
-        .unwrap_or(1)
+    // A bf16 value is an f32 whose low 16 bits are zero; most weights are, so that is checked first.
+    let bf16 = |x: f32| x.to_bits() & 0xffff == 0;
+    if w.par_iter().all(|&x| bf16(x)) {
+        return 1;
+    }
+    if w.par_iter().all(|&x| bf16(x - bf16_value(bf16_bits(x)))) {
+        return 2;
+    }
+    3
 }
 
 /// bf16 bits of `x`, rounded to nearest even.
@@ -171,8 +174,11 @@ pub struct PackedWeight {
 impl PackedWeight {
     /// Packs `w` (`[out, inner]` f32, row-major) with as few pieces as its values need.
     pub fn new(w: &[f32], out: usize, inner: usize) -> Self {
+        Self::with_pieces(w, out, inner, pieces_needed(w))
+    }
+
+    fn with_pieces(w: &[f32], out: usize, inner: usize, pieces: usize) -> Self {
         assert_eq!(w.len(), out * inner);
-        let pieces = pieces_needed(w);
         let kp = inner.next_multiple_of(K);
         let vp = out.next_multiple_of(2 * T);
         let nkb = kp / K;
@@ -185,6 +191,11 @@ impl PackedWeight {
                     let v = vb * T + n;
                     for (k, &x) in w[v * inner..(v + 1) * inner].iter().enumerate() {
                         let at = (k / K) * T * K + (k % K / 2) * K + n * 2 + k % 2;
+                        if pieces == 1 {
+                            // Exactly bf16: its high half.
+                            block[at] = (x.to_bits() >> 16) as u16;
+                            continue;
+                        }
                         for (piece, bits) in split3(x).into_iter().take(pieces).enumerate() {
                             block[piece * nkb * T * K + at] = bits;
                         }
