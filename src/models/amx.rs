@@ -293,6 +293,9 @@ pub fn matmul(a: &SplitRows, w: &PackedWeight, v0: usize, vc: usize, out: &mut [
     assert_eq!(a.kp, w.kp, "rows and weight differ in their inner size");
     assert!(v0.is_multiple_of(2 * T) && v0 + vc <= w.out);
     assert_eq!(out.len(), a.n * vc);
+    if a.n == 0 || vc == 0 {
+        return;
+    }
     let out_ptr = SendPtr(out.as_mut_ptr());
     let col_pairs = vc.div_ceil(2 * T);
     let per_task = TASK_VOCAB / (2 * T);
@@ -502,6 +505,8 @@ mod tests {
             (3, |x: f32| x),
         ] {
             for (n, hidden, vocab, v0, vc) in [
+                (0, 80, 100, 0, 100),
+                (37, 80, 100, 0, 0),
                 (37, 80, 100, 0, 100),
                 (37, 80, 100, 32, 50),
                 (64, 64, 96, 64, 32),
