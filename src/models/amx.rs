@@ -46,6 +46,17 @@ pub fn available() -> bool {
     })
 }
 
+/// What [`available`] decided, in words, for the service's start-up log.
+pub fn describe() -> &'static str {
+    if available() {
+        "AMX tiles (bf16 or f16 weights as exact bf16 pieces, f32 sums)"
+    } else if std::env::var("LOGIT_LENS_AMX").is_ok_and(|v| v == "0" || v == "off") {
+        "candle's (AMX turned off)"
+    } else {
+        "candle's (no AMX-BF16 on this CPU)"
+    }
+}
+
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn detect() -> bool {
     // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.

@@ -226,6 +226,11 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 "fused half-precision kernels (LOGIT_LENS_FUSED): {}",
                 crate::models::fused::describe()
             );
+        } else {
+            eprintln!(
+                "f32 GEMMs with weights (LOGIT_LENS_AMX): {}",
+                crate::models::amx::describe()
+            );
         }
         specs
             .iter()
