@@ -36,21 +36,23 @@ const TASK_VOCAB: usize = 256;
 /// Row pairs (of 16 rows) per group: a group's split rows stay in L2 while a task's columns go by (3 pieces × 128 rows × 1536 × 2 bytes = 1.2 MB for Qwen2-VL-2B).
 const GROUP_ROW_PAIRS: usize = 4;
 
-/// Whether the lens's GEMM runs on AMX here: the CPU has AMX-TILE and AMX-BF16, Linux grants the
-/// process the tile state, and `LOGIT_LENS_AMX` is not `0` / `off`. Asked once.
+/// Whether the f32 GEMMs with weights run on AMX here: the CPU has AMX-TILE and AMX-BF16, Linux
+/// grants the process the tile state, and `LOGIT_LENS_AMX` is not `0` / `off`. Asked once.
 pub fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        let off = std::env::var("LOGIT_LENS_AMX").is_ok_and(|v| v == "0" || v == "off");
-        !off && detect()
-    })
+    *OK.get_or_init(|| !turned_off() && detect())
+}
+
+/// `LOGIT_LENS_AMX=0` or `off`.
+fn turned_off() -> bool {
+    std::env::var("LOGIT_LENS_AMX").is_ok_and(|v| v == "0" || v == "off")
 }
 
 /// What [`available`] decided, in words, for the service's start-up log.
 pub fn describe() -> &'static str {
     if available() {
         "AMX tiles (bf16 or f16 weights as exact bf16 pieces, f32 sums)"
-    } else if std::env::var("LOGIT_LENS_AMX").is_ok_and(|v| v == "0" || v == "off") {
+    } else if turned_off() {
         "candle's (AMX turned off)"
     } else {
         "candle's (no AMX-BF16 on this CPU)"
