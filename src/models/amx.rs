@@ -8,8 +8,9 @@
 //! - every f32 value is the exact sum of three bf16 values (8 + 8 + 8 significant bits), and a
 //!   product of two bf16 values is exact in f32;
 //! - so the rows `a` are split into `a₁ + a₂ + a₃` per call, and the weight `w` (`[out, in]`) into as
-//!   many pieces as its values need, once, at load: one for weights that were bf16 on disk (most
-//!   hub checkpoints), two for f16 (LLaVA-1.5's), three for f32;
+//!   many pieces as its values need, once, at load, from the values as the files store them: one
+//!   for weights that are bf16 on disk (most hub checkpoints), two for f16 (LLaVA-1.5's), three for
+//!   f32;
 //! - `a · w = Σ aᵢ · wⱼ` over the pairs with `i + j ≤ 4`. The pairs left out (only with f32
 //!   weights) are below 2⁻²⁴ of the product, f32's own rounding of one product. All sums are f32,
 //!   as in an f32 GEMM (in another order, with more terms).
@@ -83,17 +84,38 @@ fn detect() -> bool {
     false
 }
 
-/// `w` (`[out, in]`) packed for the AMX GEMM, when it is f32 on the CPU, [`available`], and its
-/// values need at most two bf16 pieces (they were bf16 or f16).
-pub fn pack(w: &candle_core::Tensor) -> crate::Result<Option<Arc<PackedWeight>>> {
-    if !(w.device().is_cpu() && w.dtype() == candle_core::DType::F32 && available()) {
+/// `w` (`[out, in]` on the CPU, in the dtype the checkpoint stores it) packed for the AMX GEMM of
+/// a model that computes in `dtype`: when `dtype` is f32, [`available`], and the values need at
+/// most two bf16 pieces (stored in bf16: one piece, copied; in f16: two; in f32: as their values
+/// need). Packing from the stored values skips widening them to an f32 copy first.
+pub fn pack(
+    w: &candle_core::Tensor,
+    dtype: candle_core::DType,
+) -> crate::Result<Option<Arc<PackedWeight>>> {
+    use candle_core::DType;
+    if !(dtype == DType::F32 && w.device().is_cpu() && available()) {
         return Ok(None);
     }
     let (out, inner) = w.dims2()?;
-    with_cpu_f32(w, |values| {
-        let pieces = pieces_needed(values);
-        (pieces <= 2).then(|| Arc::new(PackedWeight::with_pieces(values, out, inner, pieces)))
-    })
+    let packed = match w.dtype() {
+        DType::BF16 => with_cpu(w, |v: &[half::bf16]| {
+            Some(PackedWeight::with_pieces(v, out, inner, 1, |x| {
+                [x.to_bits(), 0, 0]
+            }))
+        })?,
+        // An f16 value has 11 significant bits: its bf16 rounding leaves at most 3, one more piece.
+        DType::F16 => with_cpu(w, |v: &[half::f16]| {
+            Some(PackedWeight::with_pieces(v, out, inner, 2, |x| {
+                split3(x.to_f32())
+            }))
+        })?,
+        DType::F32 => with_cpu(w, |v: &[f32]| {
+            let pieces = pieces_needed(v);
+            (pieces <= 2).then(|| PackedWeight::of_f32(v, out, inner, pieces))
+        })?,
+        _ => None,
+    };
+    Ok(packed.map(Arc::new))
 }
 
 /// `x · wᵀ` (`x` `[rows, in]` f32 on the CPU) with a packed weight: `[rows, out]`.
@@ -116,13 +138,17 @@ pub fn linear(x: &candle_core::Tensor, w: &PackedWeight) -> crate::Result<candle
     )?)
 }
 
-/// The values of `t`, f32 on the CPU, without a copy where it is contiguous.
-fn with_cpu_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> crate::Result<R> {
-    if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
+/// The values of `t` (of element type `E`, on the CPU), without a copy where it is contiguous.
+fn with_cpu<E: candle_core::WithDType, R>(
+    t: &candle_core::Tensor,
+    f: impl FnOnce(&[E]) -> R,
+) -> crate::Result<R> {
+    if !t.device().is_cpu() || t.dtype() != E::DTYPE {
         return Err(crate::Error::Internal(format!(
-            "AMX: a {:?} tensor on {:?}, not f32 on the CPU",
+            "AMX: a {:?} tensor on {:?}, not {:?} on the CPU",
             t.dtype(),
-            t.device()
+            t.device(),
+            E::DTYPE
         )));
     }
     let t = t.contiguous()?;
@@ -133,7 +159,7 @@ fn with_cpu_f32<R>(t: &candle_core::Tensor, f: impl FnOnce(&[f32]) -> R) -> crat
             "AMX: a tensor without CPU storage".into(),
         ));
     };
-    Ok(f(&cpu.as_slice::<f32>()?[a..b]))
+    Ok(f(&cpu.as_slice::<E>()?[a..b]))
 }
 
 /// bf16 pieces the values need: 1 (all are bf16), 2 (f16, or bf16 + bf16) or 3.
@@ -187,10 +213,27 @@ pub struct PackedWeight {
 impl PackedWeight {
     /// Packs `w` (`[out, inner]` f32, row-major) with as few pieces as its values need.
     pub fn new(w: &[f32], out: usize, inner: usize) -> Self {
-        Self::with_pieces(w, out, inner, pieces_needed(w))
+        Self::of_f32(w, out, inner, pieces_needed(w))
     }
 
-    fn with_pieces(w: &[f32], out: usize, inner: usize, pieces: usize) -> Self {
+    /// `w` in `pieces` pieces (as many as [`pieces_needed`] says, or more).
+    fn of_f32(w: &[f32], out: usize, inner: usize, pieces: usize) -> Self {
+        if pieces == 1 {
+            // Exactly bf16: its high half.
+            return Self::with_pieces(w, out, inner, 1, |x| [(x.to_bits() >> 16) as u16, 0, 0]);
+        }
+        Self::with_pieces(w, out, inner, pieces, split3)
+    }
+
+    /// `w` (`[out, inner]`, row-major, any element type) packed with the first `pieces` of
+    /// `split(x)`, the bf16 pieces that sum to each value.
+    fn with_pieces<E: Copy + Sync>(
+        w: &[E],
+        out: usize,
+        inner: usize,
+        pieces: usize,
+        split: impl Fn(E) -> [u16; 3] + Sync,
+    ) -> Self {
         assert_eq!(w.len(), out * inner);
         let kp = inner.next_multiple_of(K);
         let vp = out.next_multiple_of(2 * T);
@@ -204,12 +247,7 @@ impl PackedWeight {
                     let v = vb * T + n;
                     for (k, &x) in w[v * inner..(v + 1) * inner].iter().enumerate() {
                         let at = (k / K) * T * K + (k % K / 2) * K + n * 2 + k % 2;
-                        if pieces == 1 {
-                            // Exactly bf16: its high half.
-                            block[at] = (x.to_bits() >> 16) as u16;
-                            continue;
-                        }
-                        for (piece, bits) in split3(x).into_iter().take(pieces).enumerate() {
+                        for (piece, bits) in split(x).into_iter().take(pieces).enumerate() {
                             block[piece * nkb * T * K + at] = bits;
                         }
                     }
@@ -290,7 +328,7 @@ impl SplitRows {
     /// The rows of `x` (`[n, in]`, f32 on the CPU).
     pub fn of(x: &candle_core::Tensor) -> crate::Result<Self> {
         let (n, inner) = x.dims2()?;
-        with_cpu_f32(x, |a| SplitRows::new(a, n, inner))
+        with_cpu(x, |a: &[f32]| SplitRows::new(a, n, inner))
     }
 
     /// The tile of piece `piece` for rows `16 rt ..` and hidden units `32 kb ..`.

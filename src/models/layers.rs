@@ -41,21 +41,24 @@ impl std::fmt::Debug for Weight {
 
 impl Linear {
     pub fn load(w: &Prefixed, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = w.get("weight", (out_dim, in_dim))?;
+        let weight = w.get_stored("weight", (out_dim, in_dim))?;
         let bias = if bias {
-            Some(w.get("bias", out_dim)?)
+            Some(w.get_stored("bias", out_dim)?)
         } else {
             None
         };
-        Self::from_weight(weight, bias)
+        Self::new(weight, bias, w.dtype())
     }
 
-    /// Packed for AMX where [`amx::pack`] takes the weight; the tensor otherwise.
-    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight = match amx::pack(&weight)? {
+    /// A Linear of a model computing in `dtype`, from its weight and bias as the checkpoint stores
+    /// them: the weight packed for AMX where [`amx::pack`] takes it (straight from the stored
+    /// values), else converted to `dtype` as the bias is.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
+        let weight = match amx::pack(&weight, dtype)? {
             Some(packed) => Weight::Amx(packed),
-            None => Weight::Tensor(weight),
+            None => Weight::Tensor(weight.to_dtype(dtype)?),
         };
+        let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
         Ok(Linear { weight, bias })
     }
 
@@ -547,7 +550,8 @@ mod tests {
 
     /// A Linear whose weights were stored in bf16 or f16 keeps only its AMX packing on a CPU with
     /// AMX, and gives, on a batch of any rank, within f32 rounding of the f64 product plus bias;
-    /// an f32 weight (three pieces) stays a tensor.
+    /// an f32 weight (three pieces) stays a tensor. Packed from the stored values or from their
+    /// f32 widening, the outputs are the same bits; a bf16 model packs nothing.
     #[test]
     fn half_precision_weights_multiply_on_amx_in_f32() {
         let dev = Device::Cpu;
@@ -555,15 +559,35 @@ mod tests {
         let b = Tensor::randn(0f32, 1., 70, &dev).unwrap();
         let w32 = Tensor::randn(0f32, 0.1, (70, 200), &dev).unwrap();
         for stored in [DType::BF16, DType::F16, DType::F32] {
-            let w = w32.to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
-            let lin = Linear::from_weight(w.clone(), Some(b.clone())).unwrap();
+            let ws = w32.to_dtype(stored).unwrap();
+            let w = ws.to_dtype(DType::F32).unwrap();
+            let lin =
+                Linear::new(ws.clone(), Some(b.to_dtype(stored).unwrap()), DType::F32).unwrap();
             let packed = matches!(lin.weight, Weight::Amx(_));
             assert_eq!(
                 packed,
                 amx::available() && stored != DType::F32,
                 "{stored:?}"
             );
+            let b = b.to_dtype(stored).unwrap().to_dtype(DType::F32).unwrap();
             let y = lin.forward(&x).unwrap();
+            let widened = Linear::new(w.clone(), Some(b.clone()), DType::F32).unwrap();
+            assert_eq!(matches!(widened.weight, Weight::Amx(_)), packed);
+            let bits = |t: Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect::<Vec<_>>()
+            };
+            assert!(
+                bits(widened.forward(&x).unwrap()) == bits(y.clone()),
+                "{stored:?}: packed from the stored values and from f32 differ"
+            );
+            let half = Linear::new(ws.clone(), None, DType::BF16).unwrap();
+            assert!(matches!(half.weight, Weight::Tensor(ref t) if t.dtype() == DType::BF16));
             assert_eq!(y.dims(), &[3, 37, 70]);
             let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
             let want = f64s(&x)

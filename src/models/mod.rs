@@ -113,7 +113,7 @@ impl LensHead {
         } else {
             text.embed_tokens.clone()
         };
-        let packed = amx::pack(&unembed)?;
+        let packed = amx::pack(&unembed, unembed.dtype())?;
         Ok(LensHead {
             norm: text.norm.clone(),
             unembed,

@@ -304,8 +304,14 @@ impl Weights {
 
     /// Loads `name`, checks its shape, converts it to the working dtype and device.
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        Ok(self.get_stored(name, shape)?.to_dtype(self.dtype)?)
+    }
+
+    /// [`Self::get`] without the conversion: the tensor in the dtype the files store it, on the
+    /// device (for weights packed from their stored values, [`crate::models::amx::pack`]).
+    pub fn get_stored(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
-        let t = self.get_any_shape(name)?;
+        let t = self.get_stored_any_shape(name)?;
         if t.shape() != &shape {
             return Err(Error::snapshot(
                 &self.dir,
@@ -320,6 +326,10 @@ impl Weights {
     }
 
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
+        Ok(self.get_stored_any_shape(name)?.to_dtype(self.dtype)?)
+    }
+
+    fn get_stored_any_shape(&self, name: &str) -> Result<Tensor> {
         let actual = self.resolve(name).ok_or_else(|| self.missing(name))?;
         let t = self
             .st
@@ -328,7 +338,7 @@ impl Weights {
         if let Ok(mut loaded) = self.loaded.lock() {
             loaded.insert(actual, t.elem_count());
         }
-        Ok(t.to_dtype(self.dtype)?)
+        Ok(t)
     }
 
     /// The parameters loaded so far, and their size in the working dtype (what they hold in
@@ -366,19 +376,28 @@ impl<'a> Prefixed<'a> {
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         self.w.get(&format!("{}{name}", self.prefix), shape)
     }
+    /// [`Weights::get_stored`]: in the files' dtype.
+    pub fn get_stored(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.w.get_stored(&format!("{}{name}", self.prefix), shape)
+    }
+    /// The dtype the model computes in.
+    pub fn dtype(&self) -> DType {
+        self.w.dtype
+    }
     pub fn contains(&self, name: &str) -> bool {
         self.w.contains(&format!("{}{name}", self.prefix))
     }
     /// Tensor `name` of the sub-modules `subs` (`(prefix, rows)`), stacked along the first
     /// dimension: q, k and v projections as one matrix, so that one GEMM computes all three.
-    /// `rest` is the shape after the first dimension (`[in]` for weights, `[]` for biases).
+    /// `rest` is the shape after the first dimension (`[in]` for weights, `[]` for biases). In the
+    /// files' dtype, as [`Self::get_stored`] (for [`crate::models::layers::Linear::new`]).
     pub fn stacked(&self, subs: &[(&str, usize)], name: &str, rest: &[usize]) -> Result<Tensor> {
         let parts = subs
             .iter()
             .map(|(sub, rows)| {
                 let shape: Vec<usize> =
                     std::iter::once(*rows).chain(rest.iter().copied()).collect();
-                self.pp(sub).get(name, shape)
+                self.pp(sub).get_stored(name, shape)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 0)?)

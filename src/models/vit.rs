@@ -126,9 +126,10 @@ impl VisionTransformer {
                     ln2: LayerNorm::load(&l.pp("layer_norm2"), d, eps)?,
                     qkv: {
                         let subs = [("q_proj", d), ("k_proj", d), ("v_proj", d)];
-                        Linear::from_weight(
+                        Linear::new(
                             a.stacked(&subs, "weight", &[d])?,
                             Some(a.stacked(&subs, "bias", &[])?),
+                            a.dtype(),
                         )?
                     },
                     out: Linear::load(&a.pp("out_proj"), d, d, true)?,
