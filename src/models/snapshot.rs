@@ -237,20 +237,34 @@ impl Weights {
         // outside what this program can guard against, as for every mmap-based loader.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .map_err(|e| snapshot.err(format!("cannot read safetensors weights: {e}")))?;
+        let tensors = st.tensors();
         if device.is_cpu() {
-            let elements: usize = st
-                .tensors()
+            let packed = dtype == DType::F32 && crate::models::amx::available();
+            let stored: Vec<(&str, DType, &[usize])> = tensors
                 .iter()
-                .map(|(_, v)| v.shape().iter().product::<usize>())
-                .sum();
+                .map(|(n, v)| {
+                    (
+                        n.as_str(),
+                        DType::try_from(v.dtype()).ok().unwrap_or(dtype),
+                        v.shape(),
+                    )
+                })
+                .collect();
             fits_in_memory(
                 &snapshot.dir,
-                elements as u64 * dtype.size_in_bytes() as u64,
-                dtype,
+                held_bytes(&stored, dtype, packed),
+                &format!(
+                    "as {}{}",
+                    format!("{dtype:?}").to_lowercase(),
+                    if packed {
+                        " (linears packed for AMX)"
+                    } else {
+                        ""
+                    }
+                ),
                 cpu_memory_available(),
             )?;
         }
-        let tensors = st.tensors();
         let names = weight_names::index(rules, tensors.iter().map(|(n, _)| n.as_str()))
             .map_err(|e| snapshot.err(e))?;
         Ok(Weights {
@@ -404,13 +418,49 @@ impl<'a> Prefixed<'a> {
     }
 }
 
+/// Bytes the CPU holds for the checkpoint's tensors (`(name, stored dtype, shape)`) when the model
+/// computes in `dtype`: each converted to `dtype`, except, for an f32 model on a CPU with AMX
+/// (`amx`: [`crate::models::amx::pack`]), a 2-D weight stored in bf16 or f16, which a `Linear` holds as its
+/// packing only (2 bytes a value for bf16: one piece; 4 for f16: two). The vocabulary tables
+/// (`…embed_tokens.weight`, `…lm_head.weight`) stay in `dtype`, and the lens packs one of them
+/// beside it (the `lm_head` if the files have one, else the embeddings). The few 2-D tensors that
+/// are not linears (position embeddings: a few MB) count as packed too.
+fn held_bytes(tensors: &[(&str, DType, &[usize])], dtype: DType, amx: bool) -> u64 {
+    let packed = amx && dtype == DType::F32;
+    let table = |n: &str| n.ends_with("embed_tokens.weight") || n.ends_with("lm_head.weight");
+    let has_lm_head = tensors.iter().any(|(n, ..)| n.ends_with("lm_head.weight"));
+    let pack_size = |stored: DType| match stored {
+        DType::BF16 => Some(2),
+        DType::F16 => Some(4),
+        _ => None,
+    };
+    tensors
+        .iter()
+        .map(|&(name, stored, shape)| {
+            let n = shape.iter().product::<usize>() as u64;
+            let working = n * dtype.size_in_bytes() as u64;
+            let Some(pack) = pack_size(stored).filter(|_| packed && shape.len() == 2) else {
+                return working;
+            };
+            if !table(name) {
+                n * pack
+            } else if name.ends_with("lm_head.weight") || !has_lm_head {
+                working + n * pack
+            } else {
+                working
+            }
+        })
+        .sum()
+}
+
 /// Refuses, before reading them, weights that cannot fit in the memory left on the CPU: past it the
 /// kernel's out-of-memory killer ends the process without a word, after a minute of paging
 /// (LLaVA-1.5-7B in f32 is 27 GB; a 24 GiB machine was killed 51 s into loading it). Every tensor of
 /// the files counts (the few a model leaves unused, e.g. CLIP's last layer for LLaVA, are tens of MB)
 /// and activations come on top, so only what could not run anyway is refused. `available`: None
 /// where it cannot be read.
-fn fits_in_memory(dir: &Path, needed: u64, dtype: DType, available: Option<u64>) -> Result<()> {
+/// `held`: how they are held (`as f32 …`), for the message.
+fn fits_in_memory(dir: &Path, needed: u64, held: &str, available: Option<u64>) -> Result<()> {
     let Some(available) = available else {
         return Ok(());
     };
@@ -421,11 +471,10 @@ fn fits_in_memory(dir: &Path, needed: u64, dtype: DType, available: Option<u64>)
     Err(Error::snapshot(
         dir,
         format!(
-            "its weights need {:.1} GiB as {} on the CPU and {:.1} GiB of memory is available; \
+            "its weights need {:.1} GiB {held} on the CPU and {:.1} GiB of memory is available; \
              run it on a GPU (--device cuda: the checkpoint's half precision), in half precision on \
              the CPU (--dtype bf16), or on a machine with more memory",
             gib(needed),
-            format!("{dtype:?}").to_lowercase(),
             gib(available)
         ),
     ))
@@ -476,15 +525,51 @@ mod tests {
     fn weights_larger_than_the_memory_left_are_refused_with_both_sizes() {
         let dir = Path::new("/models/llava");
         let gib = 1u64 << 30;
-        assert!(fits_in_memory(dir, 27 * gib, DType::F32, Some(28 * gib)).is_ok());
-        assert!(fits_in_memory(dir, 27 * gib, DType::F32, None).is_ok());
-        let e = fits_in_memory(dir, 27 * gib, DType::F32, Some(22 * gib)).unwrap_err();
+        assert!(fits_in_memory(dir, 27 * gib, "as f32", Some(28 * gib)).is_ok());
+        assert!(fits_in_memory(dir, 27 * gib, "as f32", None).is_ok());
+        let e = fits_in_memory(dir, 27 * gib, "as f32", Some(22 * gib)).unwrap_err();
         assert_eq!(e.code(), "model_snapshot");
         let m = e.to_string();
         assert!(
             m.contains("27.0 GiB as f32") && m.contains("22.0 GiB of memory is available"),
             "{m}"
         );
+    }
+
+    /// With AMX, a bf16 linear is held in 2 bytes a value and an f16 one in 4; norms, biases,
+    /// convolutions and the embeddings in f32; the lens's table once more, packed.
+    #[test]
+    fn memory_held_counts_linears_as_their_amx_packing() {
+        let (bf, h, f) = (DType::BF16, DType::F16, DType::F32);
+        let untied: [(&str, DType, &[usize]); 5] = [
+            ("model.embed_tokens.weight", bf, &[1000, 64]),
+            ("model.layers.0.mlp.up_proj.weight", bf, &[256, 64]),
+            ("model.layers.0.input_layernorm.weight", bf, &[64]),
+            ("visual.patch_embed.proj.weight", bf, &[64, 3, 2, 14, 14]),
+            ("lm_head.weight", bf, &[1000, 64]),
+        ];
+        let convs = 64 * 3 * 2 * 14 * 14;
+        let f32s = 4 * (2 * 64_000 + 256 * 64 + 64 + convs) as u64;
+        assert_eq!(held_bytes(&untied, f, false), f32s);
+        assert_eq!(held_bytes(&untied, bf, true), f32s / 2);
+        let amx = 4 * 64_000 + (4 + 2) * 64_000 + 2 * 256 * 64 + 4 * (64 + convs) as u64;
+        assert_eq!(held_bytes(&untied, f, true), amx);
+        // Tied: the embeddings are the lens's table.
+        assert_eq!(held_bytes(&untied[..4], f, true), amx - 4 * 64_000);
+        // f16 linears: two pieces; f32-stored ones stay f32.
+        let other: [(&str, DType, &[usize]); 2] = [
+            (
+                "language_model.model.layers.0.mlp.up_proj.weight",
+                h,
+                &[256, 64],
+            ),
+            (
+                "vision_tower.encoder.layers.0.mlp.fc1.weight",
+                f,
+                &[256, 64],
+            ),
+        ];
+        assert_eq!(held_bytes(&other, f, true), 4 * 256 * 64 * 2);
     }
 
     #[test]
