@@ -211,9 +211,19 @@ impl Activation {
                     let a = scale_like_torch(x, 1.702)?.to_dtype(DType::F32)?;
                     (x * candle_nn::ops::sigmoid(&a)?.to_dtype(dtype)?)?
                 }
-                other => other.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
+                // candle's f32 kernels, as the GPU's op-by-op path and the fused kernels' CPU
+                // twins compute (fused/act.rs holds them to it bit for bit).
+                other => other.op_by_op(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
             });
         }
+        if let Some(y) = self.on_cpu(x, None)? {
+            return Ok(y);
+        }
+        self.op_by_op(x)
+    }
+
+    /// f32 or f64 `x` through candle's kernels.
+    fn op_by_op(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Activation::Gelu => x.gelu_erf()?,
@@ -231,7 +241,40 @@ impl Activation {
         {
             return fused::activation_mul(gate, up, *self);
         }
+        if gate.dims() == up.dims() {
+            if let Some(y) = self.on_cpu(gate, Some(up))? {
+                return Ok(y);
+            }
+        }
         Ok((self.forward(gate)? * up)?)
+    }
+
+    /// `act(x)` (`· up`, where given) in one vectorised pass on f32 CPU tensors
+    /// ([`super::fastmath`]; candle's CPU kernels call libm's exp or tanh one value at a time and
+    /// take a pass per op). None elsewhere, and for the erf GELU.
+    fn on_cpu(&self, x: &Tensor, up: Option<&Tensor>) -> Result<Option<Tensor>> {
+        use super::fastmath::{map, map_mul, GeluTanh, QuickGelu, Silu, Unary};
+        fn apply<U: Unary>(x: &Tensor, up: Option<&Tensor>) -> Result<Tensor> {
+            let x = x.contiguous()?;
+            let y = match up {
+                None => with_cpu_f32(&x, map::<U>)?,
+                Some(up) => {
+                    let up = up.contiguous()?;
+                    with_cpu_f32(&x, |a| with_cpu_f32(&up, |b| map_mul::<U>(a, b)))??
+                }
+            };
+            Ok(Tensor::from_vec(y, x.shape().clone(), &Device::Cpu)?)
+        }
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !f32_cpu(x) || !up.is_none_or(f32_cpu) {
+            return Ok(None);
+        }
+        Ok(Some(match self {
+            Activation::QuickGelu => apply::<QuickGelu>(x, up)?,
+            Activation::GeluTanh => apply::<GeluTanh>(x, up)?,
+            Activation::Silu => apply::<Silu>(x, up)?,
+            Activation::Gelu => return Ok(None),
+        }))
     }
 }
 
@@ -445,8 +488,8 @@ pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> 
 }
 
 /// [`attention_softmax`] with the final softmax by candle's kernel (what a GPU runs op by op), or
-/// (`fast_cpu`) by [`super::fastmath::softmax_rows`].
-pub(crate) fn attention_softmax_with(
+/// (`fast_cpu`) by [`super::fastmath::scaled_softmax_rows`].
+pub fn attention_softmax_with(
     scores: &Tensor,
     mask: Option<&Tensor>,
     scale: f64,
@@ -465,6 +508,12 @@ fn attention_softmax_capped(
     fast_cpu: bool,
 ) -> Result<Tensor> {
     let dtype = scores.dtype();
+    if fast_cpu && scores.device().is_cpu() && dtype == DType::F32 && softcap.is_none() {
+        // The scale, the mask and the softmax in one pass over each row (the same f32 roundings
+        // as op by op): the scores are read once and the probabilities written once.
+        let mask = mask.map(|m| m.to_dtype(DType::F32)).transpose()?;
+        return cpu_softmax(scores, scale as f32, mask.as_ref());
+    }
     let scores = scale_like_torch(scores, scale)?;
     let scores = match softcap {
         Some(c) => softcap_like_torch(&scores, c)?,
@@ -477,27 +526,52 @@ fn attention_softmax_capped(
         None => scores,
     };
     if fast_cpu && scores.device().is_cpu() {
-        // candle's CPU softmax calls libm's exp one value at a time: ~5 ns a value, which made it
-        // the vision towers' largest cost (Qwen2-VL's 1672² scores × 8 heads × 4 blocks).
-        let n = scores.dim(D::Minus1)?;
-        let shape = scores.shape().clone();
-        let probs = {
-            let scores = scores.contiguous()?;
-            let (storage, layout) = scores.storage_and_layout();
-            match (&*storage, layout.contiguous_offsets()) {
-                (candle_core::Storage::Cpu(cpu), Some((a, b))) => {
-                    super::fastmath::softmax_rows(&cpu.as_slice::<f32>()?[a..b], n)
-                }
-                _ => {
-                    return Err(Error::Internal(
-                        "attention scores are not contiguous".into(),
-                    ))
-                }
-            }
-        };
-        return Ok(Tensor::from_vec(probs, shape, &Device::Cpu)?.to_dtype(dtype)?);
+        return Ok(cpu_softmax(&scores, 1.0, None)?.to_dtype(dtype)?);
     }
     Ok(candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?)
+}
+
+/// `softmax(scores · scale + mask)` over the last dimension of f32 CPU scores by
+/// [`super::fastmath::scaled_softmax_rows`] (candle's CPU softmax calls libm's exp one value at a
+/// time: ~5 ns a value, which made it the vision towers' largest cost). `mask`: `[s, sk]` f32, for
+/// scores `[…, s, sk]`.
+fn cpu_softmax(scores: &Tensor, scale: f32, mask: Option<&Tensor>) -> Result<Tensor> {
+    let n = scores.dim(D::Minus1)?;
+    if let Some(m) = mask {
+        if scores.rank() < 2 || m.dims() != [scores.dim(D::Minus2)?, n] {
+            return Err(Error::Internal(format!(
+                "attention softmax: mask {:?} for scores {:?}",
+                m.dims(),
+                scores.dims()
+            )));
+        }
+    }
+    let scores = scores.contiguous()?;
+    let mask = mask.map(|m| m.contiguous()).transpose()?;
+    let probs = with_cpu_f32(&scores, |x| match &mask {
+        Some(m) => with_cpu_f32(m, |m| {
+            super::fastmath::scaled_softmax_rows(x, n, scale, Some(m))
+        }),
+        None => Ok(super::fastmath::scaled_softmax_rows(x, n, scale, None)),
+    })??;
+    Ok(Tensor::from_vec(
+        probs,
+        scores.shape().clone(),
+        &Device::Cpu,
+    )?)
+}
+
+/// The values of a contiguous f32 CPU tensor.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((a, b))) => Ok(f(&cpu.as_slice::<f32>()?[a..b])),
+        _ => Err(Error::Internal(format!(
+            "expected a contiguous f32 CPU tensor, got {:?} {:?}",
+            t.dtype(),
+            t.dims()
+        ))),
+    }
 }
 
 /// `x · c` as torch computes a Python float times a half-precision tensor: in f32, rounded once.
