@@ -27,6 +27,8 @@ use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
+use super::fastmath::with_cpu;
+
 /// Tile geometry: a tile is 16 rows of 64 bytes (16 f32, or 32 bf16 = 16 pairs).
 const T: usize = 16;
 /// The inner dimension per tile product (bf16 values per tile row).
@@ -136,30 +138,6 @@ pub fn linear(x: &candle_core::Tensor, w: &PackedWeight) -> crate::Result<candle
         (split.n, w.out),
         x.device(),
     )?)
-}
-
-/// The values of `t` (of element type `E`, on the CPU), without a copy where it is contiguous.
-fn with_cpu<E: candle_core::WithDType, R>(
-    t: &candle_core::Tensor,
-    f: impl FnOnce(&[E]) -> R,
-) -> crate::Result<R> {
-    if !t.device().is_cpu() || t.dtype() != E::DTYPE {
-        return Err(crate::Error::Internal(format!(
-            "AMX: a {:?} tensor on {:?}, not {:?} on the CPU",
-            t.dtype(),
-            t.device(),
-            E::DTYPE
-        )));
-    }
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets())
-    else {
-        return Err(crate::Error::Internal(
-            "AMX: a tensor without CPU storage".into(),
-        ));
-    };
-    Ok(f(&cpu.as_slice::<E>()?[a..b]))
 }
 
 /// bf16 pieces the values need: 1 (all are bf16), 2 (f16, or bf16 + bf16) or 3.

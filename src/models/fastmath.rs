@@ -1,5 +1,6 @@
-//! The CPU's hot exponentials: a branch-free `exp` the compiler vectorises (AVX2 + FMA where the
-//! CPU has them), used by the lens's vocabulary reduction and by the attention softmax.
+//! The CPU path's element-wise kernels: a branch-free `exp` the compiler vectorises (AVX-512, or
+//! AVX2 + FMA, where the CPU has them), used by the lens's vocabulary reduction, the attention
+//! softmax and the activations, each in one pass over its values.
 
 use rayon::prelude::*;
 
@@ -182,45 +183,79 @@ fn softmax_row_in_place(row: &mut [f32]) {
 
 /// `softmax(x · scale + mask)` over rows of `n` values (`x.len()` a multiple of `n`), as
 /// transformers' eager attention computes it in f32 (the product rounded, then the sum, then the
-/// softmax), in one pass over each row while it is in cache, rows split across threads. `mask`:
-/// `k` rows of `n` (additive, 0 or −∞), row `r` of `x` taking mask row `r mod k`.
+/// softmax), rows split across threads. `mask`: `k` rows of `n` (additive, 0 or −∞), row `r` of
+/// `x` taking mask row `r mod k`.
 pub fn scaled_softmax_rows(x: &[f32], n: usize, scale: f32, mask: Option<&[f32]>) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = x.to_vec();
     if n == 0 {
         return out;
     }
-    let mask_rows = mask.map_or(1, |m| (m.len() / n).max(1));
     // Chunks of whole rows, about 64k values each.
     let rows_per_chunk = (CHUNK / n).max(1);
-    x.par_chunks(rows_per_chunk * n)
-        .zip(out.par_chunks_mut(rows_per_chunk * n))
+    out.par_chunks_mut(rows_per_chunk * n)
         .enumerate()
-        .for_each(|(c, (xc, oc))| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (i, (xr, or)) in xc.chunks_exact(n).zip(oc.chunks_exact_mut(n)).enumerate()
-                    {
-                        let r = c * rows_per_chunk + i;
-                        match mask {
-                            Some(m) => {
-                                let mr = &m[(r % mask_rows) * n..][..n];
-                                for ((o, &v), &a) in or.iter_mut().zip(xr).zip(mr) {
-                                    *o = v * scale + a;
-                                }
-                            }
-                            None => {
-                                for (o, &v) in or.iter_mut().zip(xr) {
-                                    *o = v * scale;
-                                }
-                            }
-                        }
-                        softmax_row_in_place(or);
-                    }
-                },
-            )
-        });
+        .for_each(|(c, rows)| scaled_softmax_in_place(rows, n, scale, mask, c * rows_per_chunk));
     out
+}
+
+/// [`scaled_softmax_rows`] in place on this thread, over rows whose first is row `first` of the
+/// whole (for the mask's rows), in one pass over each row while it is in cache.
+pub fn scaled_softmax_in_place(
+    rows: &mut [f32],
+    n: usize,
+    scale: f32,
+    mask: Option<&[f32]>,
+    first: usize,
+) {
+    if n == 0 {
+        return;
+    }
+    let mask_rows = mask.map_or(1, |m| (m.len() / n).max(1));
+    vectorised(
+        #[inline(always)]
+        || {
+            for (i, row) in rows.chunks_exact_mut(n).enumerate() {
+                match mask {
+                    Some(m) => {
+                        let mr = &m[((first + i) % mask_rows) * n..][..n];
+                        for (v, &a) in row.iter_mut().zip(mr) {
+                            *v = *v * scale + a;
+                        }
+                    }
+                    None => {
+                        for v in row.iter_mut() {
+                            *v *= scale;
+                        }
+                    }
+                }
+                softmax_row_in_place(row);
+            }
+        },
+    )
+}
+
+/// The values of `t` (of element type `E`, on the CPU), without a copy where it is contiguous.
+pub fn with_cpu<E: candle_core::WithDType, R>(
+    t: &candle_core::Tensor,
+    f: impl FnOnce(&[E]) -> R,
+) -> crate::Result<R> {
+    if !t.device().is_cpu() || t.dtype() != E::DTYPE {
+        return Err(crate::Error::Internal(format!(
+            "a {:?} tensor on {:?}, not {:?} on the CPU",
+            t.dtype(),
+            t.device(),
+            E::DTYPE
+        )));
+    }
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets())
+    else {
+        return Err(crate::Error::Internal(
+            "a tensor without CPU storage".into(),
+        ));
+    };
+    Ok(f(&cpu.as_slice::<E>()?[a..b]))
 }
 
 /// Sets this thread's SSE control register to flush subnormal results to zero (FTZ) and read

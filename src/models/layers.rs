@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::models::fastmath::with_cpu;
 use crate::models::snapshot::Prefixed;
 use crate::models::{amx, profile};
 
@@ -257,10 +258,10 @@ impl Activation {
         fn apply<U: Unary>(x: &Tensor, up: Option<&Tensor>) -> Result<Tensor> {
             let x = x.contiguous()?;
             let y = match up {
-                None => with_cpu_f32(&x, map::<U>)?,
+                None => with_cpu::<f32, _>(&x, map::<U>)?,
                 Some(up) => {
                     let up = up.contiguous()?;
-                    with_cpu_f32(&x, |a| with_cpu_f32(&up, |b| map_mul::<U>(a, b)))??
+                    with_cpu::<f32, _>(&x, |a| with_cpu::<f32, _>(&up, |b| map_mul::<U>(a, b)))??
                 }
             };
             Ok(Tensor::from_vec(y, x.shape().clone(), &Device::Cpu)?)
@@ -382,6 +383,11 @@ pub fn attention_capped(
         if let Some(out) = flash(q, k, v, false, scale)? {
             return Ok(out);
         }
+    }
+    if q.device().is_cpu() && q.dtype() == DType::F32 && softcap.is_none() {
+        return profile::op("  attention: blocks of rows (CPU)", q.device(), || {
+            super::cpu_attention::attention(q, k, v, mask, scale)
+        });
     }
     // Grouped-query attention without copying k and v per query head: the `rep` query heads of a
     // group are consecutive, so `[b, hq, s, d]` is `[b·hkv, rep·s, d]` as it lies in memory, and
@@ -548,8 +554,8 @@ fn cpu_softmax(scores: &Tensor, scale: f32, mask: Option<&Tensor>) -> Result<Ten
     }
     let scores = scores.contiguous()?;
     let mask = mask.map(|m| m.contiguous()).transpose()?;
-    let probs = with_cpu_f32(&scores, |x| match &mask {
-        Some(m) => with_cpu_f32(m, |m| {
+    let probs = with_cpu::<f32, _>(&scores, |x| match &mask {
+        Some(m) => with_cpu::<f32, _>(m, |m| {
             super::fastmath::scaled_softmax_rows(x, n, scale, Some(m))
         }),
         None => Ok(super::fastmath::scaled_softmax_rows(x, n, scale, None)),
@@ -559,19 +565,6 @@ fn cpu_softmax(scores: &Tensor, scale: f32, mask: Option<&Tensor>) -> Result<Ten
         scores.shape().clone(),
         &Device::Cpu,
     )?)
-}
-
-/// The values of a contiguous f32 CPU tensor.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(cpu), Some((a, b))) => Ok(f(&cpu.as_slice::<f32>()?[a..b])),
-        _ => Err(Error::Internal(format!(
-            "expected a contiguous f32 CPU tensor, got {:?} {:?}",
-            t.dtype(),
-            t.dims()
-        ))),
-    }
 }
 
 /// `x · c` as torch computes a Python float times a half-precision tensor: in f32, rounded once.
@@ -713,32 +706,60 @@ mod tests {
         Tensor::stack(&rows, 0).unwrap()
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// f32 on the CPU: the row blocks of cpu_attention.rs, several a group, the causal mask's rows
+    /// following each block's first row, and without a mask.
+    #[test]
+    fn cpu_attention_in_row_blocks_equals_attention_head_by_head() {
+        let dev = Device::Cpu;
+        let (b, hq, hkv, s, d) = (2, 4, 2, 300, 16);
+        let r = |h| Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap();
+        let (q, k, v) = (r(hq), r(hkv), r(hkv));
+        let mask = causal_mask(s, DType::F32, &dev).unwrap();
+        let got = attention(&q, &k, &v, Some(&mask), 0.25).unwrap();
+        let want = head_by_head(&q, &k, &v, &mask, 0.25);
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        let zero = mask.zeros_like().unwrap();
+        let got = attention(&q, &k, &v, None, 0.25).unwrap();
+        let want = head_by_head(&q, &k, &v, &zero, 0.25);
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+    }
+
+    /// The op-by-op path, in slices of the scores (f64 here: f32 on the CPU takes the row blocks
+    /// above; half precision and the GPU take this path).
     #[test]
     fn attention_in_slices_equals_attention_head_by_head() {
         let dev = Device::Cpu;
         let (b, hq, hkv, s, d) = (3, 6, 2, 5, 8);
-        let r = |h| Tensor::randn(0f32, 1.0, (b, h, s, d), &dev).unwrap();
+        let r = |h| Tensor::randn(0f64, 1.0, (b, h, s, d), &dev).unwrap();
         let (q, k, v) = (r(hq), r(hkv), r(hkv));
-        let mask = causal_mask(s, DType::F32, &dev).unwrap();
+        let mask = causal_mask(s, DType::F64, &dev).unwrap();
         let want = head_by_head(&q, &k, &v, &mask, 0.3);
         // One slice; a group (3 query heads × 5 × 5 scores) at a time; two groups; less than one.
         for budget in [usize::MAX, 75, 150, 1] {
             let got = attention_within(&q, &k, &v, Some(&mask), 0.3, budget).unwrap();
             assert_eq!(got.dims(), &[b, hq, s, d]);
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            assert_eq!(got.dtype(), DType::F64);
+            let diff = max_diff(&got, &want);
             assert!(diff < 1e-5, "budget {budget}: {diff}");
         }
-        // A mask of another shape is refused, not broadcast in some other way.
-        let bad = causal_mask(s + 1, DType::F32, &dev).unwrap();
+        // A mask of another shape is refused, not broadcast in some other way, on both paths.
+        let bad = causal_mask(s + 1, DType::F64, &dev).unwrap();
         assert!(attention(&q, &k, &v, Some(&bad), 0.3).is_err());
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let bad = f32s(&bad);
+        assert!(attention(&f32s(&q), &f32s(&k), &f32s(&v), Some(&bad), 0.3).is_err());
     }
 }

@@ -11,6 +11,7 @@ use crate::preprocess::image::Rgb8;
 
 pub mod amx;
 pub mod causal_lm;
+pub mod cpu_attention;
 pub mod decoder;
 pub mod fastmath;
 pub mod fused;
