@@ -36,8 +36,16 @@ const K: usize = 32;
 /// Output columns (vocabulary entries, for the lens) per task: its pieces of the weight (32 KB a
 /// piece per 32 columns for 512 inputs) stay in L2 while the task's rows go by.
 const TASK_VOCAB: usize = 256;
-/// Row pairs (of 16 rows) per group: a group's split rows stay in L2 while a task's columns go by (3 pieces × 128 rows × 1536 × 2 bytes = 1.2 MB for Qwen2-VL-2B).
-const GROUP_ROW_PAIRS: usize = 4;
+/// Bytes of split rows per group: a group's rows stay in L2 (2 MB a core on these Xeons) while a
+/// task's columns go by, with room for the columns' weight tiles.
+const GROUP_BYTES: usize = 1 << 20;
+
+/// Row pairs (of 16 rows) per group for an inner size of `kp`: as many as [`GROUP_BYTES`] holds
+/// in three pieces, 1 to 4 (4 for Qwen2-VL-2B's hidden size 1536: 1.2 MB; 1 for its vision MLP's
+/// 5120 and its decoder MLP's 8960, whose row pair alone is 1–1.7 MB).
+fn group_row_pairs(kp: usize) -> usize {
+    (GROUP_BYTES / (3 * 2 * T * kp.max(1) * 2)).clamp(1, 4)
+}
 
 /// Whether the f32 GEMMs with weights run on AMX here: the CPU has AMX-TILE and AMX-BF16, Linux
 /// grants the process the tile state, and `LOGIT_LENS_AMX` is not `0` / `off`. Asked once.
@@ -122,17 +130,37 @@ pub fn pack(
 
 /// `x · wᵀ` (`x` `[rows, in]` f32 on the CPU) with a packed weight: `[rows, out]`.
 pub fn linear(x: &candle_core::Tensor, w: &PackedWeight) -> crate::Result<candle_core::Tensor> {
+    linear_bias(x, w, None)
+}
+
+/// `x · wᵀ + b`: the bias (`[out]`, f32 on the CPU) added in f32 after the products' sums, as
+/// candle's f32 path adds it, in place in the output.
+pub fn linear_bias(
+    x: &candle_core::Tensor,
+    w: &PackedWeight,
+    bias: Option<&candle_core::Tensor>,
+) -> crate::Result<candle_core::Tensor> {
     let split = SplitRows::of(x)?;
-    if split.kp != w.kp {
+    if split.kp != w.kp || bias.is_some_and(|b| b.dims() != [w.out]) {
         return Err(crate::Error::Internal(format!(
-            "AMX linear: input {:?} for a packed [{}, {}] weight",
+            "AMX linear: input {:?}, bias {:?} for a packed [{}, {}] weight",
             x.dims(),
+            bias.map(|b| b.dims().to_vec()),
             w.out,
             w.inner
         )));
     }
     let mut y = vec![0f32; split.n * w.out];
     matmul(&split, w, 0, w.out, &mut y);
+    if let Some(b) = bias {
+        with_cpu(b, |b: &[f32]| {
+            y.par_chunks_mut(w.out.max(1)).for_each(|row| {
+                for (v, &c) in row.iter_mut().zip(b) {
+                    *v += c;
+                }
+            })
+        })?;
+    }
     Ok(candle_core::Tensor::from_vec(
         y,
         (split.n, w.out),
@@ -332,7 +360,8 @@ pub fn matmul(a: &SplitRows, w: &PackedWeight, v0: usize, vc: usize, out: &mut [
     // A narrow weight (a `Linear` with a few hundred outputs) has few column tasks: its rows are
     // split too, into groups, so that every core has work.
     let row_pairs = a.n.div_ceil(2 * T);
-    let groups = row_pairs.div_ceil(GROUP_ROW_PAIRS);
+    let group = group_row_pairs(a.kp);
+    let groups = row_pairs.div_ceil(group);
     let row_tasks = (4 * rayon::current_num_threads())
         .div_ceil(col_tasks)
         .clamp(1, groups);
@@ -340,8 +369,8 @@ pub fn matmul(a: &SplitRows, w: &PackedWeight, v0: usize, vc: usize, out: &mut [
     (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
         let (rt, ct) = (task / col_tasks, task % col_tasks);
         let cbs = ct * per_task..((ct + 1) * per_task).min(col_pairs);
-        let rbs = (rt * groups_per_task * GROUP_ROW_PAIRS).min(row_pairs)
-            ..((rt + 1) * groups_per_task * GROUP_ROW_PAIRS).min(row_pairs);
+        let rbs = (rt * groups_per_task * group).min(row_pairs)
+            ..((rt + 1) * groups_per_task * group).min(row_pairs);
         // Each task writes its own block of `out`, no two tasks the same element.
         unsafe { x86::task(a, w, v0, vc, rbs, cbs, out_ptr) };
     });
@@ -354,7 +383,7 @@ unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PackedWeight, SendPtr, SplitRows, GROUP_ROW_PAIRS, K, T};
+    use super::{group_row_pairs, PackedWeight, SendPtr, SplitRows, K, T};
     use std::arch::asm;
     use std::ops::Range;
 
@@ -381,6 +410,7 @@ mod x86 {
         cbs: Range<usize>,
         out: SendPtr,
     ) {
+        let group = group_row_pairs(a.kp);
         let mut cfg = TileConfig {
             palette: 1,
             start_row: 0,
@@ -395,10 +425,10 @@ mod x86 {
         asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
         let nkb = w.kp / K;
         let mut scratch = [0f32; 4 * T * T];
-        for g0 in rbs.clone().step_by(GROUP_ROW_PAIRS) {
+        for g0 in rbs.clone().step_by(group) {
             for cb in cbs.clone() {
                 let vb = (v0 / T) + 2 * cb;
-                for rb in g0..(g0 + GROUP_ROW_PAIRS).min(rbs.end) {
+                for rb in g0..(g0 + group).min(rbs.end) {
                     asm!(
                         "tilezero tmm0",
                         "tilezero tmm1",
@@ -541,6 +571,8 @@ mod tests {
                 (64, 64, 96, 64, 32),
                 (5, 300, 70, 0, 70),
                 (130, 96, 600, 256, 300),
+                // An inner size whose row pair fills a group alone (group_row_pairs: 1).
+                (70, 5200, 40, 0, 40),
             ] {
                 let a: Vec<f32> = (0..n * hidden).map(|_| lcg(&mut s) * 3.0).collect();
                 let w: Vec<f32> = (0..vocab * hidden)

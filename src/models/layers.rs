@@ -81,13 +81,7 @@ impl Linear {
         let y = match &self.weight {
             // f32 on the CPU: the products exact, the sums f32 (amx.rs); the bias added after, as
             // candle's f32 path does.
-            Weight::Amx(w) => {
-                let y = amx::linear(&x, w)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
-            }
+            Weight::Amx(w) => amx::linear_bias(&x, w, self.bias.as_ref())?,
             // With a bias, one rounding in half precision, as torch's addmm (gemm.rs).
             Weight::Tensor(w) => match &self.bias {
                 Some(b) => super::gemm::linear_bias(&x, w, b)?,
