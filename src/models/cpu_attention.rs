@@ -77,7 +77,7 @@ fn blocks(
         head_dim: d,
     } = shape;
     let mut out = vec![0f32; groups * rows * d];
-    if d == 0 || sk == 0 {
+    if d == 0 || sk == 0 || rows == 0 {
         return out;
     }
     let block = (BLOCK_SCORES / sk).clamp(8, 256);

@@ -729,6 +729,21 @@ mod tests {
         let got = attention(&q, &k, &v, None, 0.25).unwrap();
         let want = head_by_head(&q, &k, &v, &zero, 0.25);
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        // No queries, or no keys (a softmax over nothing, times nothing: zeros, as torch).
+        let empty = |h, s| Tensor::zeros((b, h, s, d), DType::F32, &dev).unwrap();
+        let got = attention(&empty(hq, 0), &k, &v, None, 0.25).unwrap();
+        assert_eq!(got.dims(), &[b, hq, 0, d]);
+        let got = attention(&q, &empty(hkv, 0), &empty(hkv, 0), None, 0.25).unwrap();
+        assert_eq!(got.dims(), &[b, hq, s, d]);
+        assert_eq!(
+            got.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 
     /// The op-by-op path, in slices of the scores (f64 here: f32 on the CPU takes the row blocks
