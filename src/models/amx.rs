@@ -41,8 +41,9 @@ const TASK_VOCAB: usize = 256;
 const GROUP_BYTES: usize = 1 << 20;
 
 /// Row pairs (of 16 rows) per group for an inner size of `kp`: as many as [`GROUP_BYTES`] holds
-/// in three pieces, 1 to 4 (4 for Qwen2-VL-2B's hidden size 1536: 1.2 MB; 1 for its vision MLP's
-/// 5120 and its decoder MLP's 8960, whose row pair alone is 1–1.7 MB).
+/// in three pieces, 1 to 4 (4 for Qwen2-VL-2B's vision width 1280; 3 for its hidden size 1536:
+/// 0.9 MB; 1 for its vision MLP's 5120 and its decoder MLP's 8960, whose row pair alone is
+/// 1–1.7 MB).
 fn group_row_pairs(kp: usize) -> usize {
     (GROUP_BYTES / (3 * 2 * T * kp.max(1) * 2)).clamp(1, 4)
 }
