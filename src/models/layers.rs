@@ -249,13 +249,12 @@ impl Activation {
     /// take a pass per op). None elsewhere, and for the erf GELU.
     fn on_cpu(&self, x: &Tensor, up: Option<&Tensor>) -> Result<Option<Tensor>> {
         use super::fastmath::{map, map_mul, GeluTanh, QuickGelu, Silu, Unary};
+        // with_cpu makes its tensor contiguous where it is not.
         fn apply<U: Unary>(x: &Tensor, up: Option<&Tensor>) -> Result<Tensor> {
-            let x = x.contiguous()?;
             let y = match up {
-                None => with_cpu::<f32, _>(&x, map::<U>)?,
+                None => with_cpu::<f32, _>(x, map::<U>)?,
                 Some(up) => {
-                    let up = up.contiguous()?;
-                    with_cpu::<f32, _>(&x, |a| with_cpu::<f32, _>(&up, |b| map_mul::<U>(a, b)))??
+                    with_cpu::<f32, _>(x, |a| with_cpu::<f32, _>(up, |b| map_mul::<U>(a, b)))??
                 }
             };
             Ok(Tensor::from_vec(y, x.shape().clone(), &Device::Cpu)?)
@@ -546,9 +545,7 @@ fn cpu_softmax(scores: &Tensor, scale: f32, mask: Option<&Tensor>) -> Result<Ten
             )));
         }
     }
-    let scores = scores.contiguous()?;
-    let mask = mask.map(|m| m.contiguous()).transpose()?;
-    let probs = with_cpu::<f32, _>(&scores, |x| match &mask {
+    let probs = with_cpu::<f32, _>(scores, |x| match mask {
         Some(m) => with_cpu::<f32, _>(m, |m| {
             super::fastmath::scaled_softmax_rows(x, n, scale, Some(m))
         }),
