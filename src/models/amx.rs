@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
-use super::fastmath::with_cpu;
+use super::fastmath::{vectorised, with_cpu};
 
 /// Tile geometry: a tile is 16 rows of 64 bytes (16 f32, or 32 bf16 = 16 pairs).
 const T: usize = 16;
@@ -183,17 +183,20 @@ fn pieces_needed(w: &[f32]) -> usize {
 }
 
 /// bf16 bits of `x`, rounded to nearest even.
+#[inline(always)]
 fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
+#[inline(always)]
 fn bf16_value(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
 /// `x` as three bf16 values whose sum is `x` (exactly, for every finite f32 whose pieces are
 /// normal numbers).
+#[inline(always)]
 fn split3(x: f32) -> [u16; 3] {
     let p1 = bf16_bits(x);
     let r1 = x - bf16_value(p1);
@@ -295,13 +298,14 @@ impl PackedWeight {
     }
 }
 
-/// Rows `[n, hidden]` split into three bf16 pieces, laid out as AMX's A operand: per piece, for
-/// each 16 rows and 32 hidden units, one 1 KB tile (row-major), zero-padded to 32 rows and 32 units.
+/// Rows `[n, hidden]` split into three bf16 pieces, laid out as AMX's A operand: for each 16 rows
+/// and 32 hidden units, the three pieces' 1 KB tiles (row-major) one after the other, zero-padded
+/// to 32 rows and 32 units.
 pub struct SplitRows {
     n: usize,
     kp: usize,
-    /// Per piece: tiles `[rows / 16][kp / 32]`, 512 bf16 each.
-    pieces: [Vec<u16>; 3],
+    /// Tiles `[rows / 16][kp / 32][3]`, 512 bf16 each.
+    tiles: Vec<u16>,
 }
 
 impl SplitRows {
@@ -310,26 +314,46 @@ impl SplitRows {
         let kp = hidden.next_multiple_of(K);
         let np = n.next_multiple_of(2 * T).max(2 * T);
         let nkb = kp / K;
-        let mut pieces = [
-            vec![0u16; np * kp],
-            vec![0u16; np * kp],
-            vec![0u16; np * kp],
-        ];
-        let [p1, p2, p3] = &mut pieces;
-        p1.par_chunks_mut(nkb * T * K)
-            .zip(p2.par_chunks_mut(nkb * T * K))
-            .zip(p3.par_chunks_mut(nkb * T * K))
+        let len = 3 * np * kp;
+        let mut tiles: Vec<u16> = Vec::with_capacity(len);
+        // Every element is written below, padding included (as zeros): no zeroing first.
+        tiles.spare_capacity_mut()[..len]
+            .par_chunks_mut(nkb * 3 * T * K)
             .enumerate()
-            .for_each(|(rt, ((t1, t2), t3))| {
-                for rr in 0..T.min(n.saturating_sub(rt * T)) {
-                    let row = &a[(rt * T + rr) * hidden..][..hidden];
-                    for (k, &x) in row.iter().enumerate() {
-                        let at = (k / K) * T * K + rr * K + k % K;
-                        [t1[at], t2[at], t3[at]] = split3(x);
-                    }
-                }
+            .for_each(|(rt, block)| {
+                // One row tile: for each 32 units, 16 rows of 32 values read and written whole
+                // (cache lines), split in AVX-512 where the CPU has it (every CPU with AMX does).
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (kb, tiles) in block.chunks_exact_mut(3 * T * K).enumerate() {
+                            let (k0, width) = (kb * K, K.min(hidden - kb * K));
+                            let (t1, rest) = tiles.split_at_mut(T * K);
+                            let (t2, t3) = rest.split_at_mut(T * K);
+                            for rr in 0..T {
+                                let mut x = [0f32; K];
+                                let r = rt * T + rr;
+                                if r < n {
+                                    x[..width].copy_from_slice(&a[r * hidden + k0..][..width]);
+                                }
+                                let (mut p1, mut p2, mut p3) = ([0u16; K], [0u16; K], [0u16; K]);
+                                for k in 0..K {
+                                    [p1[k], p2[k], p3[k]] = split3(x[k]);
+                                }
+                                let at = rr * K..(rr + 1) * K;
+                                for (t, p) in [(&mut *t1, p1), (&mut *t2, p2), (&mut *t3, p3)] {
+                                    for (o, v) in t[at.clone()].iter_mut().zip(p) {
+                                        o.write(v);
+                                    }
+                                }
+                            }
+                        }
+                    },
+                )
             });
-        SplitRows { n, kp, pieces }
+        // SAFETY: the chunks above cover `..len` and wrote every element.
+        unsafe { tiles.set_len(len) };
+        SplitRows { n, kp, tiles }
     }
 
     /// The rows of `x` (`[n, in]`, f32 on the CPU).
@@ -340,7 +364,7 @@ impl SplitRows {
 
     /// The tile of piece `piece` for rows `16 rt ..` and hidden units `32 kb ..`.
     fn tile(&self, piece: usize, rt: usize, kb: usize) -> *const u16 {
-        self.pieces[piece][(rt * (self.kp / K) + kb) * T * K..].as_ptr()
+        self.tiles[((rt * (self.kp / K) + kb) * 3 + piece) * T * K..].as_ptr()
     }
 }
 

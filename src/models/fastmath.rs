@@ -85,7 +85,7 @@ impl Unary for GeluTanh {
 /// Runs `body` compiled for the best vector extension this CPU has (AVX-512, AVX2 + FMA, or the
 /// baseline): `body` is inlined into each variant.
 #[inline(always)]
-fn vectorised(body: impl FnOnce()) {
+pub(crate) fn vectorised(body: impl FnOnce()) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
