@@ -462,6 +462,16 @@ mod x86 {
                         options(nostack, nomem)
                     );
                     for kb in 0..nkb {
+                        // The next step's weight tiles to L1 while this step multiplies (5–8 %
+                        // on the lens's and the vision MLP's shapes; the row tiles' prefetch
+                        // cost more than it saved).
+                        if kb + 1 < nkb {
+                            for v in [vb, vb + 1] {
+                                for j in 0..w.pieces {
+                                    prefetch_tile(w.tile(v, j, kb + 1));
+                                }
+                            }
+                        }
                         for j in 0..w.pieces {
                             let (b0, b1) = (w.tile(vb, j, kb), w.tile(vb + 1, j, kb));
                             asm!(
@@ -492,6 +502,15 @@ mod x86 {
             }
         }
         asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// A tile's 16 cache lines to L1.
+    #[inline(always)]
+    unsafe fn prefetch_tile(tile: *const u16) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for line in 0..T {
+            _mm_prefetch::<_MM_HINT_T0>((tile as *const i8).add(line * 64));
+        }
     }
 
     /// The four accumulators of row pair `rb`, column pair `cb` to `out` (`[n, vc]`): straight
