@@ -39,13 +39,24 @@ const TASK_VOCAB: usize = 256;
 /// Bytes of split rows per group: a group's rows stay in L2 (2 MB a core on these Xeons) while a
 /// task's columns go by, with room for the columns' weight tiles.
 const GROUP_BYTES: usize = 1 << 20;
+/// Inner units per pass for a one-piece weight (half that for two pieces, a third for three): a
+/// task's weight tiles for one pass (256 columns × 1536 × 2 bytes: 768 KB) stay in L2 beside a
+/// group's rows. A wider inner size (the vision MLP's 5120, the decoder MLP's 8960, LLaVA's 4096)
+/// goes in passes, each adding its sums to the output; before, its rows or its weight came from
+/// L3 for every block (decoder down_proj, `examples/linear_throughput`: 770–850 GFLOP/s in passes,
+/// 630–675 before).
+const PASS_INNER: usize = 1536;
 
-/// Row pairs (of 16 rows) per group for an inner size of `kp`: as many as [`GROUP_BYTES`] holds
-/// in three pieces, 1 to 4 (4 for Qwen2-VL-2B's vision width 1280; 3 for its hidden size 1536:
-/// 0.9 MB; 1 for its vision MLP's 5120 and its decoder MLP's 8960, whose row pair alone is
-/// 1–1.7 MB).
-fn group_row_pairs(kp: usize) -> usize {
-    (GROUP_BYTES / (3 * 2 * T * kp.max(1) * 2)).clamp(1, 4)
+/// Tile steps (of 32 inner units) per pass, for a weight of `pieces` pieces and `kp` inner units.
+fn pass_steps(kp: usize, pieces: usize) -> usize {
+    (PASS_INNER / K / pieces.max(1)).min(kp / K).max(1)
+}
+
+/// Row pairs (of 16 rows) per group for passes of `steps` tile steps: as many as
+/// [`GROUP_BYTES`] holds in three pieces, 1 to 4 (4 for Qwen2-VL-2B's vision width 1280; 3 for
+/// passes of 1536: 0.9 MB).
+fn group_row_pairs(steps: usize) -> usize {
+    (GROUP_BYTES / (3 * 2 * T * steps * K * 2)).clamp(1, 4)
 }
 
 /// Whether the f32 GEMMs with weights run on AMX here: the CPU has AMX-TILE and AMX-BF16, Linux
@@ -385,7 +396,7 @@ pub fn matmul(a: &SplitRows, w: &PackedWeight, v0: usize, vc: usize, out: &mut [
     // A narrow weight (a `Linear` with a few hundred outputs) has few column tasks: its rows are
     // split too, into groups, so that every core has work.
     let row_pairs = a.n.div_ceil(2 * T);
-    let group = group_row_pairs(a.kp);
+    let group = group_row_pairs(pass_steps(a.kp, w.pieces));
     let groups = row_pairs.div_ceil(group);
     let row_tasks = (4 * rayon::current_num_threads())
         .div_ceil(col_tasks)
@@ -408,7 +419,7 @@ unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{group_row_pairs, PackedWeight, SendPtr, SplitRows, K, T};
+    use super::{group_row_pairs, pass_steps, PackedWeight, SendPtr, SplitRows, K, T};
     use std::arch::asm;
     use std::ops::Range;
 
@@ -435,7 +446,8 @@ mod x86 {
         cbs: Range<usize>,
         out: SendPtr,
     ) {
-        let group = group_row_pairs(a.kp);
+        let steps = pass_steps(a.kp, w.pieces);
+        let group = group_row_pairs(steps);
         let mut cfg = TileConfig {
             palette: 1,
             start_row: 0,
@@ -450,54 +462,58 @@ mod x86 {
         asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
         let nkb = w.kp / K;
         let mut scratch = [0f32; 4 * T * T];
-        for g0 in rbs.clone().step_by(group) {
-            for cb in cbs.clone() {
-                let vb = (v0 / T) + 2 * cb;
-                for rb in g0..(g0 + group).min(rbs.end) {
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    );
-                    for kb in 0..nkb {
-                        // The next step's weight tiles to L1 while this step multiplies (5–8 %
-                        // on the lens's and the vision MLP's shapes; the row tiles' prefetch
-                        // cost more than it saved).
-                        if kb + 1 < nkb {
-                            for v in [vb, vb + 1] {
-                                for j in 0..w.pieces {
-                                    prefetch_tile(w.tile(v, j, kb + 1));
+        for k0 in (0..nkb).step_by(steps) {
+            let k1 = (k0 + steps).min(nkb);
+            for g0 in rbs.clone().step_by(group) {
+                for cb in cbs.clone() {
+                    let vb = (v0 / T) + 2 * cb;
+                    for rb in g0..(g0 + group).min(rbs.end) {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            options(nostack, nomem)
+                        );
+                        for kb in k0..k1 {
+                            // The next step's weight tiles to L1 while this step multiplies (5–8 %
+                            // on the lens's and the vision MLP's shapes; the row tiles' prefetch
+                            // cost more than it saved).
+                            if kb + 1 < k1 {
+                                for v in [vb, vb + 1] {
+                                    for j in 0..w.pieces {
+                                        prefetch_tile(w.tile(v, j, kb + 1));
+                                    }
+                                }
+                            }
+                            for j in 0..w.pieces {
+                                let (b0, b1) = (w.tile(vb, j, kb), w.tile(vb + 1, j, kb));
+                                asm!(
+                                    "tileloadd tmm6, [{b0} + {s}*1]",
+                                    "tileloadd tmm7, [{b1} + {s}*1]",
+                                    b0 = in(reg) b0, b1 = in(reg) b1, s = in(reg) 64usize,
+                                    options(nostack, readonly)
+                                );
+                                // Pieces of `a` with i + j ≤ 4 (1-based): 3 with w's first piece, 2
+                                // with its second, 1 with its third.
+                                for i in 0..3 - j {
+                                    let (r0, r1) =
+                                        (a.tile(i, 2 * rb, kb), a.tile(i, 2 * rb + 1, kb));
+                                    asm!(
+                                        "tileloadd tmm4, [{r0} + {s}*1]",
+                                        "tileloadd tmm5, [{r1} + {s}*1]",
+                                        "tdpbf16ps tmm0, tmm4, tmm6",
+                                        "tdpbf16ps tmm1, tmm4, tmm7",
+                                        "tdpbf16ps tmm2, tmm5, tmm6",
+                                        "tdpbf16ps tmm3, tmm5, tmm7",
+                                        r0 = in(reg) r0, r1 = in(reg) r1, s = in(reg) 64usize,
+                                        options(nostack, readonly)
+                                    );
                                 }
                             }
                         }
-                        for j in 0..w.pieces {
-                            let (b0, b1) = (w.tile(vb, j, kb), w.tile(vb + 1, j, kb));
-                            asm!(
-                                "tileloadd tmm6, [{b0} + {s}*1]",
-                                "tileloadd tmm7, [{b1} + {s}*1]",
-                                b0 = in(reg) b0, b1 = in(reg) b1, s = in(reg) 64usize,
-                                options(nostack, readonly)
-                            );
-                            // Pieces of `a` with i + j ≤ 4 (1-based): 3 with w's first piece, 2
-                            // with its second, 1 with its third.
-                            for i in 0..3 - j {
-                                let (r0, r1) = (a.tile(i, 2 * rb, kb), a.tile(i, 2 * rb + 1, kb));
-                                asm!(
-                                    "tileloadd tmm4, [{r0} + {s}*1]",
-                                    "tileloadd tmm5, [{r1} + {s}*1]",
-                                    "tdpbf16ps tmm0, tmm4, tmm6",
-                                    "tdpbf16ps tmm1, tmm4, tmm7",
-                                    "tdpbf16ps tmm2, tmm5, tmm6",
-                                    "tdpbf16ps tmm3, tmm5, tmm7",
-                                    r0 = in(reg) r0, r1 = in(reg) r1, s = in(reg) 64usize,
-                                    options(nostack, readonly)
-                                );
-                            }
-                        }
+                        store(&mut scratch, rb, cb, a.n, vc, out, k0 > 0);
                     }
-                    store(&mut scratch, rb, cb, a.n, vc, out);
                 }
             }
         }
@@ -513,8 +529,9 @@ mod x86 {
         }
     }
 
-    /// The four accumulators of row pair `rb`, column pair `cb` to `out` (`[n, vc]`): straight
-    /// there when the block is inside it, else through `scratch`, keeping what is inside.
+    /// The four accumulators of row pair `rb`, column pair `cb` to `out` (`[n, vc]`), or added to
+    /// it (`add`: a later pass over the inner dimension): straight there when the block is inside
+    /// it and nothing is added, else through `scratch`, keeping what is inside.
     unsafe fn store(
         scratch: &mut [f32; 4 * T * T],
         rb: usize,
@@ -522,9 +539,10 @@ mod x86 {
         n: usize,
         vc: usize,
         out: SendPtr,
+        add: bool,
     ) {
         let (r0, c0) = (rb * 2 * T, cb * 2 * T);
-        if r0 + 2 * T <= n && c0 + 2 * T <= vc {
+        if r0 + 2 * T <= n && c0 + 2 * T <= vc && !add {
             let base = out.0.add(r0 * vc + c0);
             asm!(
                 "tilestored [{p0} + {s}*1], tmm0",
@@ -548,9 +566,17 @@ mod x86 {
             p3 = in(reg) base.add(2 * T * T + T), s = in(reg) 2 * T * 4,
             options(nostack)
         );
+        let cols = (2 * T).min(vc - c0);
         for r in 0..(2 * T).min(n.saturating_sub(r0)) {
-            let cols = (2 * T).min(vc - c0);
-            std::ptr::copy_nonoverlapping(base.add(r * 2 * T), out.0.add((r0 + r) * vc + c0), cols);
+            let to = std::slice::from_raw_parts_mut(out.0.add((r0 + r) * vc + c0), cols);
+            let from = &scratch[r * 2 * T..][..cols];
+            if add {
+                for (o, &v) in to.iter_mut().zip(from) {
+                    *o += v;
+                }
+            } else {
+                to.copy_from_slice(from);
+            }
         }
     }
 }
@@ -615,7 +641,7 @@ mod tests {
                 (64, 64, 96, 64, 32),
                 (5, 300, 70, 0, 70),
                 (130, 96, 600, 256, 300),
-                // An inner size whose row pair fills a group alone (group_row_pairs: 1).
+                // An inner size that goes in passes (pass_steps), the last one short.
                 (70, 5200, 40, 0, 40),
             ] {
                 let a: Vec<f32> = (0..n * hidden).map(|_| lcg(&mut s) * 3.0).collect();
