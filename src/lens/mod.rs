@@ -1227,9 +1227,10 @@ impl RowState {
 
 mod kernels {
     //! The one hot loop of the lens: `Σ e^(z−m)` and `Σ e^(z−m)(z−m)` over a vocabulary row,
-    //! with a branch-free exp the compiler vectorises (AVX2+FMA when the CPU has them).
+    //! with a branch-free exp the compiler vectorises (AVX-512, or AVX2+FMA, when the CPU has
+    //! them).
 
-    use crate::models::fastmath::exp;
+    use crate::models::fastmath::{exp, vectorised};
 
     #[inline(always)]
     fn sum_exp_generic(z: &[f32], m: f32) -> (f64, f64) {
@@ -1257,20 +1258,14 @@ mod kernels {
         (s_tot, t_tot)
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn sum_exp_avx2(z: &[f32], m: f32) -> (f64, f64) {
-        sum_exp_generic(z, m)
-    }
-
+    /// Compiled for AVX-512 or AVX2 + FMA where the CPU has them ([`vectorised`]).
     pub fn sum_exp(z: &[f32], m: f32) -> (f64, f64) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features were just detected on this CPU.
-            return unsafe { sum_exp_avx2(z, m) };
-        }
-        sum_exp_generic(z, m)
+        let mut r = (0.0, 0.0);
+        vectorised(
+            #[inline(always)]
+            || r = sum_exp_generic(z, m),
+        );
+        r
     }
 }
 

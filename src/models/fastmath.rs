@@ -150,6 +150,52 @@ pub fn map_mul<U: Unary>(a: &[f32], b: &[f32]) -> Vec<f32> {
     out
 }
 
+/// LayerNorm over rows of `dim` values (`x.len()` a multiple of it): `(x − mean) / sqrt(var + eps)
+/// · weight + bias`, the variance two-pass over the centred values (as torch computes it), each
+/// row's two sums in f64, every element-wise step in f32 in the order above. One pass per sum
+/// and one to write, rows split across threads; candle's ops took eight passes and allocations.
+pub fn layer_norm(x: &[f32], dim: usize, weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+    assert!(weight.len() == dim && bias.len() == dim && x.len().is_multiple_of(dim.max(1)));
+    let mut out = vec![0f32; x.len()];
+    if dim == 0 {
+        return out;
+    }
+    let rows_per_chunk = (CHUNK / dim).max(1);
+    x.par_chunks(rows_per_chunk * dim)
+        .zip(out.par_chunks_mut(rows_per_chunk * dim))
+        .for_each(|(x, out)| {
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (x, out) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+                        let mean = (sum_f64(x, |v| v) / dim as f64) as f32;
+                        let var = (sum_f64(x, |v| (v - mean) * (v - mean)) / dim as f64) as f32;
+                        let d = (var + eps).sqrt();
+                        for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+                            *o = (v - mean) / d * w + b;
+                        }
+                    }
+                },
+            )
+        });
+    out
+}
+
+/// `Σ f(x)` with the terms (f32) summed in f64, eight lanes wide.
+#[inline(always)]
+fn sum_f64(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i]) as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|&v| f(v) as f64).sum::<f64>()
+}
+
 /// One row's softmax in place, as torch's vectorised CPU softmax computes it: the max, then
 /// `e^(x − max)` and their sum, then each times `1 / sum`.
 #[inline(always)]
@@ -286,6 +332,49 @@ mod tests {
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(exp(-1000.0), 0.0f32.max(exp(-87.0)));
+    }
+
+    /// LayerNorm against its f64 definition on rows whose mean is large against their spread (as
+    /// deep in a ViT, where E[x²] − E[x]² would lose the digits), widths off the lanes, and a
+    /// constant row (variance 0: `bias` exactly).
+    #[test]
+    fn layer_norm_matches_its_f64_definition() {
+        let mut s = 3u64;
+        let mut r = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for dim in [1, 7, 80, 1283] {
+            let rows = 300;
+            let mut x: Vec<f32> = (0..rows * dim).map(|_| 500.0 + r() * 0.5).collect();
+            x[..dim].fill(3.0);
+            let w: Vec<f32> = (0..dim).map(|_| 1.0 + r()).collect();
+            let b: Vec<f32> = (0..dim).map(|_| r()).collect();
+            let eps = 1e-6;
+            let y = layer_norm(&x, dim, &w, &b, eps);
+            for (row, (x, y)) in x.chunks(dim).zip(y.chunks(dim)).enumerate() {
+                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
+                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / dim as f64;
+                for k in 0..dim {
+                    let z = (x[k] as f64 - mean) / (var + eps as f64).sqrt();
+                    let want = z * w[k] as f64 + b[k] as f64;
+                    // The quotient, product and sum each round once; the mean's rounding to f32
+                    // (2⁻²⁴ of it) reaches the output divided by σ.
+                    let tol = 4e-7 * (z.abs() + 1.0) * (w[k].abs() as f64 + 1.0)
+                        + 1.2e-7 * mean.abs() / var.sqrt().max(1e-30) * w[k].abs() as f64;
+                    assert!(
+                        (y[k] as f64 - want).abs() <= tol,
+                        "dim {dim}, row {row}, [{k}]: {} vs {want}",
+                        y[k]
+                    );
+                }
+                if row == 0 {
+                    assert_eq!(y, &b[..], "a constant row");
+                }
+            }
+        }
     }
 
     #[test]

@@ -156,6 +156,23 @@ impl LayerNorm {
             return fused::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
         let dtype = x.dtype();
+        if dtype == DType::F32 && x.device().is_cpu() {
+            let dim = self.weight.dim(0)?;
+            if x.dim(D::Minus1)? != dim {
+                return Err(Error::Internal(format!(
+                    "LayerNorm of width {dim} on {:?}",
+                    x.dims()
+                )));
+            }
+            let y = with_cpu(x, |x: &[f32]| {
+                with_cpu(&self.weight, |w: &[f32]| {
+                    with_cpu(&self.bias, |b: &[f32]| {
+                        super::fastmath::layer_norm(x, dim, w, b, self.eps as f32)
+                    })
+                })
+            })???;
+            return Ok(Tensor::from_vec(y, x.shape().clone(), x.device())?);
+        }
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
