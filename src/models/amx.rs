@@ -468,6 +468,10 @@ mod x86 {
                 for cb in cbs.clone() {
                     let vb = (v0 / T) + 2 * cb;
                     for rb in g0..(g0 + group).min(rbs.end) {
+                        // The last row pair may hold 16 rows or fewer: its second tile is all
+                        // padding, and only the first is multiplied (the lens's 418 rows a layer
+                        // for a 640×480 Qwen2-VL request: 13.5 row pairs' work, not 14).
+                        let half = (2 * rb + 1) * T >= a.n;
                         asm!(
                             "tilezero tmm0",
                             "tilezero tmm1",
@@ -499,6 +503,16 @@ mod x86 {
                                 for i in 0..3 - j {
                                     let (r0, r1) =
                                         (a.tile(i, 2 * rb, kb), a.tile(i, 2 * rb + 1, kb));
+                                    if half {
+                                        asm!(
+                                            "tileloadd tmm4, [{r0} + {s}*1]",
+                                            "tdpbf16ps tmm0, tmm4, tmm6",
+                                            "tdpbf16ps tmm1, tmm4, tmm7",
+                                            r0 = in(reg) r0, s = in(reg) 64usize,
+                                            options(nostack, readonly)
+                                        );
+                                        continue;
+                                    }
                                     asm!(
                                         "tileloadd tmm4, [{r0} + {s}*1]",
                                         "tileloadd tmm5, [{r1} + {s}*1]",
