@@ -151,9 +151,10 @@ pub fn map_mul<U: Unary>(a: &[f32], b: &[f32]) -> Vec<f32> {
 }
 
 /// LayerNorm over rows of `dim` values (`x.len()` a multiple of it): `(x − mean) / sqrt(var + eps)
-/// · weight + bias`, the variance two-pass over the centred values (as torch computes it), each
-/// row's two sums in f64, every element-wise step in f32 in the order above. One pass per sum
-/// and one to write, rows split across threads; candle's ops took eight passes and allocations.
+/// · weight + bias`, the variance taken over the centred values (two-pass, stable, as the op-by-op
+/// path in `layers::LayerNorm` computes it), each row's two sums in f64, every element-wise step in
+/// f32 in the order above. One pass per sum and one to write, rows split across threads; the
+/// op-by-op path took eight passes and their allocations.
 pub fn layer_norm(x: &[f32], dim: usize, weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
     assert!(weight.len() == dim && bias.len() == dim && x.len().is_multiple_of(dim.max(1)));
     let mut out = vec![0f32; x.len()];
