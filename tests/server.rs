@@ -828,11 +828,21 @@ async fn models_lists_the_resident_models() {
     assert_eq!(m["dtype"], "f32");
     assert_eq!(m["device"], "cpu");
     // Every tensor of the checkpoint is used (its embeddings are tied: no lm_head in the files),
-    // held in f32 on the CPU. The reference is the safetensors headers, read here directly.
+    // held in f32 on the CPU, or its linears as their AMX packing on a CPU with AMX. The reference
+    // is the safetensors headers, read here directly.
     let params = checkpoint_elements("tests/fixtures/qwen2vl-hub");
     assert!(params > 100_000, "{params}");
     assert_eq!(m["parameters"], params);
-    assert_eq!(m["weight_bytes"], 4 * params);
+    let amx = logit_lens::models::amx::available();
+    let held = checkpoint_held_bytes("tests/fixtures/qwen2vl-hub", amx);
+    assert_eq!(m["weight_bytes"], held, "AMX: {amx}");
+    if amx {
+        // Less than in f32 (the tiny fixture's embeddings and vision input layer, in f32 and with
+        // a packed copy, weigh more than in a real checkpoint: 3.1 bytes a weight here).
+        assert!(held < 4 * params, "{held} bytes for {params} weights");
+    } else {
+        assert_eq!(held, 4 * params);
+    }
     assert_eq!(body["models"][1]["name"], "qwen2vl-tf5");
     let r = server
         .client
@@ -988,8 +998,36 @@ async fn an_empty_file_field_from_a_browser_form_means_no_image() {
 }
 
 /// The number of elements in every tensor of a snapshot's safetensors files, from their headers.
-fn checkpoint_elements(dir: &str) -> u64 {
+/// The bytes an f32 model of the checkpoint in `dir` holds on this CPU, from the safetensors
+/// headers: 4 a value; with `amx`, every 2-D bf16 tensor but the embeddings (this fixture's others
+/// are all linears) as its packing instead (2 bytes a value, rows and columns padded to 32), and
+/// the lens's packed copy of the (tied) embeddings on top.
+fn checkpoint_held_bytes(dir: &str, amx: bool) -> u64 {
     let mut total = 0u64;
+    for (name, dtype, shape) in checkpoint_tensors(dir) {
+        let n: u64 = shape.iter().product();
+        let packed = || {
+            shape
+                .iter()
+                .map(|&d| d.next_multiple_of(32))
+                .product::<u64>()
+                * 2
+        };
+        total += match (
+            amx && dtype == "BF16" && shape.len() == 2,
+            name.ends_with("embed_tokens.weight"),
+        ) {
+            (false, _) => 4 * n,
+            (true, false) => packed(),
+            (true, true) => 4 * n + packed(),
+        };
+    }
+    total
+}
+
+/// Every tensor of the safetensors files in `dir`: name, dtype, shape.
+fn checkpoint_tensors(dir: &str) -> Vec<(String, String, Vec<u64>)> {
+    let mut tensors = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
@@ -1002,15 +1040,22 @@ fn checkpoint_elements(dir: &str) -> u64 {
             if name == "__metadata__" {
                 continue;
             }
-            total += t["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap())
-                .product::<u64>();
+            let shape = t["shape"].as_array().unwrap().iter();
+            tensors.push((
+                name.clone(),
+                t["dtype"].as_str().unwrap().to_string(),
+                shape.map(|d| d.as_u64().unwrap()).collect(),
+            ));
         }
     }
-    total
+    tensors
+}
+
+fn checkpoint_elements(dir: &str) -> u64 {
+    checkpoint_tensors(dir)
+        .iter()
+        .map(|(_, _, shape)| shape.iter().product::<u64>())
+        .sum()
 }
 
 /// `serve` warms each model up with one small request before reporting ready; it must work for

@@ -564,12 +564,11 @@ impl Decoder {
                     window: cfg.sliding_window.filter(|_| cfg.is_sliding_layer(l)),
                     qkv: {
                         let subs = [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd)];
-                        Linear::new(
+                        a.linear(
                             a.stacked(&subs, "weight", &[h])?,
                             cfg.qkv_bias
                                 .then(|| a.stacked(&subs, "bias", &[]))
                                 .transpose()?,
-                            a.dtype(),
                         )?
                     },
                     o: Linear::load(&a.pp("o_proj"), qd, h, false)?,

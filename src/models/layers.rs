@@ -48,7 +48,7 @@ impl Linear {
         } else {
             None
         };
-        Self::new(weight, bias, w.dtype())
+        w.linear(weight, bias)
     }
 
     /// A Linear of a model computing in `dtype`, from its weight and bias as the checkpoint stores
@@ -61,6 +61,14 @@ impl Linear {
         };
         let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
         Ok(Linear { weight, bias })
+    }
+
+    /// The weight's element count and the bytes its AMX packing holds, where it is held so.
+    pub fn packed_size(&self) -> Option<(usize, usize)> {
+        match &self.weight {
+            Weight::Amx(p) => Some((p.out_dim() * p.in_dim(), p.bytes())),
+            Weight::Tensor(_) => None,
+        }
     }
 
     /// Output features.

@@ -115,6 +115,10 @@ impl LensHead {
             text.embed_tokens.clone()
         };
         let packed = amx::pack(&unembed, unembed.dtype())?;
+        if let Some(p) = &packed {
+            // Kept beside the f32 unembedding, which the tensor paths still read.
+            weights.note_packed(unembed.elem_count(), p.bytes(), false);
+        }
         Ok(LensHead {
             norm: text.norm.clone(),
             unembed,
@@ -152,7 +156,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Parameters loaded from the checkpoint (tied embeddings counted once).
     pub parameters: u64,
-    /// Their size in `dtype`.
+    /// The bytes they hold where they live ([`snapshot::Weights::loaded`]): their size in `dtype`,
+    /// less on a CPU with AMX, where a linear stored in bf16 or f16 is held as its packing.
     pub weight_bytes: u64,
     /// Whether the model takes an image (a text-only language model does not).
     pub images: bool,

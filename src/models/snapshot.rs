@@ -220,6 +220,9 @@ pub struct Weights {
     pub device: Device,
     /// Every checkpoint tensor loaded so far and its element count (a name counts once).
     loaded: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// AMX packings made from these weights ([`Self::note_packed`]): the working-dtype bytes
+    /// they replace, and the bytes they hold.
+    packed: std::sync::Mutex<(u64, u64)>,
 }
 
 impl Weights {
@@ -276,6 +279,7 @@ impl Weights {
             dtype,
             device: device.clone(),
             loaded: Default::default(),
+            packed: Default::default(),
         })
     }
 
@@ -355,15 +359,33 @@ impl Weights {
         Ok(t)
     }
 
-    /// The parameters loaded so far, and their size in the working dtype (what they hold in
-    /// memory: on the GPU, the card's share of the model).
+    /// The parameters loaded so far, and the bytes they hold where they live (on the GPU, the
+    /// card's share of the model): their size in the working dtype, except that a weight held as
+    /// its AMX packing counts as the packing's bytes, and a packed copy kept beside its tensor
+    /// (the lens's unembedding) adds its bytes ([`Self::note_packed`]).
     pub fn loaded(&self) -> (u64, u64) {
         let params: u64 = self
             .loaded
             .lock()
             .map(|l| l.values().map(|&n| n as u64).sum())
             .unwrap_or(0);
-        (params, params * self.dtype.size_in_bytes() as u64)
+        let (replaced, packed) = self.packed.lock().map(|p| *p).unwrap_or_default();
+        (
+            params,
+            (params * self.dtype.size_in_bytes() as u64 + packed).saturating_sub(replaced),
+        )
+    }
+
+    /// Records an AMX packing of `bytes` made from a weight of `elements` values: held in place of
+    /// the weight's working-dtype tensor (`replaces`: a `Linear`'s), or beside it (the lens's copy
+    /// of the unembedding).
+    pub fn note_packed(&self, elements: usize, bytes: usize, replaces: bool) {
+        if let Ok(mut p) = self.packed.lock() {
+            if replaces {
+                p.0 += (elements * self.dtype.size_in_bytes()) as u64;
+            }
+            p.1 += bytes as u64;
+        }
     }
 
     pub fn pp(&self, prefix: impl AsRef<str>) -> Prefixed<'_> {
@@ -397,6 +419,20 @@ impl<'a> Prefixed<'a> {
     /// The dtype the model computes in.
     pub fn dtype(&self) -> DType {
         self.w.dtype
+    }
+    /// A `Linear` from its weight and bias as the files store them
+    /// ([`crate::models::layers::Linear::new`]); a weight held as its AMX packing is counted as such
+    /// in [`Weights::loaded`].
+    pub fn linear(
+        &self,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    ) -> Result<crate::models::layers::Linear> {
+        let linear = crate::models::layers::Linear::new(weight, bias, self.w.dtype)?;
+        if let Some((elements, bytes)) = linear.packed_size() {
+            self.w.note_packed(elements, bytes, true);
+        }
+        Ok(linear)
     }
     pub fn contains(&self, name: &str) -> bool {
         self.w.contains(&format!("{}{name}", self.prefix))

@@ -126,10 +126,9 @@ impl VisionTransformer {
                     ln2: LayerNorm::load(&l.pp("layer_norm2"), d, eps)?,
                     qkv: {
                         let subs = [("q_proj", d), ("k_proj", d), ("v_proj", d)];
-                        Linear::new(
+                        a.linear(
                             a.stacked(&subs, "weight", &[d])?,
                             Some(a.stacked(&subs, "bias", &[])?),
-                            a.dtype(),
                         )?
                     },
                     out: Linear::load(&a.pp("out_proj"), d, d, true)?,

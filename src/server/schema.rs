@@ -81,7 +81,10 @@ pub struct ModelOut {
     pub device: String,
     /// Parameters loaded from the checkpoint (tied embeddings counted once).
     pub parameters: u64,
-    /// The weights' size in `dtype` where they live (`device`).
+    /// The bytes the weights hold where they live (`device`): their size in `dtype`, except on a CPU
+    /// with AMX running an f32 model, where each linear whose weights the files store in bf16 (or
+    /// f16) is held as its bf16 packing only (2 bytes a weight, or 4), and the lens keeps a packed
+    /// copy of the unembedding beside it.
     pub weight_bytes: u64,
     /// Whether the model takes an image: false for text-only language models (`causal_lm`),
     /// which refuse one with 422.
