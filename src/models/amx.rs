@@ -162,8 +162,11 @@ pub fn linear_bias(
             w.inner
         )));
     }
-    let mut y = vec![0f32; split.n * w.out];
-    matmul(&split, w, 0, w.out, &mut y);
+    let len = split.n * w.out;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    matmul_uninit(&split, w, 0, w.out, &mut y.spare_capacity_mut()[..len]);
+    // SAFETY: matmul_uninit wrote every element of `..len`.
+    unsafe { y.set_len(len) };
     if let Some(b) = bias {
         with_cpu(b, |b: &[f32]| {
             y.par_chunks_mut(w.out.max(1)).for_each(|row| {
@@ -382,6 +385,20 @@ impl SplitRows {
 /// `out[r][j] = a[r] · w[v0 + j]` for the `n` split rows and the `vc` output columns from `v0`
 /// (a multiple of 32), `out` `[n, vc]` row-major. Needs [`available`].
 pub fn matmul(a: &SplitRows, w: &PackedWeight, v0: usize, vc: usize, out: &mut [f32]) {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and only f32 values are written through it.
+    let out = unsafe { &mut *(out as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+    matmul_uninit(a, w, v0, vc, out)
+}
+
+/// [`matmul`] into memory that need not be initialised: every element of `out` is written (the
+/// outputs of a `Linear` are not zeroed first, a pass over them saved).
+pub fn matmul_uninit(
+    a: &SplitRows,
+    w: &PackedWeight,
+    v0: usize,
+    vc: usize,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
     assert!(available(), "AMX is not available");
     assert_eq!(a.kp, w.kp, "rows and weight differ in their inner size");
     assert!(v0.is_multiple_of(2 * T) && v0 + vc <= w.out);
@@ -389,7 +406,7 @@ pub fn matmul(a: &SplitRows, w: &PackedWeight, v0: usize, vc: usize, out: &mut [
     if a.n == 0 || vc == 0 {
         return;
     }
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = SendPtr(out.as_mut_ptr().cast());
     let col_pairs = vc.div_ceil(2 * T);
     let per_task = TASK_VOCAB / (2 * T);
     let col_tasks = col_pairs.div_ceil(per_task);
@@ -582,14 +599,19 @@ mod x86 {
         );
         let cols = (2 * T).min(vc - c0);
         for r in 0..(2 * T).min(n.saturating_sub(r0)) {
-            let to = std::slice::from_raw_parts_mut(out.0.add((r0 + r) * vc + c0), cols);
+            let to = out.0.add((r0 + r) * vc + c0);
             let from = &scratch[r * 2 * T..][..cols];
             if add {
-                for (o, &v) in to.iter_mut().zip(from) {
+                // Written by the first pass.
+                for (o, &v) in std::slice::from_raw_parts_mut(to, cols)
+                    .iter_mut()
+                    .zip(from)
+                {
                     *o += v;
                 }
             } else {
-                to.copy_from_slice(from);
+                // `out` may not be initialised yet ([`super::matmul_uninit`]).
+                std::ptr::copy_nonoverlapping(from.as_ptr(), to, cols);
             }
         }
     }
