@@ -483,12 +483,7 @@ mod x86 {
             let k1 = (k0 + steps).min(nkb);
             for g0 in rbs.clone().step_by(group) {
                 for cb in cbs.clone() {
-                    let vb = (v0 / T) + 2 * cb;
                     for rb in g0..(g0 + group).min(rbs.end) {
-                        // The last row pair may hold 16 rows or fewer: its second tile is all
-                        // padding, and only the first is multiplied (the lens's 418 rows a layer
-                        // for a 640×480 Qwen2-VL request: 13.5 row pairs' work, not 14).
-                        let half = (2 * rb + 1) * T >= a.n;
                         asm!(
                             "tilezero tmm0",
                             "tilezero tmm1",
@@ -496,59 +491,68 @@ mod x86 {
                             "tilezero tmm3",
                             options(nostack, nomem)
                         );
-                        for kb in k0..k1 {
-                            // The next step's weight tiles to L1 while this step multiplies (5–8 %
-                            // on the lens's and the vision MLP's shapes; the row tiles' prefetch
-                            // cost more than it saved).
-                            if kb + 1 < k1 {
-                                for v in [vb, vb + 1] {
-                                    for j in 0..w.pieces {
-                                        prefetch_tile(w.tile(v, j, kb + 1));
-                                    }
-                                }
-                            }
-                            for j in 0..w.pieces {
-                                let (b0, b1) = (w.tile(vb, j, kb), w.tile(vb + 1, j, kb));
-                                asm!(
-                                    "tileloadd tmm6, [{b0} + {s}*1]",
-                                    "tileloadd tmm7, [{b1} + {s}*1]",
-                                    b0 = in(reg) b0, b1 = in(reg) b1, s = in(reg) 64usize,
-                                    options(nostack, readonly)
-                                );
-                                // Pieces of `a` with i + j ≤ 4 (1-based): 3 with w's first piece, 2
-                                // with its second, 1 with its third.
-                                for i in 0..3 - j {
-                                    let (r0, r1) =
-                                        (a.tile(i, 2 * rb, kb), a.tile(i, 2 * rb + 1, kb));
-                                    if half {
-                                        asm!(
-                                            "tileloadd tmm4, [{r0} + {s}*1]",
-                                            "tdpbf16ps tmm0, tmm4, tmm6",
-                                            "tdpbf16ps tmm1, tmm4, tmm7",
-                                            r0 = in(reg) r0, s = in(reg) 64usize,
-                                            options(nostack, readonly)
-                                        );
-                                        continue;
-                                    }
-                                    asm!(
-                                        "tileloadd tmm4, [{r0} + {s}*1]",
-                                        "tileloadd tmm5, [{r1} + {s}*1]",
-                                        "tdpbf16ps tmm0, tmm4, tmm6",
-                                        "tdpbf16ps tmm1, tmm4, tmm7",
-                                        "tdpbf16ps tmm2, tmm5, tmm6",
-                                        "tdpbf16ps tmm3, tmm5, tmm7",
-                                        r0 = in(reg) r0, r1 = in(reg) r1, s = in(reg) 64usize,
-                                        options(nostack, readonly)
-                                    );
-                                }
-                            }
-                        }
+                        accumulate(a, w, rb, (v0 / T) + 2 * cb, k0..k1);
                         store(&mut scratch, rb, cb, a.n, vc, out, k0 > 0);
                     }
                 }
             }
         }
         asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// Adds to the accumulators tmm0–3 the products of row pair `rb` (rows `32 rb ..`) and the
+    /// weight's column tiles `vb`, `vb + 1` over the tile steps `kbs`.
+    #[inline(always)]
+    unsafe fn accumulate(a: &SplitRows, w: &PackedWeight, rb: usize, vb: usize, kbs: Range<usize>) {
+        // The last row pair may hold 16 rows or fewer: its second tile is all padding, and only
+        // the first is multiplied (the lens's 418 rows a layer for a 640×480 Qwen2-VL request:
+        // 13.5 row pairs' work, not 14).
+        let half = (2 * rb + 1) * T >= a.n;
+        for kb in kbs.clone() {
+            // The next step's weight tiles to L1 while this step multiplies (5–8 % on the lens's
+            // and the vision MLP's shapes; the row tiles' prefetch cost more than it saved).
+            if kb + 1 < kbs.end {
+                for v in [vb, vb + 1] {
+                    for j in 0..w.pieces {
+                        prefetch_tile(w.tile(v, j, kb + 1));
+                    }
+                }
+            }
+            for j in 0..w.pieces {
+                let (b0, b1) = (w.tile(vb, j, kb), w.tile(vb + 1, j, kb));
+                asm!(
+                    "tileloadd tmm6, [{b0} + {s}*1]",
+                    "tileloadd tmm7, [{b1} + {s}*1]",
+                    b0 = in(reg) b0, b1 = in(reg) b1, s = in(reg) 64usize,
+                    options(nostack, readonly)
+                );
+                // Pieces of `a` with i + j ≤ 4 (1-based): 3 with w's first piece, 2 with its
+                // second, 1 with its third.
+                for i in 0..3 - j {
+                    let (r0, r1) = (a.tile(i, 2 * rb, kb), a.tile(i, 2 * rb + 1, kb));
+                    if half {
+                        asm!(
+                            "tileloadd tmm4, [{r0} + {s}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            r0 = in(reg) r0, s = in(reg) 64usize,
+                            options(nostack, readonly)
+                        );
+                        continue;
+                    }
+                    asm!(
+                        "tileloadd tmm4, [{r0} + {s}*1]",
+                        "tileloadd tmm5, [{r1} + {s}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        r0 = in(reg) r0, r1 = in(reg) r1, s = in(reg) 64usize,
+                        options(nostack, readonly)
+                    );
+                }
+            }
+        }
     }
 
     /// A tile's 16 cache lines to L1.
