@@ -219,6 +219,67 @@ fn split3(x: f32) -> [u16; 3] {
     [p1, p2, bf16_bits(r2)]
 }
 
+/// One tile row: 64 bytes on a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; K]);
+
+/// bf16 tiles in memory that starts on a cache line. A tile row is 64 bytes: from a line-aligned
+/// address `TILELOADD` reads one cache line per row, from anywhere else two. A `Vec<u16>` is only
+/// sure of 2 bytes: glibc's allocator returns large blocks 16 bytes into a page, where the lens's
+/// GEMM ran 25–33 % slower (`examples/gemm_throughput`); mimalloc, the binary's allocator, happened
+/// to align them.
+struct Tiles(Vec<Line>);
+
+impl Tiles {
+    /// `len` zeros (`len` a multiple of a tile row, as every tile buffer is).
+    fn zeroed(len: usize) -> Self {
+        assert!(len.is_multiple_of(K));
+        let lines = len / K;
+        if lines == 0 {
+            return Tiles(Vec::new());
+        }
+        let layout = std::alloc::Layout::array::<Line>(lines).expect("tile buffer size");
+        // SAFETY: allocated by the global allocator with `Vec<Line>`'s own layout for `lines`
+        // elements, and all-zero bytes are a valid `Line`; zeroed pages come from the OS untouched,
+        // as `vec![0u16; len]` had them.
+        unsafe {
+            let p = std::alloc::alloc_zeroed(layout) as *mut Line;
+            if p.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            Tiles(Vec::from_raw_parts(p, lines, lines))
+        }
+    }
+
+    /// `len` values written by `fill`.
+    ///
+    /// # Safety
+    /// `fill` must write every one of the `len` elements it is given.
+    unsafe fn filled(len: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<u16>])) -> Self {
+        assert!(len.is_multiple_of(K));
+        let mut v: Vec<Line> = Vec::with_capacity(len / K);
+        let spare = v.spare_capacity_mut();
+        // SAFETY: `Line` is `repr(C)` over `[u16; K]`: `len / K` uninitialised lines are `len`
+        // uninitialised u16s.
+        fill(std::slice::from_raw_parts_mut(
+            spare.as_mut_ptr().cast(),
+            len,
+        ));
+        v.set_len(len / K);
+        Tiles(v)
+    }
+
+    fn as_slice(&self) -> &[u16] {
+        // SAFETY: as in `filled`, the lines are their u16s.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * K) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u16] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * K) }
+    }
+}
+
 /// A weight `[out, in]` (the unembedding: `[vocab, hidden]`) in bf16 pieces, laid out as AMX's B
 /// operand: for each 16 output columns, each piece and each 32 inputs, one 1 KB tile whose row `r`
 /// holds, for each of the 16 columns, the pair of inputs `2r, 2r + 1` ("VNNI" order). Padded with
@@ -231,7 +292,7 @@ pub struct PackedWeight {
     /// bf16 pieces per weight: 1, 2 or 3.
     pieces: usize,
     /// Tiles `[out / 16][pieces][kp / 32]`, 512 bf16 each.
-    tiles: Vec<u16>,
+    tiles: Tiles,
 }
 
 impl PackedWeight {
@@ -262,8 +323,9 @@ impl PackedWeight {
         let kp = inner.next_multiple_of(K);
         let vp = out.next_multiple_of(2 * T);
         let nkb = kp / K;
-        let mut tiles = vec![0u16; vp * kp * pieces];
+        let mut tiles = Tiles::zeroed(vp * kp * pieces);
         tiles
+            .as_mut_slice()
             .par_chunks_mut(pieces * nkb * T * K)
             .enumerate()
             .for_each(|(vb, block)| {
@@ -302,13 +364,13 @@ impl PackedWeight {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.tiles.len() * 2
+        self.tiles.as_slice().len() * 2
     }
 
     /// The tile of piece `piece` for output columns `16 vb ..` and inputs `32 kb ..`.
     fn tile(&self, vb: usize, piece: usize, kb: usize) -> *const u16 {
         let nkb = self.kp / K;
-        self.tiles[((vb * self.pieces + piece) * nkb + kb) * T * K..].as_ptr()
+        self.tiles.as_slice()[((vb * self.pieces + piece) * nkb + kb) * T * K..].as_ptr()
     }
 }
 
@@ -319,7 +381,7 @@ pub struct SplitRows {
     n: usize,
     kp: usize,
     /// Tiles `[rows / 16][kp / 32][3]`, 512 bf16 each.
-    tiles: Vec<u16>,
+    tiles: Tiles,
 }
 
 impl SplitRows {
@@ -329,44 +391,46 @@ impl SplitRows {
         let np = n.next_multiple_of(2 * T).max(2 * T);
         let nkb = kp / K;
         let len = 3 * np * kp;
-        let mut tiles: Vec<u16> = Vec::with_capacity(len);
         // Every element is written below, padding included (as zeros): no zeroing first.
-        tiles.spare_capacity_mut()[..len]
-            .par_chunks_mut(nkb * 3 * T * K)
-            .enumerate()
-            .for_each(|(rt, block)| {
-                // One row tile: for each 32 units, 16 rows of 32 values read and written whole
-                // (cache lines), split in AVX-512 where the CPU has it (every CPU with AMX does).
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for (kb, tiles) in block.chunks_exact_mut(3 * T * K).enumerate() {
-                            let (k0, width) = (kb * K, K.min(hidden - kb * K));
-                            let (t1, rest) = tiles.split_at_mut(T * K);
-                            let (t2, t3) = rest.split_at_mut(T * K);
-                            for rr in 0..T {
-                                let mut x = [0f32; K];
-                                let r = rt * T + rr;
-                                if r < n {
-                                    x[..width].copy_from_slice(&a[r * hidden + k0..][..width]);
-                                }
-                                let (mut p1, mut p2, mut p3) = ([0u16; K], [0u16; K], [0u16; K]);
-                                for k in 0..K {
-                                    [p1[k], p2[k], p3[k]] = split3(x[k]);
-                                }
-                                let at = rr * K..(rr + 1) * K;
-                                for (t, p) in [(&mut *t1, p1), (&mut *t2, p2), (&mut *t3, p3)] {
-                                    for (o, v) in t[at.clone()].iter_mut().zip(p) {
-                                        o.write(v);
+        let fill = |tiles: &mut [std::mem::MaybeUninit<u16>]| {
+            tiles
+                .par_chunks_mut(nkb * 3 * T * K)
+                .enumerate()
+                .for_each(|(rt, block)| {
+                    // One row tile: for each 32 units, 16 rows of 32 values read and written whole
+                    // (cache lines), split in AVX-512 where the CPU has it (every CPU with AMX does).
+                    vectorised(
+                        #[inline(always)]
+                        || {
+                            for (kb, tiles) in block.chunks_exact_mut(3 * T * K).enumerate() {
+                                let (k0, width) = (kb * K, K.min(hidden - kb * K));
+                                let (t1, rest) = tiles.split_at_mut(T * K);
+                                let (t2, t3) = rest.split_at_mut(T * K);
+                                for rr in 0..T {
+                                    let mut x = [0f32; K];
+                                    let r = rt * T + rr;
+                                    if r < n {
+                                        x[..width].copy_from_slice(&a[r * hidden + k0..][..width]);
+                                    }
+                                    let (mut p1, mut p2, mut p3) =
+                                        ([0u16; K], [0u16; K], [0u16; K]);
+                                    for k in 0..K {
+                                        [p1[k], p2[k], p3[k]] = split3(x[k]);
+                                    }
+                                    let at = rr * K..(rr + 1) * K;
+                                    for (t, p) in [(&mut *t1, p1), (&mut *t2, p2), (&mut *t3, p3)] {
+                                        for (o, v) in t[at.clone()].iter_mut().zip(p) {
+                                            o.write(v);
+                                        }
                                     }
                                 }
                             }
-                        }
-                    },
-                )
-            });
-        // SAFETY: the chunks above cover `..len` and wrote every element.
-        unsafe { tiles.set_len(len) };
+                        },
+                    )
+                })
+        };
+        // SAFETY: the chunks above cover `..len` and write every element.
+        let tiles = unsafe { Tiles::filled(len, fill) };
         SplitRows { n, kp, tiles }
     }
 
@@ -378,7 +442,7 @@ impl SplitRows {
 
     /// The tile of piece `piece` for rows `16 rt ..` and hidden units `32 kb ..`.
     fn tile(&self, piece: usize, rt: usize, kb: usize) -> *const u16 {
-        self.tiles[((rt * (self.kp / K) + kb) * 3 + piece) * T * K..].as_ptr()
+        self.tiles.as_slice()[((rt * (self.kp / K) + kb) * 3 + piece) * T * K..].as_ptr()
     }
 }
 
@@ -654,6 +718,32 @@ mod tests {
             let x = lcg(&mut s) * 10f32.powi((lcg(&mut s) * 8.0) as i32);
             let [a, b, c] = split3(x);
             assert_eq!(bf16_value(a) + bf16_value(b) + bf16_value(c), x, "{x}");
+        }
+    }
+
+    /// Tiles start on cache lines whatever the allocator does with a `Vec<u16>` (the test
+    /// harness runs on glibc's, which puts blocks above 128 KB 16 bytes into a page), small and
+    /// large, zeroed (weights) and written in place (rows).
+    #[test]
+    fn tiles_start_on_cache_lines() {
+        let mut s = 3;
+        for (rows, hidden) in [(1, 8), (33, 100), (300, 1536), (2000, 96)] {
+            let a: Vec<f32> = (0..rows * hidden).map(|_| lcg(&mut s)).collect();
+            let split = SplitRows::new(&a, rows, hidden);
+            let packed = PackedWeight::new(&a, rows, hidden);
+            for kb in 0..split.kp / K {
+                for rt in 0..rows.div_ceil(T) {
+                    for piece in 0..3 {
+                        assert_eq!(split.tile(piece, rt, kb) as usize % 64, 0);
+                    }
+                    for piece in 0..packed.pieces() {
+                        assert_eq!(packed.tile(rt, piece, kb) as usize % 64, 0);
+                    }
+                }
+            }
+            // What was packed is still there, through the aligned buffer: row 0's first value.
+            let first = packed.tile(0, 0, 0);
+            assert_eq!(unsafe { *first }, bf16_bits(a[0]));
         }
     }
 
