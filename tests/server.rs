@@ -269,7 +269,12 @@ async fn the_pending_pixel_budget_refuses_images_with_429_and_loses_nothing() {
         send("SLOW a", Some(png(200, 150))),
         send("SLOW b", Some(png(200, 150))),
     ];
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // One runs (its 300 ms sleep), one waits, both hold their pixels.
+    server
+        .wait_until("both slow images in", |g| {
+            g.taken + g.queued == 2 && g.pixels == budget
+        })
+        .await;
     let (status, retry, body) = send("Color?", Some(png(200, 150))).await.unwrap();
     assert_eq!(status, 429, "{body}");
     assert!(retry, "429 without Retry-After");
@@ -384,7 +389,10 @@ async fn a_request_whose_deadline_passes_in_the_queue_gets_504() {
                 .status()
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The slow one is running (300 ms): the next waits longer than its 100 ms.
+    server
+        .wait_until("the slow one taken", |g| g.taken == 1)
+        .await;
     let r = server
         .lens_form(&[("prompt", "Color?"), ("model", DEMO)], None)
         .await;
@@ -410,7 +418,10 @@ async fn a_client_that_goes_away_frees_its_place_without_running() {
                 .status()
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The slow one is running: the impatient client's request waits behind it.
+    server
+        .wait_until("the slow one taken", |g| g.taken == 1)
+        .await;
     let impatient = server
         .client
         .post(server.url("/lens"))
@@ -857,6 +868,11 @@ async fn models_lists_the_resident_models() {
 async fn shutdown_finishes_the_queued_requests() {
     let server = std::sync::Arc::new(
         Server::start(Setup {
+            queue: QueueConfig {
+                max_queue: 8,
+                max_batch_size: 1,
+                max_batch_tokens: 16_384,
+            },
             faulty: true,
             ..Setup::default()
         })
@@ -873,8 +889,11 @@ async fn shutdown_finishes_the_queued_requests() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // One runs, two wait in the queue; shutting down must still answer all three.
+    // One runs, the others wait in the queue (one at a time); shutting down must still answer
+    // all three.
+    server
+        .wait_until("all three in", |g| g.taken + g.queued == 3)
+        .await;
     server.stop().await;
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);

@@ -155,6 +155,16 @@ impl VisionLanguageModel for Faulty {
     }
 }
 
+/// What the worker holds, from `/metrics`.
+pub struct Gauges {
+    /// Jobs the worker has taken (the sum of its groups' sizes).
+    pub taken: u64,
+    /// Jobs waiting in the queue.
+    pub queued: u64,
+    /// Image pixels held by requests being decoded, queued or run.
+    pub pixels: u64,
+}
+
 pub struct Setup {
     pub queue: QueueConfig,
     pub limits: Limits,
@@ -255,6 +265,42 @@ impl Server {
     pub async fn metrics_text(&self) -> String {
         let r = self.client.get(self.url("/metrics")).send().await.unwrap();
         r.text().await.unwrap()
+    }
+
+    /// The value of an unlabelled metric (`name value` on its own line), if it is there.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.metrics_text().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits until the worker's gauges in `/metrics` are what a test needs before its next
+    /// step, polling: a fixed sleep was a race on a loaded machine. Panics with the metrics after
+    /// 30 s.
+    pub async fn wait_until(&self, what: &str, ready: impl Fn(&Gauges) -> bool) {
+        let t0 = std::time::Instant::now();
+        loop {
+            let g = Gauges {
+                taken: self
+                    .metric("logit_lens_batch_size_sum")
+                    .await
+                    .unwrap_or(0.0) as u64,
+                queued: self.metric("logit_lens_queue_depth").await.unwrap_or(0.0) as u64,
+                pixels: self
+                    .metric("logit_lens_pending_image_pixels")
+                    .await
+                    .unwrap_or(0.0) as u64,
+            };
+            if ready(&g) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "waited 30 s for {what}: {}",
+                self.metrics_text().await
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Graceful shutdown; returns once the server and the worker have stopped.
