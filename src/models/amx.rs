@@ -276,6 +276,7 @@ impl Tiles {
     }
 
     fn as_mut_slice(&mut self) -> &mut [u16] {
+        // SAFETY: as in `as_slice`, borrowed mutably once.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * K) }
     }
 }
