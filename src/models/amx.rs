@@ -34,14 +34,14 @@ const T: usize = 16;
 /// The inner dimension per tile product (bf16 values per tile row).
 const K: usize = 32;
 /// Output columns (vocabulary entries, for the lens) per task: its pieces of the weight (32 KB a
-/// piece per 32 columns for 512 inputs) stay in L2 while the task's rows go by.
+/// piece per 32 columns for 512 inputs) stay in L2 while the task's rows go by, one row pair at a
+/// time (each pair's split rows, up to 295 KB for a pass of 1536, in L2 too while the task's
+/// columns go by). Groups of 2–4 row pairs between the columns, as before, ran 5–11 % slower on
+/// every shape measured: the lens's, and every `Linear` of `examples/linear_throughput`.
 const TASK_VOCAB: usize = 256;
-/// Bytes of split rows per group: a group's rows stay in L2 (2 MB a core on these Xeons) while a
-/// task's columns go by, with room for the columns' weight tiles.
-const GROUP_BYTES: usize = 1 << 20;
 /// Inner units per pass for a one-piece weight (half that for two pieces, a third for three): a
 /// task's weight tiles for one pass (256 columns × 1536 × 2 bytes: 768 KB) stay in L2 beside a
-/// group's rows. A wider inner size (the vision MLP's 5120, the decoder MLP's 8960, LLaVA's 4096)
+/// row pair. A wider inner size (the vision MLP's 5120, the decoder MLP's 8960, LLaVA's 4096)
 /// goes in passes, each adding its sums to the output; before, its rows or its weight came from
 /// L3 for every block (decoder down_proj, `examples/linear_throughput`: 770–850 GFLOP/s in passes,
 /// 630–675 before).
@@ -50,13 +50,6 @@ const PASS_INNER: usize = 1536;
 /// Tile steps (of 32 inner units) per pass, for a weight of `pieces` pieces and `kp` inner units.
 fn pass_steps(kp: usize, pieces: usize) -> usize {
     (PASS_INNER / K / pieces.max(1)).min(kp / K).max(1)
-}
-
-/// Row pairs (of 16 rows) per group for passes of `steps` tile steps: as many as
-/// [`GROUP_BYTES`] holds in three pieces, 1 to 4 (4 for Qwen2-VL-2B's vision width 1280; 3 for
-/// passes of 1536: 0.9 MB).
-fn group_row_pairs(steps: usize) -> usize {
-    (GROUP_BYTES / (3 * 2 * T * steps * K * 2)).clamp(1, 4)
 }
 
 /// Whether the f32 GEMMs with weights run on AMX here: the CPU has AMX-TILE and AMX-BF16, Linux
@@ -476,19 +469,16 @@ pub fn matmul_uninit(
     let per_task = TASK_VOCAB / (2 * T);
     let col_tasks = col_pairs.div_ceil(per_task);
     // A narrow weight (a `Linear` with a few hundred outputs) has few column tasks: its rows are
-    // split too, into groups, so that every core has work.
+    // split too, so that every core has work.
     let row_pairs = a.n.div_ceil(2 * T);
-    let group = group_row_pairs(pass_steps(a.kp, w.pieces));
-    let groups = row_pairs.div_ceil(group);
     let row_tasks = (4 * rayon::current_num_threads())
         .div_ceil(col_tasks)
-        .clamp(1, groups);
-    let groups_per_task = groups.div_ceil(row_tasks);
+        .clamp(1, row_pairs);
+    let pairs_per_task = row_pairs.div_ceil(row_tasks);
     (0..row_tasks * col_tasks).into_par_iter().for_each(|task| {
         let (rt, ct) = (task / col_tasks, task % col_tasks);
         let cbs = ct * per_task..((ct + 1) * per_task).min(col_pairs);
-        let rbs = (rt * groups_per_task * group).min(row_pairs)
-            ..((rt + 1) * groups_per_task * group).min(row_pairs);
+        let rbs = (rt * pairs_per_task).min(row_pairs)..((rt + 1) * pairs_per_task).min(row_pairs);
         // Each task writes its own block of `out`, no two tasks the same element.
         unsafe { x86::task(a, w, v0, vc, rbs, cbs, out_ptr) };
     });
@@ -501,7 +491,7 @@ unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{group_row_pairs, pass_steps, PackedWeight, SendPtr, SplitRows, K, T};
+    use super::{pass_steps, PackedWeight, SendPtr, SplitRows, K, T};
     use std::arch::asm;
     use std::ops::Range;
 
@@ -529,7 +519,6 @@ mod x86 {
         out: SendPtr,
     ) {
         let steps = pass_steps(a.kp, w.pieces);
-        let group = group_row_pairs(steps);
         let mut cfg = TileConfig {
             palette: 1,
             start_row: 0,
@@ -546,19 +535,17 @@ mod x86 {
         let mut scratch = [0f32; 4 * T * T];
         for k0 in (0..nkb).step_by(steps) {
             let k1 = (k0 + steps).min(nkb);
-            for g0 in rbs.clone().step_by(group) {
+            for rb in rbs.clone() {
                 for cb in cbs.clone() {
-                    for rb in g0..(g0 + group).min(rbs.end) {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm1",
-                            "tilezero tmm2",
-                            "tilezero tmm3",
-                            options(nostack, nomem)
-                        );
-                        accumulate(a, w, rb, (v0 / T) + 2 * cb, k0..k1);
-                        store(&mut scratch, rb, cb, a.n, vc, out, k0 > 0);
-                    }
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    );
+                    accumulate(a, w, rb, (v0 / T) + 2 * cb, k0..k1);
+                    store(&mut scratch, rb, cb, a.n, vc, out, k0 > 0);
                 }
             }
         }
