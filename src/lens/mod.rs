@@ -66,10 +66,13 @@ pub struct LayerStats {
     pub positions: Vec<PositionStats>,
 }
 
-/// Rows and vocabulary entries per block of logits: `ROW_BLOCK × VOCAB_BLOCK × 4` bytes (8 MB)
-/// stays in cache between the GEMM that writes it and the reduction that reads it, and keeps the
-/// GEMM at full speed.
-const ROW_BLOCK: usize = 512;
+/// Rows and vocabulary entries per block of logits on the CPU: `ROW_BLOCK × VOCAB_BLOCK × 4` bytes
+/// (32 MB) stays in L3 between the GEMM that writes it and the reduction that reads it. Each block
+/// of rows is one pass over the unembedding (467 MB for Qwen2-VL-2B's bf16 pieces), so fewer,
+/// larger blocks read it from memory fewer times: the lens of a real-size Qwen2-VL-2B request
+/// (29 layers × 418 rows), alternating, took 6565–6849 ms at 512 rows, 6417–6644 at 1024,
+/// 6121–6311 at 2048, 6407–6503 at 4096 (bench/README.md, fifteenth session).
+const ROW_BLOCK: usize = 2048;
 const VOCAB_BLOCK: usize = 4096;
 /// On an accelerator (and the tensor path): rows per unembedding GEMM. `LOGIT_LENS_ROW_CHUNK`
 /// overrides it.
@@ -374,8 +377,8 @@ impl<'a> Lens<'a> {
     }
 
     /// Reduces the waiting CPU layers' rows together, in blocks of rows that stay in cache, and
-    /// records the layers in order. Equal blocks of at most ROW_BLOCK rows (588 rows: 2 × 294,
-    /// not 512 + 76: a thin GEMM runs well below the machine's rate).
+    /// records the layers in order. Equal blocks of at most ROW_BLOCK rows (2508 rows: 2 × 1254,
+    /// not 2048 + 460: a thin GEMM runs well below the machine's rate).
     fn reduce_cpu_pending(&mut self) -> Result<()> {
         if self.cpu_pending.is_empty() {
             return Ok(());
