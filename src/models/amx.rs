@@ -390,36 +390,11 @@ impl SplitRows {
             tiles
                 .par_chunks_mut(nkb * 3 * T * K)
                 .enumerate()
+                // Split in AVX-512 where the CPU has it (every CPU with AMX does).
                 .for_each(|(rt, block)| {
-                    // One row tile: for each 32 units, 16 rows of 32 values read and written whole
-                    // (cache lines), split in AVX-512 where the CPU has it (every CPU with AMX does).
                     vectorised(
                         #[inline(always)]
-                        || {
-                            for (kb, tiles) in block.chunks_exact_mut(3 * T * K).enumerate() {
-                                let (k0, width) = (kb * K, K.min(hidden - kb * K));
-                                let (t1, rest) = tiles.split_at_mut(T * K);
-                                let (t2, t3) = rest.split_at_mut(T * K);
-                                for rr in 0..T {
-                                    let mut x = [0f32; K];
-                                    let r = rt * T + rr;
-                                    if r < n {
-                                        x[..width].copy_from_slice(&a[r * hidden + k0..][..width]);
-                                    }
-                                    let (mut p1, mut p2, mut p3) =
-                                        ([0u16; K], [0u16; K], [0u16; K]);
-                                    for k in 0..K {
-                                        [p1[k], p2[k], p3[k]] = split3(x[k]);
-                                    }
-                                    let at = rr * K..(rr + 1) * K;
-                                    for (t, p) in [(&mut *t1, p1), (&mut *t2, p2), (&mut *t3, p3)] {
-                                        for (o, v) in t[at.clone()].iter_mut().zip(p) {
-                                            o.write(v);
-                                        }
-                                    }
-                                }
-                            }
-                        },
+                        || split_row_tile(a, n, hidden, rt, block),
                     )
                 })
         };
@@ -437,6 +412,41 @@ impl SplitRows {
     /// The tile of piece `piece` for rows `16 rt ..` and hidden units `32 kb ..`.
     fn tile(&self, piece: usize, rt: usize, kb: usize) -> *const u16 {
         self.tiles.as_slice()[((rt * (self.kp / K) + kb) * 3 + piece) * T * K..].as_ptr()
+    }
+}
+
+/// Row tile `rt` of `a` (`[n, hidden]`, its rows `16 rt ..`) into `block`, its tiles: for each 32
+/// units, 16 rows of 32 values read and written whole (cache lines), each value as its three bf16
+/// pieces in the three pieces' tiles; rows past `n` and units past `hidden` as zeros.
+#[inline(always)]
+fn split_row_tile(
+    a: &[f32],
+    n: usize,
+    hidden: usize,
+    rt: usize,
+    block: &mut [std::mem::MaybeUninit<u16>],
+) {
+    for (kb, tiles) in block.chunks_exact_mut(3 * T * K).enumerate() {
+        let (k0, width) = (kb * K, K.min(hidden - kb * K));
+        let (t1, rest) = tiles.split_at_mut(T * K);
+        let (t2, t3) = rest.split_at_mut(T * K);
+        for rr in 0..T {
+            let mut x = [0f32; K];
+            let r = rt * T + rr;
+            if r < n {
+                x[..width].copy_from_slice(&a[r * hidden + k0..][..width]);
+            }
+            let (mut p1, mut p2, mut p3) = ([0u16; K], [0u16; K], [0u16; K]);
+            for k in 0..K {
+                [p1[k], p2[k], p3[k]] = split3(x[k]);
+            }
+            let at = rr * K..(rr + 1) * K;
+            for (t, p) in [(&mut *t1, p1), (&mut *t2, p2), (&mut *t3, p3)] {
+                for (o, v) in t[at.clone()].iter_mut().zip(p) {
+                    o.write(v);
+                }
+            }
+        }
     }
 }
 
