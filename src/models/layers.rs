@@ -328,8 +328,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// head_dim]` in any dtype; `cos`/`sin`: f32 `[seq, head_dim/2]`.
 pub fn rope_in_f32(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     // Fused: one kernel, reading a strided head view (e.g. a `narrow` of packed q/k/v heads) in
-    // place, without the f32 copies.
-    if fused::applies(x, Kernel::Rope) && fused::rope_fits(x, cos, sin, true) {
+    // place, without the f32 copies. On the CPU in f32 too: the same sums as candle's rope, which
+    // needed a contiguous copy of the heads first (the real-size vision tower's rope: 0.32 s).
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+    if (cpu_f32 || fused::applies(x, Kernel::Rope)) && fused::rope_fits(x, cos, sin, true) {
         return fused::rope_in_f32(x, cos, sin);
     }
     Ok(rope(&x.to_dtype(DType::F32)?, cos, sin)?.to_dtype(x.dtype())?)

@@ -240,6 +240,16 @@ impl Half for half::bf16 {
     }
 }
 
+/// f32 itself: the CPU rope with f32 tables ([`rope::rope_in_f32`]) takes f32 too.
+impl Half for f32 {
+    fn to(self) -> f32 {
+        self
+    }
+    fn from(v: f32) -> Self {
+        v
+    }
+}
+
 impl Half for half::f16 {
     fn to(self) -> f32 {
         self.to_f32()

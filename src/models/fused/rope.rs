@@ -94,34 +94,34 @@ impl Geometry {
         })
     }
 
-    /// The twin: every pair, in output order.
-    fn rows<T: Half, C: Copy>(
+    /// The CPU kernel (the GPU kernel's twin, and f32 Qwen2-VL vision on the CPU): every pair,
+    /// each `(batch, head)` on its own rayon task.
+    fn rows<T: Half + Send + Sync, C: Copy + Sync>(
         &self,
         x: &[T],
         cos: &[C],
         sin: &[C],
-        pair: impl Fn(T, T, C, C) -> (T, T),
+        pair: impl Fn(T, T, C, C) -> (T, T) + Sync,
     ) -> Vec<T> {
+        use rayon::prelude::*;
         let [b, h, s, d] = self.dims;
         let half = d / 2;
-        let mut out = Vec::with_capacity(b * h * s * d);
-        let mut second = Vec::with_capacity(half);
-        for bi in 0..b {
-            for hi in 0..h {
-                for si in 0..s {
-                    let row = &x
-                        [bi * self.strides[0] + hi * self.strides[1] + si * self.strides[2]..][..d];
-                    let t = bi * self.table_batch_stride + si * half;
-                    second.clear();
-                    for j in 0..half {
-                        let (y1, y2) = pair(row[j], row[j + half], cos[t + j], sin[t + j]);
-                        out.push(y1);
-                        second.push(y2);
-                    }
-                    out.extend_from_slice(&second);
+        let mut out = vec![T::from(0.0); b * h * s * d];
+        if out.is_empty() {
+            return out;
+        }
+        out.par_chunks_mut(s * d).enumerate().for_each(|(bh, out)| {
+            let (bi, hi) = (bh / h, bh % h);
+            for (si, out) in out.chunks_exact_mut(d).enumerate() {
+                let row =
+                    &x[bi * self.strides[0] + hi * self.strides[1] + si * self.strides[2]..][..d];
+                let t = bi * self.table_batch_stride + si * half;
+                let (first, second) = out.split_at_mut(half);
+                for j in 0..half {
+                    (first[j], second[j]) = pair(row[j], row[j + half], cos[t + j], sin[t + j]);
                 }
             }
-        }
+        });
         out
     }
 }
@@ -185,6 +185,15 @@ impl candle_core::CustomOp3 for Rope {
             }
             (CpuStorage::BF16(x), CpuStorage::F32(c), CpuStorage::F32(s), true) => {
                 CpuStorage::BF16(g.rows(
+                    &x[x_at(l1)..],
+                    contiguous(c, l2, w)?,
+                    contiguous(s, l3, w)?,
+                    pair_f32,
+                ))
+            }
+            // The f32 CPU path of Qwen2-VL's vision tower: reads the strided q/k heads in place.
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s), true) => {
+                CpuStorage::F32(g.rows(
                     &x[x_at(l1)..],
                     contiguous(c, l2, w)?,
                     contiguous(s, l3, w)?,
@@ -370,6 +379,34 @@ mod tests {
             let want = layers::rope_in_f32(&x, &c, &s).unwrap();
             assert_eq!(bits_differ(&rope_in_f32(&x, &c, &s).unwrap(), &want), 0);
         }
+    }
+
+    /// In f32 on the CPU (Qwen2-VL's vision tower there), [`layers::rope_in_f32`] now reads the
+    /// strided q/k heads in place: bit for bit what candle's rope gives on a contiguous copy.
+    #[test]
+    fn f32_rope_on_strided_heads_equals_candles_rope() {
+        let (n, heads, hd) = (37, 16, 80);
+        let qkv = randn(&[n, 3 * heads * hd], 0.0, 3.0, DType::F32)
+            .reshape((n, 3, heads, hd))
+            .unwrap()
+            .permute((1, 2, 0, 3))
+            .unwrap();
+        let (c, s) = tables(n, hd / 2, 0);
+        // q and k together, as the vision block rotates them: `[2, heads, n, hd]`, a view.
+        let x = qkv.narrow(0, 0, 2).unwrap();
+        assert!(!x.is_contiguous());
+        let want = candle_nn::rotary_emb::rope(&x.contiguous().unwrap(), &c, &s).unwrap();
+        let got = layers::rope_in_f32(&x, &c, &s).unwrap();
+        assert!(got.is_contiguous());
+        assert_eq!(bits_differ(&got, &want), 0);
+        // Per-batch tables too.
+        let (cb, sb) = tables(2 * n, hd / 2, 0);
+        let (cb, sb) = (
+            cb.reshape((2, n, hd / 2)).unwrap(),
+            sb.reshape((2, n, hd / 2)).unwrap(),
+        );
+        let want = candle_nn::rotary_emb::rope(&x.contiguous().unwrap(), &cb, &sb).unwrap();
+        assert_eq!(bits_differ(&rope_in_f32(&x, &cb, &sb).unwrap(), &want), 0);
     }
 
     #[test]
