@@ -906,6 +906,18 @@ mod tests {
         }
     }
 
+    /// How a test weight's values are rounded: to bf16, to f16, or not at all.
+    type Rounding = fn(f32) -> f32;
+
+    /// Weights that need one, two and three bf16 pieces, and the rounding that makes them so.
+    fn weight_kinds() -> [(usize, Rounding); 3] {
+        [
+            (1, |x| bf16_value(bf16_bits(x))),
+            (2, |x| half::f16::from_f32(x).to_f32()),
+            (3, |x| x),
+        ]
+    }
+
     /// `Wᵀ p` from the packed pieces, against f64 sums, for weights of one, two and three pieces
     /// and every shape edge (rows across tasks, a vocabulary range that starts inside it and ends
     /// off a block, hidden not a multiple of 32): each sum within 2⁻¹⁷ of its terms' magnitude
@@ -914,11 +926,7 @@ mod tests {
     #[test]
     fn transposed_products_equal_f64_sums() {
         let mut s = 5;
-        for (pieces, round) in [
-            (1, (|x: f32| bf16_value(bf16_bits(x))) as fn(f32) -> f32),
-            (2, |x: f32| half::f16::from_f32(x).to_f32()),
-            (3, |x: f32| x),
-        ] {
+        for (pieces, round) in weight_kinds() {
             for (rows, hidden, vocab, v0, vc) in [
                 (1, 80, 100, 0, 100),
                 (3, 80, 100, 0, 0),
@@ -942,10 +950,11 @@ mod tests {
                             let exact = 0.5 + terms.clone().sum::<f64>();
                             let scale = terms.map(f64::abs).sum::<f64>();
                             let got = acc[r * hidden + k];
+                            let ctx = format!("{pieces} pieces, {rows}×{vc}, avx512 {avx512}");
                             assert!(
-                            (got - exact).abs() <= scale * 2f64.powi(-17) + 1e-12,
-                            "pieces {pieces} rows {rows} vc {vc} avx512 {avx512} [{r}, {k}]: {got} vs {exact}"
-                        );
+                                (got - exact).abs() <= scale * 2f64.powi(-17) + 1e-12,
+                                "{ctx} [{r}, {k}]: {got} vs {exact}"
+                            );
                         }
                     }
                 }
@@ -964,11 +973,7 @@ mod tests {
             return;
         }
         let mut s = 1;
-        for (pieces, round) in [
-            (1, (|x: f32| bf16_value(bf16_bits(x))) as fn(f32) -> f32),
-            (2, |x: f32| half::f16::from_f32(x).to_f32()),
-            (3, |x: f32| x),
-        ] {
+        for (pieces, round) in weight_kinds() {
             for (n, hidden, vocab, v0, vc) in [
                 (0, 80, 100, 0, 100),
                 (37, 80, 100, 0, 0),

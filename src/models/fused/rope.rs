@@ -8,6 +8,9 @@
 //!   tables, in f32 (each product and the sum rounded to f32, no fused multiply-add, as torch and
 //!   candle's CPU rope compute it), one rounding to the dtype.
 //!
+//! On the CPU [`rope_in_f32`] takes f32 `x` too: Qwen2-VL's vision tower in f32, whose q/k heads it
+//! reads in place where candle's rope needed a contiguous copy (the same sums, bit for bit).
+//!
 //! `x`: `[b, h, s, d]` bf16 or f16, any strides with the last dimension's 1 (e.g. a head view of a
 //! packed qkv projection: no copy); `cos`/`sin`: contiguous `[s, d/2]` or `[b, s, d/2]`. Output
 //! contiguous `[b, h, s, d]`.
@@ -164,49 +167,34 @@ impl candle_core::CustomOp3 for Rope {
         if l2.dims() != l3.dims() {
             candle_core::bail!("fused rope: cos and sin differ in shape");
         }
-        let x_at = |l: &Layout| l.start_offset();
         let w = "rope";
+        // Each dtype's arm: `x` from its start offset, the contiguous tables, the pair's rounding.
+        macro_rules! rows {
+            ($dtype:ident, $x:expr, $c:expr, $s:expr, $pair:expr) => {
+                CpuStorage::$dtype(g.rows(
+                    &$x[l1.start_offset()..],
+                    contiguous($c, l2, w)?,
+                    contiguous($s, l3, w)?,
+                    $pair,
+                ))
+            };
+        }
         let out = match (s1, s2, s3, self.in_f32) {
             (CpuStorage::BF16(x), CpuStorage::BF16(c), CpuStorage::BF16(s), false) => {
-                CpuStorage::BF16(g.rows(
-                    &x[x_at(l1)..],
-                    contiguous(c, l2, w)?,
-                    contiguous(s, l3, w)?,
-                    pair_half,
-                ))
+                rows!(BF16, x, c, s, pair_half)
             }
             (CpuStorage::F16(x), CpuStorage::F16(c), CpuStorage::F16(s), false) => {
-                CpuStorage::F16(g.rows(
-                    &x[x_at(l1)..],
-                    contiguous(c, l2, w)?,
-                    contiguous(s, l3, w)?,
-                    pair_half,
-                ))
+                rows!(F16, x, c, s, pair_half)
             }
             (CpuStorage::BF16(x), CpuStorage::F32(c), CpuStorage::F32(s), true) => {
-                CpuStorage::BF16(g.rows(
-                    &x[x_at(l1)..],
-                    contiguous(c, l2, w)?,
-                    contiguous(s, l3, w)?,
-                    pair_f32,
-                ))
+                rows!(BF16, x, c, s, pair_f32)
+            }
+            (CpuStorage::F16(x), CpuStorage::F32(c), CpuStorage::F32(s), true) => {
+                rows!(F16, x, c, s, pair_f32)
             }
             // The f32 CPU path of Qwen2-VL's vision tower: reads the strided q/k heads in place.
             (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s), true) => {
-                CpuStorage::F32(g.rows(
-                    &x[x_at(l1)..],
-                    contiguous(c, l2, w)?,
-                    contiguous(s, l3, w)?,
-                    pair_f32,
-                ))
-            }
-            (CpuStorage::F16(x), CpuStorage::F32(c), CpuStorage::F32(s), true) => {
-                CpuStorage::F16(g.rows(
-                    &x[x_at(l1)..],
-                    contiguous(c, l2, w)?,
-                    contiguous(s, l3, w)?,
-                    pair_f32,
-                ))
+                rows!(F32, x, c, s, pair_f32)
             }
             _ => candle_core::bail!(
                 "{}: unsupported dtypes ({:?}, {:?}, {:?})",
