@@ -517,11 +517,15 @@ pub fn left_matmul_add(
     vc: usize,
     acc: &mut [f64],
 ) {
+    left_matmul_add_on(p, rows, w, v0, vc, acc, has_avx512())
+}
+
+/// Whether the CPU has AVX-512F (every CPU with AMX does).
+fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
-    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    return std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
-    let avx512 = false;
-    left_matmul_add_on(p, rows, w, v0, vc, acc, avx512)
+    false
 }
 
 /// [`left_matmul_add`] in AVX-512 (`avx512`: the caller checked that the CPU has it) or in scalar
@@ -940,7 +944,7 @@ mod tests {
                 let packed = PackedWeight::new(&w, vocab, hidden);
                 assert_eq!(packed.pieces(), pieces);
                 let p: Vec<f32> = (0..rows * vc).map(|_| lcg(&mut s).abs()).collect();
-                for avx512 in [false, std::arch::is_x86_feature_detected!("avx512f")] {
+                for avx512 in [false, has_avx512()] {
                     let mut acc = vec![0.5f64; rows * hidden];
                     left_matmul_add_on(&p, rows, &packed, v0, vc, &mut acc, avx512);
                     for r in 0..rows {
