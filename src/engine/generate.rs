@@ -59,12 +59,17 @@ impl LayerObserver for LastRows<'_, '_> {
     }
 }
 
-/// The model's own next token after `last` (the last layer's row `[1, hidden]`): the argmax of
-/// its logits over the whole vocabulary, soft-capped where the model caps them (the cap can tie
-/// what the raw logits order; ties: the lowest id, as torch's argmax).
-fn argmax_next(model: &dyn VisionLanguageModel, last: &Tensor) -> Result<u32> {
+/// The model's own next token after each of `lasts` (the last layer's rows `[1, hidden]`, one per
+/// answer going on): the argmax of its logits over the whole vocabulary, soft-capped where the
+/// model caps them (the cap can tie what the raw logits order; ties: the lowest id, as torch's
+/// argmax). One GEMM for them all: the unembedding is read once a step, not once an answer
+/// (each row's sums are the same as alone on AMX, and equal to float rounding elsewhere).
+fn argmax_next(model: &dyn VisionLanguageModel, lasts: &[&Tensor]) -> Result<Vec<u32>> {
+    if lasts.is_empty() {
+        return Ok(Vec::new());
+    }
     let head = model.head();
-    let normed = head.norm.forward(last)?;
+    let normed = head.norm.forward(&Tensor::cat(lasts, 0)?)?;
     let logits = match &head.packed {
         // The lens's own GEMM on a CPU with AMX (models/amx.rs), f32 as the other.
         Some(packed) if normed.device().is_cpu() && normed.dtype() == DType::F32 => {
@@ -76,14 +81,16 @@ fn argmax_next(model: &dyn VisionLanguageModel, last: &Tensor) -> Result<u32> {
         Some(c) => crate::models::layers::softcap_like_torch(&logits, c)?,
         None => logits,
     };
-    let logits = logits.flatten_all()?.to_vec1::<f32>()?;
-    let mut best = 0;
-    for (i, &z) in logits.iter().enumerate() {
-        if z > logits[best] {
-            best = i;
+    let argmax = |row: Vec<f32>| {
+        let mut best = 0;
+        for (i, &z) in row.iter().enumerate() {
+            if z > row[best] {
+                best = i;
+            }
         }
-    }
-    Ok(best as u32)
+        best as u32
+    };
+    Ok(logits.to_vec2::<f32>()?.into_iter().map(argmax).collect())
 }
 
 /// One generation step's lens: the rows of one position at every layer, through a lens that
@@ -188,16 +195,11 @@ fn start<'r>(model: &dyn VisionLanguageModel, req: &'r LensRequest) -> Result<Ge
     })
 }
 
-/// The next token of `g` from its last rows, read through the lens; the token to feed back, or
-/// None when `g` is done (an end token, or `generate` tokens).
-fn emit(model: &dyn VisionLanguageModel, g: &mut Generation) -> Result<Option<u32>> {
+/// The next token of `g`, `token` ([`argmax_next`] of its last rows), read through the lens with
+/// them; the token to feed back, or None when `g` is done (an end token, or `generate` tokens).
+fn emit(model: &dyn VisionLanguageModel, g: &mut Generation, token: u32) -> Result<Option<u32>> {
     let t = Instant::now();
     let step = g.tokens.len();
-    let last = g
-        .rows
-        .last()
-        .ok_or_else(|| Error::Internal("no layers".into()))?;
-    let token = argmax_next(model, last)?;
     let mut per_layer = step_stats(model, &g.spec, &g.rows, token)?;
     // The emitted token's probability and rank at every layer, then the step's rows as a
     // position of each reported layer (after the prompt's).
@@ -275,6 +277,34 @@ fn respond(model: &dyn VisionLanguageModel, g: Generation) -> Result<LensRespons
     })
 }
 
+/// The next tokens of the answers `going` ([`argmax_next`] of their last rows, together), its
+/// time shared among them as their lens's.
+fn next_tokens(
+    model: &dyn VisionLanguageModel,
+    gens: &mut [Result<Generation>],
+    going: &[usize],
+) -> Result<Vec<u32>> {
+    let t = Instant::now();
+    let lasts = going
+        .iter()
+        .map(|&i| match &gens[i] {
+            Ok(g) => g
+                .rows
+                .last()
+                .ok_or_else(|| Error::Internal("no layers".into())),
+            Err(_) => Err(Error::Internal("a failed answer is not going".into())),
+        })
+        .collect::<Result<Vec<&Tensor>>>()?;
+    let tokens = argmax_next(model, &lasts)?;
+    let share = t.elapsed().as_secs_f64() / going.len().max(1) as f64;
+    for &i in going {
+        if let Ok(g) = &mut gens[i] {
+            g.lens_s += share;
+        }
+    }
+    Ok(tokens)
+}
+
 /// Requests with `generate` > 0, together: each prompt runs alone through the cached decoder
 /// (with its lens), then every step feeds all the answers still going through the decoder as one
 /// batch (projections and MLPs batched, attention per sequence against its own cache). Each
@@ -286,16 +316,25 @@ pub fn run_generate_batch(
     let mut gens: Vec<Result<Generation>> = reqs.iter().map(|r| start(model, r)).collect();
     loop {
         // Each answer still going: its next token, read through the lens.
-        let mut feed: Vec<(usize, u32)> = Vec::new();
-        for (i, slot) in gens.iter_mut().enumerate() {
-            let Ok(g) = slot else { continue };
-            if g.stopped.is_some() {
-                continue;
+        let going: Vec<usize> = (0..gens.len())
+            .filter(|&i| matches!(&gens[i], Ok(g) if g.stopped.is_none()))
+            .collect();
+        let tokens = match next_tokens(model, &mut gens, &going) {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                for &i in &going {
+                    gens[i] = Err(Error::Internal(format!("choosing the next token: {e}")));
+                }
+                break;
             }
-            match emit(model, g) {
+        };
+        let mut feed: Vec<(usize, u32)> = Vec::new();
+        for (&i, token) in going.iter().zip(tokens) {
+            let Ok(g) = &mut gens[i] else { continue };
+            match emit(model, g, token) {
                 Ok(Some(token)) => feed.push((i, token)),
                 Ok(None) => {}
-                Err(e) => *slot = Err(e),
+                Err(e) => gens[i] = Err(e),
             }
         }
         if feed.is_empty() {
