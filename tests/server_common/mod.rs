@@ -155,6 +155,13 @@ impl VisionLanguageModel for Faulty {
     }
 }
 
+/// The value of an unlabelled metric in a `/metrics` scrape (`name value` on its own line), if
+/// it is there.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// What the worker holds, from `/metrics`.
 pub struct Gauges {
     /// Jobs the worker has taken (the sum of its groups' sizes).
@@ -267,37 +274,26 @@ impl Server {
         r.text().await.unwrap()
     }
 
-    /// The value of an unlabelled metric (`name value` on its own line), if it is there.
-    pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = self.metrics_text().await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-    }
-
     /// Waits until the worker's gauges in `/metrics` are what a test needs before its next
     /// step, polling: a fixed sleep was a race on a loaded machine. Panics with the metrics after
     /// 30 s.
     pub async fn wait_until(&self, what: &str, ready: impl Fn(&Gauges) -> bool) {
         let t0 = std::time::Instant::now();
         loop {
+            // One scrape for all three, so that they describe the same moment.
+            let text = self.metrics_text().await;
+            let metric = |name: &str| metric_value(&text, name).unwrap_or(0.0) as u64;
             let g = Gauges {
-                taken: self
-                    .metric("logit_lens_batch_size_sum")
-                    .await
-                    .unwrap_or(0.0) as u64,
-                queued: self.metric("logit_lens_queue_depth").await.unwrap_or(0.0) as u64,
-                pixels: self
-                    .metric("logit_lens_pending_image_pixels")
-                    .await
-                    .unwrap_or(0.0) as u64,
+                taken: metric("logit_lens_batch_size_sum"),
+                queued: metric("logit_lens_queue_depth"),
+                pixels: metric("logit_lens_pending_image_pixels"),
             };
             if ready(&g) {
                 return;
             }
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
-                "waited 30 s for {what}: {}",
-                self.metrics_text().await
+                "waited 30 s for {what}: {text}"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
