@@ -127,9 +127,11 @@ fn the_prompt_lens_is_the_same_with_or_without_an_answer() {
 }
 
 /// Requests that generate share each decoder step (batched projections and MLPs, attention per
-/// sequence against its own cache), and each answer is what it is alone: prompts of different
-/// lengths, with and without an image (M-RoPE positions that differ per sequence), answers of
-/// different lengths, and a request that does not generate, in one batch.
+/// sequence against its own cache) and each step's lens (the answers' rows read together), and
+/// each answer is what it is alone: prompts of different lengths, with and without an image
+/// (M-RoPE positions that differ per sequence), answers of different lengths, different top-k,
+/// targets (repeated, shared, and the answer's own tokens) and `exclude_special`, and a request
+/// that does not generate, in one batch.
 #[test]
 fn answers_are_the_same_alone_or_sharing_decoder_steps() {
     for fixture in ["qwen2vl-hub", "llava15-hub", "qwen3-hub"] {
@@ -140,7 +142,16 @@ fn answers_are_the_same_alone_or_sharing_decoder_steps() {
             .collect();
         let mut reqs: Vec<LensRequest> = Vec::new();
         for (k, e) in mine.iter().enumerate() {
-            reqs.push(request(e, 5 - k));
+            // Each answer's own tokens as targets, and ids other answers trace too.
+            let own = Reference::load("generate", &e.file).ids("new_ids");
+            let mut req = request(e, 5 - k);
+            req.options.top_k = 2 + 3 * k;
+            req.options.exclude_special = k % 2 == 1;
+            req.options.target_ids = [own[0] as u32, 7, own[own.len() - 1] as u32, 7]
+                .into_iter()
+                .skip(k % 2)
+                .collect();
+            reqs.push(req);
             reqs.push(request(e, 0));
         }
         reqs.push(LensRequest {
@@ -163,6 +174,7 @@ fn answers_are_the_same_alone_or_sharing_decoder_steps() {
                     |x: &logit_lens::api::Answer| x.tokens.iter().map(|t| t.id).collect::<Vec<_>>();
                 assert_eq!(ids(a), ids(b), "{fixture}: {}", req.prompt);
                 for (x, y) in a.tokens.iter().zip(&b.tokens) {
+                    assert_eq!(x.probs.len(), y.probs.len());
                     for (p, q) in x.probs.iter().zip(&y.probs) {
                         assert!((p - q).abs() < 1e-5, "{fixture}: {p} vs {q}");
                     }
@@ -173,7 +185,19 @@ fn answers_are_the_same_alone_or_sharing_decoder_steps() {
                 assert_eq!(la.positions.len(), lb.positions.len());
                 for (pa, pb) in la.positions.iter().zip(&lb.positions) {
                     assert_eq!(pa.position, pb.position);
-                    assert!((pa.top[0].prob - pb.top[0].prob).abs() < 1e-5, "{fixture}");
+                    let ids = |p: &logit_lens::api::PositionOut| {
+                        p.top.iter().map(|t| t.id).collect::<Vec<_>>()
+                    };
+                    assert_eq!(ids(pa), ids(pb), "{fixture}: layer {}", la.layer);
+                    assert_eq!(pa.top.len(), req.options.top_k);
+                    for (a, b) in pa.top.iter().zip(&pb.top) {
+                        assert!((a.prob - b.prob).abs() < 1e-5, "{fixture}");
+                    }
+                    assert_eq!(pa.targets.len(), req.options.target_ids.len());
+                    for (a, b) in pa.targets.iter().zip(&pb.targets) {
+                        assert_eq!((a.id, a.rank), (b.id, b.rank), "{fixture}");
+                        assert!((a.prob - b.prob).abs() < 1e-5, "{fixture}");
+                    }
                     assert!((pa.entropy - pb.entropy).abs() < 1e-4, "{fixture}");
                     // KL = lse − (Wᵀp_L)·n − H cancels terms of ~10 nats: batched GEMMs' rounding
                     // (one row alone, several together) shows there at ~1e-4.

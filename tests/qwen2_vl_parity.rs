@@ -415,3 +415,56 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
         }
     }
 }
+
+/// Positions that trace different targets (a generation step's answers read as one lens): each
+/// position's targets are, on both reduction paths, exactly those entries of a lens that traces
+/// every target everywhere, in the order it lists them; the rest of the report is unchanged.
+#[test]
+fn per_position_targets_are_the_entries_of_all_targets() {
+    let model = load_model("qwen2vl-hub");
+    let case = &cases("qwen2vl")[0];
+    let p = model
+        .prepare(&case.prompt, image(case).as_ref(), true)
+        .unwrap();
+    let n = model.info().num_layers;
+    let spec = LensSpec {
+        positions: vec![0, p.input_ids.len() / 2, p.input_ids.len() - 1],
+        layers: (0..=n).collect(),
+        top_k: 3,
+        targets: vec![3, 700, 12],
+        summary: false,
+        excluded: vec![],
+    };
+    let per_position = vec![vec![1], vec![], vec![2, 0, 1, 2]];
+    for tensor_path in [false, true] {
+        let run = |per: Option<Vec<Vec<usize>>>| {
+            let mut lens = logit_lens::lens::Lens::new(model.head(), &spec, n).unwrap();
+            if let Some(per) = per {
+                lens = lens.with_position_targets(per).unwrap();
+            }
+            if tensor_path {
+                lens = lens.with_tensor_path();
+            }
+            model.forward(&p, &mut lens).unwrap();
+            lens.finish().unwrap()
+        };
+        let (all, some) = (run(None), run(Some(per_position.clone())));
+        assert_eq!(all.len(), some.len());
+        for (a, s) in all.iter().zip(&some) {
+            for ((pa, ps), picked) in a.positions.iter().zip(&s.positions).zip(&per_position) {
+                let want: Vec<(f32, usize)> = picked.iter().map(|&j| pa.targets[j]).collect();
+                assert_eq!(ps.targets, want, "tensor path {tensor_path}");
+                assert_eq!(
+                    (&ps.top, ps.entropy, ps.kl_to_final),
+                    (&pa.top, pa.entropy, pa.kl_to_final)
+                );
+            }
+        }
+    }
+    let lens = logit_lens::lens::Lens::new(model.head(), &spec, n).unwrap();
+    assert!(lens
+        .with_position_targets(vec![vec![3], vec![], vec![]])
+        .is_err());
+    let lens = logit_lens::lens::Lens::new(model.head(), &spec, n).unwrap();
+    assert!(lens.with_position_targets(vec![vec![0]]).is_err());
+}

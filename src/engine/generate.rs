@@ -93,28 +93,73 @@ fn argmax_next(model: &dyn VisionLanguageModel, lasts: &[&Tensor]) -> Result<Vec
     Ok(logits.to_vec2::<f32>()?.into_iter().map(argmax).collect())
 }
 
-/// One generation step's lens: the rows of one position at every layer, through a lens that
-/// traces the caller's targets and the emitted token too.
+/// One generation step's lens for the answers `gens` and their next `tokens`: each answer's new
+/// position at every layer, read through the lens as any other position is, tracing its own targets
+/// and its token. The answers go through one lens together, each answer's rows one position of it,
+/// so that they share each pass over the unembedding (the step's rows of 8 answers are one GEMM's
+/// 8 × 29 rows, not 8 GEMMs of 29) and KL's `Wᵀ p_L` (one pass for them all); answers that exclude
+/// different ids from top-k (`exclude_special`) go in one lens each. Per answer, its layers.
 fn step_stats(
     model: &dyn VisionLanguageModel,
-    spec: &LensSpec,
-    rows: &[Tensor],
-    token: u32,
-) -> Result<Vec<LayerStats>> {
+    gens: &[&Generation],
+    tokens: &[u32],
+) -> Result<Vec<Vec<LayerStats>>> {
     let num_layers = model.info().num_layers;
-    let step = LensSpec {
-        positions: vec![0],
-        layers: (0..=num_layers).collect(),
-        top_k: spec.top_k,
-        targets: spec.targets.iter().copied().chain([token]).collect(),
-        summary: false,
-        excluded: spec.excluded.clone(),
-    };
-    let mut lens = Lens::new(model.head(), &step, num_layers)?;
-    for (index, row) in rows.iter().enumerate() {
-        lens.observe(index, row)?;
+    let mut out: Vec<Vec<LayerStats>> = vec![Vec::new(); gens.len()];
+    let mut left: Vec<usize> = (0..gens.len()).collect();
+    while let Some(&first) = left.first() {
+        let excluded = &gens[first].spec.excluded;
+        let (group, rest): (Vec<usize>, Vec<usize>) = left
+            .iter()
+            .partition(|&&i| gens[i].spec.excluded == *excluded);
+        left = rest;
+        // The group's targets, each id once; per answer, its own in its order, then its token.
+        let mut targets: Vec<u32> = Vec::new();
+        let traced = group
+            .iter()
+            .map(|&i| {
+                let ids = gens[i].spec.targets.iter().copied().chain([tokens[i]]);
+                ids.map(|id| match targets.iter().position(|&t| t == id) {
+                    Some(j) => j,
+                    None => {
+                        targets.push(id);
+                        targets.len() - 1
+                    }
+                })
+                .collect()
+            })
+            .collect();
+        let step = LensSpec {
+            positions: (0..group.len()).collect(),
+            layers: (0..=num_layers).collect(),
+            top_k: group.iter().map(|&i| gens[i].spec.top_k).max().unwrap_or(1),
+            targets,
+            summary: false,
+            excluded: excluded.clone(),
+        };
+        let mut lens = Lens::new(model.head(), &step, num_layers)?.with_position_targets(traced)?;
+        for index in 0..gens[first].rows.len() {
+            let rows: Vec<&Tensor> = group.iter().map(|&i| &gens[i].rows[index]).collect();
+            lens.observe(index, &Tensor::cat(&rows, 0)?)?;
+        }
+        let stats = lens.finish()?;
+        for (k, &i) in group.iter().enumerate() {
+            out[i] = stats
+                .iter()
+                .map(|layer| {
+                    let mut at = layer.positions[k].clone();
+                    // Top-k ties keep the lower id first: the first k of a longer top are the top-k.
+                    at.top.truncate(gens[i].spec.top_k);
+                    LayerStats {
+                        layer: layer.layer,
+                        mean_max_prob: None,
+                        positions: vec![at],
+                    }
+                })
+                .collect();
+        }
     }
-    lens.finish()
+    Ok(out)
 }
 
 /// One request's generation in progress.
@@ -195,12 +240,17 @@ fn start<'r>(model: &dyn VisionLanguageModel, req: &'r LensRequest) -> Result<Ge
     })
 }
 
-/// The next token of `g`, `token` ([`argmax_next`] of its last rows), read through the lens with
-/// them; the token to feed back, or None when `g` is done (an end token, or `generate` tokens).
-fn emit(model: &dyn VisionLanguageModel, g: &mut Generation, token: u32) -> Result<Option<u32>> {
+/// The next token of `g`, `token` ([`argmax_next`] of its last rows), with its position's lens
+/// `per_layer` ([`step_stats`]); the token to feed back, or None when `g` is done (an end token,
+/// or `generate` tokens).
+fn emit(
+    model: &dyn VisionLanguageModel,
+    g: &mut Generation,
+    token: u32,
+    mut per_layer: Vec<LayerStats>,
+) -> Result<Option<u32>> {
     let t = Instant::now();
     let step = g.tokens.len();
-    let mut per_layer = step_stats(model, &g.spec, &g.rows, token)?;
     // The emitted token's probability and rank at every layer, then the step's rows as a
     // position of each reported layer (after the prompt's).
     let position = g.prompt_len - 1 + step;
@@ -277,38 +327,46 @@ fn respond(model: &dyn VisionLanguageModel, g: Generation) -> Result<LensRespons
     })
 }
 
-/// The next tokens of the answers `going` ([`argmax_next`] of their last rows, together), its
-/// time shared among them as their lens's.
+/// The next tokens of the answers `going` ([`argmax_next`] of their last rows, together) and
+/// their positions' lens ([`step_stats`]), the time shared among them as their lens's.
 fn next_tokens(
     model: &dyn VisionLanguageModel,
     gens: &mut [Result<Generation>],
     going: &[usize],
-) -> Result<Vec<u32>> {
+) -> Result<Vec<(u32, Vec<LayerStats>)>> {
     let t = Instant::now();
-    let lasts = going
+    let answers = going
         .iter()
         .map(|&i| match &gens[i] {
-            Ok(g) => g
-                .rows
-                .last()
-                .ok_or_else(|| Error::Internal("no layers".into())),
+            Ok(g) => Ok(g),
             Err(_) => Err(Error::Internal("a failed answer is not going".into())),
+        })
+        .collect::<Result<Vec<&Generation>>>()?;
+    let lasts = answers
+        .iter()
+        .map(|g| {
+            g.rows
+                .last()
+                .ok_or_else(|| Error::Internal("no layers".into()))
         })
         .collect::<Result<Vec<&Tensor>>>()?;
     let tokens = argmax_next(model, &lasts)?;
+    let stats = step_stats(model, &answers, &tokens)?;
     let share = t.elapsed().as_secs_f64() / going.len().max(1) as f64;
     for &i in going {
         if let Ok(g) = &mut gens[i] {
             g.lens_s += share;
         }
     }
-    Ok(tokens)
+    Ok(tokens.into_iter().zip(stats).collect())
 }
 
 /// Requests with `generate` > 0, together: each prompt runs alone through the cached decoder
-/// (with its lens), then every step feeds all the answers still going through the decoder as one
-/// batch (projections and MLPs batched, attention per sequence against its own cache). Each
-/// answer is what it is alone. Results in the order of `reqs`; a request that fails fails alone.
+/// (with its lens), then every step picks the next tokens of all the answers still going and reads
+/// their new positions through the lens together ([`next_tokens`]), and feeds the tokens through
+/// the decoder as one batch (projections and MLPs batched, attention per sequence against its own
+/// cache). Each answer is what it is alone. Results in the order of `reqs`; a request that fails
+/// alone fails alone (a step that fails as a whole fails the answers in it).
 pub fn run_generate_batch(
     model: &dyn VisionLanguageModel,
     reqs: &[&LensRequest],
@@ -319,8 +377,8 @@ pub fn run_generate_batch(
         let going: Vec<usize> = (0..gens.len())
             .filter(|&i| matches!(&gens[i], Ok(g) if g.stopped.is_none()))
             .collect();
-        let tokens = match next_tokens(model, &mut gens, &going) {
-            Ok(tokens) => tokens,
+        let next = match next_tokens(model, &mut gens, &going) {
+            Ok(next) => next,
             Err(e) => {
                 for &i in &going {
                     gens[i] = Err(Error::Internal(format!("choosing the next token: {e}")));
@@ -329,9 +387,9 @@ pub fn run_generate_batch(
             }
         };
         let mut feed: Vec<(usize, u32)> = Vec::new();
-        for (&i, token) in going.iter().zip(tokens) {
+        for (&i, (token, per_layer)) in going.iter().zip(next) {
             let Ok(g) = &mut gens[i] else { continue };
-            match emit(model, g, token) {
+            match emit(model, g, token, per_layer) {
                 Ok(Some(token)) => feed.push((i, token)),
                 Ok(None) => {}
                 Err(e) => gens[i] = Err(e),

@@ -146,6 +146,9 @@ pub struct Lens<'a> {
     target_w: Option<Tensor>,
     /// CPU path: the unembedding packed for AMX, where the head has it.
     amx: Option<&'a amx::PackedWeight>,
+    /// Per requested position, the targets it traces (indices into the spec's `targets`), where
+    /// they differ by position ([`Self::with_position_targets`]); else every one everywhere.
+    position_targets: Option<Vec<Vec<usize>>>,
 }
 
 /// One lens layer's work: the normed rows to read out and their running reductions.
@@ -200,7 +203,37 @@ impl<'a> Lens<'a> {
             row_chunk: row_chunk_from_env(),
             cpu_pending: Vec::new(),
             amx: head.packed.as_deref(),
+            position_targets: None,
         })
+    }
+
+    /// Requested position `k` traces only the targets `per_position[k]` (indices into the
+    /// spec's `targets`, in the order its report lists them): several sequences' rows read as the
+    /// positions of one, each with its own targets (a generation step's answers, generate.rs),
+    /// every row still counted against its own targets only. A position requested twice has one
+    /// row: it traces what its first request lists.
+    pub fn with_position_targets(mut self, per_position: Vec<Vec<usize>>) -> Result<Self> {
+        let n = self.spec.targets.len();
+        if per_position.len() != self.spec.positions.len()
+            || per_position.iter().flatten().any(|&j| j >= n)
+        {
+            return Err(Error::Internal(format!(
+                "lens: targets for {} positions (of {} targets) where {} positions are requested",
+                per_position.len(),
+                n,
+                self.spec.positions.len()
+            )));
+        }
+        self.position_targets = Some(per_position);
+        Ok(self)
+    }
+
+    /// The targets requested position `k` traces (indices into the spec's `targets`).
+    fn targets_of(&self, k: usize) -> Vec<usize> {
+        match &self.position_targets {
+            Some(per) => per[k].clone(),
+            None => (0..self.spec.targets.len()).collect(),
+        }
     }
 
     /// Reduces with tensor operations, as on an accelerator, even on the CPU.
@@ -480,8 +513,11 @@ impl<'a> Lens<'a> {
         };
         let n_rows = normed_rows.dim(0)?;
         let mut detail = vec![false; n_rows];
-        for &r in &requested {
+        // Per detail row, the targets it traces (its first request's).
+        let mut traced: Vec<Vec<usize>> = vec![Vec::new(); n_rows];
+        for (k, &r) in requested.iter().enumerate().rev() {
             detail[r] = true;
+            traced[r] = self.targets_of(k);
         }
         let requested_rows = gather_rows(&normed_rows, &requested)?;
         // Target logits: on the device path they stay there until `finish` (reading them now
@@ -499,7 +535,12 @@ impl<'a> Lens<'a> {
         let states = detail
             .iter()
             .zip(target_logits)
-            .map(|(&d, tz)| RowState::new(if d { self.spec.top_k } else { 0 }, tz))
+            .zip(traced)
+            .map(|((&d, tz), traced)| {
+                let top_k = if d { self.spec.top_k } else { 0 };
+                let cmp = traced.iter().filter_map(|&j| tz.get(j).copied()).collect();
+                RowState::new(top_k, traced, cmp)
+            })
             .collect();
         Ok(Some(LayerPlan {
             index,
@@ -1009,8 +1050,8 @@ fn take_targets(plans: &mut [LayerPlan]) -> Result<()> {
                 .next()
                 .ok_or_else(|| Error::Internal("lens: fewer target rows".into()))?;
             let st = &mut plan.states[r];
-            st.target_z = z.to_vec();
-            st.target_cmp = z.to_vec();
+            st.target_z = st.target_index.iter().map(|&j| z[j]).collect();
+            st.target_cmp = st.target_z.clone();
         }
     }
     Ok(())
@@ -1192,17 +1233,19 @@ struct RowState {
     top_k: usize,
     /// `(id, logit)`, highest first; ties keep the lower id first.
     top: Vec<(u32, f32)>,
-    /// Per target: the logit comparisons use, how many other entries exceed it, and the logit
-    /// as the GEMM computed it (for the probability).
+    /// Per traced target: its index in the spec's `targets`, the logit comparisons use, how many
+    /// other entries exceed it, and the logit as the GEMM computed it (for the probability).
+    target_index: Vec<usize>,
     target_cmp: Vec<f32>,
     target_above: Vec<usize>,
     target_z: Vec<f32>,
 }
 
 impl RowState {
-    fn new(top_k: usize, target_cmp: Vec<f32>) -> Self {
+    fn new(top_k: usize, target_index: Vec<usize>, target_cmp: Vec<f32>) -> Self {
         let n = target_cmp.len();
         RowState {
+            target_index,
             m: f32::NEG_INFINITY,
             s: 0.0,
             t: 0.0,
@@ -1250,10 +1293,10 @@ impl RowState {
                 }
             }
         }
-        for (j, &id) in targets.iter().enumerate().take(self.target_cmp.len()) {
+        for (j, &t) in self.target_index.iter().enumerate() {
             let cmp = self.target_cmp[j];
             let mut above = z.iter().filter(|&&w| w > cmp).count();
-            let id = id as usize;
+            let id = targets[t] as usize;
             if (v0..v0 + z.len()).contains(&id) {
                 let own = z[id - v0];
                 self.target_z[j] = own;
@@ -1351,7 +1394,11 @@ mod tests {
             .map(|&q| if q > 0.0 { q * q.ln() } else { 0.0 })
             .sum::<f64>();
         let targets = [5u32, 9_999];
-        let mut st = RowState::new(3, targets.iter().map(|&t| z[t as usize]).collect());
+        let mut st = RowState::new(
+            3,
+            vec![0, 1],
+            targets.iter().map(|&t| z[t as usize]).collect(),
+        );
         for (b, chunk) in z.chunks(777).enumerate() {
             st.update(chunk, b * 777, &targets, &[]);
         }
@@ -1431,7 +1478,7 @@ mod tests {
         let mut excluded = vec![false; 100];
         excluded[99] = true;
         excluded[97] = true;
-        let mut st = RowState::new(2, vec![]);
+        let mut st = RowState::new(2, vec![], vec![]);
         st.update(&z, 0, &[], &excluded);
         assert_eq!(st.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![98, 96]);
     }
