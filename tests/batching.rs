@@ -239,3 +239,119 @@ fn a_batch_that_fails_as_a_whole_is_retried_request_by_request() {
         }
     }
 }
+
+fn generating(prompt: &str, generate: usize) -> LensRequest {
+    LensRequest {
+        prompt: prompt.into(),
+        image: None,
+        options: LensOptions {
+            top_k: 3,
+            generate,
+            ..Default::default()
+        },
+    }
+}
+
+/// On the service's worker, a request that generates and arrives while other answers are being
+/// generated joins them between two steps, rather than waiting for the longest to end, and is
+/// answered as soon as its own answer ends: before a longer one that began first. Both answers
+/// are what they are alone.
+#[test]
+fn a_request_joins_answers_being_generated_and_is_answered_when_its_own_ends() {
+    use logit_lens::engine::{Engine, EngineConfig, JobResult};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+    use tokio::sync::oneshot;
+
+    let (long, short) = ("Describe the picture.", "What is it?");
+    let alone = load_model("qwen2vl-hub");
+    let want_long = run_lens(alone.as_ref(), &generating(long, 40)).unwrap();
+    let want_short = run_lens(alone.as_ref(), &generating(short, 2)).unwrap();
+    let tokens = |r: &logit_lens::api::LensResponse| {
+        let a = r.answer.as_ref().expect("an answer");
+        a.tokens.iter().map(|t| t.id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        tokens(&want_long).len(),
+        40,
+        "the long answer runs to its length"
+    );
+
+    // The worker calls the hook as it starts a group: the short request is queued then, behind
+    // the long one's group, before its first step.
+    let engine: Arc<OnceLock<Engine>> = Arc::new(OnceLock::new());
+    let late: Arc<Mutex<Option<oneshot::Receiver<JobResult>>>> = Arc::new(Mutex::new(None));
+    let deadline = || Instant::now() + Duration::from_secs(600);
+    let hook = {
+        let (engine, late) = (engine.clone(), late.clone());
+        move |_: usize| {
+            let mut late = late.lock().unwrap();
+            if late.is_none() {
+                let engine = engine.get().expect("started");
+                *late = Some(
+                    engine
+                        .submit(0, generating(short, 2), deadline(), None)
+                        .unwrap(),
+                );
+            }
+        }
+    };
+    let started = Engine::start(
+        Box::new(|| Ok(vec![load_model("qwen2vl-hub")])),
+        EngineConfig {
+            max_queue: 8,
+            max_batch_size: 8,
+            max_batch_tokens: 16_384,
+            on_batch: Some(Arc::new(hook)),
+        },
+    )
+    .unwrap();
+    let engine = engine.get_or_init(|| started);
+    let got_long = engine
+        .submit(0, generating(long, 40), deadline(), None)
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        engine.joined(),
+        1,
+        "the short request joined the long one's steps"
+    );
+    // The worker answers in order: the short answer was sent before the long one.
+    let got_short = late
+        .lock()
+        .unwrap()
+        .take()
+        .expect("submitted")
+        .try_recv()
+        .expect("the short answer came before the long one")
+        .unwrap();
+    for (want, got) in [(&want_long, &got_long), (&want_short, &got_short)] {
+        assert_eq!(tokens(want), tokens(got));
+        let (a, b) = (want.answer.as_ref().unwrap(), got.answer.as_ref().unwrap());
+        for (x, y) in a.tokens.iter().zip(&b.tokens) {
+            assert_eq!(x.ranks, y.ranks);
+            for (p, q) in x.probs.iter().zip(&y.probs) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+        assert_eq!(want.layers.len(), got.layers.len());
+        for (la, lb) in want.layers.iter().zip(&got.layers) {
+            for (pa, pb) in la.positions.iter().zip(&lb.positions) {
+                assert_eq!(
+                    pa.top.iter().map(|t| t.id).collect::<Vec<_>>(),
+                    pb.top.iter().map(|t| t.id).collect::<Vec<_>>()
+                );
+                assert!((pa.entropy - pb.entropy).abs() < 1e-4);
+            }
+        }
+    }
+    // The short one waited in the queue for the long one's first step, not for its 40.
+    let queued = |r: &logit_lens::api::LensResponse| r.timing_ms.queue.expect("queue time");
+    assert!(
+        queued(&got_short) < got_long.timing_ms.total,
+        "{} ms",
+        queued(&got_short)
+    );
+}

@@ -246,3 +246,57 @@ fn an_end_token_stops_and_too_many_tokens_are_refused() {
     let e2 = run_lens(model.as_ref(), &request(&e, 65)).unwrap_err();
     assert_eq!(e2.code(), "unprocessable");
 }
+
+/// Answers generated together leave as they end, shortest first, and one stopped between steps
+/// (its client gone, on the service) leaves at once; the others go on to what they are alone.
+#[test]
+fn answers_leave_as_they_end_and_a_stopped_one_at_once() {
+    use logit_lens::engine::generate::{start, Generating};
+    let model = load_model("qwen2vl-hub");
+    let req = |prompt: &str, generate| LensRequest {
+        prompt: prompt.into(),
+        image: None,
+        options: LensOptions {
+            top_k: 3,
+            generate,
+            ..Default::default()
+        },
+    };
+    let reqs = [
+        req("Describe the picture.", 6),
+        req("What is it?", 6),
+        req("Color of the main object:", 3),
+    ];
+    let mut batch = Generating::new(model.as_ref());
+    for (i, r) in reqs.iter().enumerate() {
+        batch.push(i, start(model.as_ref(), r).unwrap());
+    }
+    let mut ended = batch.step();
+    assert!(ended.is_empty());
+    assert_eq!(batch.stop_where(|&i| i == 1), vec![1]);
+    assert_eq!(batch.len(), 2);
+    let mut steps = 1;
+    while !batch.is_empty() {
+        ended.extend(batch.step());
+        steps += 1;
+        if steps == 3 {
+            assert_eq!(ended.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![2]);
+        }
+    }
+    assert_eq!(steps, 6);
+    assert_eq!(
+        ended.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![2, 0]
+    );
+    for (i, got) in ended {
+        let (want, got) = (run_lens(model.as_ref(), &reqs[i]).unwrap(), got.unwrap());
+        let (a, b) = (want.answer.unwrap(), got.answer.unwrap());
+        assert_eq!(a.text, b.text);
+        for (x, y) in a.tokens.iter().zip(&b.tokens) {
+            assert_eq!((x.id, &x.ranks), (y.id, &y.ranks));
+            for (p, q) in x.probs.iter().zip(&y.probs) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+    }
+}

@@ -101,7 +101,7 @@ fn argmax_next(model: &dyn VisionLanguageModel, lasts: &[&Tensor]) -> Result<Vec
 /// different ids from top-k (`exclude_special`) go in one lens each. Per answer, its layers.
 fn step_stats(
     model: &dyn VisionLanguageModel,
-    gens: &[&Generation],
+    gens: &[&mut Generation],
     tokens: &[u32],
 ) -> Result<Vec<Vec<LayerStats>>> {
     let num_layers = model.info().num_layers;
@@ -162,9 +162,11 @@ fn step_stats(
     Ok(out)
 }
 
-/// One request's generation in progress.
-struct Generation<'r> {
-    req: &'r LensRequest,
+/// One request's answer in progress: its prompt has run ([`start`]); [`Generating`] steps it.
+pub struct Generation {
+    /// How many tokens to generate at most.
+    max_new: usize,
+    exclude_special: bool,
     inputs: Prepared,
     spec: LensSpec,
     targets: Vec<Target>,
@@ -185,7 +187,7 @@ struct Generation<'r> {
 }
 
 /// Prepares a request and runs its prompt through the cached decoder with its lens.
-fn start<'r>(model: &dyn VisionLanguageModel, req: &'r LensRequest) -> Result<Generation<'r>> {
+pub fn start(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<Generation> {
     let info = model.info();
     let n_new = req.options.generate;
     if n_new > MAX_NEW_TOKENS {
@@ -223,7 +225,8 @@ fn start<'r>(model: &dyn VisionLanguageModel, req: &'r LensRequest) -> Result<Ge
     let stats = lens.finish()?;
     lens_s += finishing.elapsed().as_secs_f64();
     Ok(Generation {
-        req,
+        max_new: n_new,
+        exclude_special: req.options.exclude_special,
         prompt_len,
         inputs,
         spec,
@@ -286,7 +289,7 @@ fn emit(
         g.stopped = Some("eos");
         return Ok(None);
     }
-    if g.tokens.len() == g.req.options.generate {
+    if g.tokens.len() == g.max_new {
         g.stopped = Some("length");
         return Ok(None);
     }
@@ -306,11 +309,7 @@ fn respond(model: &dyn VisionLanguageModel, g: Generation) -> Result<LensRespons
         family: info.family.to_string(),
         num_layers: info.num_layers,
         input: input_info(&g.inputs, tokenizer),
-        excluded_ids: g
-            .req
-            .options
-            .exclude_special
-            .then(|| id_ranges(&g.spec.excluded)),
+        excluded_ids: g.exclude_special.then(|| id_ranges(&g.spec.excluded)),
         layers: layers_out(g.stats, &g.targets, tokenizer),
         answer: Some(Answer {
             text,
@@ -327,22 +326,14 @@ fn respond(model: &dyn VisionLanguageModel, g: Generation) -> Result<LensRespons
     })
 }
 
-/// The next tokens of the answers `going` ([`argmax_next`] of their last rows, together) and
-/// their positions' lens ([`step_stats`]), the time shared among them as their lens's.
+/// The next tokens of the answers `gens` ([`argmax_next`] of their last rows, together) and their
+/// positions' lens ([`step_stats`]), the time shared among them as their lens's.
 fn next_tokens(
     model: &dyn VisionLanguageModel,
-    gens: &mut [Result<Generation>],
-    going: &[usize],
+    gens: &mut [&mut Generation],
 ) -> Result<Vec<(u32, Vec<LayerStats>)>> {
     let t = Instant::now();
-    let answers = going
-        .iter()
-        .map(|&i| match &gens[i] {
-            Ok(g) => Ok(g),
-            Err(_) => Err(Error::Internal("a failed answer is not going".into())),
-        })
-        .collect::<Result<Vec<&Generation>>>()?;
-    let lasts = answers
+    let lasts = gens
         .iter()
         .map(|g| {
             g.rows
@@ -351,97 +342,171 @@ fn next_tokens(
         })
         .collect::<Result<Vec<&Tensor>>>()?;
     let tokens = argmax_next(model, &lasts)?;
-    let stats = step_stats(model, &answers, &tokens)?;
-    let share = t.elapsed().as_secs_f64() / going.len().max(1) as f64;
-    for &i in going {
-        if let Ok(g) = &mut gens[i] {
-            g.lens_s += share;
-        }
+    let stats = step_stats(model, gens, &tokens)?;
+    let share = t.elapsed().as_secs_f64() / gens.len().max(1) as f64;
+    for g in gens.iter_mut() {
+        g.lens_s += share;
     }
     Ok(tokens.into_iter().zip(stats).collect())
 }
 
-/// Requests with `generate` > 0, together: each prompt runs alone through the cached decoder
-/// (with its lens), then every step picks the next tokens of all the answers still going and reads
+/// Answers generated together. Each starts alone ([`start`]: its prompt through the cached decoder
+/// with its lens); then every [`Self::step`] picks the next tokens of all the answers going, reads
 /// their new positions through the lens together ([`next_tokens`]), and feeds the tokens through
 /// the decoder as one batch (projections and MLPs batched, attention per sequence against its own
-/// cache). Each answer is what it is alone. Results in the order of `reqs`; a request that fails
-/// alone fails alone (a step that fails as a whole fails the answers in it).
+/// cache). Each answer is what it is alone. An answer leaves as soon as it is done, and others
+/// may join between steps (the service's worker admits requests that arrive meanwhile). `T`: what
+/// the caller knows an answer by.
+pub struct Generating<'m, T> {
+    model: &'m dyn VisionLanguageModel,
+    going: Vec<(T, Generation)>,
+}
+
+impl<'m, T> Generating<'m, T> {
+    pub fn new(model: &'m dyn VisionLanguageModel) -> Self {
+        Generating {
+            model,
+            going: Vec::new(),
+        }
+    }
+
+    /// Adds an answer whose prompt has run ([`start`]); it takes part from the next step on.
+    pub fn push(&mut self, tag: T, answer: Generation) {
+        self.going.push((tag, answer));
+    }
+
+    /// The answers going on.
+    pub fn len(&self) -> usize {
+        self.going.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.going.is_empty()
+    }
+
+    /// Stops the answers whose tags `stop` picks (their clients went away, say) and gives their
+    /// tags back.
+    pub fn stop_where(&mut self, stop: impl Fn(&T) -> bool) -> Vec<T> {
+        let (stopped, going) = std::mem::take(&mut self.going)
+            .into_iter()
+            .partition(|(tag, _)| stop(tag));
+        self.going = going;
+        stopped.into_iter().map(|(tag, _)| tag).collect()
+    }
+
+    /// The tags of the answers going on, which are dropped (after a step panicked: the caller
+    /// runs them again alone).
+    pub fn into_tags(self) -> Vec<T> {
+        self.going.into_iter().map(|(tag, _)| tag).collect()
+    }
+
+    /// One token for every answer going on. Returns the answers this step ended: done (an end
+    /// token, or `generate` tokens) with their responses, or failed. A step that fails as a whole
+    /// fails every answer in it.
+    pub fn step(&mut self) -> Vec<(T, Result<LensResponse>)> {
+        let model = self.model;
+        let mut gens: Vec<&mut Generation> = self.going.iter_mut().map(|(_, g)| g).collect();
+        // Per answer: None while it goes on, else how it ended.
+        let mut ended: Vec<Option<Result<()>>> = (0..gens.len()).map(|_| None).collect();
+        let mut feed: Vec<(usize, u32)> = Vec::new();
+        match next_tokens(model, &mut gens) {
+            Ok(next) => {
+                for (i, (token, per_layer)) in next.into_iter().enumerate() {
+                    match emit(model, gens[i], token, per_layer) {
+                        Ok(Some(token)) => feed.push((i, token)),
+                        Ok(None) => ended[i] = Some(Ok(())),
+                        Err(e) => ended[i] = Some(Err(e)),
+                    }
+                }
+            }
+            Err(e) => {
+                for end in &mut ended {
+                    *end = Some(Err(Error::Internal(format!(
+                        "choosing the next token: {e}"
+                    ))));
+                }
+            }
+        }
+        if !feed.is_empty() {
+            // Fed back together: one decoder pass for every answer going on.
+            let t = Instant::now();
+            let mut caches: Vec<KvCache> = Vec::with_capacity(feed.len());
+            let mut positions = Vec::with_capacity(feed.len());
+            for &(i, _) in &feed {
+                let g = &mut gens[i];
+                caches.push(std::mem::take(&mut g.cache));
+                positions.push([g.first_new_position + g.tokens.len() as u32 - 1; 3]);
+            }
+            let ids: Vec<u32> = feed.iter().map(|&(_, t)| t).collect();
+            let mut observers: Vec<LastRows> = (0..feed.len())
+                .map(|_| LastRows {
+                    lens: None,
+                    rows: Vec::new(),
+                })
+                .collect();
+            let stepped = model.decoder().embed(&ids).and_then(|embeds| {
+                let mut obs: Vec<&mut dyn LayerObserver> = observers
+                    .iter_mut()
+                    .map(|o| o as &mut dyn LayerObserver)
+                    .collect();
+                model
+                    .decoder()
+                    .forward_step_batch(embeds, &positions, &mut caches, &mut obs)
+            });
+            let share = t.elapsed().as_secs_f64();
+            for ((&(i, _), cache), observer) in feed.iter().zip(caches).zip(observers) {
+                match &stepped {
+                    Ok(()) => {
+                        let g = &mut gens[i];
+                        g.cache = cache;
+                        g.rows = observer.rows;
+                        g.forward_s += share;
+                    }
+                    Err(e) => {
+                        ended[i] = Some(Err(Error::Internal(format!(
+                            "a generation step failed: {e}"
+                        ))))
+                    }
+                }
+            }
+        }
+        // The answers that ended leave, in order.
+        let mut out = Vec::new();
+        let mut going = Vec::with_capacity(self.going.len());
+        for ((tag, g), end) in std::mem::take(&mut self.going).into_iter().zip(ended) {
+            match end {
+                None => going.push((tag, g)),
+                Some(Ok(())) => out.push((tag, respond(model, g))),
+                Some(Err(e)) => out.push((tag, Err(e))),
+            }
+        }
+        self.going = going;
+        out
+    }
+}
+
+/// Requests with `generate` > 0, together ([`Generating`]), to the end. Results in the order of
+/// `reqs`; a request that fails alone fails alone (a step that fails as a whole fails the answers
+/// in it).
 pub fn run_generate_batch(
     model: &dyn VisionLanguageModel,
     reqs: &[&LensRequest],
 ) -> Vec<Result<LensResponse>> {
-    let mut gens: Vec<Result<Generation>> = reqs.iter().map(|r| start(model, r)).collect();
-    loop {
-        // Each answer still going: its next token, read through the lens.
-        let going: Vec<usize> = (0..gens.len())
-            .filter(|&i| matches!(&gens[i], Ok(g) if g.stopped.is_none()))
-            .collect();
-        let next = match next_tokens(model, &mut gens, &going) {
-            Ok(next) => next,
-            Err(e) => {
-                for &i in &going {
-                    gens[i] = Err(Error::Internal(format!("choosing the next token: {e}")));
-                }
-                break;
-            }
-        };
-        let mut feed: Vec<(usize, u32)> = Vec::new();
-        for (&i, (token, per_layer)) in going.iter().zip(next) {
-            let Ok(g) = &mut gens[i] else { continue };
-            match emit(model, g, token, per_layer) {
-                Ok(Some(token)) => feed.push((i, token)),
-                Ok(None) => {}
-                Err(e) => gens[i] = Err(e),
-            }
-        }
-        if feed.is_empty() {
-            break;
-        }
-        // Fed back together: one decoder pass for every answer going on.
-        let t = Instant::now();
-        let mut caches: Vec<KvCache> = Vec::with_capacity(feed.len());
-        let mut positions = Vec::with_capacity(feed.len());
-        for &(i, _) in &feed {
-            if let Ok(g) = &mut gens[i] {
-                caches.push(std::mem::take(&mut g.cache));
-                positions.push([g.first_new_position + g.tokens.len() as u32 - 1; 3]);
-            }
-        }
-        let ids: Vec<u32> = feed.iter().map(|&(_, t)| t).collect();
-        let mut observers: Vec<LastRows> = (0..feed.len())
-            .map(|_| LastRows {
-                lens: None,
-                rows: Vec::new(),
-            })
-            .collect();
-        let stepped = model.decoder().embed(&ids).and_then(|embeds| {
-            let mut obs: Vec<&mut dyn LayerObserver> = observers
-                .iter_mut()
-                .map(|o| o as &mut dyn LayerObserver)
-                .collect();
-            model
-                .decoder()
-                .forward_step_batch(embeds, &positions, &mut caches, &mut obs)
-        });
-        let share = t.elapsed().as_secs_f64();
-        for ((&(i, _), cache), observer) in feed.iter().zip(caches).zip(observers) {
-            let failed = match (&stepped, &mut gens[i]) {
-                (Ok(()), Ok(g)) => {
-                    g.cache = cache;
-                    g.rows = observer.rows;
-                    g.forward_s += share;
-                    None
-                }
-                (Err(e), Ok(_)) => Some(Error::Internal(format!("a generation step failed: {e}"))),
-                (_, Err(_)) => None,
-            };
-            if let Some(e) = failed {
-                gens[i] = Err(e);
-            }
+    let mut results: Vec<Option<Result<LensResponse>>> = (0..reqs.len()).map(|_| None).collect();
+    let mut batch = Generating::new(model);
+    for (i, req) in reqs.iter().enumerate() {
+        match start(model, req) {
+            Ok(g) => batch.push(i, g),
+            Err(e) => results[i] = Some(Err(e)),
         }
     }
-    gens.into_iter()
-        .map(|g| g.and_then(|g| respond(model, g)))
+    while !batch.is_empty() {
+        for (i, r) in batch.step() {
+            results[i] = Some(r);
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::Internal("an answer was lost".into()))))
         .collect()
 }

@@ -1,6 +1,11 @@
 //! The queue and the worker: one dedicated OS thread owns the models and runs one job group at a
 //! time; the async side talks to it through a bounded channel and gets each answer back on a
 //! oneshot. Nothing here blocks the async runtime.
+//!
+//! Requests that generate (`generate` > 0) are stepped together token by token; each is answered
+//! as soon as its own answer ends, and requests for the same model that arrive meanwhile join the
+//! answers going on between two steps (when they are next in line), instead of waiting for the
+//! longest answer to end.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -11,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::generate::{self, Generating};
 use super::{run_lens, run_lens_batch, LensRequest};
 use crate::api::LensResponse;
 use crate::error::Error;
@@ -79,10 +85,11 @@ pub enum SubmitError {
     Closed,
 }
 
-/// Jobs the worker dropped without running them.
+/// Jobs the worker dropped without running them (or, generating, without finishing them).
 #[derive(Default)]
 pub struct Dropped {
-    /// The client went away before the job's turn.
+    /// The client went away before the job's turn, or while its answer was being generated
+    /// (the answer stops there).
     pub client_gone: AtomicU64,
     /// The deadline passed before the job's turn (answered 504).
     pub deadline: AtomicU64,
@@ -96,6 +103,7 @@ pub struct Engine {
     /// Moving average of the worker's wall time per request, in microseconds (0: none yet).
     per_request_us: Arc<AtomicU64>,
     dropped: Arc<Dropped>,
+    joined: Arc<AtomicU64>,
     state: watch::Receiver<LoadState>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -108,12 +116,14 @@ impl Engine {
         let depth = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(Dropped::default());
         let per_request_us = Arc::new(AtomicU64::new(0));
+        let joined = Arc::new(AtomicU64::new(0));
         let worker = Worker {
             rx,
             pending: VecDeque::new(),
             depth: depth.clone(),
             per_request_us: per_request_us.clone(),
             dropped: dropped.clone(),
+            joined: joined.clone(),
             max_batch_size: config.max_batch_size.max(1),
             max_batch_tokens: config.max_batch_tokens.max(1),
             on_batch: config.on_batch,
@@ -129,6 +139,7 @@ impl Engine {
             depth,
             per_request_us,
             dropped,
+            joined,
             state,
             thread: Mutex::new(Some(thread)),
         })
@@ -190,6 +201,11 @@ impl Engine {
         &self.dropped
     }
 
+    /// Requests that joined answers already being generated (rather than waiting for them to end).
+    pub fn joined(&self) -> u64 {
+        self.joined.load(Ordering::Relaxed)
+    }
+
     pub fn load_state(&self) -> LoadState {
         self.state.borrow().clone()
     }
@@ -226,6 +242,7 @@ struct Worker {
     depth: Arc<AtomicUsize>,
     per_request_us: Arc<AtomicU64>,
     dropped: Arc<Dropped>,
+    joined: Arc<AtomicU64>,
     max_batch_size: usize,
     max_batch_tokens: usize,
     on_batch: Option<BatchHook>,
@@ -257,10 +274,11 @@ impl Worker {
             if let Some(hook) = &self.on_batch {
                 hook(group.len());
             }
-            let model = models[group[0].model].as_ref();
-            let (n, started) = (group.len() as u64, Instant::now());
-            run_group(model, group, &self.dropped, self.max_batch_tokens);
-            let per = started.elapsed().as_micros() as u64 / n.max(1);
+            let index = group[0].model;
+            let model = models[index].as_ref();
+            let started = Instant::now();
+            let n = self.run_group(index, model, group);
+            let per = started.elapsed().as_micros() as u64 / n.max(1) as u64;
             let old = self.per_request_us.load(Ordering::Relaxed);
             // Exponential moving average, weight 1/4 on the newest group.
             let new = if old == 0 { per } else { (3 * old + per) / 4 };
@@ -290,30 +308,144 @@ impl Worker {
         self.pending = rest;
         Some(group)
     }
-}
+    /// Runs one group of jobs for model `index`: the live ones (client still there, deadline not
+    /// passed) that do not generate go through the decoder together ([`run_batch`]); then the
+    /// ones that generate ([`Self::generate`]), which others may join. Returns how many jobs ran,
+    /// the joined ones included.
+    fn run_group(
+        &mut self,
+        index: usize,
+        model: &dyn VisionLanguageModel,
+        group: Vec<Job>,
+    ) -> usize {
+        let started = Instant::now();
+        let live: Vec<Job> = group
+            .into_iter()
+            .filter_map(|job| self.live(job, started))
+            .collect();
+        let (generating, others): (Vec<Job>, Vec<Job>) = live
+            .into_iter()
+            .partition(|job| job.request.options.generate > 0);
+        let mut n = others.len();
+        run_batch(model, others, started, self.max_batch_tokens);
+        if !generating.is_empty() {
+            n += self.generate(index, model, generating);
+        }
+        n
+    }
 
-/// Runs one group of jobs for one model: the live ones (client still there, deadline not
-/// passed) go through the decoder together (`run_lens_batch`, padded, under the token budget).
-/// If that panics, each runs alone so that only the request that panics gets a 500.
-fn run_group(
-    model: &dyn VisionLanguageModel,
-    group: Vec<Job>,
-    dropped: &Dropped,
-    max_batch_tokens: usize,
-) {
-    let started = Instant::now();
-    let mut live = Vec::with_capacity(group.len());
-    for job in group {
+    /// `job` if it is to run at `now`; else it is dropped (its client went away) or answered 504.
+    fn live(&self, job: Job, now: Instant) -> Option<Job> {
         if job.reply.is_closed() {
             // The client went away: its place is freed without running it.
-            dropped.client_gone.fetch_add(1, Ordering::Relaxed);
-        } else if started > job.deadline {
-            dropped.deadline.fetch_add(1, Ordering::Relaxed);
+            self.dropped.client_gone.fetch_add(1, Ordering::Relaxed);
+            None
+        } else if now > job.deadline {
+            self.dropped.deadline.fetch_add(1, Ordering::Relaxed);
             let _ = job.reply.send(Err(JobError::DeadlineExceeded));
+            None
         } else {
-            live.push(job);
+            Some(job)
         }
     }
+
+    /// Generates the answers of `jobs` together, step by step: each is answered when it ends,
+    /// an answer whose client went away stops, and the jobs next in the queue that generate with
+    /// the same model join between steps, up to the batch size. Returns how many jobs ran. If a
+    /// step panics, the answers in it run again alone, so that only the culprit gets a 500.
+    fn generate(&mut self, index: usize, model: &dyn VisionLanguageModel, jobs: Vec<Job>) -> usize {
+        // Each answer's tag: its job and the time it waited in the queue.
+        let mut batch: Generating<(Job, Duration)> = Generating::new(model);
+        let mut n = jobs.len();
+        for job in jobs {
+            start(model, &mut batch, job, Instant::now());
+        }
+        while !batch.is_empty() {
+            for (job, _) in batch.stop_where(|(job, _)| job.reply.is_closed()) {
+                drop(job);
+                self.dropped.client_gone.fetch_add(1, Ordering::Relaxed);
+            }
+            match catch_unwind(AssertUnwindSafe(|| batch.step())) {
+                Ok(ended) => {
+                    for ((job, queued), result) in ended {
+                        let _ = job.reply.send(finish(result, queued));
+                    }
+                }
+                Err(_) => {
+                    for (job, queued) in batch.into_tags() {
+                        let result = run_one(model, &job.request, queued);
+                        let _ = job.reply.send(result);
+                    }
+                    return n;
+                }
+            }
+            n += self.join(index, model, &mut batch);
+        }
+        n
+    }
+
+    /// The queued jobs next in line that generate with model `index` join `batch`, up to the
+    /// batch size (a job of another kind next in line stops it: it waits for the batch to end,
+    /// and nothing overtakes it). Returns how many joined.
+    fn join(
+        &mut self,
+        index: usize,
+        model: &dyn VisionLanguageModel,
+        batch: &mut Generating<(Job, Duration)>,
+    ) -> usize {
+        while let Ok(job) = self.rx.try_recv() {
+            self.pending.push_back(job);
+        }
+        let mut joined = 0;
+        while batch.len() < self.max_batch_size {
+            let next = self
+                .pending
+                .front()
+                .is_some_and(|job| job.model == index && job.request.options.generate > 0);
+            let Some(job) = self.pending.pop_front().filter(|_| next) else {
+                break;
+            };
+            self.depth.fetch_sub(1, Ordering::SeqCst);
+            let now = Instant::now();
+            if let Some(job) = self.live(job, now) {
+                self.joined.fetch_add(1, Ordering::Relaxed);
+                start(model, batch, job, now);
+                joined += 1;
+            }
+        }
+        joined
+    }
+}
+
+/// Runs `job`'s prompt ([`generate::start`]) and adds its answer to `batch`, or answers it at once
+/// when it cannot start (a bad request, or a panic: 500).
+fn start(
+    model: &dyn VisionLanguageModel,
+    batch: &mut Generating<(Job, Duration)>,
+    job: Job,
+    now: Instant,
+) {
+    let queued = now - job.enqueued;
+    match catch_unwind(AssertUnwindSafe(|| generate::start(model, &job.request))) {
+        Ok(Ok(answer)) => batch.push((job, queued), answer),
+        Ok(Err(e)) => {
+            let _ = job.reply.send(finish(Err(e), queued));
+        }
+        Err(p) => {
+            let _ = job.reply.send(Err(JobError::Panicked(panic_message(p))));
+        }
+    }
+}
+
+/// Runs jobs that do not generate through the decoder together (`run_lens_batch`, padded, under
+/// the token budget). If that panics, each runs alone so that only the request that panics gets
+/// a 500.
+fn run_batch(
+    model: &dyn VisionLanguageModel,
+    live: Vec<Job>,
+    started: Instant,
+    max_batch_tokens: usize,
+) {
     if live.is_empty() {
         return;
     }

@@ -124,7 +124,13 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, queue_depth: usize, pending_pixels: u64, dropped: &Dropped) -> String {
+    pub fn render(
+        &self,
+        queue_depth: usize,
+        pending_pixels: u64,
+        dropped: &Dropped,
+        joined: u64,
+    ) -> String {
         let inner = self.inner();
         let mut out = String::new();
         out.push_str(
@@ -159,7 +165,14 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
-        out.push_str("# HELP logit_lens_batch_size Jobs per group the worker ran.\n");
+        out.push_str(
+            "# HELP logit_lens_generate_joined_total Requests that joined answers already being generated.\n",
+        );
+        out.push_str("# TYPE logit_lens_generate_joined_total counter\n");
+        let _ = writeln!(out, "logit_lens_generate_joined_total {joined}");
+        out.push_str(
+            "# HELP logit_lens_batch_size Jobs per group the worker ran (those that joined later not counted).\n",
+        );
         out.push_str("# TYPE logit_lens_batch_size histogram\n");
         inner
             .batch_sizes

@@ -90,6 +90,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             state.engine.queue_depth(),
             state.pending_pixels(),
             state.engine.dropped(),
+            state.engine.joined(),
         ),
     )
         .into_response()
