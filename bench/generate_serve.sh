@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# `generate` under concurrency on `logit-lens serve`: text-only requests (no image: the decoder and the lens,
+# not the vision tower), top-3, summary on, two scenarios per server start:
+#   together: 8 requests at once, each generating 16 tokens (wall time for all, mean lens ms per request);
+#   joining:  one request generating 32 tokens, then 4 generating 4, sent a second later (each one's latency).
+# Several binaries alternate round by round (A/B in one sitting), and each round checks that their responses
+# are identical apart from timings.
+#
+# Usage: bench/generate_serve.sh MODEL_DIR [ROUNDS]     (python3 only)
+#        BINS="old/logit-lens new/logit-lens" compares binaries (default: target/release/logit-lens, built)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=$1
+rounds=${2:-2}
+bins=${BINS:-}
+if [[ -z $bins ]]; then
+    cargo build --release -q
+    bins=./target/release/logit-lens
+fi
+port=8798
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+for round in $(seq "$rounds"); do
+  k=0
+  for bin in $bins; do
+    k=$((k + 1))
+    "$bin" serve --model "$model" --port $port --max-batch-size 8 --device cpu > "$out/serve.log" 2>&1 &
+    pid=$!
+    until curl -sf "http://127.0.0.1:$port/ready" > /dev/null; do sleep 0.5; done
+    python3 - "$port" "$out/$k" "$round" "$bin" <<'PY'
+import json, sys, threading, time, urllib.request
+port, prefix, rnd, binary = sys.argv[1:5]
+url = f"http://127.0.0.1:{port}/lens"
+
+def post(name, generate, results):
+    body = json.dumps({"prompt": f"Question {name}: describe the colour of the sky at noon in a few words.",
+                       "options": {"top_k": 3, "generate": generate}}).encode()
+    t = time.perf_counter()
+    req = urllib.request.Request(url, body, {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        results[name] = (time.perf_counter() - t, json.loads(r.read()))
+
+def run(plan):
+    results, threads = {}, []
+    for delay, name, generate in plan:
+        time.sleep(delay)
+        th = threading.Thread(target=post, args=(name, generate, results))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    return results
+
+t = time.perf_counter()
+together = run([(0, f"t{i}", 16) for i in range(8)])
+wall = time.perf_counter() - t
+lens = sum(r["timing_ms"]["lens"] for _, r in together.values()) / len(together)
+joining = run([(0, "long", 32)] + [(1 if i == 0 else 0, f"short{i}", 4) for i in range(4)])
+lat = {n: s for n, (s, _) in joining.items()}
+short = [lat[f"short{i}"] for i in range(4)]
+print(f"round {rnd} {binary}: together {wall:.2f} s (mean lens {lens:.0f} ms); "
+      f"joining: long {lat['long']:.2f} s, short {min(short):.2f}-{max(short):.2f} s")
+
+def strip(x):
+    if isinstance(x, dict):
+        return {k: strip(v) for k, v in x.items() if k != "timing_ms"}
+    if isinstance(x, list):
+        return [strip(v) for v in x]
+    return x
+json.dump({n: strip(r) for n, (_, r) in {**together, **joining}.items()}, open(prefix + ".json", "w"))
+PY
+    kill $pid; wait $pid 2> /dev/null || true
+  done
+  if (( k > 1 )); then
+    python3 -c "
+import json, sys
+runs = [json.load(open(f'$out/{i}.json')) for i in range(1, $k + 1)]
+print('  responses identical apart from timings' if all(r == runs[0] for r in runs) else '  RESPONSES DIFFER')"
+  fi
+done
