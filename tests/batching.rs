@@ -355,3 +355,100 @@ fn a_request_joins_answers_being_generated_and_is_answered_when_its_own_ends() {
         queued(&got_short)
     );
 }
+
+/// The demo model, slower: every use of its lens head (each generation step uses it) waits 2 ms,
+/// so that a 60-token answer takes a while.
+struct SlowSteps(Box<dyn logit_lens::models::VisionLanguageModel>);
+
+impl logit_lens::models::VisionLanguageModel for SlowSteps {
+    fn info(&self) -> &logit_lens::models::ModelInfo {
+        self.0.info()
+    }
+    fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        self.0.tokenizer()
+    }
+    fn prepare(
+        &self,
+        prompt: &str,
+        image: Option<&logit_lens::preprocess::image::Rgb8>,
+        chat_template: bool,
+    ) -> logit_lens::Result<logit_lens::models::Prepared> {
+        self.0.prepare(prompt, image, chat_template)
+    }
+    fn image_features(
+        &self,
+        pixels: &[&logit_lens::models::PixelInputs],
+    ) -> logit_lens::Result<Vec<logit_lens::models::ImageFeatures>> {
+        self.0.image_features(pixels)
+    }
+    fn embed_with(
+        &self,
+        inputs: &logit_lens::models::Prepared,
+        features: Option<logit_lens::models::ImageFeatures>,
+    ) -> logit_lens::Result<logit_lens::models::decoder::DecoderInput> {
+        self.0.embed_with(inputs, features)
+    }
+    fn decoder(&self) -> &logit_lens::models::decoder::Decoder {
+        self.0.decoder()
+    }
+    fn head(&self) -> &logit_lens::models::LensHead {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        self.0.head()
+    }
+}
+
+/// On the service's worker, an answer whose client went away stops at the next step (its place
+/// and its steps are freed), counted as `client_gone`; the others go on.
+#[test]
+fn an_answer_whose_client_went_away_stops() {
+    use logit_lens::engine::{Engine, EngineConfig};
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    let engine = Engine::start(
+        Box::new(|| Ok(vec![Box::new(SlowSteps(load_model("qwen2vl-hub"))) as _])),
+        EngineConfig {
+            max_queue: 8,
+            max_batch_size: 8,
+            max_batch_tokens: 16_384,
+            on_batch: None,
+        },
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let gone = engine
+        .submit(0, generating("Describe the picture.", 60), deadline, None)
+        .unwrap();
+    let short = engine
+        .submit(0, generating("What is it?", 2), deadline, None)
+        .unwrap();
+    // The short answer ends at the third step, and its client lets go of the long one (60
+    // steps of at least 2 ms each are left).
+    let got = short
+        .blocking_recv()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:?} {:?}",
+                match engine.load_state() {
+                    logit_lens::engine::LoadState::Failed(m) => m,
+                    _ => "not failed".into(),
+                }
+            )
+        })
+        .unwrap();
+    assert_eq!(got.answer.unwrap().tokens.len(), 2);
+    drop(gone);
+    // Next in line and not generating: it runs once the generation has ended.
+    let after = engine
+        .submit(0, generating("Color?", 0), deadline, None)
+        .unwrap();
+    let started = Instant::now();
+    after.blocking_recv().unwrap().unwrap();
+    assert_eq!(engine.dropped().client_gone.load(Ordering::Relaxed), 1);
+    // Far less than the 58 steps the long answer had left.
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+}

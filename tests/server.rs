@@ -167,7 +167,10 @@ async fn sixty_four_concurrent_mixed_requests_each_get_their_own_answer() {
     );
     assert!(text.contains("logit_lens_batch_size_count"), "{text}");
     // None of them generates: none joined answers being generated.
-    assert!(text.contains("logit_lens_generate_joined_total 0"), "{text}");
+    assert!(
+        text.contains("logit_lens_generate_joined_total 0"),
+        "{text}"
+    );
     assert!(
         text.contains("logit_lens_stage_seconds_count{stage=\"forward\"} 64"),
         "{text}"

@@ -296,7 +296,8 @@ fn emit(
     Ok(Some(token))
 }
 
-fn respond(model: &dyn VisionLanguageModel, g: Generation) -> Result<LensResponse> {
+/// The response of an answer that [`Generating::step`] ended.
+pub fn respond(model: &dyn VisionLanguageModel, g: Generation) -> Result<LensResponse> {
     let info = model.info();
     let tokenizer = model.tokenizer();
     let ids: Vec<u32> = g.tokens.iter().map(|t| t.id).collect();
@@ -401,9 +402,10 @@ impl<'m, T> Generating<'m, T> {
     }
 
     /// One token for every answer going on. Returns the answers this step ended: done (an end
-    /// token, or `generate` tokens) with their responses, or failed. A step that fails as a whole
-    /// fails every answer in it.
-    pub fn step(&mut self) -> Vec<(T, Result<LensResponse>)> {
+    /// token, or `generate` tokens; [`respond`] gives the response), or failed. A step that fails
+    /// as a whole fails every answer in it. A panic leaves every answer going on (after the
+    /// computation, the answers only move).
+    pub fn step(&mut self) -> Vec<(T, Result<Generation>)> {
         let model = self.model;
         let mut gens: Vec<&mut Generation> = self.going.iter_mut().map(|(_, g)| g).collect();
         // Per answer: None while it goes on, else how it ended.
@@ -476,7 +478,7 @@ impl<'m, T> Generating<'m, T> {
         for ((tag, g), end) in std::mem::take(&mut self.going).into_iter().zip(ended) {
             match end {
                 None => going.push((tag, g)),
-                Some(Ok(())) => out.push((tag, respond(model, g))),
+                Some(Ok(())) => out.push((tag, Ok(g))),
                 Some(Err(e)) => out.push((tag, Err(e))),
             }
         }
@@ -502,7 +504,7 @@ pub fn run_generate_batch(
     }
     while !batch.is_empty() {
         for (i, r) in batch.step() {
-            results[i] = Some(r);
+            results[i] = Some(r.and_then(|g| respond(model, g)));
         }
     }
     results

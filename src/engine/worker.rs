@@ -367,8 +367,13 @@ impl Worker {
             }
             match catch_unwind(AssertUnwindSafe(|| batch.step())) {
                 Ok(ended) => {
-                    for ((job, queued), result) in ended {
-                        let _ = job.reply.send(finish(result, queued));
+                    for ((job, queued), answer) in ended {
+                        let respond = || answer.and_then(|g| generate::respond(model, g));
+                        let result = match catch_unwind(AssertUnwindSafe(respond)) {
+                            Ok(result) => finish(result, queued),
+                            Err(p) => Err(JobError::Panicked(panic_message(p))),
+                        };
+                        let _ = job.reply.send(result);
                     }
                 }
                 Err(_) => {
@@ -402,7 +407,8 @@ impl Worker {
                 .pending
                 .front()
                 .is_some_and(|job| job.model == index && job.request.options.generate > 0);
-            let Some(job) = self.pending.pop_front().filter(|_| next) else {
+            // (A job of another kind stays where it is, first in line.)
+            let Some(job) = next.then(|| self.pending.pop_front()).flatten() else {
                 break;
             };
             self.depth.fetch_sub(1, Ordering::SeqCst);
