@@ -352,7 +352,7 @@ mod gpu_tests {
     }
 
     /// The lens's pass over the unembedding in blocks (what `Lens::launch_layer` does:
-    /// [`super::super::unembed_blocks`], the vocabulary tiles outermost, each tile's sums folded in
+    /// [`super::super::device::unembed_blocks`], the vocabulary tiles outermost, each tile's sums folded in
     /// place by `row_max_sumexp_fold_f32`) against one GEMM over the
     /// whole vocabulary: the same max and sum-exp; and the time of one layer of Qwen2-VL-2B rows
     /// (one 640×480 request: 418 rows; a batch of 7: 2926) by tile and rows per GEMM, as TFLOP/s
@@ -370,8 +370,8 @@ mod gpu_tests {
             // As `Lens::launch_layer`: each tile folded into its chunk's sums in place.
             let chunks = rows.dim(0).unwrap().div_ceil(chunk);
             let mut sums: Vec<Option<Tensor>> = vec![None; chunks];
-            super::super::unembed_blocks(rows, &w, chunk, tile, |c, _, z| {
-                sums[c] = Some(super::super::fold_max_sumexp(sums[c].take(), &z)?);
+            super::super::device::unembed_blocks(rows, &w, chunk, tile, |c, _, z| {
+                sums[c] = Some(super::super::device::fold_max_sumexp(sums[c].take(), &z)?);
                 Ok(())
             })
             .unwrap();
@@ -385,7 +385,7 @@ mod gpu_tests {
             .unwrap();
         let (a, b) = (
             whole(&rows).to_vec2::<f32>().unwrap(),
-            blocks(&rows, 48, super::super::DEVICE_VOCAB_TILE)
+            blocks(&rows, 48, super::super::device::DEVICE_VOCAB_TILE)
                 .to_vec2::<f32>()
                 .unwrap(),
         );

@@ -1,0 +1,160 @@
+//! The lens on the CPU in f32: the layers' rows gathered until they fill a block, then one pass over
+//! the vocabulary in cache-sized blocks, each block's logits from one GEMM (AMX's where the CPU has
+//! it, models/amx.rs; candle's f32 GEMM otherwise) and reduced at once by every row's [`RowState`].
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use super::row::RowState;
+use super::{with_cpu_f32, Lens};
+use crate::error::Result;
+use crate::models::amx;
+
+/// Rows and vocabulary entries per block of logits on the CPU: `ROW_BLOCK × VOCAB_BLOCK × 4` bytes
+/// (32 MB) stays in L3 between the GEMM that writes it and the reduction that reads it. Each block
+/// of rows is one pass over the unembedding (467 MB for Qwen2-VL-2B's bf16 pieces), so fewer,
+/// larger blocks read it from memory fewer times: the lens of a real-size Qwen2-VL-2B request
+/// (29 layers × 418 rows), alternating, took 6565–6849 ms at 512 rows, 6417–6644 at 1024,
+/// 6121–6311 at 2048, 6407–6503 at 4096 (bench/README.md, fifteenth session).
+pub(super) const ROW_BLOCK: usize = 2048;
+
+pub(super) const VOCAB_BLOCK: usize = 4096;
+
+/// Logits held at once by [`final_cross_amx`] (16 MB): the whole vocabulary for up to 26 rows of
+/// Qwen2-VL's 151936 entries, blocks of it for more.
+pub(super) const CROSS_BLOCK_VALUES: usize = 4 << 20;
+
+impl Lens<'_> {
+    /// Reduces the waiting CPU layers' rows together, in blocks of rows that stay in cache, and
+    /// records the layers in order. Equal blocks of at most ROW_BLOCK rows (2508 rows: 2 × 1254,
+    /// not 2048 + 460: a thin GEMM runs well below the machine's rate).
+    pub(super) fn reduce_cpu_pending(&mut self) -> Result<()> {
+        if self.cpu_pending.is_empty() {
+            return Ok(());
+        }
+        let mut plans = std::mem::take(&mut self.cpu_pending);
+        let normed: Vec<Tensor> = plans
+            .iter_mut()
+            .map(|p| p.normed_rows.take().expect("planned rows"))
+            .collect();
+        let normed = if normed.len() == 1 {
+            normed.into_iter().next().expect("one layer")
+        } else {
+            Tensor::cat(&normed, 0)?
+        };
+        let lens: Vec<usize> = plans.iter().map(|p| p.states.len()).collect();
+        let mut states: Vec<RowState> = plans
+            .iter_mut()
+            .flat_map(|p| std::mem::take(&mut p.states))
+            .collect();
+        let rows = states.len();
+        let block_rows = rows.div_ceil(rows.div_ceil(ROW_BLOCK).max(1)).max(1);
+        for start in (0..rows).step_by(block_rows) {
+            let n = block_rows.min(rows - start);
+            let block = normed.narrow(0, start, n)?;
+            self.reduce_vocabulary(&block, &mut states[start..start + n])?;
+        }
+        let mut states = states.into_iter();
+        for (mut plan, n) in plans.into_iter().zip(lens) {
+            plan.states = states.by_ref().take(n).collect();
+            self.record(plan, None)?;
+        }
+        Ok(())
+    }
+
+    /// Target logits per detailed row by direct dot products in f64; the reduction counts the
+    /// entries above them.
+    pub(super) fn target_logits(&self, n_block: &Tensor, detail: &[bool]) -> Result<Vec<Vec<f32>>> {
+        let Some(w) = self.target_w.as_ref().filter(|_| detail.iter().any(|d| *d)) else {
+            return Ok(vec![Vec::new(); detail.len()]);
+        };
+        let z = self
+            .cap(
+                n_block
+                    .to_dtype(DType::F64)?
+                    .matmul(&w.t()?)?
+                    .to_dtype(DType::F32)?,
+            )?
+            .to_vec2::<f32>()?;
+        Ok(z.into_iter()
+            .zip(detail)
+            .map(|(row, &d)| if d { row } else { Vec::new() })
+            .collect())
+    }
+
+    /// One pass over the vocabulary in blocks: a GEMM, then one fused reduction of every row. The
+    /// GEMM is AMX's where the head has the unembedding packed for it ([`amx`]), candle's f32
+    /// GEMM otherwise.
+    pub(super) fn reduce_vocabulary(
+        &self,
+        n_block: &Tensor,
+        states: &mut [RowState],
+    ) -> Result<()> {
+        let vocab = self.unembed.dim(0)?;
+        let reduce = |z: &[f32], v0: usize, vc: usize, states: &mut [RowState]| {
+            z.par_chunks(vc)
+                .zip(states.par_iter_mut())
+                .for_each(|(row, st)| st.update(row, v0, &self.spec.targets, &self.spec.excluded));
+        };
+        if let (Some(packed), Some(rows)) = (self.amx, self.amx_rows(n_block)?) {
+            let n = n_block.dim(0)?;
+            let mut z = vec![0f32; n * VOCAB_BLOCK.min(vocab)];
+            for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
+                let vc = VOCAB_BLOCK.min(vocab - v0);
+                let z = &mut z[..n * vc];
+                amx::matmul(&rows, packed, v0, vc, z);
+                if self.head.softcap.is_some() {
+                    let capped = self.cap(Tensor::from_slice(z, (n, vc), n_block.device())?)?;
+                    with_cpu_f32(&capped, |z| reduce(z, v0, vc, states))?;
+                } else {
+                    reduce(z, v0, vc, states);
+                }
+            }
+            return Ok(());
+        }
+        for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
+            let vc = VOCAB_BLOCK.min(vocab - v0);
+            let w = self.unembed.narrow(0, v0, vc)?;
+            let logits = self.cap(n_block.matmul(&w.t()?)?)?;
+            with_cpu_f32(&logits, |z| reduce(z, v0, vc, states))?;
+        }
+        Ok(())
+    }
+}
+
+/// `u = Wᵀ p` for each split row (`p = softmax` of its logits, given its log-sum-exp `lse`) on
+/// the CPU with the packed unembedding: the logits again by AMX, block by block of the vocabulary,
+/// each turned into probabilities in place and multiplied from the left into f64 sums
+/// ([`amx::left_matmul_add`], from the packed bf16 pieces). Before, an f32 GEMV over the f32
+/// unembedding took ~80 ms of the ~100 ms this took for one row of Qwen2-VL-2B, at every
+/// generated token.
+pub(super) fn final_cross_amx(
+    split: &amx::SplitRows,
+    packed: &amx::PackedWeight,
+    lse: &[f32],
+) -> Vec<Vec<f32>> {
+    let (n, vocab, hidden) = (lse.len(), packed.out_dim(), packed.in_dim());
+    let block = (CROSS_BLOCK_VALUES / n.max(1))
+        .next_multiple_of(32)
+        .min(vocab);
+    let mut acc = vec![0f64; n * hidden];
+    let mut z = vec![0f32; n * block];
+    for v0 in (0..vocab).step_by(block) {
+        let vc = block.min(vocab - v0);
+        let z = &mut z[..n * vc];
+        amx::matmul(split, packed, v0, vc, z);
+        z.par_chunks_mut(vc).zip(lse).for_each(|(row, &l)| {
+            crate::models::fastmath::vectorised(
+                #[inline(always)]
+                || {
+                    row.iter_mut()
+                        .for_each(|x| *x = crate::models::fastmath::exp(*x - l))
+                },
+            )
+        });
+        amx::left_matmul_add(z, n, packed, v0, vc, &mut acc);
+    }
+    acc.chunks_exact(hidden)
+        .map(|u| u.iter().map(|&x| x as f32).collect())
+        .collect()
+}

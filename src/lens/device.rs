@@ -1,0 +1,411 @@
+//! The lens where the rows live on an accelerator (the GPU, half precision; or forced on the CPU,
+//! for the tests): each layer's GEMMs and reductions are queued on the device as the layer arrives
+//! ([`Lens::launch_layer`]), only small results are kept there (per row max and sum-exp; the rows
+//! that want detail), and the host collects them at the end ([`Lens::collect_pending`]).
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use super::row::RowState;
+use super::{unembed_f32, LayerPlan, Lens};
+use crate::error::{Error, Result};
+use crate::models::profile;
+
+/// On an accelerator (and the tensor path): rows per unembedding GEMM. `LOGIT_LENS_ROW_CHUNK`
+/// overrides it.
+pub const DEVICE_ROWS: usize = 512;
+
+/// Tensor path: the detail rows (whole-vocabulary logits of the positions that want top-k) that
+/// may wait on the device before the queued layers are collected, counted as the f32 host copy:
+/// `last` never reaches it; `all` on a long input is collected every layer or two instead of
+/// holding every layer's `[positions × vocab]` logits (GiBs, per request of a batch) until the end.
+pub(super) const PENDING_DETAIL_BYTES: usize = 256 << 20;
+
+/// Tensor path: vocabulary entries per unembedding GEMM. 512 rows × 16384 entries of f32 logits are
+/// 32 MB, inside an H100's 50 MB L2, where the reduction kernel reads them back; 152k-entry rows
+/// (311 MB a chunk) went out to memory and back. `LOGIT_LENS_VOCAB_TILE` overrides it (0 or `all`:
+/// the whole vocabulary per GEMM, as before; for measuring one against the other).
+pub const DEVICE_VOCAB_TILE: usize = 16384;
+
+/// Vocabulary rows per block when the final layer's `Wᵀ p_L` is accumulated in f32 (and, with
+/// soft-capping, the KL cross terms). Each block widens its slice of the unembedding to f32 on
+/// the device, a transient on top of the weights: 16384 × 1536 × 4 = 100 MB for Qwen2-VL-2B,
+/// 16384 × 4096 × 4 = 268 MB for LLaVA-1.5-7B (blocks of 65536 held 400 and 524 MB, a quarter of
+/// issue 17's 2 GiB over the weights).
+pub(super) const DEVICE_VOCAB_BLOCK: usize = 16384;
+
+impl Lens<'_> {
+    /// Brings the queued layers to the host and records them, in layer order.
+    pub(super) fn collect_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut plans = std::mem::take(&mut self.pending);
+        self.collect_layers(&mut plans)?;
+        // The reported layers' requested rows (for KL) in one transfer, not one per layer.
+        let reported: Vec<Tensor> = plans
+            .iter()
+            .filter(|p| p.report)
+            .map(|p| p.requested_rows.clone())
+            .collect();
+        let host = profile::op(
+            "lens collect: requested rows to the host",
+            self.unembed.device(),
+            || to_host_rows(&reported),
+        )?;
+        let mut host_rows = host.rows();
+        for plan in plans {
+            let rows = plan.report.then(|| {
+                host_rows
+                    .by_ref()
+                    .take(plan.requested.len())
+                    .map(<[f32]>::to_vec)
+                    .collect()
+            });
+            self.record(plan, rows)?;
+        }
+        Ok(())
+    }
+
+    /// The targets' logits at `rows` `[rows, targets]` (f32, computed in f64), left on the device.
+    pub(super) fn target_logits_device(&self, rows: &Tensor) -> Result<Option<Tensor>> {
+        let Some(w) = &self.target_w else {
+            return Ok(None);
+        };
+        Ok(Some(
+            self.cap(
+                rows.to_dtype(DType::F64)?
+                    .matmul(&w.t()?)?
+                    .to_dtype(DType::F32)?,
+            )?,
+        ))
+    }
+
+    /// Queues one layer's reduction where its rows live (the GPU): the rows go through the
+    /// unembedding in blocks of `row_chunk` rows × `vocab_tile` vocabulary entries
+    /// ([`unembed_blocks`]: cache-sized, the tiles outermost); each block's per-row max and sum of
+    /// exponentials come from one fused kernel (CUDA) or a few tensor ops and are combined across
+    /// tiles, and the rows that want detail are gathered tile by tile; all of it stays on the
+    /// device, nothing waits.
+    ///
+    /// A layer whose detail rows alone pass the budget (many positions × a large vocabulary:
+    /// `all` on a OneVision input is ~7000 × 152k) has each block's detail rows reduced on the host
+    /// as they come instead, so the device holds one block of them, not the layer's.
+    pub(super) fn launch_layer(&self, plan: &mut LayerPlan) -> Result<()> {
+        let normed = plan.normed_rows.take().expect("planned rows");
+        let total = normed.dim(0)?;
+        let detail: Vec<u32> = (0..total as u32)
+            .filter(|&r| plan.states[r as usize].wants_detail())
+            .collect();
+        let immediate = detail.len() * self.unembed.dim(0)? * 4 > self.pending_detail_bytes;
+        if immediate {
+            // The rows need their target logits before they are reduced.
+            take_targets(std::slice::from_mut(plan))?;
+        }
+        let chunk = self.row_chunk.max(1);
+        let chunks = total.div_ceil(chunk);
+        // Per chunk: its detail rows' indices within it (none: no index tensor).
+        let idx = (0..chunks)
+            .map(|c| {
+                let (start, end) = (c * chunk, ((c + 1) * chunk).min(total));
+                let here: Vec<u32> = detail
+                    .iter()
+                    .filter(|&&r| (start..end).contains(&(r as usize)))
+                    .map(|&r| r - start as u32)
+                    .collect();
+                (!here.is_empty())
+                    .then(|| Tensor::from_slice(&here, here.len(), normed.device()))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // Per chunk: its rows' (max, Σ e^(z − max)) over the tiles so far.
+        let mut sums: Vec<Option<Tensor>> = vec![None; chunks];
+        let mut detail_tiles = vec![Vec::new(); chunks];
+        let states = &mut plan.states;
+        unembed_blocks(
+            &normed,
+            &self.unembed,
+            chunk,
+            self.vocab_tile,
+            |c, v0, logits| {
+                let logits = self.cap(logits)?;
+                sums[c] = Some(fold_max_sumexp(sums[c].take(), &logits)?);
+                let Some(idx) = &idx[c] else { return Ok(()) };
+                let picked = logits.index_select(idx, 0)?;
+                if immediate {
+                    let block = to_host_rows(&[picked])?;
+                    let start = c * chunk;
+                    let n = logits.dim(0)?;
+                    let wanting: Vec<&mut RowState> = states[start..start + n]
+                        .iter_mut()
+                        .filter(|st| st.wants_detail())
+                        .collect();
+                    wanting
+                        .into_par_iter()
+                        .zip(block.par_rows())
+                        .for_each(|(st, row)| {
+                            st.update(row, v0, &self.spec.targets, &self.spec.excluded)
+                        });
+                } else {
+                    detail_tiles[c].push(picked);
+                }
+                Ok(())
+            },
+        )?;
+        let sums = sums
+            .into_iter()
+            .map(|s| s.ok_or_else(|| Error::Internal("lens: a chunk without tiles".into())))
+            .collect::<Result<Vec<_>>>()?;
+        let detail_rows = detail_tiles
+            .into_iter()
+            .filter(|tiles| !tiles.is_empty())
+            .map(|mut tiles| {
+                if tiles.len() == 1 {
+                    Ok(tiles.remove(0))
+                } else {
+                    Ok(Tensor::cat(&tiles, 1)?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0)).transpose();
+        plan.device_sums = cat(sums)?;
+        plan.device_detail = cat(detail_rows)?;
+        Ok(())
+    }
+
+    /// The host's side of the queued layers, once at the end: every layer's sums in one
+    /// transfer, the detail rows in another, then each detail row reduced (entropy, top-k, ranks)
+    /// in parallel.
+    pub(super) fn collect_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
+        let dev = self.unembed.device();
+        take_targets(plans)?;
+        let sums: Vec<Tensor> = plans.iter().filter_map(|p| p.device_sums.clone()).collect();
+        let sums = profile::op("lens collect: sums to the host", dev, || {
+            to_host_rows(&sums)
+        })?;
+        let mut rows = sums.rows();
+        for plan in plans.iter_mut() {
+            if plan.device_sums.take().is_none() {
+                continue;
+            }
+            for st in plan.states.iter_mut() {
+                let ms = rows
+                    .next()
+                    .ok_or_else(|| Error::Internal("lens: fewer sums than rows".into()))?;
+                if !st.wants_detail() {
+                    st.m = ms[0];
+                    st.s = ms[1] as f64;
+                }
+            }
+        }
+        let detail: Vec<Tensor> = plans
+            .iter()
+            .filter_map(|p| p.device_detail.clone())
+            .collect();
+        let block = profile::op("lens collect: detail rows to the host", dev, || {
+            to_host_rows(&detail)
+        })?;
+        if block.is_empty() {
+            return Ok(());
+        }
+        // Each plan's detail rows, in row order, with their states.
+        let mut states: Vec<&mut RowState> = Vec::with_capacity(block.len());
+        for plan in plans.iter_mut() {
+            if plan.device_detail.take().is_none() {
+                continue;
+            }
+            states.extend(plan.states.iter_mut().filter(|st| st.wants_detail()));
+        }
+        if states.len() != block.len() {
+            return Err(Error::Internal(format!(
+                "lens: {} detail rows for {} states",
+                block.len(),
+                states.len()
+            )));
+        }
+        profile::op("lens collect: detail rows reduced on the host", dev, || {
+            states
+                .into_par_iter()
+                .zip(block.par_rows())
+                .for_each(|(st, row)| {
+                    st.update(row, 0, &self.spec.targets, &self.spec.excluded);
+                });
+            Ok(())
+        })
+    }
+}
+
+pub(super) fn vocab_tile_from_env() -> usize {
+    match std::env::var("LOGIT_LENS_VOCAB_TILE") {
+        Ok(v) if v == "all" => 0,
+        Ok(v) => v.parse().unwrap_or(DEVICE_VOCAB_TILE),
+        Err(_) => DEVICE_VOCAB_TILE,
+    }
+}
+
+pub(super) fn row_chunk_from_env() -> usize {
+    std::env::var("LOGIT_LENS_ROW_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(DEVICE_ROWS)
+}
+
+/// The tensor path's pass over the unembedding for one layer's `rows`: `rows · unembedᵀ` in f32
+/// ([`unembed_f32`]) in blocks of `row_chunk` rows × `tile` vocabulary entries (0: the whole
+/// vocabulary), calling `each(chunk, v0, logits)` for every block: `chunk` the rows
+/// `chunk · row_chunk ..`, `v0` the tile's first entry, in increasing `v0` for each chunk.
+///
+/// The tiles are the outer loop: a tile of the unembedding (16384 × 1536 bf16 is 50 MB for
+/// Qwen2-VL-2B) is read from memory once and serves every chunk of rows while it is in the GPU's
+/// L2; with the chunks outermost, every 512-row chunk read the whole 467 MB unembedding again (a
+/// batch of 7 Qwen2-VL requests, 2926 rows a layer: 2.8 GB a layer).
+pub(super) fn unembed_blocks(
+    rows: &Tensor,
+    unembed: &Tensor,
+    row_chunk: usize,
+    tile: usize,
+    mut each: impl FnMut(usize, usize, Tensor) -> Result<()>,
+) -> Result<()> {
+    let (total, vocab) = (rows.dim(0)?, unembed.dim(0)?);
+    let tile = if tile == 0 { vocab } else { tile.min(vocab) };
+    let chunks: Vec<Tensor> = (0..total)
+        .step_by(row_chunk.max(1))
+        .map(|start| rows.narrow(0, start, row_chunk.min(total - start)))
+        .collect::<candle_core::Result<_>>()?;
+    for v0 in (0..vocab).step_by(tile) {
+        let w = unembed.narrow(0, v0, tile.min(vocab - v0))?;
+        for (c, chunk) in chunks.iter().enumerate() {
+            each(c, v0, unembed_f32(chunk, &w)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The plans' target logits, still on the device, to their rows' states (in one transfer).
+pub(super) fn take_targets(plans: &mut [LayerPlan]) -> Result<()> {
+    let targets: Vec<Tensor> = plans
+        .iter()
+        .filter_map(|p| p.device_targets.clone())
+        .collect();
+    let host = to_host_rows(&targets)?;
+    let mut rows = host.rows();
+    for plan in plans.iter_mut() {
+        if plan.device_targets.take().is_none() {
+            continue;
+        }
+        for &r in &plan.requested {
+            let z = rows
+                .next()
+                .ok_or_else(|| Error::Internal("lens: fewer target rows".into()))?;
+            let st = &mut plan.states[r];
+            st.target_z = st.target_index.iter().map(|&j| z[j]).collect();
+            st.target_cmp = st.target_z.clone();
+        }
+    }
+    Ok(())
+}
+
+/// Per row of a logits block `[rows, vocab]`: `[rows, 2]` f32 (max, Σ e^(z − max)). One fused
+/// kernel on CUDA; generic tensor operations elsewhere.
+pub(super) fn row_max_sumexp(logits: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return Ok(super::cuda::row_max_sumexp(logits)?);
+    }
+    let z = logits.to_dtype(DType::F32)?;
+    let m = z.max_keepdim(1)?;
+    let s = z.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?;
+    Ok(Tensor::cat(&[m, s], 1)?)
+}
+
+/// The per-row (max, Σ e^(z − max)) of the vocabulary tiles so far (`acc`; none before the first)
+/// with the tile `logits` folded in: on CUDA one kernel updating `acc` in place, elsewhere the
+/// tile's own reduction combined with `acc` ([`combine_max_sumexp`]).
+pub(super) fn fold_max_sumexp(acc: Option<Tensor>, logits: &Tensor) -> Result<Tensor> {
+    let Some(acc) = acc else {
+        return row_max_sumexp(logits);
+    };
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && logits.dtype() == DType::F32 {
+        super::cuda::fold_max_sumexp(&acc, logits)?;
+        return Ok(acc);
+    }
+    combine_max_sumexp(vec![acc, row_max_sumexp(logits)?])
+}
+
+/// Per-tile `[rows, 2]` (max, Σ e^(z − max)) of consecutive vocabulary tiles → the whole rows':
+/// `m = max m_t`, `s = Σ s_t · e^(m_t − m)` (a few small ops on the device; one tile: itself).
+pub(super) fn combine_max_sumexp(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    let p = Tensor::stack(&parts, 1)?; // [rows, tiles, 2]
+    let (m_t, s_t) = (p.narrow(2, 0, 1)?, p.narrow(2, 1, 1)?);
+    let m = m_t.max_keepdim(1)?; // [rows, 1, 1]
+    let s = (s_t * m_t.broadcast_sub(&m)?.exp()?)?.sum_keepdim(1)?;
+    Ok(Tensor::cat(&[m, s], 2)?.squeeze(1)?)
+}
+
+/// Rows of one width on the host, in one flat buffer: a `Vec` per row (candle's `to_vec2`) would
+/// copy every row once more and allocate each (the detail rows are 29 × 152k f32 for one Qwen2-VL
+/// request at the last position, 17.6 MB).
+pub(super) struct HostRows {
+    data: Vec<f32>,
+    width: usize,
+}
+
+impl HostRows {
+    pub(super) fn len(&self) -> usize {
+        self.data.len() / self.width.max(1)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    pub(super) fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
+        self.data.chunks_exact(self.width.max(1))
+    }
+
+    pub(super) fn par_rows(&self) -> rayon::slice::ChunksExact<'_, f32> {
+        self.data.par_chunks_exact(self.width.max(1))
+    }
+}
+
+/// `tensors` (rows of one width) stacked and brought to the host as f32 rows in one transfer;
+/// none: no rows.
+pub(super) fn to_host_rows(tensors: &[Tensor]) -> Result<HostRows> {
+    if tensors.is_empty() {
+        return Ok(HostRows {
+            data: Vec::new(),
+            width: 0,
+        });
+    }
+    let all = Tensor::cat(tensors, 0)?.to_dtype(DType::F32)?;
+    let width = all.dim(1)?;
+    Ok(HostRows {
+        data: host_f32(&all)?,
+        width,
+    })
+}
+
+/// An f32 tensor's elements on the host, in order. From a CUDA buffer that holds exactly them (a
+/// fresh `cat`), the copy the transfer makes is the result (candle's `to_vec1` copies it again).
+pub(super) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() {
+        use candle_core::backend::BackendStorage;
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cuda(s), Some((0, n))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            if let candle_core::CpuStorage::F32(v) = s.to_cpu_storage()? {
+                if v.len() == n {
+                    return Ok(v);
+                }
+            }
+        }
+    }
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
