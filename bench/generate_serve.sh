@@ -2,7 +2,9 @@
 # `generate` under concurrency on `logit-lens serve`: text-only requests (no image: the decoder and the lens,
 # not the vision tower), top-3, summary on, two scenarios per server start:
 #   together: 8 requests at once, each generating 16 tokens (wall time for all, mean lens ms per request);
-#   joining:  one request generating 32 tokens, then 4 generating 4, sent a second later (each one's latency).
+#   joining:  one request generating 32 tokens, then 4 generating 4, sent a second later (each one's latency);
+#   lens:     one request generating 32 tokens, then one that does not generate, a second later (each one's
+#             latency).
 # Several binaries alternate round by round (A/B in one sitting), and each round checks that their responses
 # are identical apart from timings.
 #
@@ -58,8 +60,10 @@ lens = sum(r["timing_ms"]["lens"] for _, r in together.values()) / len(together)
 joining = run([(0, "long", 32)] + [(1 if i == 0 else 0, f"short{i}", 4) for i in range(4)])
 lat = {n: s for n, (s, _) in joining.items()}
 short = [lat[f"short{i}"] for i in range(4)]
+between = run([(0, "long2", 32), (1, "lens", 0)])
 print(f"round {rnd} {binary}: together {wall:.2f} s (mean lens {lens:.0f} ms); "
-      f"joining: long {lat['long']:.2f} s, short {min(short):.2f}-{max(short):.2f} s")
+      f"joining: long {lat['long']:.2f} s, short {min(short):.2f}-{max(short):.2f} s; "
+      f"lens: long {between['long2'][0]:.2f} s, lens {between['lens'][0]:.2f} s")
 
 def strip(x):
     if isinstance(x, dict):
@@ -67,7 +71,7 @@ def strip(x):
     if isinstance(x, list):
         return [strip(v) for v in x]
     return x
-json.dump({n: strip(r) for n, (_, r) in {**together, **joining}.items()}, open(prefix + ".json", "w"))
+json.dump({n: strip(r) for n, (_, r) in {**together, **joining, **between}.items()}, open(prefix + ".json", "w"))
 PY
     kill $pid; wait $pid 2> /dev/null || true
   done

@@ -399,6 +399,7 @@ impl logit_lens::models::VisionLanguageModel for SlowSteps {
 
 /// On the service's worker, an answer whose client went away stops at the next step (its place
 /// and its steps are freed), counted as `client_gone`; the others go on.
+/// (Two models: a request that generates with the other one waits for the answers to end.)
 #[test]
 fn an_answer_whose_client_went_away_stops() {
     use logit_lens::engine::{Engine, EngineConfig};
@@ -406,7 +407,10 @@ fn an_answer_whose_client_went_away_stops() {
     use std::time::{Duration, Instant};
 
     let engine = Engine::start(
-        Box::new(|| Ok(vec![Box::new(SlowSteps(load_model("qwen2vl-hub"))) as _])),
+        Box::new(|| {
+            let slow = || Box::new(SlowSteps(load_model("qwen2vl-hub"))) as _;
+            Ok(vec![slow(), slow()])
+        }),
         EngineConfig {
             max_queue: 8,
             max_batch_size: 8,
@@ -438,9 +442,9 @@ fn an_answer_whose_client_went_away_stops() {
         .unwrap();
     assert_eq!(got.answer.unwrap().tokens.len(), 2);
     drop(gone);
-    // Next in line and not generating: it runs once the generation has ended.
+    // Next in line, generating with the other model: it runs once the generation has ended.
     let after = engine
-        .submit(0, generating("Color?", 0), deadline, None)
+        .submit(1, generating("Color?", 1), deadline, None)
         .unwrap();
     let started = Instant::now();
     after.blocking_recv().unwrap().unwrap();
@@ -450,5 +454,73 @@ fn an_answer_whose_client_went_away_stops() {
         started.elapsed() < Duration::from_millis(100),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// On the service's worker, a request that does not generate, queued while answers are being
+/// generated, runs between two of their steps instead of waiting for them to end; it and the
+/// answer are what they are alone.
+#[test]
+fn a_lens_request_runs_between_the_steps_of_answers_being_generated() {
+    use logit_lens::engine::{Engine, EngineConfig, JobResult};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+    use tokio::sync::oneshot;
+
+    let (long, lens) = ("Describe the picture.", "What is it?");
+    let alone = load_model("qwen2vl-hub");
+    let want_long = run_lens(alone.as_ref(), &generating(long, 40)).unwrap();
+    let want_lens = run_lens(alone.as_ref(), &generating(lens, 0)).unwrap();
+    // The worker calls the hook as it starts a group: the lens request is queued then.
+    let engine: Arc<OnceLock<Engine>> = Arc::new(OnceLock::new());
+    let late: Arc<Mutex<Option<oneshot::Receiver<JobResult>>>> = Arc::new(Mutex::new(None));
+    let deadline = || Instant::now() + Duration::from_secs(600);
+    let hook = {
+        let (engine, late) = (engine.clone(), late.clone());
+        move |_: usize| {
+            let mut late = late.lock().unwrap();
+            if late.is_none() {
+                let engine = engine.get().expect("started");
+                *late = Some(
+                    engine
+                        .submit(0, generating(lens, 0), deadline(), None)
+                        .unwrap(),
+                );
+            }
+        }
+    };
+    let started = Engine::start(
+        Box::new(|| Ok(vec![load_model("qwen2vl-hub")])),
+        EngineConfig {
+            max_queue: 8,
+            max_batch_size: 8,
+            max_batch_tokens: 16_384,
+            on_batch: Some(Arc::new(hook)),
+        },
+    )
+    .unwrap();
+    let engine = engine.get_or_init(|| started);
+    let got_long = engine
+        .submit(0, generating(long, 40), deadline(), None)
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    // The worker answers in order: the lens request's answer was sent before the long one's.
+    let got_lens = late
+        .lock()
+        .unwrap()
+        .take()
+        .expect("submitted")
+        .try_recv()
+        .expect("the lens request was answered before the long answer")
+        .unwrap();
+    assert_eq!(engine.joined(), 0);
+    assert!(got_lens.answer.is_none());
+    let (a, b) = (want_long.answer.unwrap(), got_long.answer.unwrap());
+    assert_eq!(a.text, b.text);
+    assert_eq!(
+        serde_json::to_value(&want_lens.layers).unwrap(),
+        serde_json::to_value(&got_lens.layers).unwrap()
     );
 }

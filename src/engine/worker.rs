@@ -3,9 +3,9 @@
 //! oneshot. Nothing here blocks the async runtime.
 //!
 //! Requests that generate (`generate` > 0) are stepped together token by token; each is answered
-//! as soon as its own answer ends, and requests for the same model that arrive meanwhile join the
-//! answers going on between two steps (when they are next in line), instead of waiting for the
-//! longest answer to end.
+//! as soon as its own answer ends. Between two steps the queue goes on in its order: requests for
+//! the same model that generate join the answers going on, and requests that do not generate (for
+//! any model) run as a group of their own, instead of waiting for the longest answer to end.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -274,10 +274,8 @@ impl Worker {
             if let Some(hook) = &self.on_batch {
                 hook(group.len());
             }
-            let index = group[0].model;
-            let model = models[index].as_ref();
             let started = Instant::now();
-            let n = self.run_group(index, model, group);
+            let n = self.run_group(&models, group);
             let per = started.elapsed().as_micros() as u64 / n.max(1) as u64;
             let old = self.per_request_us.load(Ordering::Relaxed);
             // Exponential moving average, weight 1/4 on the newest group.
@@ -312,12 +310,11 @@ impl Worker {
     /// passed) that do not generate go through the decoder together ([`run_batch`]); then the
     /// ones that generate ([`Self::generate`]), which others may join. Returns how many jobs ran,
     /// the joined ones included.
-    fn run_group(
-        &mut self,
-        index: usize,
-        model: &dyn VisionLanguageModel,
-        group: Vec<Job>,
-    ) -> usize {
+    fn run_group(&mut self, models: &[Box<dyn VisionLanguageModel>], group: Vec<Job>) -> usize {
+        let Some(index) = group.first().map(|job| job.model) else {
+            return 0;
+        };
+        let model = models[index].as_ref();
         let started = Instant::now();
         let live: Vec<Job> = group
             .into_iter()
@@ -329,7 +326,7 @@ impl Worker {
         let mut n = others.len();
         run_batch(model, others, started, self.max_batch_tokens);
         if !generating.is_empty() {
-            n += self.generate(index, model, generating);
+            n += self.generate(models, index, generating);
         }
         n
     }
@@ -353,7 +350,13 @@ impl Worker {
     /// an answer whose client went away stops, and the jobs next in the queue that generate with
     /// the same model join between steps, up to the batch size. Returns how many jobs ran. If a
     /// step panics, the answers in it run again alone, so that only the culprit gets a 500.
-    fn generate(&mut self, index: usize, model: &dyn VisionLanguageModel, jobs: Vec<Job>) -> usize {
+    fn generate(
+        &mut self,
+        models: &[Box<dyn VisionLanguageModel>],
+        index: usize,
+        jobs: Vec<Job>,
+    ) -> usize {
+        let model = models[index].as_ref();
         // Each answer's tag: its job and the time it waited in the queue.
         let mut batch: Generating<(Job, Duration)> = Generating::new(model);
         let mut n = jobs.len();
@@ -384,42 +387,66 @@ impl Worker {
                     return n;
                 }
             }
-            n += self.join(index, model, &mut batch);
+            n += self.between_steps(models, index, &mut batch);
         }
         n
     }
 
-    /// The queued jobs next in line that generate with model `index` join `batch`, up to the
-    /// batch size (a job of another kind next in line stops it: it waits for the batch to end,
-    /// and nothing overtakes it). Returns how many joined.
-    fn join(
+    /// Between two steps of `batch` (model `index`), the queue goes on in its order: the jobs next
+    /// in line that generate with the same model join `batch` (up to the batch size), and a group
+    /// of those next in line that do not generate, for any one model, runs (one group, so that a
+    /// stream of them cannot hold the answers back). A job that generates with another model, or
+    /// joins a full batch, waits for the batch to end; nothing overtakes it. Returns how many jobs
+    /// ran or joined.
+    fn between_steps(
         &mut self,
+        models: &[Box<dyn VisionLanguageModel>],
         index: usize,
-        model: &dyn VisionLanguageModel,
         batch: &mut Generating<(Job, Duration)>,
     ) -> usize {
         while let Ok(job) = self.rx.try_recv() {
             self.pending.push_back(job);
         }
-        let mut joined = 0;
-        while batch.len() < self.max_batch_size {
-            let next = self
-                .pending
-                .front()
-                .is_some_and(|job| job.model == index && job.request.options.generate > 0);
-            // (A job of another kind stays where it is, first in line.)
-            let Some(job) = next.then(|| self.pending.pop_front()).flatten() else {
+        let (mut n, mut ran_group) = (0, false);
+        loop {
+            let Some(front) = self.pending.front() else {
                 break;
             };
-            self.depth.fetch_sub(1, Ordering::SeqCst);
-            let now = Instant::now();
-            if let Some(job) = self.live(job, now) {
-                self.joined.fetch_add(1, Ordering::Relaxed);
-                start(model, batch, job, now);
-                joined += 1;
+            let generates = front.request.options.generate > 0;
+            if generates && front.model == index && batch.len() < self.max_batch_size {
+                let Some(job) = self.pending.pop_front() else {
+                    break;
+                };
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                let now = Instant::now();
+                if let Some(job) = self.live(job, now) {
+                    self.joined.fetch_add(1, Ordering::Relaxed);
+                    start(models[index].as_ref(), batch, job, now);
+                    n += 1;
+                }
+            } else if !generates && !ran_group {
+                // The jobs next in line that do not generate with the front one's model.
+                let model = front.model;
+                let mut group = Vec::new();
+                while group.len() < self.max_batch_size
+                    && self
+                        .pending
+                        .front()
+                        .is_some_and(|job| job.model == model && job.request.options.generate == 0)
+                {
+                    group.extend(self.pending.pop_front());
+                }
+                self.depth.fetch_sub(group.len(), Ordering::SeqCst);
+                if let Some(hook) = &self.on_batch {
+                    hook(group.len());
+                }
+                n += self.run_group(models, group);
+                ran_group = true;
+            } else {
+                break;
             }
         }
-        joined
+        n
     }
 }
 
