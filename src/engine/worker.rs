@@ -408,10 +408,7 @@ impl Worker {
             self.pending.push_back(job);
         }
         let (mut n, mut ran_group) = (0, false);
-        loop {
-            let Some(front) = self.pending.front() else {
-                break;
-            };
+        while let Some(front) = self.pending.front() {
             let generates = front.request.options.generate > 0;
             if generates && front.model == index && batch.len() < self.max_batch_size {
                 let Some(job) = self.pending.pop_front() else {
