@@ -186,10 +186,16 @@ pub struct Generation {
     lens_s: f64,
 }
 
-/// Prepares a request and runs its prompt through the cached decoder with its lens.
+/// Prepares a request that generates (`generate` > 0) and runs its prompt through the cached
+/// decoder with its lens.
 pub fn start(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<Generation> {
     let info = model.info();
     let n_new = req.options.generate;
+    if n_new == 0 {
+        return Err(Error::Internal(
+            "a request that generates nothing was started".into(),
+        ));
+    }
     if n_new > MAX_NEW_TOKENS {
         return Err(Error::Unprocessable(format!(
             "generate is {n_new}; this server generates at most {MAX_NEW_TOKENS} tokens"

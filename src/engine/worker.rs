@@ -306,10 +306,11 @@ impl Worker {
         self.pending = rest;
         Some(group)
     }
-    /// Runs one group of jobs for model `index`: the live ones (client still there, deadline not
+
+    /// Runs one group of jobs for one model: the live ones (client still there, deadline not
     /// passed) that do not generate go through the decoder together ([`run_batch`]); then the
-    /// ones that generate ([`Self::generate`]), which others may join. Returns how many jobs ran,
-    /// the joined ones included.
+    /// ones that generate ([`Self::generate`]). Returns how many jobs ran, those that joined or
+    /// ran between the steps included.
     fn run_group(&mut self, models: &[Box<dyn VisionLanguageModel>], group: Vec<Job>) -> usize {
         let Some(index) = group.first().map(|job| job.model) else {
             return 0;
@@ -346,10 +347,10 @@ impl Worker {
         }
     }
 
-    /// Generates the answers of `jobs` together, step by step: each is answered when it ends,
-    /// an answer whose client went away stops, and the jobs next in the queue that generate with
-    /// the same model join between steps, up to the batch size. Returns how many jobs ran. If a
-    /// step panics, the answers in it run again alone, so that only the culprit gets a 500.
+    /// Generates the answers of `jobs` (model `index`) together, step by step: each is answered
+    /// when it ends, an answer whose client went away stops, and the queue goes on between steps
+    /// ([`Self::between_steps`]). Returns how many jobs ran. If a step panics, the answers in it
+    /// run again alone, so that only the culprit gets a 500.
     fn generate(
         &mut self,
         models: &[Box<dyn VisionLanguageModel>],
