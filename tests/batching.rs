@@ -252,17 +252,70 @@ fn generating(prompt: &str, generate: usize) -> LensRequest {
     }
 }
 
+/// Runs `first` on a worker serving the demo model, with `second` queued behind it as the worker
+/// starts `first`'s group (from the group hook: before its first step). Returns the engine and
+/// both results, `second`'s as it stood when `first`'s arrived (None: not answered yet; the
+/// worker answers in order, so Some means it was answered first).
+fn second_behind_first(
+    first: LensRequest,
+    second: LensRequest,
+) -> (
+    std::sync::Arc<std::sync::OnceLock<logit_lens::engine::Engine>>,
+    logit_lens::api::LensResponse,
+    Option<logit_lens::api::LensResponse>,
+) {
+    use logit_lens::engine::{Engine, EngineConfig, JobResult};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+    use tokio::sync::oneshot;
+
+    let engine: Arc<OnceLock<Engine>> = Arc::new(OnceLock::new());
+    let second = Arc::new(Mutex::new(Some(second)));
+    let late: Arc<Mutex<Option<oneshot::Receiver<JobResult>>>> = Arc::new(Mutex::new(None));
+    let deadline = || Instant::now() + Duration::from_secs(600);
+    let hook = {
+        let (engine, late) = (engine.clone(), late.clone());
+        move |_: usize| {
+            if let Some(req) = second.lock().unwrap().take() {
+                let engine = engine.get().expect("started");
+                *late.lock().unwrap() = Some(engine.submit(0, req, deadline(), None).unwrap());
+            }
+        }
+    };
+    let started = Engine::start(
+        Box::new(|| Ok(vec![load_model("qwen2vl-hub")])),
+        EngineConfig {
+            max_queue: 8,
+            max_batch_size: 8,
+            max_batch_tokens: 16_384,
+            on_batch: Some(Arc::new(hook)),
+        },
+    )
+    .unwrap();
+    let got_first = engine
+        .get_or_init(|| started)
+        .submit(0, first, deadline(), None)
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    let got_second = late
+        .lock()
+        .unwrap()
+        .take()
+        .expect("submitted")
+        .try_recv()
+        .ok()
+        .map(|r| r.unwrap());
+    (engine, got_first, got_second)
+}
+
 /// On the service's worker, a request that generates and arrives while other answers are being
 /// generated joins them between two steps, rather than waiting for the longest to end, and is
 /// answered as soon as its own answer ends: before a longer one that began first. Both answers
 /// are what they are alone.
 #[test]
 fn a_request_joins_answers_being_generated_and_is_answered_when_its_own_ends() {
-    use logit_lens::engine::{Engine, EngineConfig, JobResult};
-    use std::sync::{Arc, Mutex, OnceLock};
-    use std::time::{Duration, Instant};
-    use tokio::sync::oneshot;
-
     let (long, short) = ("Describe the picture.", "What is it?");
     let alone = load_model("qwen2vl-hub");
     let want_long = run_lens(alone.as_ref(), &generating(long, 40)).unwrap();
@@ -277,56 +330,14 @@ fn a_request_joins_answers_being_generated_and_is_answered_when_its_own_ends() {
         "the long answer runs to its length"
     );
 
-    // The worker calls the hook as it starts a group: the short request is queued then, behind
-    // the long one's group, before its first step.
-    let engine: Arc<OnceLock<Engine>> = Arc::new(OnceLock::new());
-    let late: Arc<Mutex<Option<oneshot::Receiver<JobResult>>>> = Arc::new(Mutex::new(None));
-    let deadline = || Instant::now() + Duration::from_secs(600);
-    let hook = {
-        let (engine, late) = (engine.clone(), late.clone());
-        move |_: usize| {
-            let mut late = late.lock().unwrap();
-            if late.is_none() {
-                let engine = engine.get().expect("started");
-                *late = Some(
-                    engine
-                        .submit(0, generating(short, 2), deadline(), None)
-                        .unwrap(),
-                );
-            }
-        }
-    };
-    let started = Engine::start(
-        Box::new(|| Ok(vec![load_model("qwen2vl-hub")])),
-        EngineConfig {
-            max_queue: 8,
-            max_batch_size: 8,
-            max_batch_tokens: 16_384,
-            on_batch: Some(Arc::new(hook)),
-        },
-    )
-    .unwrap();
-    let engine = engine.get_or_init(|| started);
-    let got_long = engine
-        .submit(0, generating(long, 40), deadline(), None)
-        .unwrap()
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
+    let (engine, got_long, got_short) =
+        second_behind_first(generating(long, 40), generating(short, 2));
     assert_eq!(
-        engine.joined(),
+        engine.get().unwrap().joined(),
         1,
         "the short request joined the long one's steps"
     );
-    // The worker answers in order: the short answer was sent before the long one.
-    let got_short = late
-        .lock()
-        .unwrap()
-        .take()
-        .expect("submitted")
-        .try_recv()
-        .expect("the short answer came before the long one")
-        .unwrap();
+    let got_short = got_short.expect("the short answer came before the long one");
     for (want, got) in [(&want_long, &got_long), (&want_short, &got_short)] {
         assert_eq!(tokens(want), tokens(got));
         let (a, b) = (want.answer.as_ref().unwrap(), got.answer.as_ref().unwrap());
@@ -462,60 +473,14 @@ fn an_answer_whose_client_went_away_stops() {
 /// answer are what they are alone.
 #[test]
 fn a_lens_request_runs_between_the_steps_of_answers_being_generated() {
-    use logit_lens::engine::{Engine, EngineConfig, JobResult};
-    use std::sync::{Arc, Mutex, OnceLock};
-    use std::time::{Duration, Instant};
-    use tokio::sync::oneshot;
-
     let (long, lens) = ("Describe the picture.", "What is it?");
     let alone = load_model("qwen2vl-hub");
     let want_long = run_lens(alone.as_ref(), &generating(long, 40)).unwrap();
     let want_lens = run_lens(alone.as_ref(), &generating(lens, 0)).unwrap();
-    // The worker calls the hook as it starts a group: the lens request is queued then.
-    let engine: Arc<OnceLock<Engine>> = Arc::new(OnceLock::new());
-    let late: Arc<Mutex<Option<oneshot::Receiver<JobResult>>>> = Arc::new(Mutex::new(None));
-    let deadline = || Instant::now() + Duration::from_secs(600);
-    let hook = {
-        let (engine, late) = (engine.clone(), late.clone());
-        move |_: usize| {
-            let mut late = late.lock().unwrap();
-            if late.is_none() {
-                let engine = engine.get().expect("started");
-                *late = Some(
-                    engine
-                        .submit(0, generating(lens, 0), deadline(), None)
-                        .unwrap(),
-                );
-            }
-        }
-    };
-    let started = Engine::start(
-        Box::new(|| Ok(vec![load_model("qwen2vl-hub")])),
-        EngineConfig {
-            max_queue: 8,
-            max_batch_size: 8,
-            max_batch_tokens: 16_384,
-            on_batch: Some(Arc::new(hook)),
-        },
-    )
-    .unwrap();
-    let engine = engine.get_or_init(|| started);
-    let got_long = engine
-        .submit(0, generating(long, 40), deadline(), None)
-        .unwrap()
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
-    // The worker answers in order: the lens request's answer was sent before the long one's.
-    let got_lens = late
-        .lock()
-        .unwrap()
-        .take()
-        .expect("submitted")
-        .try_recv()
-        .expect("the lens request was answered before the long answer")
-        .unwrap();
-    assert_eq!(engine.joined(), 0);
+    let (engine, got_long, got_lens) =
+        second_behind_first(generating(long, 40), generating(lens, 0));
+    let got_lens = got_lens.expect("the lens request was answered before the long answer");
+    assert_eq!(engine.get().unwrap().joined(), 0);
     assert!(got_lens.answer.is_none());
     let (a, b) = (want_long.answer.unwrap(), got_long.answer.unwrap());
     assert_eq!(a.text, b.text);
