@@ -160,16 +160,22 @@ fn the_token_budget_splits_a_batch_without_changing_results() {
     }
 }
 
-/// A model whose batched forward pass always fails (as a batch that does not fit the device's
-/// memory would); alone, it is the demo model.
-struct NoBatches(Box<dyn logit_lens::models::VisionLanguageModel>);
+/// The demo model, altered for a test: with `no_batches` its batched forward pass always fails
+/// (as a batch that does not fit the device's memory would; alone, it is the demo model); with
+/// `slow_steps` every use of its lens head (each generation step uses it) waits 2 ms, so that a
+/// 60-token answer takes a while.
+struct Altered {
+    model: Box<dyn logit_lens::models::VisionLanguageModel>,
+    no_batches: bool,
+    slow_steps: bool,
+}
 
-impl logit_lens::models::VisionLanguageModel for NoBatches {
+impl logit_lens::models::VisionLanguageModel for Altered {
     fn info(&self) -> &logit_lens::models::ModelInfo {
-        self.0.info()
+        self.model.info()
     }
     fn tokenizer(&self) -> &tokenizers::Tokenizer {
-        self.0.tokenizer()
+        self.model.tokenizer()
     }
     fn prepare(
         &self,
@@ -177,44 +183,51 @@ impl logit_lens::models::VisionLanguageModel for NoBatches {
         image: Option<&logit_lens::preprocess::image::Rgb8>,
         chat_template: bool,
     ) -> logit_lens::Result<logit_lens::models::Prepared> {
-        self.0.prepare(prompt, image, chat_template)
+        self.model.prepare(prompt, image, chat_template)
     }
     fn image_features(
         &self,
         pixels: &[&logit_lens::models::PixelInputs],
     ) -> logit_lens::Result<Vec<logit_lens::models::ImageFeatures>> {
-        self.0.image_features(pixels)
+        self.model.image_features(pixels)
     }
     fn embed_with(
         &self,
         inputs: &logit_lens::models::Prepared,
         features: Option<logit_lens::models::ImageFeatures>,
     ) -> logit_lens::Result<logit_lens::models::decoder::DecoderInput> {
-        self.0.embed_with(inputs, features)
+        self.model.embed_with(inputs, features)
     }
     fn decoder(&self) -> &logit_lens::models::decoder::Decoder {
-        self.0.decoder()
+        self.model.decoder()
     }
     fn head(&self) -> &logit_lens::models::LensHead {
-        self.0.head()
+        if self.slow_steps {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        self.model.head()
     }
     fn forward_batch(
         &self,
         inputs: &[&logit_lens::models::Prepared],
         observers: &mut [&mut dyn logit_lens::models::LayerObserver],
     ) -> logit_lens::Result<()> {
-        if inputs.len() > 1 {
+        if self.no_batches && inputs.len() > 1 {
             return Err(logit_lens::Error::Internal(
                 "out of memory (simulated)".into(),
             ));
         }
-        self.0.forward_batch(inputs, observers)
+        self.model.forward_batch(inputs, observers)
     }
 }
 
 #[test]
 fn a_batch_that_fails_as_a_whole_is_retried_request_by_request() {
-    let model = NoBatches(load_model("qwen2vl-hub"));
+    let model = Altered {
+        model: load_model("qwen2vl-hub"),
+        no_batches: true,
+        slow_steps: false,
+    };
     let mut reqs = requests("qwen2vl");
     // One request that fails only in the forward pass (a position past its end).
     reqs.push(LensRequest {
@@ -367,47 +380,6 @@ fn a_request_joins_answers_being_generated_and_is_answered_when_its_own_ends() {
     );
 }
 
-/// The demo model, slower: every use of its lens head (each generation step uses it) waits 2 ms,
-/// so that a 60-token answer takes a while.
-struct SlowSteps(Box<dyn logit_lens::models::VisionLanguageModel>);
-
-impl logit_lens::models::VisionLanguageModel for SlowSteps {
-    fn info(&self) -> &logit_lens::models::ModelInfo {
-        self.0.info()
-    }
-    fn tokenizer(&self) -> &tokenizers::Tokenizer {
-        self.0.tokenizer()
-    }
-    fn prepare(
-        &self,
-        prompt: &str,
-        image: Option<&logit_lens::preprocess::image::Rgb8>,
-        chat_template: bool,
-    ) -> logit_lens::Result<logit_lens::models::Prepared> {
-        self.0.prepare(prompt, image, chat_template)
-    }
-    fn image_features(
-        &self,
-        pixels: &[&logit_lens::models::PixelInputs],
-    ) -> logit_lens::Result<Vec<logit_lens::models::ImageFeatures>> {
-        self.0.image_features(pixels)
-    }
-    fn embed_with(
-        &self,
-        inputs: &logit_lens::models::Prepared,
-        features: Option<logit_lens::models::ImageFeatures>,
-    ) -> logit_lens::Result<logit_lens::models::decoder::DecoderInput> {
-        self.0.embed_with(inputs, features)
-    }
-    fn decoder(&self) -> &logit_lens::models::decoder::Decoder {
-        self.0.decoder()
-    }
-    fn head(&self) -> &logit_lens::models::LensHead {
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        self.0.head()
-    }
-}
-
 /// On the service's worker, an answer whose client went away stops at the next step (its place
 /// and its steps are freed), counted as `client_gone`; the others go on.
 /// (Two models: a request that generates with the other one waits for the answers to end.)
@@ -419,7 +391,13 @@ fn an_answer_whose_client_went_away_stops() {
 
     let engine = Engine::start(
         Box::new(|| {
-            let slow = || Box::new(SlowSteps(load_model("qwen2vl-hub"))) as _;
+            let slow = || {
+                Box::new(Altered {
+                    model: load_model("qwen2vl-hub"),
+                    no_batches: false,
+                    slow_steps: true,
+                }) as _
+            };
             Ok(vec![slow(), slow()])
         }),
         EngineConfig {
