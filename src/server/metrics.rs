@@ -152,7 +152,7 @@ impl Metrics {
         out.push_str("# TYPE logit_lens_pending_image_pixels gauge\n");
         let _ = writeln!(out, "logit_lens_pending_image_pixels {pending_pixels}");
         out.push_str(
-            "# HELP logit_lens_jobs_dropped_total Queued jobs not run: client gone or deadline passed.\n",
+            "# HELP logit_lens_jobs_dropped_total Queued jobs not run, or answers stopped while generated: client gone or deadline passed.\n",
         );
         out.push_str("# TYPE logit_lens_jobs_dropped_total counter\n");
         for (reason, n) in [
