@@ -10,6 +10,7 @@
 #
 # Usage: bench/generate_serve.sh MODEL_DIR [ROUNDS]     (python3 only)
 #        BINS="old/logit-lens new/logit-lens" compares binaries (default: target/release/logit-lens, built)
+#        DEVICE=cuda runs the servers on the GPU (default: cpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=$1
@@ -26,7 +27,7 @@ for round in $(seq "$rounds"); do
   k=0
   for bin in $bins; do
     k=$((k + 1))
-    "$bin" serve --model "$model" --port $port --max-batch-size 8 --device cpu > "$out/serve.log" 2>&1 &
+    "$bin" serve --model "$model" --port $port --max-batch-size 8 --device "${DEVICE:-cpu}" > "$out/serve.log" 2>&1 &
     pid=$!
     until curl -sf "http://127.0.0.1:$port/ready" > /dev/null; do sleep 0.5; done
     python3 - "$port" "$out/$k" "$round" "$bin" <<'PY'
