@@ -253,18 +253,6 @@ fn a_batch_that_fails_as_a_whole_is_retried_request_by_request() {
     }
 }
 
-fn generating(prompt: &str, generate: usize) -> LensRequest {
-    LensRequest {
-        prompt: prompt.into(),
-        image: None,
-        options: LensOptions {
-            top_k: 3,
-            generate,
-            ..Default::default()
-        },
-    }
-}
-
 /// Runs `first` on a worker serving the demo model, with `second` queued behind it as the worker
 /// starts `first`'s group (from the group hook: before its first step). Returns the engine and
 /// both results, `second`'s as it stood when `first`'s arrived (None: not answered yet; the

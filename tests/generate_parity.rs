@@ -253,19 +253,10 @@ fn an_end_token_stops_and_too_many_tokens_are_refused() {
 fn answers_leave_as_they_end_and_a_stopped_one_at_once() {
     use logit_lens::engine::generate::{start, Generating};
     let model = load_model("qwen2vl-hub");
-    let req = |prompt: &str, generate| LensRequest {
-        prompt: prompt.into(),
-        image: None,
-        options: LensOptions {
-            top_k: 3,
-            generate,
-            ..Default::default()
-        },
-    };
     let reqs = [
-        req("Describe the picture.", 6),
-        req("What is it?", 6),
-        req("Color of the main object:", 3),
+        generating("Describe the picture.", 6),
+        generating("What is it?", 6),
+        generating("Color of the main object:", 3),
     ];
     let mut batch = Generating::new(model.as_ref());
     for (i, r) in reqs.iter().enumerate() {

@@ -922,6 +922,20 @@ mod tests {
         ]
     }
 
+    /// A random `[vocab, hidden]` weight rounded by `round`, and its packing, checked to have
+    /// `pieces` pieces.
+    fn random_packed(
+        (pieces, round): (usize, Rounding),
+        vocab: usize,
+        hidden: usize,
+        s: &mut u64,
+    ) -> (Vec<f32>, PackedWeight) {
+        let w: Vec<f32> = (0..vocab * hidden).map(|_| round(lcg(s) * 0.05)).collect();
+        let packed = PackedWeight::new(&w, vocab, hidden);
+        assert_eq!(packed.pieces(), pieces);
+        (w, packed)
+    }
+
     /// `Wᵀ p` from the packed pieces, against f64 sums, for weights of one, two and three pieces
     /// and every shape edge (rows across tasks, a vocabulary range that starts inside it and ends
     /// off a block, hidden not a multiple of 32): each sum within 2⁻¹⁷ of its terms' magnitude
@@ -930,7 +944,8 @@ mod tests {
     #[test]
     fn transposed_products_equal_f64_sums() {
         let mut s = 5;
-        for (pieces, round) in weight_kinds() {
+        for kind in weight_kinds() {
+            let pieces = kind.0;
             for (rows, hidden, vocab, v0, vc) in [
                 (1, 80, 100, 0, 100),
                 (3, 80, 100, 0, 0),
@@ -938,11 +953,7 @@ mod tests {
                 (9, 96, 1100, 1024, 76),
                 (1, 1536, 4100, 0, 4100),
             ] {
-                let w: Vec<f32> = (0..vocab * hidden)
-                    .map(|_| round(lcg(&mut s) * 0.05))
-                    .collect();
-                let packed = PackedWeight::new(&w, vocab, hidden);
-                assert_eq!(packed.pieces(), pieces);
+                let (w, packed) = random_packed(kind, vocab, hidden, &mut s);
                 let p: Vec<f32> = (0..rows * vc).map(|_| lcg(&mut s).abs()).collect();
                 for avx512 in [false, has_avx512()] {
                     let mut acc = vec![0.5f64; rows * hidden];
@@ -977,7 +988,8 @@ mod tests {
             return;
         }
         let mut s = 1;
-        for (pieces, round) in weight_kinds() {
+        for kind in weight_kinds() {
+            let pieces = kind.0;
             for (n, hidden, vocab, v0, vc) in [
                 (0, 80, 100, 0, 100),
                 (37, 80, 100, 0, 0),
@@ -990,11 +1002,7 @@ mod tests {
                 (70, 5200, 40, 0, 40),
             ] {
                 let a: Vec<f32> = (0..n * hidden).map(|_| lcg(&mut s) * 3.0).collect();
-                let w: Vec<f32> = (0..vocab * hidden)
-                    .map(|_| round(lcg(&mut s) * 0.05))
-                    .collect();
-                let packed = PackedWeight::new(&w, vocab, hidden);
-                assert_eq!(packed.pieces(), pieces);
+                let (w, packed) = random_packed(kind, vocab, hidden, &mut s);
                 let mut out = vec![f32::NAN; n * vc];
                 matmul(&SplitRows::new(&a, n, hidden), &packed, v0, vc, &mut out);
                 for r in 0..n {

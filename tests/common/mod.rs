@@ -96,6 +96,19 @@ use logit_lens::engine::{run_lens, LensRequest};
 use logit_lens::lens::{LayerStats, Lens, LensSpec};
 use logit_lens::models::Prepared;
 
+/// A text-only request, top-3, that generates `generate` tokens (0: none).
+pub fn generating(prompt: &str, generate: usize) -> LensRequest {
+    LensRequest {
+        prompt: prompt.into(),
+        image: None,
+        options: LensOptions {
+            top_k: 3,
+            generate,
+            ..Default::default()
+        },
+    }
+}
+
 /// The model fed transformers' own pixel_values, so the model is tested apart from the image
 /// preprocessing.
 pub fn prepared_with_python_pixels(
