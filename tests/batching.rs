@@ -160,14 +160,28 @@ fn the_token_budget_splits_a_batch_without_changing_results() {
     }
 }
 
-/// The demo model, altered for a test: with `no_batches` its batched forward pass always fails
-/// (as a batch that does not fit the device's memory would; alone, it is the demo model); with
+/// The demo model, altered for a test: with `no_batches` a pass of several requests through it
+/// always fails (as a batch that does not fit the device's memory would; alone, it is the demo
+/// model), lens or prompts of answers; with
 /// `slow_steps` every use of its lens head (each generation step uses it) waits 2 ms, so that a
 /// 60-token answer takes a while.
 struct Altered {
     model: Box<dyn logit_lens::models::VisionLanguageModel>,
     no_batches: bool,
     slow_steps: bool,
+    /// The number of requests in each pass through the decoder (prompts included).
+    passes: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl Altered {
+    fn new(no_batches: bool, slow_steps: bool) -> Self {
+        Altered {
+            model: load_model("qwen2vl-hub"),
+            no_batches,
+            slow_steps,
+            passes: Default::default(),
+        }
+    }
 }
 
 impl logit_lens::models::VisionLanguageModel for Altered {
@@ -207,28 +221,29 @@ impl logit_lens::models::VisionLanguageModel for Altered {
         }
         self.model.head()
     }
-    fn forward_batch(
+    /// Every pass through the decoder embeds its requests first, with or without a lens only
+    /// ([`logit_lens::models::VisionLanguageModel::forward_batch`]) or starting answers.
+    fn embed_batch(
         &self,
         inputs: &[&logit_lens::models::Prepared],
-        observers: &mut [&mut dyn logit_lens::models::LayerObserver],
-    ) -> logit_lens::Result<()> {
+    ) -> logit_lens::Result<Vec<logit_lens::models::decoder::DecoderInput>> {
+        self.passes.lock().unwrap().push(inputs.len());
         if self.no_batches && inputs.len() > 1 {
             return Err(logit_lens::Error::Internal(
                 "out of memory (simulated)".into(),
             ));
         }
-        self.model.forward_batch(inputs, observers)
+        self.model.embed_batch(inputs)
     }
 }
 
 #[test]
 fn a_batch_that_fails_as_a_whole_is_retried_request_by_request() {
-    let model = Altered {
-        model: load_model("qwen2vl-hub"),
-        no_batches: true,
-        slow_steps: false,
-    };
+    let model = Altered::new(true, false);
     let mut reqs = requests("qwen2vl");
+    // Answers: their prompts also go through the decoder together first.
+    reqs.push(generating("Describe the picture.", 4));
+    reqs.push(generating("What is it?", 2));
     // One request that fails only in the forward pass (a position past its end).
     reqs.push(LensRequest {
         prompt: "Hi".into(),
@@ -243,6 +258,8 @@ fn a_batch_that_fails_as_a_whole_is_retried_request_by_request() {
     let alone = load_model("qwen2vl-hub");
     for (req, got) in reqs.iter().zip(batched) {
         match (run_lens(alone.as_ref(), req), got) {
+            // Answers share each step's lens with the other answers (KL's sums in another order).
+            (Ok(a), Ok(b)) if a.answer.is_some() => same_answer(&a, &b),
             (Ok(a), Ok(b)) => assert_eq!(
                 serde_json::to_value(&a.layers).unwrap(),
                 serde_json::to_value(&b.layers).unwrap()
@@ -253,17 +270,18 @@ fn a_batch_that_fails_as_a_whole_is_retried_request_by_request() {
     }
 }
 
-/// Runs `first` on a worker serving the demo model, with `second` queued behind it as the worker
-/// starts `first`'s group (from the group hook: before its first step). Returns the engine and
-/// both results, `second`'s as it stood when `first`'s arrived (None: not answered yet; the
+/// Runs `first` on a worker serving `model`, with `behind` queued after it as the worker starts
+/// `first`'s group (from the group hook: before its first step). Returns the engine, `first`'s
+/// result and those of `behind` as they stood when `first`'s arrived (None: not answered yet; the
 /// worker answers in order, so Some means it was answered first).
-fn second_behind_first(
+fn behind_first(
+    model: Box<dyn logit_lens::models::VisionLanguageModel>,
     first: LensRequest,
-    second: LensRequest,
+    behind: Vec<LensRequest>,
 ) -> (
     std::sync::Arc<std::sync::OnceLock<logit_lens::engine::Engine>>,
     logit_lens::api::LensResponse,
-    Option<logit_lens::api::LensResponse>,
+    Vec<Option<logit_lens::api::LensResponse>>,
 ) {
     use logit_lens::engine::{Engine, EngineConfig, JobResult};
     use std::sync::{Arc, Mutex, OnceLock};
@@ -271,20 +289,22 @@ fn second_behind_first(
     use tokio::sync::oneshot;
 
     let engine: Arc<OnceLock<Engine>> = Arc::new(OnceLock::new());
-    let second = Arc::new(Mutex::new(Some(second)));
-    let late: Arc<Mutex<Option<oneshot::Receiver<JobResult>>>> = Arc::new(Mutex::new(None));
+    let behind = Arc::new(Mutex::new(Some(behind)));
+    let late: Arc<Mutex<Vec<oneshot::Receiver<JobResult>>>> = Arc::new(Mutex::new(Vec::new()));
     let deadline = || Instant::now() + Duration::from_secs(600);
     let hook = {
         let (engine, late) = (engine.clone(), late.clone());
         move |_: usize| {
-            if let Some(req) = second.lock().unwrap().take() {
+            for req in behind.lock().unwrap().take().into_iter().flatten() {
                 let engine = engine.get().expect("started");
-                *late.lock().unwrap() = Some(engine.submit(0, req, deadline(), None).unwrap());
+                late.lock()
+                    .unwrap()
+                    .push(engine.submit(0, req, deadline(), None).unwrap());
             }
         }
     };
     let started = Engine::start(
-        Box::new(|| Ok(vec![load_model("qwen2vl-hub")])),
+        Box::new(move || Ok(vec![model])),
         EngineConfig {
             max_queue: 8,
             max_batch_size: 8,
@@ -300,15 +320,40 @@ fn second_behind_first(
         .blocking_recv()
         .unwrap()
         .unwrap();
-    let got_second = late
-        .lock()
-        .unwrap()
-        .take()
-        .expect("submitted")
-        .try_recv()
-        .ok()
-        .map(|r| r.unwrap());
-    (engine, got_first, got_second)
+    let got_behind = std::mem::take(&mut *late.lock().unwrap())
+        .into_iter()
+        .map(|mut rx| rx.try_recv().ok().map(|r| r.unwrap()))
+        .collect();
+    (engine, got_first, got_behind)
+}
+
+/// The tokens of `r`'s answer.
+fn tokens(r: &logit_lens::api::LensResponse) -> Vec<u32> {
+    let a = r.answer.as_ref().expect("an answer");
+    a.tokens.iter().map(|t| t.id).collect()
+}
+
+/// `got` is `want`: the same answer, and the same lens at the prompt's positions and the answer's.
+fn same_answer(want: &logit_lens::api::LensResponse, got: &logit_lens::api::LensResponse) {
+    assert_eq!(tokens(want), tokens(got));
+    let (a, b) = (want.answer.as_ref().unwrap(), got.answer.as_ref().unwrap());
+    for (x, y) in a.tokens.iter().zip(&b.tokens) {
+        assert_eq!(x.ranks, y.ranks);
+        for (p, q) in x.probs.iter().zip(&y.probs) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
+    }
+    assert_eq!(want.layers.len(), got.layers.len());
+    for (la, lb) in want.layers.iter().zip(&got.layers) {
+        assert_eq!(la.positions.len(), lb.positions.len());
+        for (pa, pb) in la.positions.iter().zip(&lb.positions) {
+            assert_eq!(
+                pa.top.iter().map(|t| t.id).collect::<Vec<_>>(),
+                pb.top.iter().map(|t| t.id).collect::<Vec<_>>()
+            );
+            assert!((pa.entropy - pb.entropy).abs() < 1e-4);
+        }
+    }
 }
 
 /// On the service's worker, a request that generates and arrives while other answers are being
@@ -321,44 +366,27 @@ fn a_request_joins_answers_being_generated_and_is_answered_when_its_own_ends() {
     let alone = load_model("qwen2vl-hub");
     let want_long = run_lens(alone.as_ref(), &generating(long, 40)).unwrap();
     let want_short = run_lens(alone.as_ref(), &generating(short, 2)).unwrap();
-    let tokens = |r: &logit_lens::api::LensResponse| {
-        let a = r.answer.as_ref().expect("an answer");
-        a.tokens.iter().map(|t| t.id).collect::<Vec<_>>()
-    };
     assert_eq!(
         tokens(&want_long).len(),
         40,
         "the long answer runs to its length"
     );
 
-    let (engine, got_long, got_short) =
-        second_behind_first(generating(long, 40), generating(short, 2));
+    let (engine, got_long, got_short) = behind_first(
+        load_model("qwen2vl-hub"),
+        generating(long, 40),
+        vec![generating(short, 2)],
+    );
     assert_eq!(
         engine.get().unwrap().joined(),
         1,
         "the short request joined the long one's steps"
     );
-    let got_short = got_short.expect("the short answer came before the long one");
-    for (want, got) in [(&want_long, &got_long), (&want_short, &got_short)] {
-        assert_eq!(tokens(want), tokens(got));
-        let (a, b) = (want.answer.as_ref().unwrap(), got.answer.as_ref().unwrap());
-        for (x, y) in a.tokens.iter().zip(&b.tokens) {
-            assert_eq!(x.ranks, y.ranks);
-            for (p, q) in x.probs.iter().zip(&y.probs) {
-                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
-            }
-        }
-        assert_eq!(want.layers.len(), got.layers.len());
-        for (la, lb) in want.layers.iter().zip(&got.layers) {
-            for (pa, pb) in la.positions.iter().zip(&lb.positions) {
-                assert_eq!(
-                    pa.top.iter().map(|t| t.id).collect::<Vec<_>>(),
-                    pb.top.iter().map(|t| t.id).collect::<Vec<_>>()
-                );
-                assert!((pa.entropy - pb.entropy).abs() < 1e-4);
-            }
-        }
-    }
+    let got_short = got_short[0]
+        .clone()
+        .expect("the short answer came before the long one");
+    same_answer(&want_long, &got_long);
+    same_answer(&want_short, &got_short);
     // The short one waited in the queue for the long one's first step, not for its 40.
     let queued = |r: &logit_lens::api::LensResponse| r.timing_ms.queue.expect("queue time");
     assert!(
@@ -379,13 +407,7 @@ fn an_answer_whose_client_went_away_stops() {
 
     let engine = Engine::start(
         Box::new(|| {
-            let slow = || {
-                Box::new(Altered {
-                    model: load_model("qwen2vl-hub"),
-                    no_batches: false,
-                    slow_steps: true,
-                }) as _
-            };
+            let slow = || Box::new(Altered::new(false, true)) as _;
             Ok(vec![slow(), slow()])
         }),
         EngineConfig {
@@ -443,9 +465,14 @@ fn a_lens_request_runs_between_the_steps_of_answers_being_generated() {
     let alone = load_model("qwen2vl-hub");
     let want_long = run_lens(alone.as_ref(), &generating(long, 40)).unwrap();
     let want_lens = run_lens(alone.as_ref(), &generating(lens, 0)).unwrap();
-    let (engine, got_long, got_lens) =
-        second_behind_first(generating(long, 40), generating(lens, 0));
-    let got_lens = got_lens.expect("the lens request was answered before the long answer");
+    let (engine, got_long, got_lens) = behind_first(
+        load_model("qwen2vl-hub"),
+        generating(long, 40),
+        vec![generating(lens, 0)],
+    );
+    let got_lens = got_lens[0]
+        .clone()
+        .expect("the lens request was answered before the long answer");
     assert_eq!(engine.get().unwrap().joined(), 0);
     assert!(got_lens.answer.is_none());
     let (a, b) = (want_long.answer.unwrap(), got_long.answer.unwrap());
@@ -454,4 +481,35 @@ fn a_lens_request_runs_between_the_steps_of_answers_being_generated() {
         serde_json::to_value(&want_lens.layers).unwrap(),
         serde_json::to_value(&got_lens.layers).unwrap()
     );
+}
+
+/// On the service's worker, requests that join answers being generated run their prompts through
+/// the decoder together, in one padded pass (a batched prefill), and each answer is what it is
+/// alone.
+#[test]
+fn requests_that_join_run_their_prompts_together() {
+    let long = generating("Describe the picture.", 12);
+    let joining = vec![
+        generating("What is it?", 2),
+        generating("Color of the main object in the picture:", 3),
+    ];
+    let alone = load_model("qwen2vl-hub");
+    let want: Vec<_> = joining
+        .iter()
+        .map(|r| run_lens(alone.as_ref(), r).unwrap())
+        .collect();
+    let want_long = run_lens(alone.as_ref(), &long).unwrap();
+    let model = Altered::new(false, false);
+    let passes = model.passes.clone();
+    let (engine, got_long, got) = behind_first(Box::new(model), long, joining);
+    assert_eq!(engine.get().unwrap().joined(), 2);
+    assert_eq!(
+        *passes.lock().unwrap(),
+        vec![1, 2],
+        "the long answer's prompt, then the two that joined, together"
+    );
+    same_answer(&want_long, &got_long);
+    for (want, got) in want.iter().zip(&got) {
+        same_answer(want, got.as_ref().expect("answered before the long answer"));
+    }
 }

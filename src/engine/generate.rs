@@ -20,7 +20,7 @@ use crate::lens::{LayerStats, Lens, LensSpec, PositionStats};
 use crate::models::decoder::KvCache;
 use crate::models::{LayerObserver, Prepared, VisionLanguageModel};
 
-use super::{ms, LensRequest};
+use super::{groups_under, prepare_all, LensRequest, Ready};
 
 /// The most new tokens one request may ask for (`generate` past it: 422).
 pub const MAX_NEW_TOKENS: usize = 64;
@@ -186,67 +186,165 @@ pub struct Generation {
     lens_s: f64,
 }
 
-/// Prepares a request that generates (`generate` > 0) and runs its prompt through the cached
-/// decoder with its lens.
+/// Prepares a request that generates (`generate` > 0) and runs its prompt through the decoder
+/// with its lens, keeping its keys and values ([`start_batch`] of one).
 pub fn start(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<Generation> {
-    let info = model.info();
-    let n_new = req.options.generate;
-    if n_new == 0 {
-        return Err(Error::Internal(
-            "a request that generates nothing was started".into(),
-        ));
+    start_batch(model, &[req], usize::MAX)
+        .pop()
+        .unwrap_or_else(|| Err(Error::Internal("no answer was started".into())))
+}
+
+/// Prepares requests that generate (`generate` > 0; a bad one fails alone) and runs their prompts
+/// through the decoder together with their lenses, in groups under `max_batch_tokens` padded
+/// tokens, each prompt's keys and values kept for its answer (a batched prefill: each is what it
+/// is alone). A group whose pass fails as a whole runs again request by request. Results in the
+/// order of `reqs`.
+pub fn start_batch(
+    model: &dyn VisionLanguageModel,
+    reqs: &[&LensRequest],
+    max_batch_tokens: usize,
+) -> Vec<Result<Generation>> {
+    let mut results: Vec<Option<Result<Generation>>> = (0..reqs.len()).map(|_| None).collect();
+    let mut valid = Vec::new();
+    for (i, req) in reqs.iter().enumerate() {
+        match req.options.generate {
+            0 => {
+                results[i] = Some(Err(Error::Internal(
+                    "a request that generates nothing was started".into(),
+                )))
+            }
+            n if n > MAX_NEW_TOKENS => {
+                results[i] = Some(Err(Error::Unprocessable(format!(
+                    "generate is {n}; this server generates at most {MAX_NEW_TOKENS} tokens"
+                ))))
+            }
+            _ => valid.push(i),
+        }
     }
-    if n_new > MAX_NEW_TOKENS {
-        return Err(Error::Unprocessable(format!(
-            "generate is {n_new}; this server generates at most {MAX_NEW_TOKENS} tokens"
-        )));
+    let mut ready = Vec::new();
+    for (i, r) in prepare_all(model, reqs, &valid) {
+        match r {
+            Ok(r) => ready.push(r),
+            Err(e) => results[i] = Some(Err(e)),
+        }
     }
-    let t0 = Instant::now();
-    let inputs = model.prepare(&req.prompt, req.image.as_ref(), req.options.chat_template)?;
-    let (spec, targets) =
-        req.options
-            .resolve(&inputs, model.tokenizer(), info.num_layers, info.vocab_size)?;
-    let preprocess_ms = ms(t0.elapsed());
-    let t1 = Instant::now();
-    let input = model.embed(&inputs)?;
-    let prompt_len = input.positions.len();
-    let first_new_position = input
-        .positions
+    for group in groups_under(ready, max_batch_tokens) {
+        let prefilled = match prefill(model, &group) {
+            Ok(p) => p.into_iter().map(Ok).collect(),
+            // Out of device memory at this size, or one request that breaks the pass: only
+            // what fails alone fails.
+            Err(_) if group.len() > 1 => group
+                .chunks(1)
+                .map(|one| prefill(model, one).and_then(|mut p| p.pop().ok_or_else(lost)))
+                .collect(),
+            Err(e) => vec![Err(e)],
+        };
+        for (r, p) in group.into_iter().zip(prefilled) {
+            results[r.index] = Some(p.map(|p| Generation {
+                max_new: r.options.generate,
+                exclude_special: r.options.exclude_special,
+                inputs: r.inputs,
+                spec: r.spec,
+                targets: r.targets,
+                preprocess_ms: r.preprocess_ms,
+                stats: p.stats,
+                cache: p.cache,
+                rows: p.rows,
+                prompt_len: p.prompt_len,
+                first_new_position: p.first_new_position,
+                tokens: Vec::new(),
+                stopped: None,
+                forward_s: p.forward_s,
+                lens_s: p.lens_s,
+            }));
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(lost())))
+        .collect()
+}
+
+fn lost() -> Error {
+    Error::Internal("an answer was lost".into())
+}
+
+/// What a prompt's pass gives its answer.
+struct Prefilled {
+    stats: Vec<LayerStats>,
+    cache: KvCache,
+    rows: Vec<Tensor>,
+    prompt_len: usize,
+    first_new_position: u32,
+    forward_s: f64,
+    lens_s: f64,
+}
+
+/// The prompts of `group` through the decoder in one padded pass, each with its lens and its
+/// cache started ([`crate::models::decoder::Decoder::forward_batch_cached`]). `Err` when the pass
+/// failed as a whole.
+fn prefill(model: &dyn VisionLanguageModel, group: &[Ready]) -> Result<Vec<Prefilled>> {
+    let num_layers = model.info().num_layers;
+    let t = Instant::now();
+    let inputs: Vec<&Prepared> = group.iter().map(|r| &r.inputs).collect();
+    let embedded = model.embed_batch(&inputs)?;
+    // Every fed-back token's position on all three axes: one past the prompt's largest (M-RoPE's
+    // `rope_deltas`; plain RoPE: the sequence length), then one more each.
+    let starts: Vec<(usize, u32)> = embedded
         .iter()
-        .flat_map(|p| p.iter().copied())
-        .max()
-        .map_or(0, |m| m + 1);
-    let mut cache = KvCache::default();
-    let mut lens = Lens::new(model.head(), &spec, info.num_layers)?;
-    let mut observer = LastRows {
-        lens: Some(&mut lens),
-        rows: Vec::new(),
-    };
-    model
-        .decoder()
-        .forward_cached(input, &mut cache, &mut observer)?;
-    let rows = observer.rows;
-    let finishing = Instant::now();
-    let mut lens_s = lens.seconds;
-    let stats = lens.finish()?;
-    lens_s += finishing.elapsed().as_secs_f64();
-    Ok(Generation {
-        max_new: n_new,
-        exclude_special: req.options.exclude_special,
-        prompt_len,
-        inputs,
-        spec,
-        targets,
-        stats,
-        cache,
-        rows,
-        first_new_position,
-        tokens: Vec::new(),
-        stopped: None,
-        preprocess_ms,
-        forward_s: t1.elapsed().as_secs_f64() - lens_s,
-        lens_s,
-    })
+        .map(|input| {
+            let next = input.positions.iter().flat_map(|p| p.iter().copied()).max();
+            (input.positions.len(), next.map_or(0, |m| m + 1))
+        })
+        .collect();
+    let mut lenses = group
+        .iter()
+        .map(|r| Lens::new(model.head(), &r.spec, num_layers))
+        .collect::<Result<Vec<Lens>>>()?;
+    let mut caches: Vec<KvCache> = group.iter().map(|_| KvCache::default()).collect();
+    let mut observers: Vec<LastRows> = lenses
+        .iter_mut()
+        .map(|lens| LastRows {
+            lens: Some(lens),
+            rows: Vec::new(),
+        })
+        .collect();
+    let device = model.head().unembed.device().clone();
+    crate::models::profile::stage(
+        &format!("decoder ({} prompt(s), lens per layer)", group.len()),
+        &device,
+        || {
+            let mut obs: Vec<&mut dyn LayerObserver> = observers
+                .iter_mut()
+                .map(|o| o as &mut dyn LayerObserver)
+                .collect();
+            model
+                .decoder()
+                .forward_batch_cached(embedded, &mut caches, &mut obs)
+        },
+    )?;
+    crate::models::profile::report_ops();
+    let rows: Vec<Vec<Tensor>> = observers.into_iter().map(|o| o.rows).collect();
+    let during: f64 = lenses.iter().map(|l| l.seconds).sum();
+    let forward_s = t.elapsed().as_secs_f64() - during;
+    let mut out = Vec::with_capacity(group.len());
+    for (((lens, cache), rows), (prompt_len, first_new_position)) in
+        lenses.into_iter().zip(caches).zip(rows).zip(starts)
+    {
+        let finishing = Instant::now();
+        let lens_s = lens.seconds;
+        let stats = lens.finish()?;
+        out.push(Prefilled {
+            stats,
+            cache,
+            rows,
+            prompt_len,
+            first_new_position,
+            forward_s,
+            lens_s: lens_s + finishing.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(out)
 }
 
 /// The next token of `g`, `token` ([`argmax_next`] of its last rows), with its position's lens
@@ -499,11 +597,15 @@ impl<'m, T> Generating<'m, T> {
 pub fn run_generate_batch(
     model: &dyn VisionLanguageModel,
     reqs: &[&LensRequest],
+    max_batch_tokens: usize,
 ) -> Vec<Result<LensResponse>> {
     let mut results: Vec<Option<Result<LensResponse>>> = (0..reqs.len()).map(|_| None).collect();
     let mut batch = Generating::new(model);
-    for (i, req) in reqs.iter().enumerate() {
-        match start(model, req) {
+    for (i, started) in start_batch(model, reqs, max_batch_tokens)
+        .into_iter()
+        .enumerate()
+    {
+        match started {
             Ok(g) => batch.push(i, g),
             Err(e) => results[i] = Some(Err(e)),
         }
@@ -515,6 +617,6 @@ pub fn run_generate_batch(
     }
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(Error::Internal("an answer was lost".into()))))
+        .map(|r| r.unwrap_or_else(|| Err(lost())))
         .collect()
 }

@@ -47,47 +47,27 @@ pub fn run_lens(model: &dyn VisionLanguageModel, req: &LensRequest) -> Result<Le
         .unwrap_or_else(|| Err(crate::Error::Internal("no result".into())))
 }
 
-/// Prepared inputs, the lens specification and the traced targets of one request.
-type Resolved = (Prepared, LensSpec, Vec<Target>);
-
 /// A request that passed preparation: its inputs and its lens specification.
-struct Ready<'r> {
-    index: usize,
-    inputs: Prepared,
-    spec: LensSpec,
-    targets: Vec<Target>,
-    options: &'r LensOptions,
-    preprocess_ms: f64,
+pub(crate) struct Ready<'r> {
+    /// Its place among the requests it came with.
+    pub index: usize,
+    pub inputs: Prepared,
+    pub spec: LensSpec,
+    pub targets: Vec<Target>,
+    pub options: &'r LensOptions,
+    pub preprocess_ms: f64,
 }
 
-/// Runs several requests for one model: each is prepared alone (a bad one fails alone), then
-/// they go through the decoder together in groups of at most `max_batch_tokens` padded tokens.
-/// Results come back in the order of `reqs`.
-pub fn run_lens_batch(
+/// Prepares `reqs[i]` for every i of `which` ([`VisionLanguageModel::prepare`], then its
+/// options resolved against the prompt): CPU work (image processing, templating, tokenization),
+/// independent per request, so in parallel, off the device. A bad request fails alone.
+pub(crate) fn prepare_all<'r>(
     model: &dyn VisionLanguageModel,
-    reqs: &[&LensRequest],
-    max_batch_tokens: usize,
-) -> Vec<Result<LensResponse>> {
+    reqs: &[&'r LensRequest],
+    which: &[usize],
+) -> Vec<(usize, Result<Ready<'r>>)> {
     let info = model.info();
-    let mut results: Vec<Option<Result<LensResponse>>> = (0..reqs.len()).map(|_| None).collect();
-    // The requests that generate go together through the cached decoder, sharing each step
-    // (generate.rs); the others go through the decoder together.
-    let generating: Vec<usize> = (0..reqs.len())
-        .filter(|&i| reqs[i].options.generate > 0)
-        .collect();
-    if !generating.is_empty() {
-        let group: Vec<&LensRequest> = generating.iter().map(|&i| reqs[i]).collect();
-        for (&i, r) in generating
-            .iter()
-            .zip(generate::run_generate_batch(model, &group))
-        {
-            results[i] = Some(r);
-        }
-    }
-    let reqs_left: Vec<usize> = (0..reqs.len()).filter(|&i| results[i].is_none()).collect();
-    // Preparation is CPU work (image processing, templating, tokenization) and independent per
-    // request: in parallel, off the device.
-    let prepared: Vec<(usize, Result<Resolved>, f64)> = reqs_left
+    which
         .par_iter()
         .map(|&index| {
             let req = reqs[index];
@@ -101,26 +81,23 @@ pub fn run_lens_batch(
                         info.num_layers,
                         info.vocab_size,
                     )?;
-                    Ok((inputs, spec, targets))
+                    Ok(Ready {
+                        index,
+                        inputs,
+                        spec,
+                        targets,
+                        options: &req.options,
+                        preprocess_ms: ms(t0.elapsed()),
+                    })
                 });
-            (index, r, ms(t0.elapsed()))
+            (index, r)
         })
-        .collect();
-    let mut ready = Vec::new();
-    for (index, r, preprocess_ms) in prepared {
-        match r {
-            Ok((inputs, spec, targets)) => ready.push(Ready {
-                index,
-                inputs,
-                spec,
-                targets,
-                options: &reqs[index].options,
-                preprocess_ms,
-            }),
-            Err(e) => results[index] = Some(Err(e)),
-        }
-    }
-    // Greedy groups under the padded-token budget, in arrival order.
+        .collect()
+}
+
+/// Greedy groups of `ready`, in order, each under `max_batch_tokens` padded tokens (requests ×
+/// longest sequence); a request longer than the budget goes alone.
+pub(crate) fn groups_under(ready: Vec<Ready>, max_batch_tokens: usize) -> Vec<Vec<Ready>> {
     let mut groups: Vec<Vec<Ready>> = Vec::new();
     for r in ready {
         let len = r.inputs.input_ids.len();
@@ -138,7 +115,42 @@ pub fn run_lens_batch(
             _ => groups.push(vec![r]),
         }
     }
-    for group in groups {
+    groups
+}
+
+/// Runs several requests for one model: each is prepared alone (a bad one fails alone), then
+/// they go through the decoder together in groups of at most `max_batch_tokens` padded tokens.
+/// Results come back in the order of `reqs`.
+pub fn run_lens_batch(
+    model: &dyn VisionLanguageModel,
+    reqs: &[&LensRequest],
+    max_batch_tokens: usize,
+) -> Vec<Result<LensResponse>> {
+    let mut results: Vec<Option<Result<LensResponse>>> = (0..reqs.len()).map(|_| None).collect();
+    // The requests that generate go together through the cached decoder, sharing each step
+    // (generate.rs); the others go through the decoder together.
+    let generating: Vec<usize> = (0..reqs.len())
+        .filter(|&i| reqs[i].options.generate > 0)
+        .collect();
+    if !generating.is_empty() {
+        let group: Vec<&LensRequest> = generating.iter().map(|&i| reqs[i]).collect();
+        for (&i, r) in generating.iter().zip(generate::run_generate_batch(
+            model,
+            &group,
+            max_batch_tokens,
+        )) {
+            results[i] = Some(r);
+        }
+    }
+    let reqs_left: Vec<usize> = (0..reqs.len()).filter(|&i| results[i].is_none()).collect();
+    let mut ready = Vec::new();
+    for (index, r) in prepare_all(model, reqs, &reqs_left) {
+        match r {
+            Ok(r) => ready.push(r),
+            Err(e) => results[index] = Some(Err(e)),
+        }
+    }
+    for group in groups_under(ready, max_batch_tokens) {
         match run_group(model, &group) {
             Ok(out) => {
                 for (index, result) in out {

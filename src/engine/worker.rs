@@ -361,9 +361,7 @@ impl Worker {
         // Each answer's tag: its job and the time it waited in the queue.
         let mut batch: Generating<(Job, Duration)> = Generating::new(model);
         let mut n = jobs.len();
-        for job in jobs {
-            start(model, &mut batch, job, Instant::now());
-        }
+        start_all(model, &mut batch, jobs, self.max_batch_tokens);
         while !batch.is_empty() {
             for (job, _) in batch.stop_where(|(job, _)| job.reply.is_closed()) {
                 drop(job);
@@ -394,7 +392,8 @@ impl Worker {
     }
 
     /// Between two steps of `batch` (model `index`), the queue goes on in its order: the jobs next
-    /// in line that generate with the same model join `batch` (up to the batch size), and a group
+    /// in line that generate with the same model join `batch` (up to the batch size; their prompts
+    /// run together), and a group
     /// of those next in line that do not generate, for any one model, runs (one group, so that a
     /// stream of them cannot hold the answers back). A job that generates with another model, or
     /// joins a full batch, waits for the batch to end; nothing overtakes it. Returns how many jobs
@@ -408,21 +407,32 @@ impl Worker {
         while let Ok(job) = self.rx.try_recv() {
             self.pending.push_back(job);
         }
+        let model = models[index].as_ref();
         let (mut n, mut ran_group) = (0, false);
+        let mut joining = Vec::new();
         while let Some(front) = self.pending.front() {
             let generates = front.request.options.generate > 0;
-            if generates && front.model == index && batch.len() < self.max_batch_size {
+            if generates
+                && front.model == index
+                && batch.len() + joining.len() < self.max_batch_size
+            {
                 let Some(job) = self.pending.pop_front() else {
                     break;
                 };
                 self.depth.fetch_sub(1, Ordering::SeqCst);
-                let now = Instant::now();
-                if let Some(job) = self.live(job, now) {
+                if let Some(job) = self.live(job, Instant::now()) {
                     self.joined.fetch_add(1, Ordering::Relaxed);
-                    start(models[index].as_ref(), batch, job, now);
+                    joining.push(job);
                     n += 1;
                 }
             } else if !generates && !ran_group {
+                // Those in line before the group start first.
+                start_all(
+                    model,
+                    batch,
+                    std::mem::take(&mut joining),
+                    self.max_batch_tokens,
+                );
                 // The jobs next in line that do not generate with the front one's model.
                 let model = front.model;
                 let mut group = Vec::new();
@@ -444,26 +454,49 @@ impl Worker {
                 break;
             }
         }
+        start_all(model, batch, joining, self.max_batch_tokens);
         n
     }
 }
 
-/// Runs `job`'s prompt ([`generate::start`]) and adds its answer to `batch`, or answers it at once
-/// when it cannot start (a bad request, or a panic: 500).
-fn start(
+/// Runs the prompts of `jobs` together ([`generate::start_batch`], under the padded-token budget)
+/// and adds their answers to `batch`; a job that cannot start is answered at once (a bad request:
+/// its error; a panic: 500, only the culprit's, after the prompts ran again one by one).
+fn start_all(
     model: &dyn VisionLanguageModel,
     batch: &mut Generating<(Job, Duration)>,
-    job: Job,
-    now: Instant,
+    jobs: Vec<Job>,
+    max_batch_tokens: usize,
 ) {
-    let queued = now - job.enqueued;
-    match catch_unwind(AssertUnwindSafe(|| generate::start(model, &job.request))) {
-        Ok(Ok(answer)) => batch.push((job, queued), answer),
-        Ok(Err(e)) => {
-            let _ = job.reply.send(finish(Err(e), queued));
-        }
-        Err(p) => {
-            let _ = job.reply.send(Err(JobError::Panicked(panic_message(p))));
+    if jobs.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let reqs: Vec<&LensRequest> = jobs.iter().map(|job| &job.request).collect();
+    let started: Vec<Result<crate::Result<generate::Generation>, String>> =
+        match catch_unwind(AssertUnwindSafe(|| {
+            generate::start_batch(model, &reqs, max_batch_tokens)
+        })) {
+            Ok(started) => started.into_iter().map(Ok).collect(),
+            Err(p) if reqs.len() == 1 => vec![Err(panic_message(p))],
+            Err(_) => reqs
+                .iter()
+                .map(|req| {
+                    catch_unwind(AssertUnwindSafe(|| generate::start(model, req)))
+                        .map_err(panic_message)
+                })
+                .collect(),
+        };
+    for (job, started) in jobs.into_iter().zip(started) {
+        let queued = now - job.enqueued;
+        match started {
+            Ok(Ok(answer)) => batch.push((job, queued), answer),
+            Ok(Err(e)) => {
+                let _ = job.reply.send(finish(Err(e), queued));
+            }
+            Err(message) => {
+                let _ = job.reply.send(Err(JobError::Panicked(message)));
+            }
         }
     }
 }

@@ -702,17 +702,17 @@ impl Decoder {
         ))
     }
 
-    /// One decoder block over `h` (`[b, s, hidden]`). With `caches` (one per sequence of the
-    /// batch): each sequence's keys and values so far come first, its new ones are appended, and it
-    /// attends to all of them (`mask`, `[s, cached + s]`, where given; none for single new tokens).
-    /// `windows`: [`Self::window_masks`] for every sequence (one entry) or per sequence (one each).
+    /// One decoder block over `h` (`[b, s, hidden]`); `kv` says what it does with the keys and
+    /// values ([`Kv`]). `mask`: the causal mask of a pass over whole sequences (`[s, s]`), or none
+    /// for new rows after a cache. `windows`: [`Self::window_masks`] for every sequence (one entry)
+    /// or per sequence (one each).
     fn block(
         &self,
         layer: &Layer,
         h: &Tensor,
         tables: &RopeTables,
         mask: Option<&Tensor>,
-        caches: Option<Vec<&mut LayerCache>>,
+        kv: Kv,
         windows: &[Vec<(usize, Tensor)>],
     ) -> Result<Tensor> {
         // A sliding layer whose window hides keys of this pass: its own mask, not the causal one
@@ -763,6 +763,18 @@ impl Decoder {
         let qk = profile::op("decoder rope", &device, || rope(&qk, cos, sin))?;
         let (q, k) = (qk.narrow(1, 0, nh)?, qk.narrow(1, nh, nkv)?);
         let v = qkv.narrow(1, nh + nkv, nkv)?;
+        let caches = match kv {
+            Kv::Pass => None,
+            Kv::Keep(keep) => {
+                // Sequence i's own keys and values, without its padding, start its cache.
+                for (i, (c, n)) in keep.into_iter().enumerate() {
+                    let own = |t: &Tensor| t.narrow(0, i, 1)?.narrow(2, 0, n);
+                    c.append(&own(&k)?, &own(&v)?)?;
+                }
+                None
+            }
+            Kv::Cached(caches) => Some(caches),
+        };
         let a = profile::op("decoder attention", &device, || {
             let a = match (caches, mask) {
                 (None, Some(mask)) if softcap.is_some() || window_mask(0).is_some() => {
@@ -847,65 +859,11 @@ impl Decoder {
         Ok(())
     }
 
-    /// One sequence's next tokens (`embeds` `[s, hidden]` at `positions`) after what `cache`
-    /// holds (empty: a prefill), each new position attending to every cached one and to the new
-    /// ones up to itself; the blocks' keys and values are appended to `cache`. `observer` sees
-    /// the new rows' residual stream at every lens layer, as in [`Self::forward_batch`]. Every
-    /// new row equals what a full forward over the whole sequence gives at its position.
-    pub fn forward_cached(
-        &self,
-        input: DecoderInput,
-        cache: &mut KvCache,
-        observer: &mut dyn LayerObserver,
-    ) -> Result<()> {
-        let DecoderInput {
-            embeds,
-            positions,
-            additions,
-        } = input;
-        let positions = &positions[..];
-        let s = embeds.dim(0)?;
-        let past = cache.len;
-        if positions.len() != s {
-            return Err(Error::Internal(format!(
-                "{s} new tokens and {} positions",
-                positions.len()
-            )));
-        }
-        if cache.layers.is_empty() {
-            cache.layers = (0..self.layers.len())
-                .map(|_| LayerCache::default())
-                .collect();
-        }
-        let device = embeds.device().clone();
-        let dtype = embeds.dtype();
-        let tables = self.rope_tables(positions, &device)?;
-        // New row i sees the `past` cached keys and the new ones up to itself.
-        let mask = Self::mask(s, past, None, dtype, &device)?;
-        let windows = self.window_masks(s, past, dtype, &device)?;
-        let mut h = embeds.unsqueeze(0)?;
-        self.observe_each(0, &h, &mut [observer])?;
-        for (l, (layer, c)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            h = self.block(
-                layer,
-                &h,
-                &tables,
-                mask.as_ref(),
-                Some(vec![c]),
-                std::slice::from_ref(&windows),
-            )?;
-            h = add_rows(h, l, &[&additions])?;
-            self.observe_each(l + 1, &h, &mut [&mut *observer])?;
-        }
-        cache.len += s;
-        Ok(())
-    }
-
     /// One new token for each of several sequences at once (`embeds` `[b, hidden]`, one position
-    /// each), each after what its own `caches[i]` holds (prefilled by [`Self::forward_cached`]):
+    /// each), each after what its own `caches[i]` holds (prefilled by [`Self::forward_batch_cached`]):
     /// the projections and MLPs run over the batch, attention per sequence. `observers[i]` sees
     /// sequence i's new row `[1, hidden]` at every lens layer. Each row equals what
-    /// [`Self::forward_cached`] gives that sequence alone.
+    /// a full forward over the sequence gives at its position.
     pub fn forward_step_batch(
         &self,
         embeds: Tensor,
@@ -939,7 +897,7 @@ impl Decoder {
         for (l, layer) in self.layers.iter().enumerate() {
             let per_seq: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            h = self.block(layer, &h, &tables, None, Some(per_seq), &windows)?;
+            h = self.block(layer, &h, &tables, None, Kv::Cached(per_seq), &windows)?;
             self.observe_each(l + 1, &h, observers)?;
         }
         for c in caches.iter_mut() {
@@ -955,6 +913,32 @@ impl Decoder {
     pub fn forward_batch(
         &self,
         inputs: Vec<DecoderInput>,
+        observers: &mut [&mut dyn LayerObserver],
+    ) -> Result<()> {
+        self.forward_padded(inputs, None, observers)
+    }
+
+    /// [`Self::forward_batch`] that also starts each sequence's cache (`caches[i]`, empty): its
+    /// keys and values at every block, without the padding, so that its answer can go on one
+    /// token at a time ([`Self::forward_step_batch`]). A batched prefill.
+    pub fn forward_batch_cached(
+        &self,
+        inputs: Vec<DecoderInput>,
+        caches: &mut [KvCache],
+        observers: &mut [&mut dyn LayerObserver],
+    ) -> Result<()> {
+        if caches.len() != inputs.len() || caches.iter().any(|c| c.len > 0) {
+            return Err(Error::Internal(
+                "forward_batch_cached: one empty cache per sequence".into(),
+            ));
+        }
+        self.forward_padded(inputs, Some(caches), observers)
+    }
+
+    fn forward_padded(
+        &self,
+        inputs: Vec<DecoderInput>,
+        mut caches: Option<&mut [KvCache]>,
         observers: &mut [&mut dyn LayerObserver],
     ) -> Result<()> {
         let b = inputs.len();
@@ -1030,14 +1014,31 @@ impl Decoder {
                 }
                 Ok(())
             };
+        if let Some(caches) = caches.as_deref_mut() {
+            for c in caches.iter_mut() {
+                c.layers = (0..self.layers.len())
+                    .map(|_| LayerCache::default())
+                    .collect();
+            }
+        }
         observe(0, &h, observers)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            let kv = match caches.as_deref_mut() {
+                Some(caches) => Kv::Keep(
+                    caches
+                        .iter_mut()
+                        .zip(&lens)
+                        .map(|(c, &n)| (&mut c.layers[l], n))
+                        .collect(),
+                ),
+                None => Kv::Pass,
+            };
             h = self.block(
                 layer,
                 &h,
                 &tables,
                 Some(&mask),
-                None,
+                kv,
                 std::slice::from_ref(&windows),
             )?;
             h = add_rows(h, l, &additions)?;
@@ -1045,8 +1046,25 @@ impl Decoder {
                 observe(l + 1, &h, observers)
             })?;
         }
+        if let Some(caches) = caches {
+            for (c, &n) in caches.iter_mut().zip(&lens) {
+                c.len = n;
+            }
+        }
         Ok(())
     }
+}
+
+/// What a block does with the keys and values it computes.
+enum Kv<'c> {
+    /// Attends over whole sequences (the causal mask); keeps nothing.
+    Pass,
+    /// As `Pass`, and sequence i's first `n` keys and values start its cache (a prefill of
+    /// right-padded sequences: `n` is its length without the padding).
+    Keep(Vec<(&'c mut LayerCache, usize)>),
+    /// New rows after each sequence's cache: each attends to its own cache and new keys, which
+    /// are appended to it.
+    Cached(Vec<&'c mut LayerCache>),
 }
 
 /// RoPE cos/sin tables `[seq, head_dim/2]` (or `[b, seq, head_dim/2]`): the model's, and Gemma 3's
@@ -1072,8 +1090,8 @@ impl RopeTables {
     }
 }
 
-/// The keys and values of one sequence's tokens so far, per block (after RoPE), for
-/// [`Decoder::forward_cached`].
+/// The keys and values of one sequence's tokens so far, per block (after RoPE): started by
+/// [`Decoder::forward_batch_cached`], extended by [`Decoder::forward_step_batch`].
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<LayerCache>,

@@ -240,6 +240,20 @@ pub trait VisionLanguageModel: Send + Sync {
         inputs: &[&Prepared],
         observers: &mut [&mut dyn LayerObserver],
     ) -> Result<()> {
+        let embedded = self.embed_batch(inputs)?;
+        let device = self.head().unembed.device().clone();
+        profile::stage(
+            &format!("decoder ({} sequence(s), lens per layer)", inputs.len()),
+            &device,
+            || self.decoder().forward_batch(embedded, observers),
+        )?;
+        profile::report_ops();
+        Ok(())
+    }
+
+    /// The decoder inputs of several requests ([`Self::embed_with`]), every image of them through
+    /// the vision tower together.
+    fn embed_batch(&self, inputs: &[&Prepared]) -> Result<Vec<decoder::DecoderInput>> {
         let device = self.head().unembed.device().clone();
         // Every image of the batch through the vision tower together.
         let pixels: Vec<&PixelInputs> = inputs.iter().filter_map(|p| p.pixels.as_ref()).collect();
@@ -269,13 +283,7 @@ pub trait VisionLanguageModel: Send + Sync {
             };
             embedded.push(self.embed_with(p, f)?);
         }
-        profile::stage(
-            &format!("decoder ({} sequence(s), lens per layer)", inputs.len()),
-            &device,
-            || self.decoder().forward_batch(embedded, observers),
-        )?;
-        profile::report_ops();
-        Ok(())
+        Ok(embedded)
     }
 }
 
