@@ -40,7 +40,11 @@ fn main() {
         inputs.push(("640x480 image", Some(img)));
     }
     for (what, img) in inputs {
-        let summaries: &[bool] = if img.is_some() { &[false] } else { &[true, false] };
+        let summaries: &[bool] = if img.is_some() {
+            &[false]
+        } else {
+            &[true, false]
+        };
         for &summary in summaries {
             let reqs: Vec<LensRequest> = (0..8)
                 .map(|i| LensRequest {

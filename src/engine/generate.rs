@@ -230,12 +230,14 @@ pub fn start_batch(
     }
     for group in groups_under(ready, max_batch_tokens) {
         let prefilled = match prefill(model, &group) {
-            Ok(p) => p.into_iter().map(Ok).collect(),
+            Ok(p) => p,
             // Out of device memory at this size, or one request that breaks the pass: only
             // what fails alone fails.
             Err(_) if group.len() > 1 => group
                 .chunks(1)
-                .map(|one| prefill(model, one).and_then(|mut p| p.pop().ok_or_else(lost)))
+                .map(|one| {
+                    prefill(model, one).and_then(|mut p| p.pop().unwrap_or_else(|| Err(lost())))
+                })
                 .collect(),
             Err(e) => vec![Err(e)],
         };
@@ -282,8 +284,8 @@ struct Prefilled {
 
 /// The prompts of `group` through the decoder in one padded pass, each with its lens and its
 /// cache started ([`crate::models::decoder::Decoder::forward_batch_cached`]). `Err` when the pass
-/// failed as a whole.
-fn prefill(model: &dyn VisionLanguageModel, group: &[Ready]) -> Result<Vec<Prefilled>> {
+/// failed as a whole (each prompt's own result otherwise: its lens may fail alone).
+fn prefill(model: &dyn VisionLanguageModel, group: &[Ready]) -> Result<Vec<Result<Prefilled>>> {
     let num_layers = model.info().num_layers;
     let t = Instant::now();
     let inputs: Vec<&Prepared> = group.iter().map(|r| &r.inputs).collect();
@@ -333,8 +335,7 @@ fn prefill(model: &dyn VisionLanguageModel, group: &[Ready]) -> Result<Vec<Prefi
     {
         let finishing = Instant::now();
         let lens_s = lens.seconds;
-        let stats = lens.finish()?;
-        out.push(Prefilled {
+        out.push(lens.finish().map(|stats| Prefilled {
             stats,
             cache,
             rows,
@@ -342,7 +343,7 @@ fn prefill(model: &dyn VisionLanguageModel, group: &[Ready]) -> Result<Vec<Prefi
             first_new_position,
             forward_s,
             lens_s: lens_s + finishing.elapsed().as_secs_f64(),
-        });
+        }));
     }
     Ok(out)
 }

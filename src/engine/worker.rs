@@ -393,9 +393,8 @@ impl Worker {
 
     /// Between two steps of `batch` (model `index`), the queue goes on in its order: the jobs next
     /// in line that generate with the same model join `batch` (up to the batch size; their prompts
-    /// run together), and a group
-    /// of those next in line that do not generate, for any one model, runs (one group, so that a
-    /// stream of them cannot hold the answers back). A job that generates with another model, or
+    /// run together), and a group of those next in line that do not generate, for any one model,
+    /// runs (one group, so that a stream of them cannot hold the answers back). A job that generates with another model, or
     /// joins a full batch, waits for the batch to end; nothing overtakes it. Returns how many jobs
     /// ran or joined.
     fn between_steps(
@@ -434,13 +433,13 @@ impl Worker {
                     self.max_batch_tokens,
                 );
                 // The jobs next in line that do not generate with the front one's model.
-                let model = front.model;
+                let theirs = front.model;
                 let mut group = Vec::new();
                 while group.len() < self.max_batch_size
                     && self
                         .pending
                         .front()
-                        .is_some_and(|job| job.model == model && job.request.options.generate == 0)
+                        .is_some_and(|job| job.model == theirs && job.request.options.generate == 0)
                 {
                     group.extend(self.pending.pop_front());
                 }
