@@ -208,26 +208,21 @@ fn answers_are_the_same_alone_or_sharing_decoder_steps() {
     }
 }
 
-/// Generation stops at the snapshot's end token (generation_config.json's `eos_token_id`),
-/// which is the answer's last token; past the server's bound is 422.
-#[test]
-fn an_end_token_stops_and_too_many_tokens_are_refused() {
-    let e = entries()
-        .into_iter()
-        .find(|e| e.fixture == "mistral-hub")
-        .unwrap();
-    let r = Reference::load("generate", &e.file);
-    let second = r.ids("new_ids")[1];
-    let dir = std::env::temp_dir().join(format!("logit-lens-eos-{}", std::process::id()));
+/// The fixture `fixture` with `id` its end token (generation_config.json's `eos_token_id`).
+fn with_end_token(fixture: &str, id: i64) -> Box<dyn logit_lens::models::VisionLanguageModel> {
+    let dir = std::env::temp_dir().join(format!(
+        "logit-lens-eos-{fixture}-{id}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(fixtures().join("mistral-hub")).unwrap() {
+    for entry in std::fs::read_dir(fixtures().join(fixture)).unwrap() {
         let p = entry.unwrap().path();
         std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
     }
     std::fs::write(
         dir.join("generation_config.json"),
-        format!("{{\"eos_token_id\": [{second}], \"bos_token_id\": 1}}"),
+        format!("{{\"eos_token_id\": [{id}], \"bos_token_id\": 1}}"),
     )
     .unwrap();
     let model = logit_lens::models::load(
@@ -238,6 +233,20 @@ fn an_end_token_stops_and_too_many_tokens_are_refused() {
     )
     .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+    model
+}
+
+/// Generation stops at the snapshot's end token (generation_config.json's `eos_token_id`),
+/// which is the answer's last token; past the server's bound is 422.
+#[test]
+fn an_end_token_stops_and_too_many_tokens_are_refused() {
+    let e = entries()
+        .into_iter()
+        .find(|e| e.fixture == "mistral-hub")
+        .unwrap();
+    let r = Reference::load("generate", &e.file);
+    let second = r.ids("new_ids")[1];
+    let model = with_end_token("mistral-hub", second);
     let resp = run_lens(model.as_ref(), &request(&e, 6)).unwrap();
     let answer = resp.answer.unwrap();
     assert_eq!(answer.stopped, "eos");
@@ -284,6 +293,87 @@ fn answers_leave_as_they_end_and_a_stopped_one_at_once() {
         let want = run_lens(model.as_ref(), &reqs[i]).unwrap();
         let (a, b) = (want.answer.unwrap(), got.answer.unwrap());
         assert_eq!(a.text, b.text);
+        for (x, y) in a.tokens.iter().zip(&b.tokens) {
+            assert_eq!((x.id, &x.ranks), (y.id, &y.ranks));
+            for (p, q) in x.probs.iter().zip(&y.probs) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+    }
+}
+
+/// `generate::stream`: at most `width` answers at once, and an answer that ends (here at the end
+/// token, after 2 of its 6) makes room for the next request at once, not when the longest answer
+/// of its group ends. Every answer is what it is alone.
+#[test]
+fn a_stream_starts_the_next_request_as_soon_as_an_answer_ends() {
+    let e = entries()
+        .into_iter()
+        .find(|e| e.fixture == "mistral-hub")
+        .unwrap();
+    let second = Reference::load("generate", &e.file).ids("new_ids")[1];
+    let model = with_end_token("mistral-hub", second);
+    let reqs = [
+        request(&e, 6),
+        generating("Describe the picture.", 4),
+        generating("What is it?", 4),
+    ];
+    let alone: Vec<_> = reqs
+        .iter()
+        .map(|r| run_lens(model.as_ref(), r).unwrap())
+        .collect();
+    let stopped: Vec<_> = alone
+        .iter()
+        .map(|r| r.answer.as_ref().unwrap().stopped.as_str())
+        .collect();
+    assert_eq!(stopped, ["eos", "length", "length"], "the premise");
+    let mut next = 0;
+    let mut events: Vec<String> = Vec::new();
+    let mut got = vec![None, None, None];
+    let events_cell = std::cell::RefCell::new(&mut events);
+    logit_lens::engine::generate::stream(
+        model.as_ref(),
+        2,
+        usize::MAX,
+        |n| {
+            let take: Vec<usize> = (next..reqs.len()).take(n).collect();
+            next += take.len();
+            events_cell.borrow_mut().push(format!("more {n}: {take:?}"));
+            take.into_iter()
+                .map(|i| {
+                    let r = &reqs[i];
+                    let copy = LensRequest {
+                        prompt: r.prompt.clone(),
+                        image: r.image.clone(),
+                        options: r.options.clone(),
+                    };
+                    (i, Ok(copy))
+                })
+                .collect()
+        },
+        |i, result| {
+            events_cell.borrow_mut().push(format!("done {i}"));
+            got[i] = Some(result?);
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        events,
+        [
+            "more 2: [0, 1]",
+            "done 0",
+            "more 1: [2]",
+            "done 1",
+            "more 1: []",
+            "done 2"
+        ]
+    );
+    for (want, got) in alone.iter().zip(got) {
+        let got = got.unwrap();
+        let (a, b) = (want.answer.as_ref().unwrap(), got.answer.as_ref().unwrap());
+        assert_eq!(a.text, b.text);
+        assert_eq!(a.stopped, b.stopped);
         for (x, y) in a.tokens.iter().zip(&b.tokens) {
             assert_eq!((x.id, &x.ranks), (y.id, &y.ranks));
             for (p, q) in x.probs.iter().zip(&y.probs) {

@@ -332,6 +332,25 @@ fn run_with_generate_writes_answers_and_their_first_top1_layer() {
     );
     assert_same_answer(&r["response"], &want, "run --generate");
     assert_summary_matches(&d.path("out"));
+    // Three answers at a time, the fourth case starting as soon as they leave room: the same
+    // answers (tests/generate_parity.rs holds `generate::stream` to the answers alone).
+    let d3 = dataset("run-generate-3", &images, PROMPTS);
+    let out = run_local(&d3, &["--generate", "3", "--batch-size", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let answers = |records: &[Value]| {
+        records
+            .iter()
+            .map(|r| {
+                let ids = r["response"]["answer"]["tokens"].as_array().unwrap();
+                let ids: Vec<i64> = ids.iter().map(|t| t["id"].as_i64().unwrap()).collect();
+                (r["image"].clone(), r["prompt"].clone(), ids)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        answers(&lines(&d3.path("out/results.jsonl"))),
+        answers(&records)
+    );
 }
 
 #[test]

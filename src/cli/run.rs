@@ -408,55 +408,86 @@ fn run_local(
         t0.elapsed().as_secs_f64()
     );
     let bar = progress(pending.len());
-    for group in pending.chunks(args.batch_size) {
-        // Each image of the group is read and decoded once, in parallel.
-        let mut paths: Vec<&Path> = group.iter().map(|c| c.path.as_path()).collect();
-        paths.sort();
-        paths.dedup();
-        let decoded: Vec<(&Path, Result<Rgb8>)> =
-            paths.par_iter().map(|p| (*p, read_image(p))).collect();
-        let image_of = |p: &Path| decoded.iter().find(|(q, _)| *q == p).map(|(_, r)| r);
-        let mut reqs = Vec::new();
-        let mut runs = Vec::new();
-        for case in group {
-            match image_of(&case.path) {
-                Some(Ok(img)) => {
-                    reqs.push(LensRequest {
-                        prompt: case.prompt.clone(),
-                        image: Some(img.clone()),
-                        options: options.clone(),
-                    });
-                    runs.push(case);
+    let record = |case: &CaseKey, result: Result<crate::api::LensResponse>| match result
+        .and_then(|r| body(&r))
+    {
+        Ok(b) => Record::ok(&case.image, &case.prompt, b),
+        Err(e) => Record::failed(&case.image, &case.prompt, case_error(&e)),
+    };
+    if options.generate > 0 {
+        // Up to --batch-size answers go on together; as answers end, the next cases start in
+        // their place (their prompts in one pass), so that no slot waits for a group's longest.
+        let mut cases = pending.iter();
+        crate::engine::generate::stream(
+            model.as_ref(),
+            args.batch_size,
+            args.max_batch_tokens,
+            |n| requests(cases.by_ref().take(n).collect(), options),
+            |case, result| on_done(record(case, result), &bar),
+        )?;
+    } else {
+        for group in pending.chunks(args.batch_size) {
+            let mut reqs = Vec::new();
+            let mut runs = Vec::new();
+            for (case, req) in requests(group.iter().collect(), options) {
+                match req {
+                    Ok(req) => {
+                        reqs.push(req);
+                        runs.push(case);
+                    }
+                    Err(e) => on_done(record(case, Err(e)), &bar)?,
                 }
-                Some(Err(e)) => on_done(
-                    Record::failed(&case.image, &case.prompt, case_error(e)),
-                    &bar,
-                )?,
-                None => on_done(
-                    Record::failed(
-                        &case.image,
-                        &case.prompt,
-                        CaseError {
-                            code: "internal".into(),
-                            message: "the image was not read".into(),
-                        },
-                    ),
-                    &bar,
-                )?,
             }
-        }
-        let refs: Vec<&LensRequest> = reqs.iter().collect();
-        let results = run_lens_batch(model.as_ref(), &refs, args.max_batch_tokens);
-        for (case, result) in runs.into_iter().zip(results) {
-            let record = match result.and_then(|r| body(&r)) {
-                Ok(b) => Record::ok(&case.image, &case.prompt, b),
-                Err(e) => Record::failed(&case.image, &case.prompt, case_error(&e)),
-            };
-            on_done(record, &bar)?;
+            let refs: Vec<&LensRequest> = reqs.iter().collect();
+            let results = run_lens_batch(model.as_ref(), &refs, args.max_batch_tokens);
+            for (case, result) in runs.into_iter().zip(results) {
+                on_done(record(case, result), &bar)?;
+            }
         }
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+/// The requests of `cases`, or why one could not be made (its image unreadable). Each image is
+/// read and decoded once, in parallel.
+fn requests<'c>(
+    cases: Vec<&'c CaseKey>,
+    options: &LensOptions,
+) -> Vec<(&'c CaseKey, Result<LensRequest>)> {
+    let mut paths: Vec<&Path> = cases.iter().map(|c| c.path.as_path()).collect();
+    paths.sort();
+    paths.dedup();
+    let decoded: Vec<(&Path, Result<Rgb8>)> =
+        paths.par_iter().map(|p| (*p, read_image(p))).collect();
+    cases
+        .into_iter()
+        .map(|case| {
+            let image = match decoded.iter().find(|(p, _)| *p == case.path.as_path()) {
+                Some((_, Ok(img))) => Ok(img.clone()),
+                Some((_, Err(e))) => Err(again(e)),
+                None => Err(Error::Internal("the image was not read".into())),
+            };
+            let req = image.map(|img| LensRequest {
+                prompt: case.prompt.clone(),
+                image: Some(img),
+                options: options.clone(),
+            });
+            (case, req)
+        })
+        .collect()
+}
+
+/// `e` again, for the next case that names an image that could not be read.
+fn again(e: &Error) -> Error {
+    let message = e.to_string();
+    match e {
+        Error::InvalidImage(_) => Error::InvalidImage(message),
+        Error::UnsupportedImage(_) => Error::UnsupportedImage(message),
+        Error::ImageNotAccepted(_) => Error::ImageNotAccepted(message),
+        Error::TooLarge(_) => Error::TooLarge(message),
+        _ => Error::Internal(message),
+    }
 }
 
 /// The server's answer to GET /models, the part used here.

@@ -592,6 +592,59 @@ impl<'m, T> Generating<'m, T> {
     }
 }
 
+/// Answers to a stream of requests, at most `width` going on together, as the service's worker
+/// keeps its answers going: `more(n)` gives up to n more requests (an empty list ends the stream;
+/// a request that could not be made, as `Err`, is handed straight to `done`); whenever answers
+/// end and leave room, the next requests start, their prompts in one pass ([`start_batch`]), and
+/// each answer goes to `done` as soon as it ends, rather than a group waiting for its longest
+/// answer. `T`: what the caller knows a request by. Stops at the first error `done` returns.
+pub fn stream<T>(
+    model: &dyn VisionLanguageModel,
+    width: usize,
+    max_batch_tokens: usize,
+    mut more: impl FnMut(usize) -> Vec<(T, Result<LensRequest>)>,
+    mut done: impl FnMut(T, Result<LensResponse>) -> Result<()>,
+) -> Result<()> {
+    let mut going = Generating::new(model);
+    let mut over = false;
+    loop {
+        let room = width.max(1).saturating_sub(going.len());
+        if room > 0 && !over {
+            let next = more(room);
+            over = next.is_empty();
+            let (mut tags, mut reqs) = (Vec::new(), Vec::new());
+            for (tag, req) in next {
+                match req {
+                    Ok(req) => {
+                        tags.push(tag);
+                        reqs.push(req);
+                    }
+                    Err(e) => done(tag, Err(e))?,
+                }
+            }
+            let refs: Vec<&LensRequest> = reqs.iter().collect();
+            for (tag, started) in tags
+                .into_iter()
+                .zip(start_batch(model, &refs, max_batch_tokens))
+            {
+                match started {
+                    Ok(g) => going.push(tag, g),
+                    Err(e) => done(tag, Err(e))?,
+                }
+            }
+        }
+        if going.is_empty() {
+            if over {
+                return Ok(());
+            }
+            continue;
+        }
+        for (tag, ended) in going.step() {
+            done(tag, ended.and_then(|g| respond(model, g)))?;
+        }
+    }
+}
+
 /// Requests with `generate` > 0, together ([`Generating`]), to the end. Results in the order of
 /// `reqs`; a request that fails alone fails alone (a step that fails as a whole fails the answers
 /// in it).
