@@ -210,8 +210,11 @@ fn answers_are_the_same_alone_or_sharing_decoder_steps() {
 
 /// The fixture `fixture` with `id` its end token (generation_config.json's `eos_token_id`).
 fn with_end_token(fixture: &str, id: i64) -> Box<dyn logit_lens::models::VisionLanguageModel> {
+    // Tests run in parallel: each copy its own folder.
+    static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let copy = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "logit-lens-eos-{fixture}-{id}-{}",
+        "logit-lens-eos-{fixture}-{id}-{}-{copy}",
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&dir);
