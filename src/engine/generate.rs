@@ -7,6 +7,7 @@
 //! positions come after the prompt in each layer's `positions`. Greedy means the argmax of the
 //! model's own last-layer logits, with none of the snapshot's sampling or penalty settings.
 
+use std::borrow::Borrow;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -162,7 +163,7 @@ fn step_stats(
     Ok(out)
 }
 
-/// One request's answer in progress: its prompt has run ([`start`]); [`Generating`] steps it.
+/// One request's answer in progress: its prompt has run ([`start_batch`]); [`Generating`] steps it.
 pub struct Generation {
     /// How many tokens to generate at most.
     max_new: usize,
@@ -456,12 +457,12 @@ fn next_tokens(
     Ok(tokens.into_iter().zip(stats).collect())
 }
 
-/// Answers generated together. Each starts alone ([`start`]: its prompt through the cached decoder
-/// with its lens); then every [`Self::step`] picks the next tokens of all the answers going, reads
+/// Answers generated together. Each starts with its prompt's pass ([`start_batch`]: prompts
+/// together, each with its lens, keeping its keys and values); then every [`Self::step`] picks the next tokens of all the answers going, reads
 /// their new positions through the lens together ([`next_tokens`]), and feeds the tokens through
 /// the decoder as one batch (projections and MLPs batched, attention per sequence against its own
 /// cache). Each answer is what it is alone. An answer leaves as soon as it is done, and others
-/// may join between steps (the service's worker admits requests that arrive meanwhile). `T`: what
+/// may join between steps (the service's worker, and [`stream`], admit more meanwhile). `T`: what
 /// the caller knows an answer by.
 pub struct Generating<'m, T> {
     model: &'m dyn VisionLanguageModel,
@@ -598,11 +599,11 @@ impl<'m, T> Generating<'m, T> {
 /// end and leave room, the next requests start, their prompts in one pass ([`start_batch`]), and
 /// each answer goes to `done` as soon as it ends, rather than a group waiting for its longest
 /// answer. `T`: what the caller knows a request by. Stops at the first error `done` returns.
-pub fn stream<T>(
+pub fn stream<T, R: Borrow<LensRequest>>(
     model: &dyn VisionLanguageModel,
     width: usize,
     max_batch_tokens: usize,
-    mut more: impl FnMut(usize) -> Vec<(T, Result<LensRequest>)>,
+    mut more: impl FnMut(usize) -> Vec<(T, Result<R>)>,
     mut done: impl FnMut(T, Result<LensResponse>) -> Result<()>,
 ) -> Result<()> {
     let mut going = Generating::new(model);
@@ -622,7 +623,7 @@ pub fn stream<T>(
                     Err(e) => done(tag, Err(e))?,
                 }
             }
-            let refs: Vec<&LensRequest> = reqs.iter().collect();
+            let refs: Vec<&LensRequest> = reqs.iter().map(|r| r.borrow()).collect();
             for (tag, started) in tags
                 .into_iter()
                 .zip(start_batch(model, &refs, max_batch_tokens))
@@ -645,30 +646,26 @@ pub fn stream<T>(
     }
 }
 
-/// Requests with `generate` > 0, together ([`Generating`]), to the end. Results in the order of
-/// `reqs`; a request that fails alone fails alone (a step that fails as a whole fails the answers
-/// in it).
+/// Requests with `generate` > 0, together, to the end ([`stream`] as wide as they are many).
+/// Results in the order of `reqs`; a request that fails alone fails alone (a step that fails as a
+/// whole fails the answers in it).
 pub fn run_generate_batch(
     model: &dyn VisionLanguageModel,
     reqs: &[&LensRequest],
     max_batch_tokens: usize,
 ) -> Vec<Result<LensResponse>> {
     let mut results: Vec<Option<Result<LensResponse>>> = (0..reqs.len()).map(|_| None).collect();
-    let mut batch = Generating::new(model);
-    for (i, started) in start_batch(model, reqs, max_batch_tokens)
-        .into_iter()
-        .enumerate()
-    {
-        match started {
-            Ok(g) => batch.push(i, g),
-            Err(e) => results[i] = Some(Err(e)),
-        }
-    }
-    while !batch.is_empty() {
-        for (i, r) in batch.step() {
-            results[i] = Some(r.and_then(|g| respond(model, g)));
-        }
-    }
+    // All of them at once, then no more.
+    let mut all = Some(reqs);
+    let more = |_| {
+        let all = all.take().into_iter().flatten().copied().enumerate();
+        all.map(|(i, r)| (i, Ok(r))).collect()
+    };
+    // `done` keeps every result and never fails, so neither does the stream.
+    let _ = stream(model, reqs.len(), max_batch_tokens, more, |i, r| {
+        results[i] = Some(r);
+        Ok(())
+    });
     results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(lost())))
