@@ -40,14 +40,6 @@ fn requests(n: usize) -> Vec<LensRequest> {
         .collect()
 }
 
-fn copy(r: &LensRequest) -> LensRequest {
-    LensRequest {
-        prompt: r.prompt.clone(),
-        image: r.image.clone(),
-        options: r.options.clone(),
-    }
-}
-
 /// Every answer through `generate::stream`, `width` at a time.
 fn streamed(model: &dyn VisionLanguageModel, reqs: &[LensRequest], width: usize) -> Vec<Vec<u32>> {
     let mut next = 0;
@@ -59,7 +51,7 @@ fn streamed(model: &dyn VisionLanguageModel, reqs: &[LensRequest], width: usize)
         |n| {
             let take: Vec<usize> = (next..reqs.len()).take(n).collect();
             next += take.len();
-            take.into_iter().map(|i| (i, Ok(copy(&reqs[i])))).collect()
+            take.into_iter().map(|i| (i, Ok(reqs[i].clone()))).collect()
         },
         |i, r: logit_lens::Result<LensResponse>| {
             out[i] = r?.answer.unwrap().tokens.iter().map(|t| t.id).collect();

@@ -239,17 +239,33 @@ fn with_end_token(fixture: &str, id: i64) -> Box<dyn logit_lens::models::VisionL
     model
 }
 
-/// Generation stops at the snapshot's end token (generation_config.json's `eos_token_id`),
-/// which is the answer's last token; past the server's bound is 422.
-#[test]
-fn an_end_token_stops_and_too_many_tokens_are_refused() {
+/// The text-only Mistral case and its fixture with the case's second answer token as end token
+/// (the case's answer then ends after 2 tokens), with that token.
+fn ending_after_two() -> (Entry, i64, Box<dyn logit_lens::models::VisionLanguageModel>) {
     let e = entries()
         .into_iter()
         .find(|e| e.fixture == "mistral-hub")
         .unwrap();
-    let r = Reference::load("generate", &e.file);
-    let second = r.ids("new_ids")[1];
-    let model = with_end_token("mistral-hub", second);
+    let second = Reference::load("generate", &e.file).ids("new_ids")[1];
+    (e, second, with_end_token("mistral-hub", second))
+}
+
+/// `got` is the answer `want`: its text, every token's id and ranks, and probabilities within 1e-5.
+fn same_tokens(want: &logit_lens::api::Answer, got: &logit_lens::api::Answer) {
+    assert_eq!(want.text, got.text);
+    for (x, y) in want.tokens.iter().zip(&got.tokens) {
+        assert_eq!((x.id, &x.ranks), (y.id, &y.ranks));
+        for (p, q) in x.probs.iter().zip(&y.probs) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
+    }
+}
+
+/// Generation stops at the snapshot's end token (generation_config.json's `eos_token_id`),
+/// which is the answer's last token; past the server's bound is 422.
+#[test]
+fn an_end_token_stops_and_too_many_tokens_are_refused() {
+    let (e, second, model) = ending_after_two();
     let resp = run_lens(model.as_ref(), &request(&e, 6)).unwrap();
     let answer = resp.answer.unwrap();
     assert_eq!(answer.stopped, "eos");
@@ -294,14 +310,7 @@ fn answers_leave_as_they_end_and_a_stopped_one_at_once() {
     for (i, got) in ended {
         let got = logit_lens::engine::generate::respond(model.as_ref(), got.unwrap()).unwrap();
         let want = run_lens(model.as_ref(), &reqs[i]).unwrap();
-        let (a, b) = (want.answer.unwrap(), got.answer.unwrap());
-        assert_eq!(a.text, b.text);
-        for (x, y) in a.tokens.iter().zip(&b.tokens) {
-            assert_eq!((x.id, &x.ranks), (y.id, &y.ranks));
-            for (p, q) in x.probs.iter().zip(&y.probs) {
-                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
-            }
-        }
+        same_tokens(&want.answer.unwrap(), &got.answer.unwrap());
     }
 }
 
@@ -310,12 +319,7 @@ fn answers_leave_as_they_end_and_a_stopped_one_at_once() {
 /// of its group ends. Every answer is what it is alone.
 #[test]
 fn a_stream_starts_the_next_request_as_soon_as_an_answer_ends() {
-    let e = entries()
-        .into_iter()
-        .find(|e| e.fixture == "mistral-hub")
-        .unwrap();
-    let second = Reference::load("generate", &e.file).ids("new_ids")[1];
-    let model = with_end_token("mistral-hub", second);
+    let (e, _, model) = ending_after_two();
     let reqs = [
         request(&e, 6),
         generating("Describe the picture.", 4),
@@ -331,9 +335,8 @@ fn a_stream_starts_the_next_request_as_soon_as_an_answer_ends() {
         .collect();
     assert_eq!(stopped, ["eos", "length", "length"], "the premise");
     let mut next = 0;
-    let mut events: Vec<String> = Vec::new();
+    let events = std::cell::RefCell::new(Vec::<String>::new());
     let mut got = vec![None, None, None];
-    let events_cell = std::cell::RefCell::new(&mut events);
     logit_lens::engine::generate::stream(
         model.as_ref(),
         2,
@@ -341,28 +344,18 @@ fn a_stream_starts_the_next_request_as_soon_as_an_answer_ends() {
         |n| {
             let take: Vec<usize> = (next..reqs.len()).take(n).collect();
             next += take.len();
-            events_cell.borrow_mut().push(format!("more {n}: {take:?}"));
-            take.into_iter()
-                .map(|i| {
-                    let r = &reqs[i];
-                    let copy = LensRequest {
-                        prompt: r.prompt.clone(),
-                        image: r.image.clone(),
-                        options: r.options.clone(),
-                    };
-                    (i, Ok(copy))
-                })
-                .collect()
+            events.borrow_mut().push(format!("more {n}: {take:?}"));
+            take.into_iter().map(|i| (i, Ok(&reqs[i]))).collect()
         },
         |i, result| {
-            events_cell.borrow_mut().push(format!("done {i}"));
+            events.borrow_mut().push(format!("done {i}"));
             got[i] = Some(result?);
             Ok(())
         },
     )
     .unwrap();
     assert_eq!(
-        events,
+        events.into_inner(),
         [
             "more 2: [0, 1]",
             "done 0",
@@ -375,13 +368,7 @@ fn a_stream_starts_the_next_request_as_soon_as_an_answer_ends() {
     for (want, got) in alone.iter().zip(got) {
         let got = got.unwrap();
         let (a, b) = (want.answer.as_ref().unwrap(), got.answer.as_ref().unwrap());
-        assert_eq!(a.text, b.text);
         assert_eq!(a.stopped, b.stopped);
-        for (x, y) in a.tokens.iter().zip(&b.tokens) {
-            assert_eq!((x.id, &x.ranks), (y.id, &y.ranks));
-            for (p, q) in x.probs.iter().zip(&y.probs) {
-                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
-            }
-        }
+        same_tokens(a, b);
     }
 }

@@ -222,13 +222,7 @@ pub fn start_batch(
             _ => valid.push(i),
         }
     }
-    let mut ready = Vec::new();
-    for (i, r) in prepare_all(model, reqs, &valid) {
-        match r {
-            Ok(r) => ready.push(r),
-            Err(e) => results[i] = Some(Err(e)),
-        }
-    }
+    let ready = prepare_all(model, reqs, &valid, &mut results);
     for group in groups_under(ready, max_batch_tokens) {
         let prefilled = match prefill(model, &group) {
             Ok(p) => p,

@@ -17,6 +17,7 @@ use crate::models::{LayerObserver, Prepared, VisionLanguageModel};
 use crate::preprocess::image::Rgb8;
 
 /// A request after decoding: the prompt, the decoded image, the options.
+#[derive(Clone)]
 pub struct LensRequest {
     pub prompt: String,
     pub image: Option<Rgb8>,
@@ -60,14 +61,16 @@ pub(crate) struct Ready<'r> {
 
 /// Prepares `reqs[i]` for every i of `which` ([`VisionLanguageModel::prepare`], then its
 /// options resolved against the prompt): CPU work (image processing, templating, tokenization),
-/// independent per request, so in parallel, off the device. A bad request fails alone.
-pub(crate) fn prepare_all<'r>(
+/// independent per request, so in parallel, off the device. A bad request fails alone: its error
+/// goes to `results[i]`.
+pub(crate) fn prepare_all<'r, T>(
     model: &dyn VisionLanguageModel,
     reqs: &[&'r LensRequest],
     which: &[usize],
-) -> Vec<(usize, Result<Ready<'r>>)> {
+    results: &mut [Option<Result<T>>],
+) -> Vec<Ready<'r>> {
     let info = model.info();
-    which
+    let prepared: Vec<(usize, Result<Ready<'r>>)> = which
         .par_iter()
         .map(|&index| {
             let req = reqs[index];
@@ -92,7 +95,15 @@ pub(crate) fn prepare_all<'r>(
                 });
             (index, r)
         })
-        .collect()
+        .collect();
+    let mut ready = Vec::with_capacity(prepared.len());
+    for (index, r) in prepared {
+        match r {
+            Ok(r) => ready.push(r),
+            Err(e) => results[index] = Some(Err(e)),
+        }
+    }
+    ready
 }
 
 /// Greedy groups of `ready`, in order, each under `max_batch_tokens` padded tokens (requests ×
@@ -143,13 +154,7 @@ pub fn run_lens_batch(
         }
     }
     let reqs_left: Vec<usize> = (0..reqs.len()).filter(|&i| results[i].is_none()).collect();
-    let mut ready = Vec::new();
-    for (index, r) in prepare_all(model, reqs, &reqs_left) {
-        match r {
-            Ok(r) => ready.push(r),
-            Err(e) => results[index] = Some(Err(e)),
-        }
-    }
+    let ready = prepare_all(model, reqs, &reqs_left, &mut results);
     for group in groups_under(ready, max_batch_tokens) {
         match run_group(model, &group) {
             Ok(out) => {

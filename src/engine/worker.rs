@@ -270,10 +270,6 @@ impl Worker {
             .collect();
         let _ = state.send(LoadState::Ready(Arc::new(entries)));
         while let Some(group) = self.next_group() {
-            self.depth.fetch_sub(group.len(), Ordering::SeqCst);
-            if let Some(hook) = &self.on_batch {
-                hook(group.len());
-            }
             let started = Instant::now();
             let n = self.run_group(&models, group);
             let per = started.elapsed().as_micros() as u64 / n.max(1) as u64;
@@ -307,11 +303,16 @@ impl Worker {
         Some(group)
     }
 
-    /// Runs one group of jobs for one model: the live ones (client still there, deadline not
-    /// passed) that do not generate go through the decoder together ([`run_batch`]); then the
-    /// ones that generate ([`Self::generate`]). Returns how many jobs ran, those that joined or
-    /// ran between the steps included.
+    /// Runs one group of jobs for one model, just taken off the queue (counted out of its depth
+    /// and reported to the group hook): the live ones (client still there, deadline not passed)
+    /// that do not generate go through the decoder together ([`run_batch`]); then the ones that
+    /// generate ([`Self::generate`]). Returns how many jobs ran, those that joined or ran between
+    /// the steps included.
     fn run_group(&mut self, models: &[Box<dyn VisionLanguageModel>], group: Vec<Job>) -> usize {
+        self.depth.fetch_sub(group.len(), Ordering::SeqCst);
+        if let Some(hook) = &self.on_batch {
+            hook(group.len());
+        }
         let Some(index) = group.first().map(|job| job.model) else {
             return 0;
         };
@@ -394,9 +395,9 @@ impl Worker {
     /// Between two steps of `batch` (model `index`), the queue goes on in its order: the jobs next
     /// in line that generate with the same model join `batch` (up to the batch size; their prompts
     /// run together), and a group of those next in line that do not generate, for any one model,
-    /// runs (one group, so that a stream of them cannot hold the answers back). A job that generates with another model, or
-    /// joins a full batch, waits for the batch to end; nothing overtakes it. Returns how many jobs
-    /// ran or joined.
+    /// runs (one group, so that a stream of them cannot hold the answers back). A job that
+    /// generates with another model, or joins a full batch, waits for the batch to end; nothing
+    /// overtakes it. Returns how many jobs ran or joined.
     fn between_steps(
         &mut self,
         models: &[Box<dyn VisionLanguageModel>],
@@ -442,10 +443,6 @@ impl Worker {
                         .is_some_and(|job| job.model == theirs && job.request.options.generate == 0)
                 {
                     group.extend(self.pending.pop_front());
-                }
-                self.depth.fetch_sub(group.len(), Ordering::SeqCst);
-                if let Some(hook) = &self.on_batch {
-                    hook(group.len());
                 }
                 n += self.run_group(models, group);
                 ran_group = true;
