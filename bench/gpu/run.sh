@@ -88,11 +88,21 @@ for family in ${models//,/ }; do
     probe "$ref" 2 2 none-ops
     probe "$fused" 2 2 fused-ops
   fi
-  # The fused kernels are the default on a GPU; the server runs op by op only if they disagree.
+  # The fused kernels are the default on a GPU; the server runs op by op only if they disagree (or
+  # their probe failed). A list beyond `all` (all,cudnn-attention: kernels never run on a card before)
+  # that fails falls back to `all`, the setting served since run 5, so that one failing kernel does
+  # not leave the call with op-by-op figures only.
   fused_env=$fused
   if ! $py bench/gpu/compare_fused.py "$out/probe-$family-none.json" "$out/probe-$family-fused.json" \
        "$out/profile-$family-none.txt" "$out/profile-$family-fused.txt" | tee "$out/fused-$family.txt"; then
     fused_env=$ref
+    if [[ $fused != all && $ref != all ]]; then
+      log "LOGIT_LENS_FUSED=$fused not served (see fused-$family.txt, profile-$family-fused.txt); trying all"
+      probe all 1 3 fused-all
+      $py bench/gpu/compare_fused.py "$out/probe-$family-none.json" "$out/probe-$family-fused-all.json" \
+        "$out/profile-$family-none.txt" "$out/profile-$family-fused-all.txt" | tee "$out/fused-$family-all.txt" \
+        && fused_env=all
+    fi
   fi
   echo "{\"fused\": \"$family\", \"serve_with\": \"$fused_env\"}" >> "$res"
   serve() {  # serve <log name> [env assignments]: starts the server, waits for /ready; sets pid
