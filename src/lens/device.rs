@@ -349,27 +349,42 @@ pub(super) fn combine_max_sumexp(mut parts: Vec<Tensor>) -> Result<Tensor> {
 
 /// Rows of one width on the host, in one flat buffer: a `Vec` per row (candle's `to_vec2`) would
 /// copy every row once more and allocate each (the detail rows are 29 × 152k f32 for one Qwen2-VL
-/// request at the last position, 17.6 MB).
+/// request at the last position, 17.6 MB). From CUDA, a page-locked buffer kept for the next
+/// request where it fits (cuda.rs, [`super::cuda::to_pinned`]).
 pub(super) struct HostRows {
-    data: Vec<f32>,
+    data: HostData,
     width: usize,
 }
 
+enum HostData {
+    Owned(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Pinned(super::cuda::PinnedRows),
+}
+
 impl HostRows {
+    fn data(&self) -> &[f32] {
+        match &self.data {
+            HostData::Owned(v) => v,
+            #[cfg(feature = "cuda")]
+            HostData::Pinned(p) => p.as_slice(),
+        }
+    }
+
     pub(super) fn len(&self) -> usize {
-        self.data.len() / self.width.max(1)
+        self.data().len() / self.width.max(1)
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.data().is_empty()
     }
 
     pub(super) fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
-        self.data.chunks_exact(self.width.max(1))
+        self.data().chunks_exact(self.width.max(1))
     }
 
     pub(super) fn par_rows(&self) -> rayon::slice::ChunksExact<'_, f32> {
-        self.data.par_chunks_exact(self.width.max(1))
+        self.data().par_chunks_exact(self.width.max(1))
     }
 }
 
@@ -378,14 +393,21 @@ impl HostRows {
 pub(super) fn to_host_rows(tensors: &[Tensor]) -> Result<HostRows> {
     if tensors.is_empty() {
         return Ok(HostRows {
-            data: Vec::new(),
+            data: HostData::Owned(Vec::new()),
             width: 0,
         });
     }
     let all = Tensor::cat(tensors, 0)?.to_dtype(DType::F32)?;
     let width = all.dim(1)?;
+    #[cfg(feature = "cuda")]
+    if let Some(pinned) = super::cuda::to_pinned(&all)? {
+        return Ok(HostRows {
+            data: HostData::Pinned(pinned),
+            width,
+        });
+    }
     Ok(HostRows {
-        data: host_f32(&all)?,
+        data: HostData::Owned(host_f32(&all)?),
         width,
     })
 }

@@ -366,6 +366,7 @@ pub fn checkpoint_dtype(dir: &Path) -> Result<DType> {
 pub fn parse_device(spec: &str) -> Result<Device> {
     let device = parse_device_spec(spec)?;
     keep_freed_device_memory(&device);
+    no_event_tracking(&device);
     Ok(device)
 }
 
@@ -427,6 +428,28 @@ fn keep_freed_device_memory(device: &Device) {
 
 #[cfg(not(feature = "cuda"))]
 fn keep_freed_device_memory(_device: &Device) {}
+
+/// cudarc gives every device buffer two CUDA events (created at allocation, destroyed when it is
+/// freed: four driver calls per candle operation's output), which it records and waits on only
+/// once a second stream exists in the context. candle's device is one stream (its per-thread
+/// default stream; cuBLAS and the cuDNN attention run on it too) and this program makes no other,
+/// so the events are never used: buffers are made without them. `LOGIT_LENS_CUDA_EVENTS=1` keeps
+/// cudarc's default (to measure one against the other; `gpu_tests` in profile.rs prints both).
+#[cfg(feature = "cuda")]
+fn no_event_tracking(device: &Device) {
+    let Device::Cuda(cuda) = device else {
+        return;
+    };
+    if std::env::var("LOGIT_LENS_CUDA_EVENTS").is_ok_and(|v| !v.is_empty() && v != "0") {
+        return;
+    }
+    // SAFETY: cudarc's events order a buffer's uses across streams; with one stream (above) the
+    // stream's own order is the only one there is, and cudarc does not record them anyway.
+    unsafe { cuda.disable_event_tracking() };
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_event_tracking(_device: &Device) {}
 
 /// `--dtype`: `auto` (None), f32, bf16 or f16.
 pub fn dtype_choice(spec: &str) -> Result<Option<DType>> {

@@ -185,5 +185,27 @@ mod gpu_tests {
         eprintln!(
             "candle op binary, broadcast, dims cached: host {host:.1} µs, host + device {total:.1} µs per op"
         );
+        // The same operations, alternating, on a device as `parse_device` makes it: outputs
+        // without cudarc's two CUDA events each (models/mod.rs, `no_event_tracking`).
+        let quiet = crate::models::parse_device("cuda").unwrap();
+        let (xq, wtq) = (x.to_device(&quiet).unwrap(), wt.to_device(&quiet).unwrap());
+        type Op<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Tensor;
+        let ops: [(&str, Op); 3] = [
+            ("unary (silu)", &|x, _| x.silu().unwrap()),
+            ("binary (add)", &|x, _| (x + x).unwrap()),
+            ("matmul [418, 1536]·[1536, 1536]", &|x, wt| {
+                x.matmul(wt).unwrap()
+            }),
+        ];
+        for (name, f) in ops {
+            for round in 0..2 {
+                let (h1, t1) = per_call(&gpu, 2000, &|| f(&x, &wt));
+                let (h0, t0) = per_call(&quiet, 2000, &|| f(&xq, &wtq));
+                eprintln!(
+                    "candle op {name} (round {round}): host / host + device µs per op, with events \
+                     {h1:.1} / {t1:.1}, without {h0:.1} / {t0:.1}"
+                );
+            }
+        }
     }
 }
