@@ -21,7 +21,7 @@ use crate::lens::{LayerStats, Lens, LensSpec, PositionStats};
 use crate::models::decoder::KvCache;
 use crate::models::{LayerObserver, Prepared, VisionLanguageModel};
 
-use super::{groups_under, prepare_all, LensRequest, Ready};
+use super::{groups_under, prepare_all, together_or_alone, LensRequest, Ready};
 
 /// The most new tokens one request may ask for (`generate` past it: 422).
 pub const MAX_NEW_TOKENS: usize = 64;
@@ -224,18 +224,7 @@ pub fn start_batch(
     }
     let ready = prepare_all(model, reqs, &valid, &mut results);
     for group in groups_under(ready, max_batch_tokens) {
-        let prefilled = match prefill(model, &group) {
-            Ok(p) => p,
-            // Out of device memory at this size, or one request that breaks the pass: only
-            // what fails alone fails.
-            Err(_) if group.len() > 1 => group
-                .chunks(1)
-                .map(|one| {
-                    prefill(model, one).and_then(|mut p| p.pop().unwrap_or_else(|| Err(lost())))
-                })
-                .collect(),
-            Err(e) => vec![Err(e)],
-        };
+        let prefilled = together_or_alone(&group, |g| prefill(model, g));
         for (r, p) in group.into_iter().zip(prefilled) {
             results[r.index] = Some(p.map(|p| Generation {
                 max_new: r.options.generate,

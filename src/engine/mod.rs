@@ -156,25 +156,11 @@ pub fn run_lens_batch(
     let reqs_left: Vec<usize> = (0..reqs.len()).filter(|&i| results[i].is_none()).collect();
     let ready = prepare_all(model, reqs, &reqs_left, &mut results);
     for group in groups_under(ready, max_batch_tokens) {
-        match run_group(model, &group) {
-            Ok(out) => {
-                for (index, result) in out {
-                    results[index] = Some(result);
-                }
-            }
-            // A batch whose forward pass fails as a whole (out of device memory at this size, or
-            // one request that breaks it) is retried request by request: only what fails alone
-            // is reported as failed.
-            Err(_) if group.len() > 1 => {
-                for one in group.chunks(1) {
-                    let out =
-                        run_group(model, one).unwrap_or_else(|e| vec![(one[0].index, Err(e))]);
-                    for (index, result) in out {
-                        results[index] = Some(result);
-                    }
-                }
-            }
-            Err(e) => results[group[0].index] = Some(Err(e)),
+        for (r, result) in group
+            .iter()
+            .zip(together_or_alone(&group, |g| run_group(model, g)))
+        {
+            results[r.index] = Some(result);
         }
     }
     results
@@ -183,12 +169,31 @@ pub fn run_lens_batch(
         .collect()
 }
 
-/// One forward pass for `group`; `Err` when the pass itself failed (each request's own result
-/// otherwise).
+/// `run(group)`: one result per request of `group`, in its order, or `Err` when the pass itself
+/// failed. A group whose pass fails as a whole (out of device memory at this size, or one request
+/// that breaks it) runs again request by request: only what fails alone is reported as failed.
+pub(crate) fn together_or_alone<T>(
+    group: &[Ready],
+    run: impl Fn(&[Ready]) -> Result<Vec<Result<T>>>,
+) -> Vec<Result<T>> {
+    let alone = |one: &[Ready]| -> Result<T> {
+        run(one)?
+            .pop()
+            .unwrap_or_else(|| Err(crate::Error::Internal("a request's result was lost".into())))
+    };
+    match run(group) {
+        Ok(results) => results,
+        Err(_) if group.len() > 1 => group.chunks(1).map(alone).collect(),
+        Err(e) => vec![Err(e)],
+    }
+}
+
+/// One forward pass for `group`: each request's own result, in its order; `Err` when the pass
+/// itself failed.
 fn run_group(
     model: &dyn VisionLanguageModel,
     group: &[Ready],
-) -> Result<Vec<(usize, Result<LensResponse>)>> {
+) -> Result<Vec<Result<LensResponse>>> {
     let info = model.info();
     let t1 = Instant::now();
     let lenses: Result<Vec<Lens>> = group
@@ -218,7 +223,7 @@ fn run_group(
             let stats =
                 crate::models::profile::stage("lens (deferred part)", device, || lens.finish());
             let lens_ms = during_ms + ms(finishing.elapsed());
-            let response = stats.map(|stats| LensResponse {
+            stats.map(|stats| LensResponse {
                 model: info.name.clone(),
                 family: info.family.to_string(),
                 num_layers: info.num_layers,
@@ -236,8 +241,7 @@ fn run_group(
                     lens: lens_ms,
                     total: r.preprocess_ms + forward_ms + lens_ms,
                 },
-            });
-            (r.index, response)
+            })
         })
         .collect::<Vec<_>>();
     // LOGIT_LENS_PROFILE=2: the lens's deferred part by group of operations, summed over the group.
