@@ -322,18 +322,28 @@ pub fn to_pinned(t: &Tensor) -> candle_core::Result<Option<PinnedRows>> {
     };
     let mut buf = match taken {
         Some(b) => b,
-        // SAFETY: the buffer's contents are written by the copy below before anything reads them.
-        // Portable: page-locked for every context (the service's devices are separate contexts'
-        // handles on one card); not write-combined, which the host reads very slowly.
-        None => unsafe {
-            stream
-                .context()
-                .alloc_pinned_with_flags::<f32>(
+        None => {
+            // SAFETY: the buffer's contents are written by the copy below before anything reads
+            // them. Portable: page-locked for every context (the service's devices are separate
+            // contexts' handles on one card); not write-combined, which the host reads slowly.
+            let fresh = unsafe {
+                stream.context().alloc_pinned_with_flags::<f32>(
                     n.div_ceil(PINNED_STEP) * PINNED_STEP,
                     cudarc::driver::sys::CU_MEMHOSTALLOC_PORTABLE,
                 )
-                .w()?
-        },
+            };
+            match fresh {
+                Ok(b) => b,
+                // Page-locked memory is an optimisation: without it, the copy goes as candle's.
+                Err(e) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        eprintln!("note: no page-locked host memory ({e:?}); the lens's results come back through pageable memory")
+                    });
+                    return Ok(None);
+                }
+            }
+        }
     };
     let src = s.as_cuda_slice::<f32>()?.slice(o..e);
     {
