@@ -588,4 +588,86 @@ mod gpu_tests {
             );
         }
     }
+
+    /// Issue 17's goals against what the card's GEMMs alone allow: every GEMM of one request at
+    /// concurrency 8 (a batch of 8 requests, at the shapes the service runs them), each timed alone
+    /// at its shape, summed per request. No attention kernel, fusion or host overhead can take a
+    /// request below this floor. The goals are 0.6 (Qwen2-VL-2B) and 0.7 (LLaVA-1.5-7B) of batched
+    /// torch in run 5 (47.0 and 36.9 ms): 28.2 and 25.8 ms a request. Token counts: Qwen2-VL's
+    /// 640×480 request is 1196 patches and 418 tokens (run 5); LLaVA's is 577 patches through
+    /// 23 of CLIP's 24 layers (the feature layer is the penultimate) and ~591 tokens (576 image
+    /// tokens and the template). The lens runs per request (29 and 33 lens
+    /// layers) in f32 logits, as [`matmul_nt_f32`]; the rest are candle's matmuls in the
+    /// checkpoint's dtype.
+    #[test]
+    fn gemm_floor_of_a_request_at_concurrency_8() {
+        let Some(gpu) = gpu() else { return };
+        // (part, rows, in, out, GEMMs of this shape per pass, requests per pass, f32 logits)
+        type Gemm = (&'static str, usize, usize, usize, usize, usize, bool);
+        let (q_img, q_tok, l_img, l_tok) = (1196, 418, 577, 591);
+        let qwen: Vec<Gemm> = vec![
+            ("vision", 8 * q_img, 1280, 3840, 32, 8, false),
+            ("vision", 8 * q_img, 1280, 1280, 32, 8, false),
+            ("vision", 8 * q_img, 1280, 5120, 32, 8, false),
+            ("vision", 8 * q_img, 5120, 1280, 32, 8, false),
+            ("vision", 8 * q_img / 4, 5120, 5120, 1, 8, false),
+            ("vision", 8 * q_img / 4, 5120, 1536, 1, 8, false),
+            ("decoder", 8 * q_tok, 1536, 2048, 28, 8, false),
+            ("decoder", 8 * q_tok, 1536, 1536, 28, 8, false),
+            ("decoder", 8 * q_tok, 1536, 8960, 2 * 28, 8, false),
+            ("decoder", 8 * q_tok, 8960, 1536, 28, 8, false),
+            ("lens", q_tok, 1536, 151936, 29, 1, true),
+        ];
+        let llava: Vec<Gemm> = vec![
+            ("vision", 8 * l_img, 1024, 3072, 23, 8, false),
+            ("vision", 8 * l_img, 1024, 1024, 23, 8, false),
+            ("vision", 8 * l_img, 1024, 4096, 23, 8, false),
+            ("vision", 8 * l_img, 4096, 1024, 23, 8, false),
+            ("vision", 8 * 576, 1024, 4096, 1, 8, false),
+            ("vision", 8 * 576, 4096, 4096, 1, 8, false),
+            ("decoder", 8 * l_tok, 4096, 3 * 4096, 32, 8, false),
+            ("decoder", 8 * l_tok, 4096, 4096, 32, 8, false),
+            ("decoder", 8 * l_tok, 4096, 11008, 2 * 32, 8, false),
+            ("decoder", 8 * l_tok, 11008, 4096, 32, 8, false),
+            ("lens", l_tok, 4096, 32064, 33, 1, true),
+        ];
+        for (name, dtype, goal, gemms) in [
+            ("Qwen2-VL-2B 640×480", DType::BF16, 28.2, qwen),
+            ("LLaVA-1.5-7B 640×480", DType::F16, 25.8, llava),
+        ] {
+            let mut parts: Vec<(&str, f64)> = Vec::new();
+            for (part, rows, k, out, count, requests, f32_logits) in gemms {
+                let t = |shape: (usize, usize)| {
+                    Tensor::randn(0f32, 0.05, shape, &gpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let (x, w) = (t((rows, k)), t((out, k)));
+                let wt = w.t().unwrap();
+                let us = if f32_logits {
+                    per_call(&gpu, 20, &|| matmul_nt_f32(&x, &w).unwrap()).1
+                } else {
+                    per_call(&gpu, 20, &|| x.matmul(&wt).unwrap()).1
+                };
+                let tflops = 2.0 * (rows * k * out) as f64 / (us * 1e-6) / 1e12;
+                let ms = us * count as f64 / requests as f64 / 1e3;
+                eprintln!(
+                    "gemm floor {name}: {part} [{rows}, {k}]·[{out}, {k}]ᵀ × {count}: {us:.0} µs \
+                     ({tflops:.0} TFLOP/s), {ms:.2} ms a request"
+                );
+                match parts.iter_mut().find(|(p, _)| *p == part) {
+                    Some((_, total)) => *total += ms,
+                    None => parts.push((part, ms)),
+                }
+            }
+            let total: f64 = parts.iter().map(|(_, ms)| ms).sum();
+            let split: Vec<String> = parts.iter().map(|(p, ms)| format!("{p} {ms:.1}")).collect();
+            eprintln!(
+                "gemm floor {name} at concurrency 8: {total:.1} ms a request ({}); issue 17's goal \
+                 {goal} ms",
+                split.join(", ")
+            );
+        }
+    }
 }
