@@ -96,9 +96,11 @@ mod ffi {
     use std::ffi::{c_char, c_int, c_void};
 
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DevicePtr, DevicePtrMut};
+    use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, DType, Layout, Shape};
 
+    use super::super::flash::operand_start;
     use super::Sdpa;
 
     extern "C" {
@@ -123,6 +125,7 @@ mod ffi {
             v: *const c_void,
             o: *mut c_void,
             workspace: *mut c_void,
+            workspace_bytes: i64,
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
@@ -136,6 +139,19 @@ mod ffi {
         String::from_utf8_lossy(&buf[..end]).into_owned()
     }
 
+    /// Operand `i` from its layout's start plus its view's offset, every element its view reads
+    /// within its storage.
+    fn operand<'a, T: CudaDType>(
+        op: &Sdpa,
+        i: usize,
+        s: &'a CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<CudaView<'a, T>> {
+        let all = s.as_cuda_slice::<T>()?;
+        let start = operand_start("cuDNN attention", op.dims, i, op.views[i], l, all.len())?;
+        Ok(all.slice(start..))
+    }
+
     pub(super) fn run(
         op: &Sdpa,
         (s1, l1): (&CudaStorage, &Layout),
@@ -145,6 +161,12 @@ mod ffi {
         let d = op.dims;
         if op.causal && d.queries != d.keys {
             candle_core::bail!("cuDNN attention: causal needs as many queries as keys ({d:?})");
+        }
+        // What the frontend would divide by or read past: refused here, not a crash there.
+        if [d.batch, d.heads, d.kv_heads, d.queries, d.keys, d.head_dim].contains(&0)
+            || !d.heads.is_multiple_of(d.kv_heads)
+        {
+            candle_core::bail!("cuDNN attention: {d:?}");
         }
         let dtype = match (s1.dtype(), s2.dtype(), s3.dtype()) {
             (DType::BF16, DType::BF16, DType::BF16) => 0,
@@ -176,20 +198,17 @@ mod ffi {
         let dev = s1.device();
         let stream = dev.cuda_stream();
         let n = d.batch * d.queries * d.heads * d.head_dim;
-        let mut workspace = dev.alloc_zeros::<u8>((ws as usize).max(1))?;
+        // None when the plan needs no workspace (the frontend takes a null pointer then).
+        let mut workspace = (ws > 0)
+            .then(|| dev.alloc_zeros::<u8>(ws as usize))
+            .transpose()?;
         macro_rules! go {
             ($ty:ty) => {{
-                // Each operand from its layout's start plus its view's offset; the bounds are the
-                // flash kernel's (same views), checked by the caller's shapes.
-                let q = s1
-                    .as_cuda_slice::<$ty>()?
-                    .slice(l1.start_offset() + qv.offset..);
-                let k = s2
-                    .as_cuda_slice::<$ty>()?
-                    .slice(l2.start_offset() + kv.offset..);
-                let v = s3
-                    .as_cuda_slice::<$ty>()?
-                    .slice(l3.start_offset() + vv.offset..);
+                let (q, k, v) = (
+                    operand::<$ty>(op, 0, s1, l1)?,
+                    operand::<$ty>(op, 1, s2, l2)?,
+                    operand::<$ty>(op, 2, s3, l3)?,
+                );
                 // SAFETY: cuDNN writes every element of the output.
                 let mut out = unsafe { dev.alloc::<$ty>(n) }?;
                 {
@@ -197,7 +216,13 @@ mod ffi {
                     let (kp, _g2) = k.device_ptr(&stream);
                     let (vp, _g3) = v.device_ptr(&stream);
                     let (op_, _g4) = out.device_ptr_mut(&stream);
-                    let (wp, _g5) = workspace.device_ptr_mut(&stream);
+                    let (wp, _g5) = match workspace.as_mut() {
+                        Some(w) => {
+                            let (p, g) = w.device_ptr_mut(&stream);
+                            (p as *mut c_void, Some(g))
+                        }
+                        None => (std::ptr::null_mut(), None),
+                    };
                     // SAFETY: device pointers valid for the call on `stream`, which the shim sets
                     // as the handle's stream; the views stay within the operands (as for flash).
                     let rc = unsafe {
@@ -212,7 +237,8 @@ mod ffi {
                             kp as *const c_void,
                             vp as *const c_void,
                             op_ as *mut c_void,
-                            wp as *mut c_void,
+                            wp,
+                            ws,
                             err.as_mut_ptr().cast(),
                             err.len(),
                         )
@@ -332,5 +358,78 @@ mod gpu_tests {
         }
         eprintln!("cudnn plans: {}", describe());
         assert!(failures.is_empty(), "{failures:#?}");
+    }
+
+    /// Qwen2-VL's vision tower sends its images of one size as one batch read in place
+    /// (qwen2_vl/vision.rs): q, k and v `[1, heads, patches, d]` views of the packed projection, a
+    /// run of equal images as a batch whose stride is one image's patches (less than the head
+    /// stride) from an offset past the images before it. Here an image of 600 patches, then two of
+    /// 598 read as one batch of 2, against eager attention over each image alone.
+    #[test]
+    fn cudnn_attention_reads_a_run_of_equal_images_in_place() {
+        let Some(gpu) = gpu() else { return };
+        let (heads, d, first, len, r) = (16, 80, 600, 598, 2);
+        let n = first + r * len;
+        for dtype in [DType::BF16, DType::F16] {
+            let packed = Tensor::randn(0f32, 1.0, (1, n, 3 * heads, d), &gpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap(); // [1, 3·heads, n, d], strided
+            let part = |i: usize| packed.narrow(1, i * heads, heads).unwrap();
+            let (q, k, v) = (part(0), part(1), part(2));
+            let run = |t: &Tensor| {
+                let w = View::of(t).unwrap();
+                View {
+                    offset: first * w.token,
+                    batch: len * w.token,
+                    ..w
+                }
+            };
+            let dims = Dims {
+                batch: r,
+                heads,
+                kv_heads: heads,
+                queries: len,
+                keys: len,
+                head_dim: d,
+            };
+            let scale = (d as f64).powf(-0.5);
+            let got = match sdpa(
+                (&q, run(&q)),
+                (&k, run(&k)),
+                (&v, run(&v)),
+                dims,
+                false,
+                scale,
+            ) {
+                Ok(t) => t, // [r, len, heads, d]
+                Err(e) => panic!("cudnn {dtype:?} a run of {r} images: {e}"),
+            };
+            for j in 0..r {
+                let image = |t: &Tensor| t.narrow(2, first + j * len, len).unwrap();
+                let want = crate::models::layers::attention_within(
+                    &image(&q),
+                    &image(&k),
+                    &image(&v),
+                    None,
+                    scale,
+                    crate::models::layers::ATTENTION_SCORES_BUDGET,
+                )
+                .unwrap(); // [1, heads, len, d]
+                let mine = got.narrow(0, j, 1).unwrap().transpose(1, 2).unwrap();
+                let (differ, max) = differ_and_max(&mine, &want);
+                let top = AttentionCase::top(&want);
+                eprintln!(
+                    "cudnn {dtype:?} qwen2-vl image {} of a run of {r} at patch {}: {differ}/{} differ, \
+                     max {max:.2e} (of {top:.2})",
+                    j + 1,
+                    first + j * len,
+                    want.elem_count()
+                );
+                assert!(max <= top / 64.0, "{dtype:?} image {j}: max {max} of {top}");
+            }
+        }
     }
 }

@@ -149,11 +149,14 @@ bool ready(State &s, char *err, size_t len) {
 }
 
 // The graph and plan for one shape; with `cache`, a dynamic-shape graph whose kernel the cache
-// holds (compiled by the topology's first graph, reused by the rest). nullptr and `msg` on failure.
+// holds (compiled by the topology's first graph, reused by the rest). `implementation`: the
+// frontend's SDPA op (AUTO picks UNIFIED for a static non-causal graph where it qualifies, and
+// COMPOSITE otherwise, dynamic shapes included). nullptr and `msg` on failure, thrown or returned.
 std::shared_ptr<fe::graph::Graph> make_graph(State &s,
                                              Shape const &p,
                                              std::shared_ptr<fe::KernelCache> const &cache,
-                                             std::string &msg) {
+                                             fe::AttentionImplementation_t implementation,
+                                             std::string &msg) try {
     auto io = p.dtype == 0 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
     auto graph = std::make_shared<fe::graph::Graph>();
     graph->set_io_data_type(io)
@@ -176,7 +179,8 @@ std::shared_ptr<fe::graph::Graph> make_graph(State &s,
                        .set_name("sdpa")
                        .set_generate_stats(false)
                        .set_causal_mask(p.causal != 0)
-                       .set_attn_scale(p.scale);
+                       .set_attn_scale(p.scale)
+                       .set_implementation(implementation);
     auto outputs = graph->sdpa(q, k, v, options);
     // [b, sq, hq, d] in memory: what the output projection reads.
     outputs[0]
@@ -197,6 +201,10 @@ std::shared_ptr<fe::graph::Graph> make_graph(State &s,
         return nullptr;
     }
     return graph;
+} catch (std::exception const &e) {
+    // The frontend throws where a cuDNN or CUDA symbol is missing, or no SDPA implementation fits.
+    msg = std::string("build: ") + e.what();
+    return nullptr;
 }
 
 // The shape's graph: kept, or built (dynamic shapes with the topology's kernel cache first; if
@@ -216,7 +224,7 @@ std::shared_ptr<fe::graph::Graph> build(State &s, Shape const &p, char *err, siz
         if (!kernels.cache) {
             kernels.cache = std::make_shared<fe::KernelCache>();
         }
-        graph = make_graph(s, p, kernels.cache, msg);
+        graph = make_graph(s, p, kernels.cache, fe::AttentionImplementation_t::AUTO, msg);
         if (!graph) {
             kernels.dynamic = false;
             kernels.cache.reset();
@@ -224,13 +232,25 @@ std::shared_ptr<fe::graph::Graph> build(State &s, Shape const &p, char *err, siz
         }
     }
     if (!graph) {
-        graph = make_graph(s, p, nullptr, msg);
+        graph = make_graph(s, p, nullptr, fe::AttentionImplementation_t::AUTO, msg);
+    }
+    if (!graph) {
+        // AUTO may have picked UNIFIED (static, non-causal), whose engines are not the dynamic
+        // graphs' COMPOSITE ones: try those before giving up.
+        std::string composite;
+        graph = make_graph(s, p, nullptr, fe::AttentionImplementation_t::COMPOSITE, composite);
+        if (!graph) {
+            msg += "; COMPOSITE: " + composite;
+        }
     }
     if (!graph) {
         set_error(err, len, "cuDNN SDPA " + msg);
         return nullptr;
     }
     if (s.plans.size() >= MAX_PLANS) {
+        // The plan about to go may still run on the stream (a static plan owns its compiled
+        // kernel): let the device finish first. Rare (MAX_PLANS distinct shapes).
+        (void)fe::detail::cuda_device_synchronize();
         auto oldest = s.plans.begin();
         for (auto i = s.plans.begin(); i != s.plans.end(); ++i) {
             if (i->second.used < oldest->second.used) {
@@ -289,6 +309,9 @@ int64_t with_graph(int dtype,
     } catch (std::exception const &e) {
         set_error(err, err_len, std::string("cuDNN SDPA: ") + e.what());
         return -1;
+    } catch (...) {
+        set_error(err, err_len, "cuDNN SDPA: an unknown exception");
+        return -1;
     }
 }
 
@@ -316,7 +339,8 @@ int64_t logit_lens_cudnn_sdpa_workspace(int dtype,
     });
 }
 
-// Runs the shape's plan on `stream` (a cudaStream_t). 0 on success, -1 on error (`err`).
+// Runs the shape's plan on `stream` (a cudaStream_t) with `workspace` (`workspace_bytes` long;
+// null when the plan needs none). 0 on success, -1 on error (`err`).
 int logit_lens_cudnn_sdpa_run(int dtype,
                               int64_t const *dims,
                               int64_t const *strides,
@@ -328,9 +352,20 @@ int logit_lens_cudnn_sdpa_run(int dtype,
                               void const *v,
                               void *o,
                               void *workspace,
+                              int64_t workspace_bytes,
                               char *err,
                               size_t err_len) {
     auto rc = with_graph(dtype, dims, strides, causal, scale, err, err_len, [&](State &s, fe::graph::Graph &graph) {
+        // The plan run here is looked up again (and could have been rebuilt since the caller
+        // asked for its workspace): never let it write past the workspace it was given.
+        int64_t need = 0;
+        auto w = graph.get_workspace_size(need);
+        if (!w.is_good() || need > workspace_bytes || (need > 0 && !workspace)) {
+            set_error(err, err_len,
+                      "cuDNN SDPA: the plan needs " + std::to_string(need) + " bytes of workspace, " +
+                          std::to_string(workspace_bytes) + " given");
+            return int64_t{-1};
+        }
         if (fe::detail::set_stream(s.handle, static_cast<cudaStream_t>(stream)) != CUDNN_STATUS_SUCCESS) {
             set_error(err, err_len, "cudnnSetStream failed");
             return int64_t{-1};
@@ -350,7 +385,7 @@ int logit_lens_cudnn_sdpa_run(int dtype,
 // What is cached, for logs and the GPU test: plans kept and evicted, and per topology whether its
 // graphs have dynamic shapes (one compiled kernel) or are static (with cuDNN's reason). Writes at
 // most `len` bytes (NUL included) into `out`.
-void logit_lens_cudnn_sdpa_describe(char *out, size_t len) {
+void logit_lens_cudnn_sdpa_describe(char *out, size_t len) try {
     auto &s = state();
     std::lock_guard<std::mutex> guard(s.lock);
     std::string text = std::to_string(s.plans.size()) + " plans kept (at most " + std::to_string(MAX_PLANS) +
@@ -367,6 +402,8 @@ void logit_lens_cudnn_sdpa_describe(char *out, size_t len) {
         }
     }
     set_error(out, len, text);
+} catch (...) {
+    set_error(out, len, "(cannot describe the cuDNN plans)");
 }
 
 // 1: new shapes are built with dynamic shapes (the default unless LOGIT_LENS_CUDNN_DYNAMIC=0),

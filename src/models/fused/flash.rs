@@ -55,6 +55,40 @@ pub struct Dims {
     pub head_dim: usize,
 }
 
+/// Operand `i` of `dims` (0: q, 1 and 2: k and v) read through `view` from a storage of `len`
+/// elements: its first element, where every element it reads lies within the storage (else an
+/// error naming `what`).
+pub(super) fn operand_start(
+    what: &str,
+    dims: Dims,
+    i: usize,
+    view: View,
+    layout: &Layout,
+    len: usize,
+) -> candle_core::Result<usize> {
+    let (heads, tokens) = if i == 0 {
+        (dims.heads, dims.queries)
+    } else {
+        (dims.kv_heads, dims.keys)
+    };
+    let start = layout.start_offset() + view.offset;
+    if dims.batch == 0 || heads == 0 || tokens == 0 {
+        return Ok(start);
+    }
+    let last = start
+        + (dims.batch - 1) * view.batch
+        + (heads - 1) * view.head
+        + (tokens - 1) * view.token
+        + dims.head_dim
+        - 1;
+    if last >= len {
+        candle_core::bail!(
+            "{what}: operand {i} reads element {last} of {len} ({dims:?}, {view:?})"
+        );
+    }
+    Ok(start)
+}
+
 /// Whether the kernel takes this head dim and dtype.
 pub fn fits(head_dim: usize, dtype: DType) -> bool {
     matches!(head_dim, 64 | 80 | 128) && matches!(dtype, DType::BF16 | DType::F16)
@@ -68,9 +102,12 @@ pub fn wanted(q: &Tensor) -> Result<bool> {
 }
 
 /// cuDNN's attention for `q` with head dim `d`: named by the switch, a head dim it takes, and not
-/// failed there before.
+/// failed there before; more than one query. A generation step's one query against its growing
+/// cache would build a cuDNN plan for every token (the keys' length and strides are part of a
+/// plan's key), and push the prompts' and images' plans out of the shim's cache.
 fn cudnn_takes(q: &Tensor, d: usize) -> bool {
     super::applies(q, super::Kernel::CudnnAttention)
+        && q.dim(2).is_ok_and(|queries| queries > 1)
         && super::cudnn::fits(d, q.dtype())
         && cudnn_usable((d, q.dtype()))
 }
@@ -162,33 +199,10 @@ impl Flash {
         Ok(())
     }
 
-    /// The largest element index operand `i` reads (from its layout's start), checked against
-    /// the storage's length.
+    /// Operand `i`'s first element (from its storage's start), its reads checked against the
+    /// storage's length ([`operand_start`]).
     fn check_bounds(&self, i: usize, layout: &Layout, len: usize) -> candle_core::Result<usize> {
-        let d = self.dims;
-        let (heads, tokens) = if i == 0 {
-            (d.heads, d.queries)
-        } else {
-            (d.kv_heads, d.keys)
-        };
-        let v = self.views[i];
-        let start = layout.start_offset() + v.offset;
-        if d.batch == 0 || heads == 0 || tokens == 0 {
-            return Ok(start);
-        }
-        let last = start
-            + (d.batch - 1) * v.batch
-            + (heads - 1) * v.head
-            + (tokens - 1) * v.token
-            + d.head_dim
-            - 1;
-        if last >= len {
-            candle_core::bail!(
-                "flash attention: operand {i} reads element {last} of {len} ({:?}, {v:?})",
-                self.dims
-            );
-        }
-        Ok(start)
+        operand_start("flash attention", self.dims, i, self.views[i], layout, len)
     }
 
     /// The CPU twin: the kernel's arithmetic, row by row.
@@ -412,6 +426,34 @@ mod tests {
     use super::*;
     use crate::models::layers::{attention_within, causal_mask};
     use candle_core::Device;
+
+    /// A view whose last read lies past its storage is refused before any kernel (the flash
+    /// kernel's and cuDNN's): one element short fails, an exact fit passes.
+    #[test]
+    fn views_that_read_past_their_storage_are_refused() {
+        let dims = Dims {
+            batch: 2,
+            heads: 4,
+            kv_heads: 2,
+            queries: 5,
+            keys: 7,
+            head_dim: 8,
+        };
+        // k: [2, 2, 7, 8] contiguous after 3 elements of something else.
+        let layout = Layout::contiguous_with_offset((2, 2, 7, 8), 3);
+        let view = View {
+            offset: 0,
+            batch: 2 * 7 * 8,
+            head: 7 * 8,
+            token: 8,
+        };
+        let len = 3 + 2 * 2 * 7 * 8;
+        assert_eq!(operand_start("k", dims, 1, view, &layout, len).unwrap(), 3);
+        let err = operand_start("k", dims, 1, view, &layout, len - 1).unwrap_err();
+        assert!(err.to_string().contains("reads element"), "{err}");
+        // The same view as q (4 heads of 5 tokens) reads further: past this storage.
+        assert!(operand_start("q", dims, 0, view, &layout, len).is_err());
+    }
 
     /// The twin against the op-by-op attention, through strided views of packed q/k/v heads,
     /// with grouped-query heads, causal or not: the same roundings, so all but a few outputs
