@@ -196,7 +196,7 @@ std::shared_ptr<fe::graph::Graph> make_graph(State &s,
         return false;
     };
     if (!good(graph->validate(), "validate") || !good(graph->build_operation_graph(s.handle), "operation graph") ||
-        !good(graph->create_execution_plans({fe::HeurMode_t::A}), "execution plans") ||
+        !good(graph->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}), "execution plans") ||
         !good(graph->check_support(s.handle), "support") || !good(graph->build_plans(), "plans")) {
         return nullptr;
     }
