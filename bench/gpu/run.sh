@@ -128,6 +128,13 @@ for family in ${models//,/ }; do
         --concurrency $c --requests $n >> "$res" || log "load failed"
     done
   done
+  # `generate` on the card (never run on one before the nineteenth session): 8 answers of 16 tokens,
+  # 4 at a time (prompts started together, steps shared, the rest joining), the lens at each new
+  # token; a smoke test and its time, in table.txt (not in results.jsonl: not the table's rows).
+  $py bench/gpu/load.py --url "http://127.0.0.1:$port" --model "$family" --image bench/images/coco_640x480.png \
+    --concurrency 4 --requests $([[ -n $small ]] && echo 4 || echo 8) \
+    --options '{"top_k": 1, "positions": "last", "summary": false, "generate": 16}' \
+    > "$out/generate-$family.json" || log "generate failed"
   rm -f "$flag"; sleep 0.3
   peak=$(cat "$out/peak-$family.txt" 2>/dev/null || echo 0)
   echo "{\"memory\": \"$family\", \"weights_bytes\": $weights, \"peak_gpu_mib\": ${peak:-0}}" >> "$res"
@@ -157,3 +164,6 @@ done
 
 
 $py bench/gpu/table.py "$res" "$out/seed.json" | tee "$out/table.txt"
+for f in "$out"/generate-*.json; do
+  [[ -s $f ]] && echo "generate 16 tokens, 4 at a time, $(basename "$f" .json | sed 's/^generate-//'): $(cat "$f")"
+done | tee -a "$out/table.txt"
