@@ -42,6 +42,8 @@ fi
 # script started),
 # and whatever it measured by then still makes the table.
 left=$(( ${RUN_TIMEOUT_S:-540} - SECONDS )); (( left > 0 )) || left=1  # timeout 0 would mean none
+# run.sh skips a model's profiles where they would leave the next model short of time for its figures.
+export RUN_DEADLINE=$(( $(date +%s) + left ))
 if [[ ${1:-} == --variants ]]; then
   # bench/gpu/device.sh --variants V1 V2 ...: which fused kernels to serve with (variants.sh).
   shift

@@ -64,6 +64,22 @@ peak_mem() {  # samples used GPU memory (MiB) until the flag file disappears
   echo "$peak"
 }
 
+# The optional steps of a model (per-group profiles) run only if, by RUN_DEADLINE (epoch seconds,
+# set by device.sh), the models after it keep the time their figures and parity need (~300 s for
+# LLaVA-1.5-7B: a 7B checkpoint made, two probes, the server under load, parity with f32).
+time_for() {  # time_for <family>: true without a deadline, or with enough of it left
+  [[ -z ${RUN_DEADLINE:-} ]] && return 0
+  local after=0 seen="" f
+  for f in ${models//,/ }; do
+    if [[ -n $seen ]]; then
+      if [[ $f == llava15 ]]; then after=$(( after + 300 )); else after=$(( after + 150 )); fi
+    fi
+    [[ $f == "$1" ]] && seen=1
+  done
+  # and ~60 s for these profiles themselves
+  (( RUN_DEADLINE - $(date +%s) > after + 60 ))
+}
+
 port=8765
 for family in ${models//,/ }; do
   dir=$ckpt/$family
@@ -84,10 +100,6 @@ for family in ${models//,/ }; do
   }
   probe "$ref" 1 3 none
   probe "$fused" 1 3 fused
-  if [[ -z $quick ]]; then
-    probe "$ref" 2 2 none-ops
-    probe "$fused" 2 2 fused-ops
-  fi
   # The fused kernels are the default on a GPU; the server runs op by op only if they disagree (or
   # their probe failed). A list beyond `all` (all,cudnn-attention: kernels never run on a card before)
   # that fails falls back to `all`, the setting served since run 5, so that one failing kernel does
@@ -148,6 +160,14 @@ for family in ${models//,/ }; do
     --image bench/images/coco_640x480.png $floor >> "$res" || log "parity failed"
   kill $pid; wait $pid 2>/dev/null
   if [[ -n $quick ]]; then rm -rf "$dir"; continue; fi
+  # What follows for this model explains the figures above rather than giving them: where there is
+  # a deadline (device.sh's), it runs only with the time the models still to come need for theirs.
+  if ! time_for "$family"; then
+    log "no time left for $family's profiles (${RUN_DEADLINE:+$(( RUN_DEADLINE - $(date +%s) )) s left})"
+    rm -rf "$dir"; continue
+  fi
+  probe "$ref" 2 2 none-ops
+  probe "$fused" 2 2 fused-ops
   # Where a served batch's time goes: the server again with LOGIT_LENS_PROFILE=2 (stage and
   # per-group device times, with synchronisations, so not the timed run above), alone and at 8.
   log "serve $family, profiled"
