@@ -9,6 +9,9 @@
 #   A variant may end in @TILE or @TILE/ROWS: the lens's vocabulary tile (LOGIT_LENS_VOCAB_TILE; `all`:
 #   the whole vocabulary per GEMM) and rows per GEMM (LOGIT_LENS_ROW_CHUNK, 512 unless given), e.g.
 #   all@all all all,cudnn-attention all,cudnn-attention@8192/1024 (issue 17: tiles, cuDNN).
+#   Then +NAME=VALUE, repeatable: more of the server's environment, e.g.
+#   all,cudnn-attention+LOGIT_LENS_CUDA_EVENTS=1+LOGIT_LENS_PINNED=0 (cudarc's events and pageable
+#   transfers, as before the nineteenth session).
 # On the device: bench/gpu/device.sh --variants all all,warp-softmax ... (after the GPU tests).
 # Results: $OUT (or bench/results/variants-<date>): variants.jsonl, serve-<model>-<variant>.log,
 # variants.txt (the table).
@@ -40,11 +43,14 @@ log "checkpoint $model${small:+ (small)}"
 $py bench/gpu/make_checkpoints.py --out "$ckpt" --models "$model" $small > "$out/checkpoint.json" \
   || { log "checkpoint failed"; exit 1; }
 for v in "${variants[@]}"; do
-  name=${v//,/+}; name=${name//@/-tile-}; name=${name//\//-rows-}
-  fused=${v%%@*}; tile=16384; rows=512
-  if [[ $v == *@* ]]; then tile=${v#*@}; [[ $tile == */* ]] && { rows=${tile#*/}; tile=${tile%%/*}; }; fi
-  log "serve $model with LOGIT_LENS_FUSED=$fused LOGIT_LENS_VOCAB_TILE=$tile LOGIT_LENS_ROW_CHUNK=$rows"
-  LOGIT_LENS_FUSED=$fused LOGIT_LENS_VOCAB_TILE=$tile LOGIT_LENS_ROW_CHUNK=$rows "$bin" serve --model "$model=$ckpt/$model" --port $port --max-batch-size 8 \
+  name=${v//,/+}; name=${name//@/-tile-}; name=${name//\//-rows-}; name=${name//=/-}
+  spec=${v%%+*}; extra=()
+  [[ $v == *+* ]] && IFS=+ read -ra extra <<< "${v#*+}"
+  fused=${spec%%@*}; tile=16384; rows=512
+  if [[ $spec == *@* ]]; then tile=${spec#*@}; [[ $tile == */* ]] && { rows=${tile#*/}; tile=${tile%%/*}; }; fi
+  log "serve $model with LOGIT_LENS_FUSED=$fused LOGIT_LENS_VOCAB_TILE=$tile LOGIT_LENS_ROW_CHUNK=$rows ${extra[*]}"
+  env LOGIT_LENS_FUSED=$fused LOGIT_LENS_VOCAB_TILE=$tile LOGIT_LENS_ROW_CHUNK=$rows "${extra[@]}" \
+    "$bin" serve --model "$model=$ckpt/$model" --port $port --max-batch-size 8 \
     --max-queue 256 > "$out/serve-$model-$name.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 600); do
