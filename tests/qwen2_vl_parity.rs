@@ -362,7 +362,8 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
         assert_eq!(tensors, run(true, Some(layer_bytes * 3 / 2), 0));
         assert_eq!(tensors, run(true, Some(1), 0));
         // The vocabulary in tiles (the last one partial): each tile's max and sum-exp combined,
-        // the detail rows joined tile by tile, or (1 byte) reduced on the host tile by tile; and
+        // the detail rows joined tile by tile, or (1 byte: reduced on the host as they come) whole
+        // rows a chunk at a time, whatever the tile; and
         // the rows in chunks of 7 (the last one partial; the tiles the outer loop, so each chunk
         // sees its tiles in turn among the others').
         assert!(!model.info().vocab_size.is_multiple_of(100));

@@ -35,7 +35,10 @@ struct LastRows<'l, 'a> {
 impl LastRows<'_, '_> {
     fn keep(&mut self, hidden: &Tensor) -> Result<()> {
         let n = hidden.dim(0)?;
-        self.rows.push(hidden.narrow(0, n - 1, 1)?);
+        // A copy: the row is a view of the layer's whole batched residual stream, which it would
+        // keep in memory until the next step (every layer's: 1.2 GiB for LLaVA-1.5-7B's 8 prompts).
+        self.rows
+            .push(hidden.narrow(0, n - 1, 1)?.force_contiguous()?);
         Ok(())
     }
 }
@@ -653,4 +656,32 @@ pub fn run_generate_batch(
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(lost())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::stored_elements;
+
+    /// The last row kept of each layer is a copy of its own, not a view that keeps the layer's
+    /// whole batched residual stream in memory until the next step.
+    #[test]
+    fn the_kept_rows_do_not_hold_the_layers_they_come_from() {
+        let batch = Tensor::arange(0f32, 24., &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((6, 4))
+            .unwrap();
+        let mut rows = LastRows {
+            lens: None,
+            rows: Vec::new(),
+        };
+        // A sequence of 3 tokens in a pass padded to 6.
+        rows.keep(&batch.narrow(0, 0, 3).unwrap()).unwrap();
+        let kept = &rows.rows[0];
+        assert_eq!(
+            kept.to_vec2::<f32>().unwrap(),
+            vec![vec![8f32, 9., 10., 11.]]
+        );
+        assert_eq!(stored_elements(kept), 4);
+    }
 }

@@ -126,7 +126,10 @@ impl Lens<'_> {
             &normed,
             &self.unembed,
             chunk,
-            self.vocab_tile,
+            // Reduced on the host as they come, a block's detail rows are a transfer and a wait
+            // for the device each: whole-vocabulary blocks make that once per chunk of rows, not
+            // once per tile and chunk.
+            if immediate { 0 } else { self.vocab_tile },
             |c, v0, logits| {
                 let logits = self.cap(logits)?;
                 sums[c] = Some(fold_max_sumexp(sums[c].take(), &logits)?);

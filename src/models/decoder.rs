@@ -1111,7 +1111,11 @@ impl LayerCache {
         let join = |old: &Option<Tensor>, new: &Tensor| -> Result<Tensor> {
             Ok(match old {
                 Some(o) => Tensor::cat(&[o, &new.contiguous()?], 2)?,
-                None => new.contiguous()?,
+                // A copy of its own: the prompt's keys and values are views of the pass's packed
+                // q/k/v projection (every sequence of the batch, every head), which `contiguous`
+                // would keep alive whole where the view's own layout is contiguous (one sequence:
+                // 5.8 GiB held for LLaVA-1.5-7B's 8 × 595-token prompts, not 2.3).
+                None => new.force_contiguous()?,
             })
         };
         let (k, v) = (join(&self.k, k)?, join(&self.v, v)?);
@@ -1129,7 +1133,35 @@ pub fn sequential_positions(len: usize) -> Vec<[u32; 3]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::stored_elements;
     use serde_json::json;
+
+    /// A prompt's keys and values start its cache as a copy of their own, not as views that keep
+    /// the pass's whole q/k/v projection (here 6 heads, of which k and v are 2 each) in memory.
+    #[test]
+    fn a_cache_holds_its_keys_not_the_projection_they_came_from() {
+        let qkv = Tensor::arange(0f32, 120., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 6, 5, 4))
+            .unwrap();
+        let (k, v) = (qkv.narrow(1, 2, 2).unwrap(), qkv.narrow(1, 4, 2).unwrap());
+        let mut cache = LayerCache::default();
+        let (ck, cv) = cache.append(&k, &v).unwrap();
+        for (kept, view) in [(&ck, &k), (&cv, &v)] {
+            assert_eq!(
+                stored_elements(kept),
+                kept.elem_count(),
+                "the cache holds only its own elements"
+            );
+            assert_eq!(
+                kept.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                view.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        let (ck, _) = cache.append(&k, &v).unwrap();
+        assert_eq!(ck.dims(), &[1, 2, 10, 4]);
+        assert_eq!(stored_elements(&ck), ck.elem_count());
+    }
 
     #[test]
     fn llama_defaults_fill_a_sparse_llava_text_config() {

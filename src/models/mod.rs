@@ -451,6 +451,17 @@ fn no_event_tracking(device: &Device) {
 #[cfg(not(feature = "cuda"))]
 fn no_event_tracking(_device: &Device) {}
 
+/// The f32 elements a CPU tensor's storage holds: more than its own where it is a view of a larger
+/// tensor (which it keeps in memory).
+#[cfg(test)]
+pub(crate) fn stored_elements(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => s.as_slice::<f32>().map_or(0, <[f32]>::len),
+        _ => unreachable!("a CPU tensor"),
+    }
+}
+
 /// `--dtype`: `auto` (None), f32, bf16 or f16.
 pub fn dtype_choice(spec: &str) -> Result<Option<DType>> {
     match spec {
