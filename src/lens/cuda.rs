@@ -245,12 +245,15 @@ impl candle_core::CustomOp2 for MatmulNtF32 {
 /// Page-locked host buffers that the lens's results come back to, kept for the next request. A
 /// copy from the card to ordinary (pageable) memory goes through the driver's own staging buffer,
 /// a chunk at a time, into pages that a fresh `Vec` first has to fault in; one request's detail
-/// rows are 17.6 MB (29 layers × 151936 f32 for Qwen2-VL-2B at the last position). At most
-/// [`PINNED_BUFFERS`] buffers of at most [`PINNED_MAX_BYTES`] each are kept.
+/// rows are 17.6 MB (29 layers × 151936 f32 for Qwen2-VL-2B at the last position), a generation
+/// step's 17.6 MB per answer. At most [`PINNED_BUFFERS`] buffers, [`PINNED_KEPT_BYTES`] in all,
+/// are kept.
 static PINNED: std::sync::Mutex<Vec<PinnedHostSlice<f32>>> = std::sync::Mutex::new(Vec::new());
 const PINNED_BUFFERS: usize = 4;
-/// Larger transfers (the detail rows of `positions: "all"`, up to 256 MB) go to pageable memory.
-pub const PINNED_MAX_BYTES: usize = 64 << 20;
+const PINNED_KEPT_BYTES: usize = 512 << 20;
+/// Larger transfers go to pageable memory. The lens collects its queued detail rows once they pass
+/// 256 MiB (`PENDING_DETAIL_BYTES`), so its transfers are at most about that.
+pub const PINNED_MAX_BYTES: usize = 272 << 20;
 /// Buffers are allocated in steps of this many f32 (4 MB), so that transfers of nearby sizes
 /// share them.
 const PINNED_STEP: usize = 1 << 20;
@@ -281,8 +284,10 @@ impl Drop for PinnedRows {
         let Some(buf) = self.buf.take() else { return };
         let mut pool = PINNED.lock().unwrap_or_else(|e| e.into_inner());
         pool.push(buf);
-        if pool.len() > PINNED_BUFFERS {
-            // The smallest goes.
+        // The smallest go first.
+        while pool.len() > PINNED_BUFFERS
+            || pool.iter().map(|b| b.num_bytes()).sum::<usize>() > PINNED_KEPT_BYTES
+        {
             let smallest = (0..pool.len()).min_by_key(|&i| pool[i].len()).unwrap_or(0);
             pool.swap_remove(smallest);
         }
