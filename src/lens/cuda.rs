@@ -475,7 +475,7 @@ mod gpu_tests {
         }
     }
 
-    /// The lens's pass over the unembedding in blocks (what `Lens::launch_layer` does:
+    /// The lens's pass over the unembedding in blocks (what `Lens::launch_layers` does:
     /// [`super::super::device::unembed_blocks`], the vocabulary tiles outermost, each tile's sums folded in
     /// place by `row_max_sumexp_fold_f32`) against one GEMM over the
     /// whole vocabulary: the same max and sum-exp; and the time of one layer of Qwen2-VL-2B rows
@@ -491,7 +491,7 @@ mod gpu_tests {
             .to_dtype(DType::BF16)
             .unwrap();
         let blocks = |rows: &Tensor, chunk: usize, tile: usize| -> Tensor {
-            // As `Lens::launch_layer`: each tile folded into its chunk's sums in place.
+            // As `Lens::launch_layers`: each tile folded into its chunk's sums in place.
             let chunks = rows.dim(0).unwrap().div_ceil(chunk);
             let mut sums: Vec<Option<Tensor>> = vec![None; chunks];
             super::super::device::unembed_blocks(rows, &w, chunk, tile, |c, _, z| {

@@ -1,6 +1,7 @@
 //! The lens where the rows live on an accelerator (the GPU, half precision; or forced on the CPU,
 //! for the tests): each layer's GEMMs and reductions are queued on the device as the layer arrives
-//! ([`Lens::launch_layer`]), only small results are kept there (per row max and sum-exp; the rows
+//! (layers of few rows together, once they fill a chunk of rows: [`Lens::launch_layers`]), only
+//! small results are kept there (per row max and sum-exp; the rows
 //! that want detail), and the host collects them at the end ([`Lens::collect_pending`]).
 
 use candle_core::{DType, Tensor};
@@ -35,8 +36,21 @@ pub const DEVICE_VOCAB_TILE: usize = 16384;
 pub(super) const DEVICE_VOCAB_BLOCK: usize = 16384;
 
 impl Lens<'_> {
+    /// The GEMMs of the layers waiting in `device_queue`, as one pass ([`Self::launch_layers`]);
+    /// they join `pending`.
+    pub(super) fn launch_queued(&mut self) -> Result<()> {
+        if self.device_queue.is_empty() {
+            return Ok(());
+        }
+        let mut plans = std::mem::take(&mut self.device_queue);
+        self.launch_layers(&mut plans)?;
+        self.pending.extend(plans);
+        Ok(())
+    }
+
     /// Brings the queued layers to the host and records them, in layer order.
     pub(super) fn collect_pending(&mut self) -> Result<()> {
+        self.launch_queued()?;
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -81,27 +95,48 @@ impl Lens<'_> {
         ))
     }
 
-    /// Queues one layer's reduction where its rows live (the GPU): the rows go through the
-    /// unembedding in blocks of `row_chunk` rows × `vocab_tile` vocabulary entries
-    /// ([`unembed_blocks`]: cache-sized, the tiles outermost); each block's per-row max and sum of
-    /// exponentials come from one fused kernel (CUDA) or a few tensor ops and are combined across
-    /// tiles, and the rows that want detail are gathered tile by tile; all of it stays on the
-    /// device, nothing waits.
+    /// Queues the reduction of `plans` (consecutive layers, their rows taken together) where their
+    /// rows live (the GPU): the rows go through the unembedding in blocks of `row_chunk` rows ×
+    /// `vocab_tile` vocabulary entries ([`unembed_blocks`]: cache-sized, the tiles outermost);
+    /// each block's per-row max and sum of exponentials come from one fused kernel (CUDA) or a few
+    /// tensor ops and are combined across tiles, and the rows that want detail are gathered tile
+    /// by tile; all of it stays on the device, nothing waits. Each plan then holds its own rows'
+    /// share of the results.
     ///
-    /// A layer whose detail rows alone pass the budget (many positions × a large vocabulary:
-    /// `all` on a OneVision input is ~7000 × 152k) has each block's detail rows reduced on the host
-    /// as they come instead, so the device holds one block of them, not the layer's.
-    pub(super) fn launch_layer(&self, plan: &mut LayerPlan) -> Result<()> {
-        let normed = plan.normed_rows.take().expect("planned rows");
-        let total = normed.dim(0)?;
-        let detail: Vec<u32> = (0..total as u32)
-            .filter(|&r| plan.states[r as usize].wants_detail())
+    /// Layers whose detail rows alone pass the budget (many positions × a large vocabulary: `all`
+    /// on a OneVision input is ~7000 × 152k) have each block's detail rows reduced on the host as
+    /// they come instead, so the device holds one block of them, not the layers'.
+    pub(super) fn launch_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
+        let mut parts: Vec<Tensor> = plans
+            .iter_mut()
+            .map(|p| p.normed_rows.take().expect("planned rows"))
             .collect();
-        let immediate = detail.len() * self.unembed.dim(0)? * 4 > self.pending_detail_bytes;
+        let normed = if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
+        drop(parts);
+        let total = normed.dim(0)?;
+        // Per plan: its rows and its rows that want detail (top-k, ranks), in row order.
+        let counts: Vec<(usize, usize)> = plans
+            .iter()
+            .map(|p| {
+                let wanting = p.states.iter().filter(|st| st.wants_detail()).count();
+                (p.states.len(), wanting)
+            })
+            .collect();
+        let mut states: Vec<&mut RowState> = Vec::with_capacity(total);
+        let wanting_total: usize = counts.iter().map(|c| c.1).sum();
+        let immediate = wanting_total * self.unembed.dim(0)? * 4 > self.pending_detail_bytes;
         if immediate {
             // The rows need their target logits before they are reduced.
-            take_targets(std::slice::from_mut(plan))?;
+            take_targets(plans)?;
         }
+        states.extend(plans.iter_mut().flat_map(|p| p.states.iter_mut()));
+        let detail: Vec<u32> = (0..total as u32)
+            .filter(|&r| states[r as usize].wants_detail())
+            .collect();
         let chunk = self.row_chunk.max(1);
         let chunks = total.div_ceil(chunk);
         // Per chunk: its detail rows' indices within it (none: no index tensor).
@@ -121,7 +156,6 @@ impl Lens<'_> {
         // Per chunk: its rows' (max, Σ e^(z − max)) over the tiles so far.
         let mut sums: Vec<Option<Tensor>> = vec![None; chunks];
         let mut detail_tiles = vec![Vec::new(); chunks];
-        let states = &mut plan.states;
         unembed_blocks(
             &normed,
             &self.unembed,
@@ -141,6 +175,7 @@ impl Lens<'_> {
                     let n = logits.dim(0)?;
                     let wanting: Vec<&mut RowState> = states[start..start + n]
                         .iter_mut()
+                        .map(|st| &mut **st)
                         .filter(|st| st.wants_detail())
                         .collect();
                     wanting
@@ -155,6 +190,7 @@ impl Lens<'_> {
                 Ok(())
             },
         )?;
+        drop(states);
         let sums = sums
             .into_iter()
             .map(|s| s.ok_or_else(|| Error::Internal("lens: a chunk without tiles".into())))
@@ -171,8 +207,24 @@ impl Lens<'_> {
             })
             .collect::<Result<Vec<_>>>()?;
         let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0)).transpose();
-        plan.device_sums = cat(sums)?;
-        plan.device_detail = cat(detail_rows)?;
+        let (sums, detail_rows) = (cat(sums)?, cat(detail_rows)?);
+        // Each plan's share: its rows' sums, and its detail rows (in row order, so consecutive).
+        let (mut row, mut wanted) = (0, 0);
+        let single = plans.len() == 1;
+        for (plan, &(n, w)) in plans.iter_mut().zip(&counts) {
+            plan.device_sums = match &sums {
+                Some(t) if single => Some(t.clone()),
+                Some(t) => Some(t.narrow(0, row, n)?),
+                None => None,
+            };
+            plan.device_detail = match &detail_rows {
+                Some(t) if single => Some(t.clone()),
+                Some(t) if w > 0 => Some(t.narrow(0, wanted, w)?),
+                _ => None,
+            };
+            row += n;
+            wanted += w;
+        }
         Ok(())
     }
 
