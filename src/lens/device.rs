@@ -126,14 +126,15 @@ impl Lens<'_> {
                 (p.states.len(), wanting)
             })
             .collect();
-        let mut states: Vec<&mut RowState> = Vec::with_capacity(total);
-        let wanting_total: usize = counts.iter().map(|c| c.1).sum();
-        let immediate = wanting_total * self.unembed.dim(0)? * 4 > self.pending_detail_bytes;
+        let wanting: usize = counts.iter().map(|c| c.1).sum();
+        let immediate = wanting * self.unembed.dim(0)? * 4 > self.pending_detail_bytes;
         if immediate {
             // The rows need their target logits before they are reduced.
             take_targets(plans)?;
         }
-        states.extend(plans.iter_mut().flat_map(|p| p.states.iter_mut()));
+        // Every plan's row states in row order, indexed by row.
+        let mut states: Vec<&mut RowState> =
+            plans.iter_mut().flat_map(|p| p.states.iter_mut()).collect();
         let detail: Vec<u32> = (0..total as u32)
             .filter(|&r| states[r as usize].wants_detail())
             .collect();
@@ -210,15 +211,9 @@ impl Lens<'_> {
         let (sums, detail_rows) = (cat(sums)?, cat(detail_rows)?);
         // Each plan's share: its rows' sums, and its detail rows (in row order, so consecutive).
         let (mut row, mut wanted) = (0, 0);
-        let single = plans.len() == 1;
         for (plan, &(n, w)) in plans.iter_mut().zip(&counts) {
-            plan.device_sums = match &sums {
-                Some(t) if single => Some(t.clone()),
-                Some(t) => Some(t.narrow(0, row, n)?),
-                None => None,
-            };
+            plan.device_sums = sums.as_ref().map(|t| t.narrow(0, row, n)).transpose()?;
             plan.device_detail = match &detail_rows {
-                Some(t) if single => Some(t.clone()),
                 Some(t) if w > 0 => Some(t.narrow(0, wanted, w)?),
                 _ => None,
             };
