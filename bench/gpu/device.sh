@@ -57,6 +57,10 @@ if [[ ! -s $out/table.txt && -s $out/results.jsonl ]]; then
   pkill -f "logit-lens[^ ]* serve" || true  # a server run.sh had started
   ${PYTHON:-python3} bench/gpu/table.py "$out/results.jsonl" "$out/seed.json" | tee "$out/table.txt"
 fi
+# Issue 17's floor next to the figures: what the card's GEMMs alone allow a request (gpu_tests).
+if [[ -s $out/table.txt && -s $out/gpu-tests.txt ]]; then
+  grep -h 'gemm floor .* at concurrency 8' "$out/gpu-tests.txt" | tee -a "$out/table.txt" || true
+fi
 final=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$final"
 tar -czf "$final/results.tgz" -C "$(dirname "$work")" "$(basename "$work")"
