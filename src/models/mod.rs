@@ -365,8 +365,11 @@ pub fn checkpoint_dtype(dir: &Path) -> Result<DType> {
 /// or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device> {
     let device = parse_device_spec(spec)?;
-    keep_freed_device_memory(&device);
-    no_event_tracking(&device);
+    #[cfg(feature = "cuda")]
+    {
+        keep_freed_device_memory(&device);
+        no_event_tracking(&device);
+    }
     Ok(device)
 }
 
@@ -426,9 +429,6 @@ fn keep_freed_device_memory(device: &Device) {
     }
 }
 
-#[cfg(not(feature = "cuda"))]
-fn keep_freed_device_memory(_device: &Device) {}
-
 /// cudarc gives every device buffer two CUDA events (created at allocation, destroyed when it is
 /// freed: four driver calls per candle operation's output), which it records and waits on only
 /// once a second stream exists in the context. candle's device is one stream (its per-thread
@@ -447,9 +447,6 @@ fn no_event_tracking(device: &Device) {
     // stream's own order is the only one there is, and cudarc does not record them anyway.
     unsafe { cuda.disable_event_tracking() };
 }
-
-#[cfg(not(feature = "cuda"))]
-fn no_event_tracking(_device: &Device) {}
 
 /// The f32 elements a CPU tensor's storage holds: more than its own where it is a view of a larger
 /// tensor (which it keeps in memory).
