@@ -40,11 +40,15 @@ tests prove is that logit-lens renders a snapshot's own template as transformers
 With ``--bench DIR`` it writes only ``DIR/qwen2-text-mid``, a mid-size random Qwen2.5-style checkpoint in the hub
 layout for bench/cpu.sh (not committed): 8 layers, width 512, 8 heads / 2 KV heads, intermediate 1536, tied, and the
 real 151936-row vocabulary (the small tokenizer's ids, the rest of the rows never produced but scored by the lens).
+With ``--bench DIR --wide`` it writes only ``DIR/llama-wide``: 4 of LLaVA-1.5-7B's decoder blocks (width 4096, 32
+heads and 32 KV heads of 128, intermediate 11008) and its 32064-row vocabulary, untied, for `generate`'s KV cache
+(bench/README.md).
 
 Run from the repository root (deterministic, a few seconds):
 
     ~/.venvs/tools/bin/python tools/make_text_fixtures.py
     ~/.venvs/tools/bin/python tools/make_text_fixtures.py --bench bench/checkpoints
+    ~/.venvs/tools/bin/python tools/make_text_fixtures.py --bench bench/checkpoints --wide
 """
 import argparse
 import json
@@ -545,13 +549,25 @@ def reference_case(model, tok, raw_tok: Tokenizer, name: str, prompt: str):
 
 BENCH = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2)
+# LLaVA-1.5-7B's decoder blocks (full multi-head attention: a token's keys and values are 512 KiB in f32 over
+# 32 blocks, 64 KiB a block), 4 of them: where a generation step's KV cache traffic shows.
+WIDE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
+            num_key_value_heads=32)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", type=Path, help="write DIR/qwen2-text-mid instead of the fixtures")
+    ap.add_argument("--wide", action="store_true", help="with --bench: write DIR/llama-wide instead")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
+    if a.bench and a.wide:
+        spec = arch_specs()["mistral"]
+        spec["config"] = dict(spec["config"], vocab_size=32064, sliding_window=None, head_dim=128)
+        out = a.bench / "llama-wide"
+        write_hub("mistral", spec, out, sizes=WIDE, embed_std=0.15)
+        print(f"{out}: {mf.dir_size(out) / 2**20:.0f} MiB")
+        return
     if a.bench:
         spec = arch_specs()["qwen2"]
         spec["config"] = dict(spec["config"], vocab_size=151936)

@@ -290,7 +290,11 @@ fn prefill(model: &dyn VisionLanguageModel, group: &[Ready]) -> Result<Vec<Resul
         .iter()
         .map(|r| Lens::new(model.head(), &r.spec, num_layers))
         .collect::<Result<Vec<Lens>>>()?;
-    let mut caches: Vec<KvCache> = group.iter().map(|_| KvCache::default()).collect();
+    // Room for every token fed back (all but the last of `generate`): the steps write in place.
+    let mut caches: Vec<KvCache> = group
+        .iter()
+        .map(|r| KvCache::with_room(r.options.generate.saturating_sub(1)))
+        .collect();
     let mut observers: Vec<LastRows> = lenses
         .iter_mut()
         .map(|lens| LastRows {

@@ -34,15 +34,17 @@ pub fn attention(
     let mask = mask
         .map(|m| with_cpu(&m.to_dtype(DType::F32)?, |m: &[f32]| m.to_vec()))
         .transpose()?;
-    let shape = Shape {
-        groups,
-        rows: rep * s,
-        keys: sk,
-        head_dim: d,
-    };
     let out = with_cpu(q, |q: &[f32]| {
-        with_cpu(k, |k: &[f32]| {
-            with_cpu(v, |v: &[f32]| {
+        with_groups(k, |k, k_stride| {
+            with_groups(v, |v, v_stride| {
+                let shape = Shape {
+                    groups,
+                    rows: rep * s,
+                    keys: sk,
+                    head_dim: d,
+                    k_stride,
+                    v_stride,
+                };
                 blocks(q, k, v, mask.as_deref(), shape, scale as f32)
             })
         })
@@ -50,14 +52,40 @@ pub fn attention(
     Ok(Tensor::from_vec(out, (b, hq, s, d), &Device::Cpu)?)
 }
 
+/// Keys or values `[b, hkv, sk, d]` (f32, CPU) as a slice of `b·hkv` groups of `sk` contiguous
+/// rows and the distance between groups. One sequence with contiguous rows (a generation step's
+/// view of its cache, whose head stride is the cache's capacity) is read in place; anything else
+/// is made contiguous first.
+fn with_groups<R>(t: &Tensor, f: impl FnOnce(&[f32], usize) -> R) -> Result<R> {
+    let (b, hkv, sk, d) = t.dims4()?;
+    let st = t.stride();
+    if b == 1 && hkv > 0 && sk > 0 && st[3] == 1 && st[2] == d && t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let all = cpu.as_slice::<f32>()?;
+            let (start, end) = (
+                layout.start_offset(),
+                layout.start_offset() + (hkv - 1) * st[1] + sk * d,
+            );
+            if end <= all.len() {
+                return Ok(f(&all[start..end], st[1]));
+            }
+        }
+    }
+    with_cpu(t, |all: &[f32]| f(all, sk * d))
+}
+
 /// The sizes of one call: `groups` of `rows` query rows (a group's query heads one after the
-/// other) against `keys` keys, `head_dim` values each.
+/// other) against `keys` keys, `head_dim` values each; group g's keys start at `g · k_stride`,
+/// its values at `g · v_stride`.
 #[derive(Clone, Copy)]
 struct Shape {
     groups: usize,
     rows: usize,
     keys: usize,
     head_dim: usize,
+    k_stride: usize,
+    v_stride: usize,
 }
 
 /// The attention of `q` `[groups, rows, d]` over `k`, `v` `[groups, keys, d]`: `[groups, rows, d]`.
@@ -75,6 +103,8 @@ fn blocks(
         rows,
         keys: sk,
         head_dim: d,
+        k_stride,
+        v_stride,
     } = shape;
     let mut out = vec![0f32; groups * rows * d];
     if d == 0 || sk == 0 || rows == 0 {
@@ -86,8 +116,8 @@ fn blocks(
         .for_each(|(g, out)| {
             let (qg, kg, vg) = (
                 &q[g * rows * d..(g + 1) * rows * d],
-                &k[g * sk * d..(g + 1) * sk * d],
-                &v[g * sk * d..(g + 1) * sk * d],
+                &k[g * k_stride..g * k_stride + sk * d],
+                &v[g * v_stride..g * v_stride + sk * d],
             );
             out.par_chunks_mut(block * d)
                 .enumerate()

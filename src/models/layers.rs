@@ -421,12 +421,8 @@ pub fn attention_capped(
         op("  attention: q, k, v contiguous", &mut || {
             Ok(q.contiguous()?.reshape((groups, rep * s, d))?)
         })?,
-        op("  attention: q, k, v contiguous", &mut || {
-            Ok(k.contiguous()?.reshape((groups, sk, d))?)
-        })?,
-        op("  attention: q, k, v contiguous", &mut || {
-            Ok(v.contiguous()?.reshape((groups, sk, d))?)
-        })?,
+        op("  attention: q, k, v contiguous", &mut || as_groups(k))?,
+        op("  attention: q, k, v contiguous", &mut || as_groups(v))?,
     );
     let per = (budget / (rep * s * sk).max(1)).clamp(1, groups.max(1));
     let fused = q.device().is_cuda()
@@ -461,6 +457,18 @@ pub fn attention_capped(
     op("  attention: slices joined", &mut || {
         Ok(Tensor::cat(&outs, 0)?.reshape((b, hq, s, d))?)
     })
+}
+
+/// Keys or values `[b, hkv, sk, d]` as `[b·hkv, sk, d]` for batched GEMMs. One sequence whose
+/// rows are contiguous (a generation step's view of its cache, whose head stride is the cache's
+/// capacity) is read in place: the GEMMs take a batch stride. Anything else is made contiguous.
+fn as_groups(t: &Tensor) -> Result<Tensor> {
+    let (b, hkv, sk, d) = t.dims4()?;
+    let s = t.stride();
+    if b == 1 && (s[3] == 1 || d == 1) && (s[2] == d || sk == 1) {
+        return Ok(t.squeeze(0)?);
+    }
+    Ok(t.contiguous()?.reshape((b * hkv, sk, d))?)
 }
 
 /// [`attention`] with `mask` the causal mask ([`causal_mask`]): flash attention takes it as a flag.
@@ -794,5 +802,40 @@ mod tests {
         let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let bad = f32s(&bad);
         assert!(attention(&f32s(&q), &f32s(&k), &f32s(&v), Some(&bad), 0.3).is_err());
+    }
+
+    /// A generation step's keys and values are views of its cache (`[1, hkv, capacity, d]`
+    /// filled up to `sk`), read in place: the same numbers as their contiguous copy on both paths
+    /// (f32 row blocks; f64 and bf16 op by op), the buffer's unfilled tail never read.
+    #[test]
+    fn keys_read_in_place_from_a_cache_equal_their_copy() {
+        let dev = Device::Cpu;
+        let (hq, hkv, sk, cap, d) = (4, 2, 7, 12, 8);
+        for dtype in [DType::F32, DType::F64, DType::BF16] {
+            let r = |h, s| {
+                Tensor::randn(0f32, 1.0, (1, h, s, d), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            // The tail past `sk` holds garbage that must not count.
+            let (kb, vb) = ((r(hkv, cap) * 1e3).unwrap(), (r(hkv, cap) * 1e3).unwrap());
+            kb.slice_set(&r(hkv, sk), 2, 0).unwrap();
+            vb.slice_set(&r(hkv, sk), 2, 0).unwrap();
+            let (k, v) = (kb.narrow(2, 0, sk).unwrap(), vb.narrow(2, 0, sk).unwrap());
+            assert!(!k.is_contiguous());
+            let (kc, vc) = (k.contiguous().unwrap(), v.contiguous().unwrap());
+            for s in [1, 3] {
+                let q = r(hq, s);
+                let mask = Tensor::zeros((s, sk), dtype, &dev).unwrap();
+                let got = attention(&q, &k, &v, Some(&mask), 0.3).unwrap();
+                let want = attention(&q, &kc, &vc, Some(&mask), 0.3).unwrap();
+                assert_eq!(max_diff(&got, &want), 0.0, "{dtype:?}, {s} queries");
+                let got = attention_capped(&q, &k, &v, None, 0.3, Some(30.0), usize::MAX).unwrap();
+                let want =
+                    attention_capped(&q, &kc, &vc, None, 0.3, Some(30.0), usize::MAX).unwrap();
+                assert_eq!(max_diff(&got, &want), 0.0, "{dtype:?}, {s} queries, capped");
+            }
+        }
     }
 }
