@@ -309,6 +309,7 @@ fn behind_first(
             max_queue: 8,
             max_batch_size: 8,
             max_batch_tokens: 16_384,
+            kv_cache_budget: usize::MAX,
             on_batch: Some(Arc::new(hook)),
         },
     )
@@ -414,6 +415,7 @@ fn an_answer_whose_client_went_away_stops() {
             max_queue: 8,
             max_batch_size: 8,
             max_batch_tokens: 16_384,
+            kv_cache_budget: usize::MAX,
             on_batch: None,
         },
     )
@@ -512,4 +514,107 @@ fn requests_that_join_run_their_prompts_together() {
     for (want, got) in want.iter().zip(&got) {
         same_answer(want, got.as_ref().expect("answered before the long answer"));
     }
+}
+
+/// On the service's worker, under `--kv-cache-budget`: an answer whose keys and values would
+/// pass the budget beside those going on waits for them to end (counted once), and what is queued
+/// behind it waits too, a lens request included (nothing overtakes it); an answer whose cache
+/// alone passes the budget gets 422. Every answer is what it is alone, and once they end the
+/// answers hold nothing.
+#[test]
+fn answers_wait_for_room_in_the_kv_budget_and_nothing_overtakes_them() {
+    use logit_lens::engine::{generate, Engine, EngineConfig, JobError, JobResult};
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+    use tokio::sync::oneshot;
+
+    let (long, short) = ("Describe the picture.", "What is it?");
+    let huge = "Describe the picture. ".repeat(100);
+    let alone = load_model("qwen2vl-hub");
+    let kv = |prompt: &str, n| {
+        generate::start(alone.as_ref(), &generating(prompt, n))
+            .unwrap()
+            .kv_bytes()
+    };
+    let (a, b) = (kv(long, 30), kv(short, 2));
+    let budget = a + b - 1;
+    assert!(kv(&huge, 2) > budget);
+    let want_long = run_lens(alone.as_ref(), &generating(long, 30)).unwrap();
+    let want_short = run_lens(alone.as_ref(), &generating(short, 2)).unwrap();
+    let want_lens = run_lens(alone.as_ref(), &generating(short, 0)).unwrap();
+
+    // Queued behind the long answer as its group starts: an answer that does not fit beside it,
+    // a lens request, an answer that never fits.
+    let deadline = || Instant::now() + Duration::from_secs(600);
+    let engine: Arc<OnceLock<Engine>> = Arc::new(OnceLock::new());
+    let behind = Arc::new(Mutex::new(Some(vec![
+        generating(short, 2),
+        generating(short, 0),
+        generating(&huge, 2),
+    ])));
+    let late: Arc<Mutex<Vec<oneshot::Receiver<JobResult>>>> = Arc::default();
+    let hook = {
+        let (engine, late) = (engine.clone(), late.clone());
+        move |_: usize| {
+            for req in behind.lock().unwrap().take().into_iter().flatten() {
+                let engine = engine.get().expect("started");
+                late.lock()
+                    .unwrap()
+                    .push(engine.submit(0, req, deadline(), None).unwrap());
+            }
+        }
+    };
+    let started = Engine::start(
+        Box::new(|| Ok(vec![Box::new(Altered::new(false, true)) as _])),
+        EngineConfig {
+            max_queue: 8,
+            max_batch_size: 8,
+            max_batch_tokens: 16_384,
+            kv_cache_budget: budget,
+            on_batch: Some(Arc::new(hook)),
+        },
+    )
+    .unwrap();
+    let engine = engine.get_or_init(|| started);
+    let first = engine
+        .submit(0, generating(long, 30), deadline(), None)
+        .unwrap();
+    let got_long = first.blocking_recv().unwrap().unwrap();
+    let mut late = std::mem::take(&mut *late.lock().unwrap()).into_iter();
+    let mut next = || late.next().unwrap().blocking_recv().unwrap();
+    let (got_short, got_lens) = (next().unwrap(), next().unwrap());
+    match next() {
+        Err(JobError::Lens(e)) => {
+            assert_eq!(e.code(), "unprocessable", "{e}");
+            assert!(e.to_string().contains("--kv-cache-budget"), "{e}");
+        }
+        other => panic!("{:?}", other.map(|r| r.answer.is_some())),
+    }
+    same_answer(&want_long, &got_long);
+    same_answer(&want_short, &got_short);
+    assert_eq!(
+        serde_json::to_value(&want_lens.layers).unwrap(),
+        serde_json::to_value(&got_lens.layers).unwrap()
+    );
+    // The short answer and the lens request behind it waited for the long answer's 30 steps (2 ms
+    // each at least), not for its first.
+    let queued = |r: &logit_lens::api::LensResponse| r.timing_ms.queue.expect("queue time");
+    for (what, got) in [("the answer", &got_short), ("the lens request", &got_lens)] {
+        assert!(
+            queued(got) > 0.5 * got_long.timing_ms.total,
+            "{what} waited {} ms, the long answer took {} ms",
+            queued(got),
+            got_long.timing_ms.total
+        );
+    }
+    let answers = engine.answers();
+    assert_eq!(answers.waited_for_kv.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        answers.joined.load(Ordering::Relaxed),
+        2,
+        "the short answer; the refused one"
+    );
+    assert_eq!(answers.kv_budget, budget as u64);
+    assert_eq!(answers.kv_bytes.load(Ordering::Relaxed), 0);
 }

@@ -110,3 +110,76 @@ async fn serve_loads_its_models_in_the_dtype_asked_for() {
     assert_eq!(r.status(), 200);
     drop(server);
 }
+
+/// A size the flag cannot read stops serve at once, naming the units it takes.
+#[test]
+fn a_kv_cache_budget_it_cannot_read_stops_serve_at_once() {
+    for bad in ["4GB", "0"] {
+        let out = serve(&["--kv-cache-budget", bad]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--kv-cache-budget"), "{err}");
+        assert!(!err.contains("loading"), "{err}");
+    }
+}
+
+/// Over a real socket, an answer whose keys and values alone pass `--kv-cache-budget` gets 422
+/// saying so; a request that does not generate is not held to it; `/metrics` shows the budget.
+#[tokio::test]
+async fn an_answer_past_the_kv_cache_budget_gets_422() {
+    let port = free_port();
+    let model = format!("demo={}", fixtures().join("qwen2vl-hub").display());
+    let server = Running(
+        serve(&[
+            "--model",
+            &model,
+            "--kv-cache-budget",
+            "2KiB",
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    while !client
+        .get(format!("{base}/ready"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60), "not ready in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let post = |options: serde_json::Value| {
+        client
+            .post(format!("{base}/lens"))
+            .json(&serde_json::json!({"prompt": "Describe", "options": options}))
+            .send()
+    };
+    let r = post(serde_json::json!({"generate": 4})).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--kv-cache-budget"), "{body}");
+    assert!(message.contains("at most 2.0 KiB of them"), "{body}");
+    let r = post(serde_json::json!({"layers": [-1]})).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("logit_lens_generate_kv_cache_budget_bytes 2048"),
+        "{metrics}"
+    );
+    drop(server);
+}

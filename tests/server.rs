@@ -171,6 +171,13 @@ async fn sixty_four_concurrent_mixed_requests_each_get_their_own_answer() {
         text.contains("logit_lens_generate_joined_total 0"),
         "{text}"
     );
+    for line in [
+        "logit_lens_generate_kv_waits_total 0",
+        "logit_lens_generate_kv_cache_bytes 0",
+        &format!("logit_lens_generate_kv_cache_budget_bytes {}", usize::MAX),
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
     assert!(
         text.contains("logit_lens_stage_seconds_count{stage=\"forward\"} 64"),
         "{text}"
@@ -186,6 +193,7 @@ async fn overload_yields_only_200s_and_429s_and_loses_nothing() {
                 max_queue: 2,
                 max_batch_size: 1,
                 max_batch_tokens: 16_384,
+                kv_cache_budget: usize::MAX,
             },
             faulty: true,
             ..Setup::default()
@@ -248,6 +256,7 @@ async fn the_pending_pixel_budget_refuses_images_with_429_and_loses_nothing() {
                 max_queue: 64,
                 max_batch_size: 1,
                 max_batch_tokens: 16_384,
+                kv_cache_budget: usize::MAX,
             },
             limits: Limits {
                 max_pending_pixels: budget,
@@ -330,6 +339,7 @@ async fn retry_after_follows_the_queue_and_the_pace() {
                 max_queue: 8,
                 max_batch_size: 1,
                 max_batch_tokens: 16_384,
+                kv_cache_budget: usize::MAX,
             },
             faulty: true,
             ..Setup::default()
@@ -877,6 +887,7 @@ async fn shutdown_finishes_the_queued_requests() {
                 max_queue: 8,
                 max_batch_size: 1,
                 max_batch_tokens: 16_384,
+                kv_cache_budget: usize::MAX,
             },
             faulty: true,
             ..Setup::default()

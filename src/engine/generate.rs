@@ -188,6 +188,51 @@ pub struct Generation {
     preprocess_ms: f64,
     forward_s: f64,
     lens_s: f64,
+    /// What its cache holds from its prompt to its end ([`kv_bytes`]).
+    kv_bytes: usize,
+}
+
+impl Generation {
+    /// The bytes its keys and values hold, the room for its answer included.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv_bytes
+    }
+}
+
+/// The memory that answers' keys and values may take together (`--kv-cache-budget`), and what the
+/// answers going on hold of it.
+#[derive(Clone, Copy, Debug)]
+pub struct KvBudget {
+    pub limit: usize,
+    pub held: usize,
+}
+
+/// How a request that generates started ([`start_within`]).
+#[allow(clippy::large_enum_variant)] // one per request, moved once
+pub enum Start {
+    Going(Generation),
+    /// Its cache, `kv_bytes`, would pass the budget beside the answers going on (or a request
+    /// before it waits): it waits for answers to end, its prompt not run.
+    Waits {
+        kv_bytes: usize,
+    },
+}
+
+/// `bytes` for a person: B, KiB, MiB or GiB, one decimal.
+fn size(bytes: usize) -> String {
+    let b = bytes as f64;
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1048576 => format!("{:.1} KiB", b / 1024.0),
+        1048576..1073741824 => format!("{:.1} MiB", b / 1048576.0),
+        _ => format!("{:.1} GiB", b / 1073741824.0),
+    }
+}
+
+/// The bytes an answer's keys and values take: every block's, for its prompt and the `generate − 1`
+/// tokens fed back (the buffers are made that size at once, [`KvCache::with_room`]).
+fn kv_bytes(model: &dyn VisionLanguageModel, prompt_tokens: usize, generate: usize) -> usize {
+    (prompt_tokens + generate.saturating_sub(1)) * model.decoder().kv_bytes_per_token()
 }
 
 /// Prepares a request that generates (`generate` > 0) and runs its prompt through the decoder
@@ -208,7 +253,26 @@ pub fn start_batch(
     reqs: &[&LensRequest],
     max_batch_tokens: usize,
 ) -> Vec<Result<Generation>> {
-    let mut results: Vec<Option<Result<Generation>>> = (0..reqs.len()).map(|_| None).collect();
+    start_within(model, reqs, max_batch_tokens, None)
+        .into_iter()
+        .map(|r| match r? {
+            Start::Going(g) => Ok(g),
+            Start::Waits { .. } => Err(Error::Internal("an answer waits without a budget".into())),
+        })
+        .collect()
+}
+
+/// [`start_batch`] under a budget for the answers' keys and values: in order, each request's
+/// prompt runs while its cache fits beside `budget.held` (and those started before it); from the
+/// first that does not, the rest wait ([`Start::Waits`]), so that none overtakes another. A request
+/// whose cache alone passes the limit can never run: 422.
+pub fn start_within(
+    model: &dyn VisionLanguageModel,
+    reqs: &[&LensRequest],
+    max_batch_tokens: usize,
+    budget: Option<KvBudget>,
+) -> Vec<Result<Start>> {
+    let mut results: Vec<Option<Result<Start>>> = (0..reqs.len()).map(|_| None).collect();
     let mut valid = Vec::new();
     for (i, req) in reqs.iter().enumerate() {
         match req.options.generate {
@@ -225,27 +289,61 @@ pub fn start_batch(
             _ => valid.push(i),
         }
     }
-    let ready = prepare_all(model, reqs, &valid, &mut results);
+    let mut ready = prepare_all(model, reqs, &valid, &mut results);
+    if let Some(KvBudget { limit, mut held }) = budget {
+        let mut waiting = false;
+        ready.retain(|r| {
+            let bytes = kv_bytes(model, r.inputs.input_ids.len(), r.options.generate);
+            let verdict = if bytes > limit {
+                Some(Err(Error::Unprocessable(format!(
+                    "this answer's keys and values would take {} ({} prompt tokens and {} \
+                     generated, {} a token); this server holds at most {} of them \
+                     (--kv-cache-budget): a shorter prompt, a smaller image or fewer tokens",
+                    size(bytes),
+                    r.inputs.input_ids.len(),
+                    r.options.generate,
+                    size(model.decoder().kv_bytes_per_token()),
+                    size(limit)
+                ))))
+            } else if waiting || held + bytes > limit {
+                waiting = true;
+                Some(Ok(Start::Waits { kv_bytes: bytes }))
+            } else {
+                held += bytes;
+                None
+            };
+            let keep = verdict.is_none();
+            if let Some(v) = verdict {
+                results[r.index] = Some(v);
+            }
+            keep
+        });
+    }
     for group in groups_under(ready, max_batch_tokens) {
         let prefilled = together_or_alone(&group, |g| prefill(model, g));
         for (r, p) in group.into_iter().zip(prefilled) {
-            results[r.index] = Some(p.map(|p| Generation {
-                max_new: r.options.generate,
-                exclude_special: r.options.exclude_special,
-                inputs: r.inputs,
-                spec: r.spec,
-                targets: r.targets,
-                preprocess_ms: r.preprocess_ms,
-                stats: p.stats,
-                cache: p.cache,
-                rows: p.rows,
-                prompt_len: p.prompt_len,
-                first_new_position: p.first_new_position,
-                tokens: Vec::new(),
-                stopped: None,
-                forward_s: p.forward_s,
-                lens_s: p.lens_s,
-            }));
+            let kv_bytes = kv_bytes(model, r.inputs.input_ids.len(), r.options.generate);
+            results[r.index] = Some(
+                p.map(|p| Generation {
+                    kv_bytes,
+                    max_new: r.options.generate,
+                    exclude_special: r.options.exclude_special,
+                    inputs: r.inputs,
+                    spec: r.spec,
+                    targets: r.targets,
+                    preprocess_ms: r.preprocess_ms,
+                    stats: p.stats,
+                    cache: p.cache,
+                    rows: p.rows,
+                    prompt_len: p.prompt_len,
+                    first_new_position: p.first_new_position,
+                    tokens: Vec::new(),
+                    stopped: None,
+                    forward_s: p.forward_s,
+                    lens_s: p.lens_s,
+                })
+                .map(Start::Going),
+            );
         }
     }
     results
@@ -477,6 +575,11 @@ impl<'m, T> Generating<'m, T> {
         self.going.len()
     }
 
+    /// The bytes the answers' keys and values hold together.
+    pub fn kv_bytes(&self) -> usize {
+        self.going.iter().map(|(_, g)| g.kv_bytes).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.going.is_empty()
     }
@@ -687,5 +790,107 @@ mod tests {
             vec![vec![8f32, 9., 10., 11.]]
         );
         assert_eq!(stored_elements(kept), 4);
+    }
+
+    fn text_model() -> Box<dyn VisionLanguageModel> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2-hub");
+        crate::models::load(&dir, "qwen2", &candle_core::Device::Cpu, DType::F32).unwrap()
+    }
+
+    fn generating(prompt: &str, generate: usize) -> LensRequest {
+        LensRequest {
+            prompt: prompt.into(),
+            image: None,
+            options: crate::api::LensOptions {
+                generate,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// An answer's cache is made once, the size it reserves (its prompt and every token fed
+    /// back), and never grows while it is generated.
+    #[test]
+    fn an_answer_s_cache_is_what_it_reserves_to_its_end() {
+        let model = text_model();
+        let req = generating("The colour of the sky is", 6);
+        let g = start(model.as_ref(), &req).unwrap();
+        let per_token = model.decoder().kv_bytes_per_token();
+        assert_eq!(
+            per_token,
+            2 * 3 * 2 * 16 * 4,
+            "3 blocks × 2 KV heads × head dim 16, f32"
+        );
+        assert_eq!(g.kv_bytes(), (g.prompt_len + 5) * per_token);
+        assert_eq!(g.cache.bytes(), g.kv_bytes());
+        let mut going = Generating::new(model.as_ref());
+        going.push((), g);
+        let mut steps = 0;
+        while !going.is_empty() {
+            assert_eq!(
+                going.going[0].1.cache.bytes(),
+                going.kv_bytes(),
+                "step {steps}"
+            );
+            for (_, ended) in going.step() {
+                let g = ended.unwrap();
+                assert_eq!(g.cache.bytes(), g.kv_bytes(), "at its end");
+                assert_eq!(g.tokens.len(), 6);
+            }
+            steps += 1;
+        }
+    }
+
+    /// Under a budget, requests start in order while their caches fit; from the first that does
+    /// not, the rest wait; one that could never fit is refused.
+    #[test]
+    fn answers_start_in_order_while_their_caches_fit_the_budget() {
+        let model = text_model();
+        let (short, long) = (
+            generating("Hi", 4),
+            generating("The colour of the sky is", 4),
+        );
+        let bytes = |r| match start_within(model.as_ref(), &[r], usize::MAX, None).remove(0) {
+            Ok(Start::Going(g)) => g.kv_bytes(),
+            _ => panic!("started without a budget"),
+        };
+        let (s, l) = (bytes(&short), bytes(&long));
+        assert!(s < l);
+        let run = |reqs: &[&LensRequest], limit, held| {
+            start_within(
+                model.as_ref(),
+                reqs,
+                usize::MAX,
+                Some(KvBudget { limit, held }),
+            )
+            .into_iter()
+            .map(|r| match r {
+                Ok(Start::Going(g)) => format!("going {}", g.kv_bytes()),
+                Ok(Start::Waits { kv_bytes }) => format!("waits {kv_bytes}"),
+                Err(e) => e.code().to_string(),
+            })
+            .collect::<Vec<_>>()
+        };
+        // Room for the long one and the short one, not two long ones: the second long one waits,
+        // and the short one after it waits too, though it would fit.
+        assert_eq!(
+            run(&[&long, &long, &short], l + s, 0),
+            [
+                format!("going {l}"),
+                format!("waits {l}"),
+                format!("waits {s}")
+            ]
+        );
+        assert_eq!(
+            run(&[&long, &short], l + s, 0),
+            [format!("going {l}"), format!("going {s}")]
+        );
+        // What the answers going on hold counts.
+        assert_eq!(run(&[&short], l + s, l + 1), [format!("waits {s}")]);
+        // Never fits: refused, and the next one is not held back by it.
+        assert_eq!(
+            run(&[&long, &short], l - 1, 0),
+            ["unprocessable".to_string(), format!("going {s}")]
+        );
     }
 }

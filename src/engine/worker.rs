@@ -36,6 +36,9 @@ pub struct EngineConfig {
     pub max_batch_size: usize,
     /// The most padded tokens (requests × longest sequence) one decoder pass takes.
     pub max_batch_tokens: usize,
+    /// The most bytes the keys and values of the answers being generated may hold together; an
+    /// answer whose cache would pass it waits for others to end ([`generate::start_within`]).
+    pub kv_cache_budget: usize,
     pub on_batch: Option<BatchHook>,
 }
 
@@ -73,6 +76,8 @@ pub struct Job {
     pub deadline: Instant,
     pub reply: oneshot::Sender<JobResult>,
     enqueued: Instant,
+    /// Generating: the bytes its answer's keys and values will take, once it had to wait for them.
+    kv_bytes: Option<usize>,
     /// What the job holds until it is dropped, after its answer is sent (the HTTP side's share of
     /// its image-pixel budget).
     _held: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -83,6 +88,20 @@ pub enum SubmitError {
     QueueFull,
     /// The worker is gone (shutting down or failed to load).
     Closed,
+}
+
+/// The answers being generated, for metrics.
+#[derive(Default)]
+pub struct Answers {
+    /// Requests that joined answers already being generated (rather than waiting for them to end).
+    pub joined: AtomicU64,
+    /// Requests that waited for answers to end because their keys and values would have passed
+    /// the budget (each counted once).
+    pub waited_for_kv: AtomicU64,
+    /// What the keys and values of the answers going on hold now, in bytes.
+    pub kv_bytes: AtomicU64,
+    /// The budget they share (`--kv-cache-budget`).
+    pub kv_budget: u64,
 }
 
 /// Jobs the worker dropped without running them (or, generating, without finishing them).
@@ -103,7 +122,7 @@ pub struct Engine {
     /// Moving average of the worker's wall time per request, in microseconds (0: none yet).
     per_request_us: Arc<AtomicU64>,
     dropped: Arc<Dropped>,
-    joined: Arc<AtomicU64>,
+    answers: Arc<Answers>,
     state: watch::Receiver<LoadState>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -116,16 +135,20 @@ impl Engine {
         let depth = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(Dropped::default());
         let per_request_us = Arc::new(AtomicU64::new(0));
-        let joined = Arc::new(AtomicU64::new(0));
+        let answers = Arc::new(Answers {
+            kv_budget: config.kv_cache_budget as u64,
+            ..Default::default()
+        });
         let worker = Worker {
             rx,
             pending: VecDeque::new(),
             depth: depth.clone(),
             per_request_us: per_request_us.clone(),
             dropped: dropped.clone(),
-            joined: joined.clone(),
+            answers: answers.clone(),
             max_batch_size: config.max_batch_size.max(1),
             max_batch_tokens: config.max_batch_tokens.max(1),
+            kv_budget: config.kv_cache_budget,
             on_batch: config.on_batch,
         };
         let thread = std::thread::Builder::new()
@@ -139,7 +162,7 @@ impl Engine {
             depth,
             per_request_us,
             dropped,
-            joined,
+            answers,
             state,
             thread: Mutex::new(Some(thread)),
         })
@@ -162,6 +185,7 @@ impl Engine {
             deadline,
             reply,
             enqueued: Instant::now(),
+            kv_bytes: None,
             _held: held,
         };
         self.depth.fetch_add(1, Ordering::SeqCst);
@@ -203,7 +227,11 @@ impl Engine {
 
     /// Requests that joined answers already being generated (rather than waiting for them to end).
     pub fn joined(&self) -> u64 {
-        self.joined.load(Ordering::Relaxed)
+        self.answers.joined.load(Ordering::Relaxed)
+    }
+
+    pub fn answers(&self) -> &Answers {
+        &self.answers
     }
 
     pub fn load_state(&self) -> LoadState {
@@ -242,9 +270,10 @@ struct Worker {
     depth: Arc<AtomicUsize>,
     per_request_us: Arc<AtomicU64>,
     dropped: Arc<Dropped>,
-    joined: Arc<AtomicU64>,
+    answers: Arc<Answers>,
     max_batch_size: usize,
     max_batch_tokens: usize,
+    kv_budget: usize,
     on_batch: Option<BatchHook>,
 }
 
@@ -362,7 +391,9 @@ impl Worker {
         // Each answer's tag: its job and the time it waited in the queue.
         let mut batch: Generating<(Job, Duration)> = Generating::new(model);
         let mut n = jobs.len();
-        start_all(model, &mut batch, jobs, self.max_batch_tokens);
+        let waiting = self.start_all(model, &mut batch, jobs, false);
+        n -= waiting.len();
+        self.wait_again(waiting);
         while !batch.is_empty() {
             for (job, _) in batch.stop_where(|(job, _)| job.reply.is_closed()) {
                 drop(job);
@@ -370,6 +401,10 @@ impl Worker {
             }
             match catch_unwind(AssertUnwindSafe(|| batch.step())) {
                 Ok(ended) => {
+                    // Before the ended answers' replies: what those going on hold now.
+                    self.answers
+                        .kv_bytes
+                        .store(batch.kv_bytes() as u64, Ordering::Relaxed);
                     for ((job, queued), answer) in ended {
                         let respond = || answer.and_then(|g| generate::respond(model, g));
                         let result = match catch_unwind(AssertUnwindSafe(respond)) {
@@ -380,6 +415,7 @@ impl Worker {
                     }
                 }
                 Err(_) => {
+                    self.answers.kv_bytes.store(0, Ordering::Relaxed);
                     for (job, queued) in batch.into_tags() {
                         let result = run_one(model, &job.request, queued);
                         let _ = job.reply.send(result);
@@ -389,7 +425,104 @@ impl Worker {
             }
             n += self.between_steps(models, index, &mut batch);
         }
+        self.answers.kv_bytes.store(0, Ordering::Relaxed);
         n
+    }
+
+    /// Runs the prompts of `jobs` together ([`generate::start_within`], under the padded-token
+    /// budget, beside what `batch` holds of the KV budget) and adds their answers to `batch`; a
+    /// job that cannot start is answered at once (a bad request: its error; a panic: 500, only
+    /// the culprit's, after the prompts ran again one by one). Returns the jobs that wait for
+    /// room in the KV budget, in order, their caches' sizes noted. `joining`: the jobs join
+    /// answers going on, and those that do not wait are counted so (before any is answered).
+    fn start_all(
+        &self,
+        model: &dyn VisionLanguageModel,
+        batch: &mut Generating<(Job, Duration)>,
+        jobs: Vec<Job>,
+        joining: bool,
+    ) -> Vec<Job> {
+        if jobs.is_empty() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let budget = |held| generate::KvBudget {
+            limit: self.kv_budget,
+            held,
+        };
+        let reqs: Vec<&LensRequest> = jobs.iter().map(|job| &job.request).collect();
+        let together = catch_unwind(AssertUnwindSafe(|| {
+            generate::start_within(
+                model,
+                &reqs,
+                self.max_batch_tokens,
+                Some(budget(batch.kv_bytes())),
+            )
+        }));
+        let started: Vec<Result<crate::Result<generate::Start>, String>> = match together {
+            Ok(started) => started.into_iter().map(Ok).collect(),
+            Err(p) if reqs.len() == 1 => vec![Err(panic_message(p))],
+            Err(_) => {
+                // One by one, each beside those started before it.
+                let mut held = batch.kv_bytes();
+                let mut waiting = false;
+                reqs.iter()
+                    .map(|req| {
+                        if waiting {
+                            // Its size is learnt when it is tried again.
+                            return Ok(Ok(generate::Start::Waits { kv_bytes: 0 }));
+                        }
+                        let one = catch_unwind(AssertUnwindSafe(|| {
+                            generate::start_within(model, &[req], usize::MAX, Some(budget(held)))
+                                .remove(0)
+                        }))
+                        .map_err(panic_message);
+                        match &one {
+                            Ok(Ok(generate::Start::Going(g))) => held += g.kv_bytes(),
+                            Ok(Ok(generate::Start::Waits { .. })) => waiting = true,
+                            _ => {}
+                        }
+                        one
+                    })
+                    .collect()
+            }
+        };
+        let (mut waiting, mut replies) = (Vec::new(), Vec::new());
+        let tried = jobs.len();
+        for (mut job, started) in jobs.into_iter().zip(started) {
+            let queued = now - job.enqueued;
+            match started {
+                Ok(Ok(generate::Start::Going(answer))) => batch.push((job, queued), answer),
+                Ok(Ok(generate::Start::Waits { kv_bytes })) => {
+                    if job.kv_bytes.is_none() {
+                        self.answers.waited_for_kv.fetch_add(1, Ordering::Relaxed);
+                    }
+                    job.kv_bytes = (kv_bytes > 0).then_some(kv_bytes);
+                    waiting.push(job);
+                }
+                Ok(Err(e)) => replies.push((job, finish(Err(e), queued))),
+                Err(message) => replies.push((job, Err(JobError::Panicked(message)))),
+            }
+        }
+        if joining {
+            let joined = (tried - waiting.len()) as u64;
+            self.answers.joined.fetch_add(joined, Ordering::Relaxed);
+        }
+        self.answers
+            .kv_bytes
+            .store(batch.kv_bytes() as u64, Ordering::Relaxed);
+        for (job, result) in replies {
+            let _ = job.reply.send(result);
+        }
+        waiting
+    }
+
+    /// Jobs that wait for room in the KV budget go back to the front of the queue, in order.
+    fn wait_again(&mut self, jobs: Vec<Job>) {
+        self.depth.fetch_add(jobs.len(), Ordering::SeqCst);
+        for job in jobs.into_iter().rev() {
+            self.pending.push_front(job);
+        }
     }
 
     /// Between two steps of `batch` (model `index`), the queue goes on in its order: the jobs next
@@ -412,8 +545,14 @@ impl Worker {
         let mut joining = Vec::new();
         while let Some(front) = self.pending.front() {
             let generates = front.request.options.generate > 0;
+            // One that waited for room in the KV budget joins once its cache fits (those ahead
+            // of it in `joining` are counted when they start).
+            let fits = front
+                .kv_bytes
+                .is_none_or(|b| batch.kv_bytes().saturating_add(b) <= self.kv_budget);
             if generates
                 && front.model == index
+                && fits
                 && batch.len() + joining.len() < self.max_batch_size
             {
                 let Some(job) = self.pending.pop_front() else {
@@ -421,18 +560,13 @@ impl Worker {
                 };
                 self.depth.fetch_sub(1, Ordering::SeqCst);
                 if let Some(job) = self.live(job, Instant::now()) {
-                    self.joined.fetch_add(1, Ordering::Relaxed);
                     joining.push(job);
-                    n += 1;
                 }
+            } else if !generates && !ran_group && !joining.is_empty() {
+                // Those in line before the group start first. One that waits for room in the KV
+                // budget is back in front, and nothing overtakes it.
+                n += self.join(model, batch, std::mem::take(&mut joining));
             } else if !generates && !ran_group {
-                // Those in line before the group start first.
-                start_all(
-                    model,
-                    batch,
-                    std::mem::take(&mut joining),
-                    self.max_batch_tokens,
-                );
                 // The jobs next in line that do not generate with the front one's model.
                 let theirs = front.model;
                 let mut group = Vec::new();
@@ -450,50 +584,22 @@ impl Worker {
                 break;
             }
         }
-        start_all(model, batch, joining, self.max_batch_tokens);
-        n
+        n + self.join(model, batch, joining)
     }
-}
 
-/// Runs the prompts of `jobs` together ([`generate::start_batch`], under the padded-token budget)
-/// and adds their answers to `batch`; a job that cannot start is answered at once (a bad request:
-/// its error; a panic: 500, only the culprit's, after the prompts ran again one by one).
-fn start_all(
-    model: &dyn VisionLanguageModel,
-    batch: &mut Generating<(Job, Duration)>,
-    jobs: Vec<Job>,
-    max_batch_tokens: usize,
-) {
-    if jobs.is_empty() {
-        return;
-    }
-    let now = Instant::now();
-    let reqs: Vec<&LensRequest> = jobs.iter().map(|job| &job.request).collect();
-    let started: Vec<Result<crate::Result<generate::Generation>, String>> =
-        match catch_unwind(AssertUnwindSafe(|| {
-            generate::start_batch(model, &reqs, max_batch_tokens)
-        })) {
-            Ok(started) => started.into_iter().map(Ok).collect(),
-            Err(p) if reqs.len() == 1 => vec![Err(panic_message(p))],
-            Err(_) => reqs
-                .iter()
-                .map(|req| {
-                    catch_unwind(AssertUnwindSafe(|| generate::start(model, req)))
-                        .map_err(panic_message)
-                })
-                .collect(),
-        };
-    for (job, started) in jobs.into_iter().zip(started) {
-        let queued = now - job.enqueued;
-        match started {
-            Ok(Ok(answer)) => batch.push((job, queued), answer),
-            Ok(Err(e)) => {
-                let _ = job.reply.send(finish(Err(e), queued));
-            }
-            Err(message) => {
-                let _ = job.reply.send(Err(JobError::Panicked(message)));
-            }
-        }
+    /// `jobs` join `batch` ([`Self::start_all`]); those that wait for room in the KV budget go
+    /// back to the front of the queue. Returns how many joined (or were answered at once).
+    fn join(
+        &mut self,
+        model: &dyn VisionLanguageModel,
+        batch: &mut Generating<(Job, Duration)>,
+        jobs: Vec<Job>,
+    ) -> usize {
+        let tried = jobs.len();
+        let waiting = self.start_all(model, batch, jobs, true);
+        let joined = tried - waiting.len();
+        self.wait_again(waiting);
+        joined
     }
 }
 

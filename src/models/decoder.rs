@@ -523,6 +523,15 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// The bytes one token's keys and values take in a [`KvCache`]: every block's, in the
+    /// weights' dtype.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.num_hidden_layers
+            * self.cfg.num_key_value_heads
+            * self.cfg.head_dim
+            * self.embed_tokens.dtype().size_in_bytes()
+    }
+
     /// `w` is the LM body prefix (`model.` for Qwen2-VL on the hub, `language_model.model.` for LLaVA).
     pub fn load(w: &Prefixed, cfg: &DecoderConfig) -> Result<Self> {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);

@@ -55,6 +55,17 @@ pub struct ServeArgs {
     /// The most padded tokens (requests × longest sequence) one batched decoder pass takes.
     #[arg(long, env = "LOGIT_LENS_MAX_BATCH_TOKENS", default_value_t = 16_384)]
     pub max_batch_tokens: usize,
+    /// The most memory the keys and values of the answers being generated (`generate`) may hold
+    /// together: bytes, or a number with KiB, MiB, GiB or TiB. An answer whose cache would pass it
+    /// waits for others to end; one that alone would pass it gets 422. An answer's cache holds its
+    /// prompt and its tokens (LLaVA-1.5-7B in fp16: 512 KiB a token; Qwen2-VL-2B in bf16: 28 KiB).
+    #[arg(
+        long,
+        env = "LOGIT_LENS_KV_CACHE_BUDGET",
+        default_value = "4GiB",
+        value_parser = parse_bytes
+    )]
+    pub kv_cache_budget: usize,
     /// Requests that may wait; one more gets 429 with Retry-After.
     #[arg(long, env = "LOGIT_LENS_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
@@ -129,5 +140,52 @@ impl ServeArgs {
         }
         keys.retain(|k| !k.is_empty());
         Ok(keys)
+    }
+}
+
+/// A size: bytes, or a number (decimals allowed) followed by KiB, MiB, GiB or TiB (any case; a
+/// space between is allowed). At least one byte.
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "`{text}`: a size is bytes, or a number with KiB, MiB, GiB or TiB"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: a size is bytes, or a number with KiB, MiB, GiB or TiB"))?;
+    let bytes = value * scale as f64;
+    if !(bytes >= 1.0 && bytes < usize::MAX as f64) {
+        return Err(format!("`{text}`: a size of at least one byte"));
+    }
+    Ok(bytes as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("1.5 gib"), Ok(3 << 29));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes(" 2 KiB "), Ok(2048));
+        for bad in ["", "0", "GiB", "4GB", "-1MiB", "1.2.3", "0.1"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -42,7 +42,7 @@ use crate::Error;
         (status = 404, description = "Unknown model", body = super::schema::ErrorBody),
         (status = 413, description = "Body, image dimensions or prompt length over the limits", body = super::schema::ErrorBody),
         (status = 415, description = "Not an image, an unsupported image format, or an unsupported content type", body = super::schema::ErrorBody),
-        (status = 422, description = "Well-formed but impossible (position out of range, image too elongated)", body = super::schema::ErrorBody),
+        (status = 422, description = "Well-formed but impossible (position out of range, image too elongated, an answer whose keys and values alone pass the server's --kv-cache-budget)", body = super::schema::ErrorBody),
         (status = 429, description = "Queue full, or the images being handled hold the pending-pixel budget; Retry-After says when to come back", body = super::schema::ErrorBody,
             headers(("retry-after" = u64, description = "Seconds"))),
         (status = 500, description = "A bug: the computation failed", body = super::schema::ErrorBody),

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use crate::api::Timing;
-use crate::engine::worker::Dropped;
+use crate::engine::worker::{Answers, Dropped};
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -129,7 +129,7 @@ impl Metrics {
         queue_depth: usize,
         pending_pixels: u64,
         dropped: &Dropped,
-        joined: u64,
+        answers: &Answers,
     ) -> String {
         let inner = self.inner();
         let mut out = String::new();
@@ -169,7 +169,38 @@ impl Metrics {
             "# HELP logit_lens_generate_joined_total Requests that joined answers already being generated.\n",
         );
         out.push_str("# TYPE logit_lens_generate_joined_total counter\n");
-        let _ = writeln!(out, "logit_lens_generate_joined_total {joined}");
+        let _ = writeln!(
+            out,
+            "logit_lens_generate_joined_total {}",
+            answers.joined.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP logit_lens_generate_kv_waits_total Requests that waited for answers to end, their keys and values over --kv-cache-budget beside those going on.\n",
+        );
+        out.push_str("# TYPE logit_lens_generate_kv_waits_total counter\n");
+        let _ = writeln!(
+            out,
+            "logit_lens_generate_kv_waits_total {}",
+            answers.waited_for_kv.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP logit_lens_generate_kv_cache_bytes Bytes the keys and values of the answers being generated hold.\n",
+        );
+        out.push_str("# TYPE logit_lens_generate_kv_cache_bytes gauge\n");
+        let _ = writeln!(
+            out,
+            "logit_lens_generate_kv_cache_bytes {}",
+            answers.kv_bytes.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP logit_lens_generate_kv_cache_budget_bytes The most they may hold together (--kv-cache-budget).\n",
+        );
+        out.push_str("# TYPE logit_lens_generate_kv_cache_budget_bytes gauge\n");
+        let _ = writeln!(
+            out,
+            "logit_lens_generate_kv_cache_budget_bytes {}",
+            answers.kv_budget
+        );
         out.push_str(
             "# HELP logit_lens_batch_size Jobs per group the worker ran (those that joined later not counted).\n",
         );

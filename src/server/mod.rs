@@ -50,6 +50,8 @@ pub struct QueueConfig {
     pub max_queue: usize,
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
+    /// Bytes the answers' keys and values may hold together (`--kv-cache-budget`).
+    pub kv_cache_budget: usize,
 }
 
 impl AppState {
@@ -68,6 +70,7 @@ impl AppState {
                 max_queue: queue.max_queue,
                 max_batch_size: queue.max_batch_size,
                 max_batch_tokens: queue.max_batch_tokens,
+                kv_cache_budget: queue.kv_cache_budget,
                 on_batch: Some(Arc::new(move |n| hook.batch(n))),
             },
         )?;
@@ -259,6 +262,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         max_queue: args.max_queue,
         max_batch_size: args.max_batch_size,
         max_batch_tokens: args.max_batch_tokens,
+        kv_cache_budget: args.kv_cache_budget,
     };
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start tokio: {e}"))?;
     runtime.block_on(async move {

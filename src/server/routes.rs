@@ -90,7 +90,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             state.engine.queue_depth(),
             state.pending_pixels(),
             state.engine.dropped(),
-            state.engine.joined(),
+            state.engine.answers(),
         ),
     )
         .into_response()

@@ -45,7 +45,9 @@ pub struct LensForm {
     pub summary: Option<bool>,
     pub chat_template: Option<bool>,
     pub exclude_special: Option<bool>,
-    /// Greedily generate up to this many tokens (0 to 64) and read them through the lens.
+    /// Greedily generate up to this many tokens (0 to 64) and read them through the lens. The
+    /// answer's keys and values (its prompt's and its tokens') share the server's
+    /// `--kv-cache-budget` with the answers going on: past what is left it waits, past all of it 422.
     pub generate: Option<usize>,
 }
 

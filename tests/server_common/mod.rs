@@ -187,6 +187,7 @@ impl Default for Setup {
                 max_queue: 128,
                 max_batch_size: 8,
                 max_batch_tokens: 16_384,
+                kv_cache_budget: usize::MAX,
             },
             limits: Limits::default(),
             keys: Vec::new(),
