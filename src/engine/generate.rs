@@ -79,7 +79,7 @@ fn argmax_next(model: &dyn VisionLanguageModel, lasts: &[&Tensor]) -> Result<Vec
         Some(packed) if normed.device().is_cpu() && normed.dtype() == DType::F32 => {
             crate::models::amx::linear(&normed, packed)?
         }
-        _ => normed.matmul(&head.unembed.t()?)?.to_dtype(DType::F32)?,
+        _ => crate::models::gemm::matmul_nt(&normed, &head.unembed)?.to_dtype(DType::F32)?,
     };
     let logits = match head.softcap {
         Some(c) => crate::models::layers::softcap_like_torch(&logits, c)?,

@@ -84,7 +84,7 @@ impl Lens<'_> {
 
     /// One pass over the vocabulary in blocks: a GEMM, then one fused reduction of every row. The
     /// GEMM is AMX's where the head has the unembedding packed for it ([`amx`]), candle's f32
-    /// GEMM otherwise.
+    /// GEMM otherwise ([`crate::models::gemm::matmul_nt`]: a few rows as `(w · xᵀ)ᵀ`).
     pub(super) fn reduce_vocabulary(
         &self,
         n_block: &Tensor,
@@ -115,7 +115,7 @@ impl Lens<'_> {
         for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
             let vc = VOCAB_BLOCK.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
-            let logits = self.cap(n_block.matmul(&w.t()?)?)?;
+            let logits = self.cap(crate::models::gemm::matmul_nt(n_block, &w)?)?;
             with_cpu_f32(&logits, |z| reduce(z, v0, vc, states))?;
         }
         Ok(())

@@ -626,7 +626,7 @@ impl<'a> Lens<'a> {
 /// products (a half-precision product is exact in f32).
 fn unembed_f32(rows: &Tensor, w: &Tensor) -> Result<Tensor> {
     if rows.dtype() == DType::F32 {
-        return Ok(rows.matmul(&w.t()?)?);
+        return crate::models::gemm::matmul_nt(rows, w);
     }
     #[cfg(feature = "cuda")]
     if rows.device().is_cuda() {

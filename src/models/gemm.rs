@@ -27,10 +27,28 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.matmul(b)?)
 }
 
+/// Up to this many rows, [`matmul_nt`] on the CPU multiplies as `(w · xᵀ)ᵀ`.
+const FEW_ROWS: usize = 64;
+
+/// `x · wᵀ` for `x` `[rows, in]` and a weight `w` `[out, in]` (rows contiguous), in f32 on the
+/// CPU: for a few rows (2 to 64: a generation step's answers, a short prompt, the lens's rows of
+/// a step) as `(w · xᵀ)ᵀ`. The `gemm` crate behind candle's CPU matmul repacks a transposed right
+/// operand whole at every call once there are two rows or more: with w `[32064, 4096]`, 2 rows
+/// took 194 ms and 1 row 23 ms, and `(w · xᵀ)ᵀ` takes 38 ms for 2 rows and 61 for 32
+/// (bench/README.md). Each output is the same dot product either way. Anything else: `x · wᵀ` as
+/// candle computes it.
+pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && (2..=FEW_ROWS).contains(&rows) {
+        return Ok(w.matmul(&x.t()?)?.t()?.contiguous()?);
+    }
+    matmul(x, &w.t()?)
+}
+
 /// `x` `[rows, in]`, `w` `[out, in]`, `b` `[out]`, one dtype → `[rows, out]`.
 pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !matches!(x.dtype(), DType::BF16 | DType::F16) {
-        return Ok(x.matmul(&w.t()?)?.broadcast_add(b)?);
+        return Ok(matmul_nt(x, w)?.broadcast_add(b)?);
     }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
@@ -176,6 +194,30 @@ mod tests {
     /// from it.
     pub(super) fn rounded_once(exact: &Tensor, dtype: DType) -> Tensor {
         exact.to_dtype(DType::F32).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    /// A few rows times a transposed weight, on the CPU in f32, as `(w · xᵀ)ᵀ`: every output the
+    /// same dot product as candle's `x · wᵀ`, to the bit (K 1000, more than one of the gemm
+    /// crate's depth blocks), for each count of rows either side of the switch.
+    #[test]
+    fn few_rows_times_a_transposed_weight_equal_candle_s_product() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (300, 1000), &dev).unwrap();
+        for rows in [1, 2, 7, FEW_ROWS, FEW_ROWS + 1] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 1000), &dev).unwrap();
+            let got = matmul_nt(&x, &w).unwrap();
+            assert!(got.is_contiguous());
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let diff = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{rows} rows");
+        }
     }
 
     pub(super) fn misses(y: &Tensor, want: &Tensor) -> usize {

@@ -93,7 +93,7 @@ impl Linear {
             // With a bias, one rounding in half precision, as torch's addmm (gemm.rs).
             Weight::Tensor(w) => match &self.bias {
                 Some(b) => super::gemm::linear_bias(&x, w, b)?,
-                None => super::gemm::matmul(&x, &w.t()?)?,
+                None => super::gemm::matmul_nt(&x, w)?,
             },
         };
         let mut out_dims = dims;
