@@ -34,9 +34,10 @@ const FEW_ROWS: usize = 64;
 /// CPU: for a few rows (2 to 64: a generation step's answers, a short prompt, the lens's rows of
 /// a step) as `(w · xᵀ)ᵀ`. The `gemm` crate behind candle's CPU matmul repacks a transposed right
 /// operand whole at every call once there are two rows or more: with w `[32064, 4096]`, 2 rows
-/// took 194 ms and 1 row 23 ms, and `(w · xᵀ)ᵀ` takes 38 ms for 2 rows and 61 for 32
-/// (bench/README.md). Each output is the same dot product either way. Anything else: `x · wᵀ` as
-/// candle computes it.
+/// took 243 ms and 1 row 21 ms, and `(w · xᵀ)ᵀ` takes 36 ms for 2 rows and 63 for 32; past ~128
+/// rows the repacking pays for itself (`examples/transposed_rows.rs`, bench/README.md). Each
+/// output is the same dot product either way, to the bit. Anything else: `x · wᵀ` as candle
+/// computes it.
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = x.dim(0)?;
     if x.device().is_cpu() && x.dtype() == DType::F32 && (2..=FEW_ROWS).contains(&rows) {
