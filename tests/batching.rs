@@ -618,3 +618,126 @@ fn answers_wait_for_room_in_the_kv_budget_and_nothing_overtakes_them() {
     assert_eq!(answers.kv_budget, budget as u64);
     assert_eq!(answers.kv_bytes.load(Ordering::Relaxed), 0);
 }
+
+/// On the service's worker, an answer that waits for room in the KV budget keeps its place in the
+/// queue: a lens request for another model that arrived before it (though after the answer going
+/// on, whose group took the waiting one past it) runs between the steps, not after the answer.
+#[test]
+fn an_answer_waiting_for_the_kv_budget_does_not_hold_back_earlier_requests() {
+    use logit_lens::engine::{generate, Engine, EngineConfig};
+    use std::time::{Duration, Instant};
+
+    let (long, short) = ("Describe the picture.", "What is it?");
+    let alone = load_model("qwen2vl-hub");
+    let kv = |prompt: &str, n| {
+        generate::start(alone.as_ref(), &generating(prompt, n))
+            .unwrap()
+            .kv_bytes()
+    };
+    let budget = kv(long, 40) + kv(short, 2) - 1;
+    // The models load for a while, so that the three requests are queued before the worker takes
+    // its first group: the long answer and the short one (model 0), past the lens request
+    // (model 1) between them.
+    let engine = Engine::start(
+        Box::new(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            let slow = || Box::new(Altered::new(false, true)) as _;
+            Ok(vec![slow(), slow()])
+        }),
+        EngineConfig {
+            max_queue: 8,
+            max_batch_size: 8,
+            max_batch_tokens: 16_384,
+            kv_cache_budget: budget,
+            on_batch: None,
+        },
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let first = engine
+        .submit(0, generating(long, 40), deadline, None)
+        .unwrap();
+    let lens = engine
+        .submit(1, generating(short, 0), deadline, None)
+        .unwrap();
+    let waits = engine
+        .submit(0, generating(short, 2), deadline, None)
+        .unwrap();
+    let got_long = first.blocking_recv().unwrap().unwrap();
+    let got_lens = lens.blocking_recv().unwrap().unwrap();
+    let got_short = waits.blocking_recv().unwrap().unwrap();
+    // Queue times count from before the models loaded: each against the long answer's.
+    let queued = |r: &logit_lens::api::LensResponse| r.timing_ms.queue.expect("queue time");
+    let after_first = |r| queued(r) - queued(&got_long);
+    assert!(
+        after_first(&got_lens) < 0.5 * got_long.timing_ms.total,
+        "the lens request waited {} ms longer than the long answer, which took {} ms",
+        after_first(&got_lens),
+        got_long.timing_ms.total
+    );
+    assert!(
+        after_first(&got_short) > 0.5 * got_long.timing_ms.total,
+        "the short answer waited {} ms longer than the long answer, which took {} ms",
+        after_first(&got_short),
+        got_long.timing_ms.total
+    );
+    assert_eq!(
+        engine
+            .answers()
+            .waited_for_kv
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+/// On the service's worker, an answer waiting for room in the KV budget whose client goes away
+/// leaves the line: the request queued behind it runs between the steps of the answer going on.
+#[test]
+fn a_waiting_answer_whose_client_went_away_does_not_hold_the_line() {
+    use logit_lens::engine::{generate, Engine, EngineConfig};
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    let (long, short) = ("Describe the picture.", "What is it?");
+    let alone = load_model("qwen2vl-hub");
+    let kv = |prompt: &str, n| {
+        generate::start(alone.as_ref(), &generating(prompt, n))
+            .unwrap()
+            .kv_bytes()
+    };
+    let budget = kv(long, 60) + kv(short, 2) - 1;
+    let engine = Engine::start(
+        Box::new(|| Ok(vec![Box::new(Altered::new(false, true)) as _])),
+        EngineConfig {
+            max_queue: 8,
+            max_batch_size: 8,
+            max_batch_tokens: 16_384,
+            kv_cache_budget: budget,
+            on_batch: None,
+        },
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut first = engine
+        .submit(0, generating(long, 60), deadline, None)
+        .unwrap();
+    let gone = engine
+        .submit(0, generating(short, 2), deadline, None)
+        .unwrap();
+    let t0 = Instant::now();
+    while engine.answers().waited_for_kv.load(Ordering::Relaxed) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "nothing waited");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(gone);
+    let behind = engine
+        .submit(0, generating(short, 0), deadline, None)
+        .unwrap();
+    behind.blocking_recv().unwrap().unwrap();
+    assert!(
+        first.try_recv().is_err(),
+        "the request behind the waiting answer came after the long answer's 60 steps"
+    );
+    first.blocking_recv().unwrap().unwrap();
+    assert_eq!(engine.dropped().client_gone.load(Ordering::Relaxed), 1);
+}

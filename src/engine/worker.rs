@@ -78,6 +78,8 @@ pub struct Job {
     enqueued: Instant,
     /// Generating: the bytes its answer's keys and values will take, once it had to wait for them.
     kv_bytes: Option<usize>,
+    /// It waited for room in the KV budget (counted once in `waited_for_kv`).
+    waited: bool,
     /// What the job holds until it is dropped, after its answer is sent (the HTTP side's share of
     /// its image-pixel budget).
     _held: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -186,6 +188,7 @@ impl Engine {
             reply,
             enqueued: Instant::now(),
             kv_bytes: None,
+            waited: false,
             _held: held,
         };
         self.depth.fetch_add(1, Ordering::SeqCst);
@@ -494,8 +497,9 @@ impl Worker {
             match started {
                 Ok(Ok(generate::Start::Going(answer))) => batch.push((job, queued), answer),
                 Ok(Ok(generate::Start::Waits { kv_bytes })) => {
-                    if job.kv_bytes.is_none() {
+                    if !job.waited {
                         self.answers.waited_for_kv.fetch_add(1, Ordering::Relaxed);
+                        job.waited = true;
                     }
                     job.kv_bytes = (kv_bytes > 0).then_some(kv_bytes);
                     waiting.push(job);
@@ -517,11 +521,18 @@ impl Worker {
         waiting
     }
 
-    /// Jobs that wait for room in the KV budget go back to the front of the queue, in order.
+    /// Jobs that wait for room in the KV budget go back into the queue in their order of
+    /// arrival: at its front when they came off it, behind any earlier job for another model that
+    /// their group was taken past ([`Self::next_group`]).
     fn wait_again(&mut self, jobs: Vec<Job>) {
         self.depth.fetch_add(jobs.len(), Ordering::SeqCst);
-        for job in jobs.into_iter().rev() {
-            self.pending.push_front(job);
+        for job in jobs {
+            let at = self
+                .pending
+                .iter()
+                .position(|p| p.enqueued > job.enqueued)
+                .unwrap_or(self.pending.len());
+            self.pending.insert(at, job);
         }
     }
 
@@ -545,11 +556,22 @@ impl Worker {
         let mut joining = Vec::new();
         while let Some(front) = self.pending.front() {
             let generates = front.request.options.generate > 0;
-            // One that waited for room in the KV budget joins once its cache fits (those ahead
-            // of it in `joining` are counted when they start).
-            let fits = front
-                .kv_bytes
-                .is_none_or(|b| batch.kv_bytes().saturating_add(b) <= self.kv_budget);
+            // One that waits for room in the KV budget and whose client went away, or whose
+            // deadline passed, does not hold the line.
+            if front.waited && (front.reply.is_closed() || Instant::now() > front.deadline) {
+                if let Some(job) = self.pending.pop_front() {
+                    self.depth.fetch_sub(1, Ordering::SeqCst);
+                    let _ = self.live(job, Instant::now());
+                }
+                continue;
+            }
+            // One that waited for room in the KV budget joins once its cache fits beside the
+            // answers going on and those joining ahead of it whose size is known (the others
+            // are counted when they start, and may send it back to wait).
+            let ahead: usize = joining.iter().filter_map(|j: &Job| j.kv_bytes).sum();
+            let fits = front.kv_bytes.is_none_or(|b| {
+                batch.kv_bytes().saturating_add(ahead).saturating_add(b) <= self.kv_budget
+            });
             if generates
                 && front.model == index
                 && fits

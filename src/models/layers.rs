@@ -461,11 +461,14 @@ pub fn attention_capped(
 
 /// Keys or values `[b, hkv, sk, d]` as `[b·hkv, sk, d]` for batched GEMMs. One sequence whose
 /// rows are contiguous (a generation step's view of its cache, whose head stride is the cache's
-/// capacity) is read in place: the GEMMs take a batch stride. Anything else is made contiguous.
+/// capacity) is read in place: the GEMMs take a batch stride. Anything else is made contiguous,
+/// and so is any view in half precision on the CPU, where candle's matmul widens its operands'
+/// whole storage to f32 at every call (a view of a pass's packed q/k/v projection: every head).
 fn as_groups(t: &Tensor) -> Result<Tensor> {
     let (b, hkv, sk, d) = t.dims4()?;
     let s = t.stride();
-    if b == 1 && (s[3] == 1 || d == 1) && (s[2] == d || sk == 1) {
+    let widened_whole = t.device().is_cpu() && !matches!(t.dtype(), DType::F32 | DType::F64);
+    if b == 1 && !widened_whole && (s[3] == 1 || d == 1) && (s[2] == d || sk == 1) {
         return Ok(t.squeeze(0)?);
     }
     Ok(t.contiguous()?.reshape((b * hkv, sk, d))?)
