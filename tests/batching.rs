@@ -516,6 +516,33 @@ fn requests_that_join_run_their_prompts_together() {
     }
 }
 
+/// The bytes of keys and values the demo model's answer to `prompt` (`n` tokens) holds.
+fn kv_bytes(prompt: &str, n: usize) -> usize {
+    let model = load_model("qwen2vl-hub");
+    logit_lens::engine::generate::start(model.as_ref(), &generating(prompt, n))
+        .unwrap()
+        .kv_bytes()
+}
+
+/// A worker for `loader`'s models (groups of 8), its answers' caches under `kv_cache_budget`.
+fn engine_under(
+    loader: logit_lens::engine::worker::Loader,
+    kv_cache_budget: usize,
+    on_batch: Option<logit_lens::engine::worker::BatchHook>,
+) -> logit_lens::engine::Engine {
+    logit_lens::engine::Engine::start(
+        loader,
+        logit_lens::engine::EngineConfig {
+            max_queue: 8,
+            max_batch_size: 8,
+            max_batch_tokens: 16_384,
+            kv_cache_budget,
+            on_batch,
+        },
+    )
+    .unwrap()
+}
+
 /// On the service's worker, under `--kv-cache-budget`: an answer whose keys and values would
 /// pass the budget beside those going on waits for them to end (counted once), and what is queued
 /// behind it waits too, a lens request included (nothing overtakes it); an answer whose cache
@@ -523,7 +550,7 @@ fn requests_that_join_run_their_prompts_together() {
 /// answers hold nothing.
 #[test]
 fn answers_wait_for_room_in_the_kv_budget_and_nothing_overtakes_them() {
-    use logit_lens::engine::{generate, Engine, EngineConfig, JobError, JobResult};
+    use logit_lens::engine::{Engine, JobError, JobResult};
     use std::sync::atomic::Ordering;
     use std::sync::{Arc, Mutex, OnceLock};
     use std::time::{Duration, Instant};
@@ -532,14 +559,8 @@ fn answers_wait_for_room_in_the_kv_budget_and_nothing_overtakes_them() {
     let (long, short) = ("Describe the picture.", "What is it?");
     let huge = "Describe the picture. ".repeat(100);
     let alone = load_model("qwen2vl-hub");
-    let kv = |prompt: &str, n| {
-        generate::start(alone.as_ref(), &generating(prompt, n))
-            .unwrap()
-            .kv_bytes()
-    };
-    let (a, b) = (kv(long, 30), kv(short, 2));
-    let budget = a + b - 1;
-    assert!(kv(&huge, 2) > budget);
+    let budget = kv_bytes(long, 30) + kv_bytes(short, 2) - 1;
+    assert!(kv_bytes(&huge, 2) > budget);
     let want_long = run_lens(alone.as_ref(), &generating(long, 30)).unwrap();
     let want_short = run_lens(alone.as_ref(), &generating(short, 2)).unwrap();
     let want_lens = run_lens(alone.as_ref(), &generating(short, 0)).unwrap();
@@ -565,17 +586,11 @@ fn answers_wait_for_room_in_the_kv_budget_and_nothing_overtakes_them() {
             }
         }
     };
-    let started = Engine::start(
+    let started = engine_under(
         Box::new(|| Ok(vec![Box::new(Altered::new(false, true)) as _])),
-        EngineConfig {
-            max_queue: 8,
-            max_batch_size: 8,
-            max_batch_tokens: 16_384,
-            kv_cache_budget: budget,
-            on_batch: Some(Arc::new(hook)),
-        },
-    )
-    .unwrap();
+        budget,
+        Some(Arc::new(hook)),
+    );
     let engine = engine.get_or_init(|| started);
     let first = engine
         .submit(0, generating(long, 30), deadline(), None)
@@ -624,35 +639,22 @@ fn answers_wait_for_room_in_the_kv_budget_and_nothing_overtakes_them() {
 /// on, whose group took the waiting one past it) runs between the steps, not after the answer.
 #[test]
 fn an_answer_waiting_for_the_kv_budget_does_not_hold_back_earlier_requests() {
-    use logit_lens::engine::{generate, Engine, EngineConfig};
     use std::time::{Duration, Instant};
 
     let (long, short) = ("Describe the picture.", "What is it?");
-    let alone = load_model("qwen2vl-hub");
-    let kv = |prompt: &str, n| {
-        generate::start(alone.as_ref(), &generating(prompt, n))
-            .unwrap()
-            .kv_bytes()
-    };
-    let budget = kv(long, 40) + kv(short, 2) - 1;
+    let budget = kv_bytes(long, 40) + kv_bytes(short, 2) - 1;
     // The models load for a while, so that the three requests are queued before the worker takes
     // its first group: the long answer and the short one (model 0), past the lens request
     // (model 1) between them.
-    let engine = Engine::start(
+    let engine = engine_under(
         Box::new(|| {
             std::thread::sleep(Duration::from_millis(300));
             let slow = || Box::new(Altered::new(false, true)) as _;
             Ok(vec![slow(), slow()])
         }),
-        EngineConfig {
-            max_queue: 8,
-            max_batch_size: 8,
-            max_batch_tokens: 16_384,
-            kv_cache_budget: budget,
-            on_batch: None,
-        },
-    )
-    .unwrap();
+        budget,
+        None,
+    );
     let deadline = Instant::now() + Duration::from_secs(600);
     let first = engine
         .submit(0, generating(long, 40), deadline, None)
@@ -694,29 +696,16 @@ fn an_answer_waiting_for_the_kv_budget_does_not_hold_back_earlier_requests() {
 /// leaves the line: the request queued behind it runs between the steps of the answer going on.
 #[test]
 fn a_waiting_answer_whose_client_went_away_does_not_hold_the_line() {
-    use logit_lens::engine::{generate, Engine, EngineConfig};
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
     let (long, short) = ("Describe the picture.", "What is it?");
-    let alone = load_model("qwen2vl-hub");
-    let kv = |prompt: &str, n| {
-        generate::start(alone.as_ref(), &generating(prompt, n))
-            .unwrap()
-            .kv_bytes()
-    };
-    let budget = kv(long, 60) + kv(short, 2) - 1;
-    let engine = Engine::start(
+    let budget = kv_bytes(long, 60) + kv_bytes(short, 2) - 1;
+    let engine = engine_under(
         Box::new(|| Ok(vec![Box::new(Altered::new(false, true)) as _])),
-        EngineConfig {
-            max_queue: 8,
-            max_batch_size: 8,
-            max_batch_tokens: 16_384,
-            kv_cache_budget: budget,
-            on_batch: None,
-        },
-    )
-    .unwrap();
+        budget,
+        None,
+    );
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first = engine
         .submit(0, generating(long, 60), deadline, None)

@@ -53,26 +53,22 @@ fn a_pending_pixel_budget_of_zero_stops_serve_at_once() {
     assert!(!err.contains("loading"), "{err}");
 }
 
-#[tokio::test]
-async fn serve_loads_its_models_in_the_dtype_asked_for() {
+/// `serve` with the demo model and `flags`, on a free port, once /ready says ready: the running
+/// server and its base URL.
+async fn ready_server(flags: &[&str], client: &reqwest::Client) -> (Running, String) {
     let port = free_port();
     let model = format!("demo={}", fixtures().join("qwen2vl-hub").display());
+    let port_text = port.to_string();
+    let mut args = vec!["--model", &model, "--port", &port_text];
+    args.extend_from_slice(flags);
     let server = Running(
-        serve(&[
-            "--model",
-            &model,
-            "--dtype",
-            "bf16",
-            "--port",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
+        serve(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
     let t0 = Instant::now();
     while !client
         .get(format!("{base}/ready"))
@@ -83,6 +79,13 @@ async fn serve_loads_its_models_in_the_dtype_asked_for() {
         assert!(t0.elapsed() < Duration::from_secs(60), "not ready in 60 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    (server, base)
+}
+
+#[tokio::test]
+async fn serve_loads_its_models_in_the_dtype_asked_for() {
+    let client = reqwest::Client::new();
+    let (server, base) = ready_server(&["--dtype", "bf16"], &client).await;
     let models: serde_json::Value = client
         .get(format!("{base}/models"))
         .send()
@@ -127,34 +130,8 @@ fn a_kv_cache_budget_it_cannot_read_stops_serve_at_once() {
 /// saying so; a request that does not generate is not held to it; `/metrics` shows the budget.
 #[tokio::test]
 async fn an_answer_past_the_kv_cache_budget_gets_422() {
-    let port = free_port();
-    let model = format!("demo={}", fixtures().join("qwen2vl-hub").display());
-    let server = Running(
-        serve(&[
-            "--model",
-            &model,
-            "--kv-cache-budget",
-            "2KiB",
-            "--port",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let t0 = Instant::now();
-    while !client
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(t0.elapsed() < Duration::from_secs(60), "not ready in 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (server, base) = ready_server(&["--kv-cache-budget", "2KiB"], &client).await;
     let post = |options: serde_json::Value| {
         client
             .post(format!("{base}/lens"))

@@ -165,42 +165,34 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
-        out.push_str(
-            "# HELP logit_lens_generate_joined_total Requests that joined answers already being generated.\n",
-        );
-        out.push_str("# TYPE logit_lens_generate_joined_total counter\n");
-        let _ = writeln!(
-            out,
-            "logit_lens_generate_joined_total {}",
-            answers.joined.load(Ordering::Relaxed)
-        );
-        out.push_str(
-            "# HELP logit_lens_generate_kv_waits_total Requests that waited for answers to end, their keys and values over --kv-cache-budget beside those going on.\n",
-        );
-        out.push_str("# TYPE logit_lens_generate_kv_waits_total counter\n");
-        let _ = writeln!(
-            out,
-            "logit_lens_generate_kv_waits_total {}",
-            answers.waited_for_kv.load(Ordering::Relaxed)
-        );
-        out.push_str(
-            "# HELP logit_lens_generate_kv_cache_bytes Bytes the keys and values of the answers being generated hold.\n",
-        );
-        out.push_str("# TYPE logit_lens_generate_kv_cache_bytes gauge\n");
-        let _ = writeln!(
-            out,
-            "logit_lens_generate_kv_cache_bytes {}",
-            answers.kv_bytes.load(Ordering::Relaxed)
-        );
-        out.push_str(
-            "# HELP logit_lens_generate_kv_cache_budget_bytes The most they may hold together (--kv-cache-budget).\n",
-        );
-        out.push_str("# TYPE logit_lens_generate_kv_cache_budget_bytes gauge\n");
-        let _ = writeln!(
-            out,
-            "logit_lens_generate_kv_cache_budget_bytes {}",
-            answers.kv_budget
-        );
+        for (name, kind, help, value) in [
+            (
+                "logit_lens_generate_joined_total",
+                "counter",
+                "Requests that joined answers already being generated.",
+                answers.joined.load(Ordering::Relaxed),
+            ),
+            (
+                "logit_lens_generate_kv_waits_total",
+                "counter",
+                "Requests that waited for answers to end, their keys and values over --kv-cache-budget beside those going on.",
+                answers.waited_for_kv.load(Ordering::Relaxed),
+            ),
+            (
+                "logit_lens_generate_kv_cache_bytes",
+                "gauge",
+                "Bytes the keys and values of the answers being generated hold.",
+                answers.kv_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "logit_lens_generate_kv_cache_budget_bytes",
+                "gauge",
+                "The most they may hold together (--kv-cache-budget).",
+                answers.kv_budget,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
         out.push_str(
             "# HELP logit_lens_batch_size Jobs per group the worker ran (those that joined later not counted).\n",
         );
