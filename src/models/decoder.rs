@@ -1466,3 +1466,54 @@ mod tests {
         assert!(e.to_string().contains("llama3"), "{e}");
     }
 }
+
+/// On a card (run by bench/gpu/device.sh): an answer's cache on the device, written in place by
+/// `slice_set` and read by attention as views (cuBLAS at a batch stride), against the keys and
+/// values concatenated as before.
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use super::*;
+    use crate::models::profile::on_a_card::gpu;
+
+    #[test]
+    fn a_cache_on_the_gpu_reads_in_place_as_its_concatenation() {
+        let Some(gpu) = gpu() else { return };
+        let (hq, hkv, d, prompt) = (8, 2, 128, 37);
+        for dtype in [DType::BF16, DType::F16] {
+            let r = |h: usize, s: usize| {
+                Tensor::randn(0f32, 1.0, (1, h, s, d), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(&gpu)
+                    .unwrap()
+            };
+            let mut cache = LayerCache::with_room(5);
+            let (k0, v0) = (r(hkv, prompt), r(hkv, prompt));
+            cache.append(&k0, &v0).unwrap();
+            let (mut ks, mut vs) = (k0, v0);
+            for step in 0..5 {
+                let (k1, v1) = (r(hkv, 1), r(hkv, 1));
+                let (k, v) = cache.append(&k1, &v1).unwrap();
+                ks = Tensor::cat(&[&ks, &k1], 2).unwrap();
+                vs = Tensor::cat(&[&vs, &v1], 2).unwrap();
+                let q = r(hq, 1);
+                let got = attention_capped(&q, &k, &v, None, 0.088, None, usize::MAX).unwrap();
+                let want = attention_capped(&q, &ks, &vs, None, 0.088, None, usize::MAX).unwrap();
+                let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                eprintln!(
+                    "kv cache in place on the gpu, {dtype:?}, step {step}: max difference {diff:e}"
+                );
+                assert!(diff <= 1e-2, "{dtype:?} step {step}: {diff}");
+            }
+            assert_eq!(cache.kv.as_ref().unwrap().0.dim(2).unwrap(), prompt + 5);
+        }
+    }
+}
