@@ -270,27 +270,32 @@ fn a_batch_that_fails_as_a_whole_is_retried_request_by_request() {
     }
 }
 
-/// Runs `first` on a worker serving `model`, with `behind` queued after it as the worker starts
-/// `first`'s group (from the group hook: before its first step). Returns the engine, `first`'s
-/// result and those of `behind` as they stood when `first`'s arrived (None: not answered yet; the
-/// worker answers in order, so Some means it was answered first).
-fn behind_first(
-    model: Box<dyn logit_lens::models::VisionLanguageModel>,
+/// The replies still to come from a worker: filled by its group hook.
+type Replies = std::sync::Arc<
+    std::sync::Mutex<Vec<tokio::sync::oneshot::Receiver<logit_lens::engine::JobResult>>>,
+>;
+
+/// Submits `first` to a worker serving `loader`'s models (the first of them is used), its answers'
+/// caches under `kv_cache_budget`, with `behind` queued after it as the worker starts `first`'s
+/// group (from the group hook: before its first step). Returns the engine, `first`'s reply, and
+/// `behind`'s replies in order (there once `first`'s group has started).
+fn queue_behind(
+    loader: logit_lens::engine::worker::Loader,
+    kv_cache_budget: usize,
     first: LensRequest,
     behind: Vec<LensRequest>,
 ) -> (
     std::sync::Arc<std::sync::OnceLock<logit_lens::engine::Engine>>,
-    logit_lens::api::LensResponse,
-    Vec<Option<logit_lens::api::LensResponse>>,
+    tokio::sync::oneshot::Receiver<logit_lens::engine::JobResult>,
+    Replies,
 ) {
-    use logit_lens::engine::{Engine, EngineConfig, JobResult};
+    use logit_lens::engine::Engine;
     use std::sync::{Arc, Mutex, OnceLock};
     use std::time::{Duration, Instant};
-    use tokio::sync::oneshot;
 
     let engine: Arc<OnceLock<Engine>> = Arc::new(OnceLock::new());
     let behind = Arc::new(Mutex::new(Some(behind)));
-    let late: Arc<Mutex<Vec<oneshot::Receiver<JobResult>>>> = Arc::new(Mutex::new(Vec::new()));
+    let late: Replies = Arc::default();
     let deadline = || Instant::now() + Duration::from_secs(600);
     let hook = {
         let (engine, late) = (engine.clone(), late.clone());
@@ -303,24 +308,30 @@ fn behind_first(
             }
         }
     };
-    let started = Engine::start(
-        Box::new(move || Ok(vec![model])),
-        EngineConfig {
-            max_queue: 8,
-            max_batch_size: 8,
-            max_batch_tokens: 16_384,
-            kv_cache_budget: usize::MAX,
-            on_batch: Some(Arc::new(hook)),
-        },
-    )
-    .unwrap();
-    let got_first = engine
+    let started = engine_under(loader, kv_cache_budget, Some(Arc::new(hook)));
+    let first = engine
         .get_or_init(|| started)
         .submit(0, first, deadline(), None)
-        .unwrap()
-        .blocking_recv()
-        .unwrap()
         .unwrap();
+    (engine, first, late)
+}
+
+/// Runs `first` on a worker serving `model`, with `behind` queued after it as the worker starts
+/// `first`'s group ([`queue_behind`]). Returns the engine, `first`'s result and those of `behind`
+/// as they stood when `first`'s arrived (None: not answered yet; the worker answers in order, so
+/// Some means it was answered first).
+fn behind_first(
+    model: Box<dyn logit_lens::models::VisionLanguageModel>,
+    first: LensRequest,
+    behind: Vec<LensRequest>,
+) -> (
+    std::sync::Arc<std::sync::OnceLock<logit_lens::engine::Engine>>,
+    logit_lens::api::LensResponse,
+    Vec<Option<logit_lens::api::LensResponse>>,
+) {
+    let (engine, first, late) =
+        queue_behind(Box::new(move || Ok(vec![model])), usize::MAX, first, behind);
+    let got_first = first.blocking_recv().unwrap().unwrap();
     let got_behind = std::mem::take(&mut *late.lock().unwrap())
         .into_iter()
         .map(|mut rx| rx.try_recv().ok().map(|r| r.unwrap()))
@@ -550,11 +561,8 @@ fn engine_under(
 /// answers hold nothing.
 #[test]
 fn answers_wait_for_room_in_the_kv_budget_and_nothing_overtakes_them() {
-    use logit_lens::engine::{Engine, JobError, JobResult};
+    use logit_lens::engine::JobError;
     use std::sync::atomic::Ordering;
-    use std::sync::{Arc, Mutex, OnceLock};
-    use std::time::{Duration, Instant};
-    use tokio::sync::oneshot;
 
     let (long, short) = ("Describe the picture.", "What is it?");
     let huge = "Describe the picture. ".repeat(100);
@@ -567,34 +575,17 @@ fn answers_wait_for_room_in_the_kv_budget_and_nothing_overtakes_them() {
 
     // Queued behind the long answer as its group starts: an answer that does not fit beside it,
     // a lens request, an answer that never fits.
-    let deadline = || Instant::now() + Duration::from_secs(600);
-    let engine: Arc<OnceLock<Engine>> = Arc::new(OnceLock::new());
-    let behind = Arc::new(Mutex::new(Some(vec![
-        generating(short, 2),
-        generating(short, 0),
-        generating(&huge, 2),
-    ])));
-    let late: Arc<Mutex<Vec<oneshot::Receiver<JobResult>>>> = Arc::default();
-    let hook = {
-        let (engine, late) = (engine.clone(), late.clone());
-        move |_: usize| {
-            for req in behind.lock().unwrap().take().into_iter().flatten() {
-                let engine = engine.get().expect("started");
-                late.lock()
-                    .unwrap()
-                    .push(engine.submit(0, req, deadline(), None).unwrap());
-            }
-        }
-    };
-    let started = engine_under(
+    let (engine, first, late) = queue_behind(
         Box::new(|| Ok(vec![Box::new(Altered::new(false, true)) as _])),
         budget,
-        Some(Arc::new(hook)),
+        generating(long, 30),
+        vec![
+            generating(short, 2),
+            generating(short, 0),
+            generating(&huge, 2),
+        ],
     );
-    let engine = engine.get_or_init(|| started);
-    let first = engine
-        .submit(0, generating(long, 30), deadline(), None)
-        .unwrap();
+    let engine = engine.get().unwrap();
     let got_long = first.blocking_recv().unwrap().unwrap();
     let mut late = std::mem::take(&mut *late.lock().unwrap()).into_iter();
     let mut next = || late.next().unwrap().blocking_recv().unwrap();

@@ -393,10 +393,7 @@ impl Worker {
         let model = models[index].as_ref();
         // Each answer's tag: its job and the time it waited in the queue.
         let mut batch: Generating<(Job, Duration)> = Generating::new(model);
-        let mut n = jobs.len();
-        let waiting = self.start_all(model, &mut batch, jobs, false);
-        n -= waiting.len();
-        self.wait_again(waiting);
+        let mut n = self.start_all(model, &mut batch, jobs, false);
         while !batch.is_empty() {
             for (job, _) in batch.stop_where(|(job, _)| job.reply.is_closed()) {
                 drop(job);
@@ -435,18 +432,19 @@ impl Worker {
     /// Runs the prompts of `jobs` together ([`generate::start_within`], under the padded-token
     /// budget, beside what `batch` holds of the KV budget) and adds their answers to `batch`; a
     /// job that cannot start is answered at once (a bad request: its error; a panic: 500, only
-    /// the culprit's, after the prompts ran again one by one). Returns the jobs that wait for
-    /// room in the KV budget, in order, their caches' sizes noted. `joining`: the jobs join
-    /// answers going on, and those that do not wait are counted so (before any is answered).
+    /// the culprit's, after the prompts ran again one by one). The jobs that wait for room in
+    /// the KV budget, their caches' sizes noted, go back into the queue ([`Self::wait_again`]).
+    /// `joining`: the jobs join answers going on, and those that do not wait are counted so
+    /// (before any is answered). Returns how many started or were answered.
     fn start_all(
-        &self,
+        &mut self,
         model: &dyn VisionLanguageModel,
         batch: &mut Generating<(Job, Duration)>,
         jobs: Vec<Job>,
         joining: bool,
-    ) -> Vec<Job> {
+    ) -> usize {
         if jobs.is_empty() {
-            return Vec::new();
+            return 0;
         }
         let now = Instant::now();
         let budget = |held| generate::KvBudget {
@@ -491,7 +489,7 @@ impl Worker {
             }
         };
         let (mut waiting, mut replies) = (Vec::new(), Vec::new());
-        let tried = jobs.len();
+        let started_or_answered = jobs.len();
         for (mut job, started) in jobs.into_iter().zip(started) {
             let queued = now - job.enqueued;
             match started {
@@ -508,9 +506,11 @@ impl Worker {
                 Err(message) => replies.push((job, Err(JobError::Panicked(message)))),
             }
         }
+        let started_or_answered = started_or_answered - waiting.len();
         if joining {
-            let joined = (tried - waiting.len()) as u64;
-            self.answers.joined.fetch_add(joined, Ordering::Relaxed);
+            self.answers
+                .joined
+                .fetch_add(started_or_answered as u64, Ordering::Relaxed);
         }
         self.answers
             .kv_bytes
@@ -518,7 +518,8 @@ impl Worker {
         for (job, result) in replies {
             let _ = job.reply.send(result);
         }
-        waiting
+        self.wait_again(waiting);
+        started_or_answered
     }
 
     /// Jobs that wait for room in the KV budget go back into the queue in their order of
@@ -587,7 +588,7 @@ impl Worker {
             } else if !generates && !ran_group && !joining.is_empty() {
                 // Those in line before the group start first. One that waits for room in the KV
                 // budget is back in front, and nothing overtakes it.
-                n += self.join(model, batch, std::mem::take(&mut joining));
+                n += self.start_all(model, batch, std::mem::take(&mut joining), true);
             } else if !generates && !ran_group {
                 // The jobs next in line that do not generate with the front one's model.
                 let theirs = front.model;
@@ -606,22 +607,7 @@ impl Worker {
                 break;
             }
         }
-        n + self.join(model, batch, joining)
-    }
-
-    /// `jobs` join `batch` ([`Self::start_all`]); those that wait for room in the KV budget go
-    /// back to the front of the queue. Returns how many joined (or were answered at once).
-    fn join(
-        &mut self,
-        model: &dyn VisionLanguageModel,
-        batch: &mut Generating<(Job, Duration)>,
-        jobs: Vec<Job>,
-    ) -> usize {
-        let tried = jobs.len();
-        let waiting = self.start_all(model, batch, jobs, true);
-        let joined = tried - waiting.len();
-        self.wait_again(waiting);
-        joined
+        n + self.start_all(model, batch, joining, true)
     }
 }
 

@@ -1500,14 +1500,7 @@ mod gpu_tests {
                 let q = r(hq, 1);
                 let got = attention_capped(&q, &k, &v, None, 0.088, None, usize::MAX).unwrap();
                 let want = attention_capped(&q, &ks, &vs, None, 0.088, None, usize::MAX).unwrap();
-                let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = crate::models::max_diff(&got, &want);
                 eprintln!(
                     "kv cache in place on the gpu, {dtype:?}, step {step}: max difference {diff:e}"
                 );

@@ -209,15 +209,7 @@ mod tests {
             let got = matmul_nt(&x, &w).unwrap();
             assert!(got.is_contiguous());
             let want = x.matmul(&w.t().unwrap()).unwrap();
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(diff, 0.0, "{rows} rows");
+            assert_eq!(crate::models::max_diff(&got, &want), 0.0, "{rows} rows");
         }
     }
 

@@ -643,6 +643,7 @@ pub fn embed(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::max_diff;
 
     /// A Linear whose weights were stored in bf16 or f16 keeps only its AMX packing on a CPU with
     /// AMX, and gives, on a batch of any rank, within f32 rounding of the f64 product plus bias;
@@ -733,19 +734,6 @@ mod tests {
             rows.push(Tensor::stack(&heads, 0).unwrap());
         }
         Tensor::stack(&rows, 0).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// f32 on the CPU: the row blocks of cpu_attention.rs, several a group, the causal mask's rows

@@ -459,6 +459,22 @@ pub(crate) fn stored_elements(t: &Tensor) -> usize {
     }
 }
 
+/// The largest absolute difference between two tensors of one shape (any dtype, any device), in
+/// f64.
+#[cfg(test)]
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// `--dtype`: `auto` (None), f32, bf16 or f16.
 pub fn dtype_choice(spec: &str) -> Result<Option<DType>> {
     match spec {
