@@ -232,7 +232,12 @@ fn size(bytes: usize) -> String {
 /// The bytes an answer's keys and values take: every block's, for its prompt and the `generate − 1`
 /// tokens fed back (the buffers are made that size at once, [`KvCache::with_room`]).
 fn kv_bytes(model: &dyn VisionLanguageModel, prompt_tokens: usize, generate: usize) -> usize {
-    (prompt_tokens + generate.saturating_sub(1)) * model.decoder().kv_bytes_per_token()
+    (prompt_tokens + fed_back(generate)) * model.decoder().kv_bytes_per_token()
+}
+
+/// The tokens of an answer of `generate` that go back through the decoder: all but the last.
+fn fed_back(generate: usize) -> usize {
+    generate.saturating_sub(1)
 }
 
 /// Prepares a request that generates (`generate` > 0) and runs its prompt through the decoder
@@ -388,10 +393,10 @@ fn prefill(model: &dyn VisionLanguageModel, group: &[Ready]) -> Result<Vec<Resul
         .iter()
         .map(|r| Lens::new(model.head(), &r.spec, num_layers))
         .collect::<Result<Vec<Lens>>>()?;
-    // Room for every token fed back (all but the last of `generate`): the steps write in place.
+    // Room for every token fed back: the steps write in place.
     let mut caches: Vec<KvCache> = group
         .iter()
-        .map(|r| KvCache::with_room(r.options.generate.saturating_sub(1)))
+        .map(|r| KvCache::with_room(fed_back(r.options.generate)))
         .collect();
     let mut observers: Vec<LastRows> = lenses
         .iter_mut()
