@@ -140,6 +140,176 @@ impl candle_core::CustomOp1 for RowMaxSumExp {
     }
 }
 
+/// What the detail rows' kernel reads besides the logits ([`detail_tile`]), on the unembedding's
+/// device, made once per lens: the spec's target ids, then, where some ids are excluded from the
+/// top-k, one u32 flag per vocabulary entry; a trailing 0 so that it is never empty. None off
+/// CUDA, and with `LOGIT_LENS_DEVICE_DETAIL=0` (the rows then come to the host, lens/device.rs).
+pub fn detail_keys(
+    spec: &super::LensSpec,
+    unembed: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    if !unembed.device().is_cuda() || !device_detail_enabled() {
+        return Ok(None);
+    }
+    let vocab = unembed.dim(0)?;
+    // Ids travel as f32 in a tile's part (row.rs, `TilePart`): exact below 2²⁴.
+    if vocab >= 1 << 24 {
+        return Ok(None);
+    }
+    let mut keys = spec.targets.clone();
+    if spec.excluded.iter().any(|&e| e) {
+        keys.extend((0..vocab).map(|v| spec.excluded.get(v).copied().unwrap_or(false) as u32));
+    }
+    keys.push(0);
+    let n = keys.len();
+    Tensor::from_vec(keys, n, unembed.device()).map(Some)
+}
+
+/// Whether detail rows are reduced on the card (`LOGIT_LENS_DEVICE_DETAIL=0`: on the host, each
+/// tile's rows brought there; to measure one against the other, or to step around the kernel).
+fn device_detail_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LOGIT_LENS_DEVICE_DETAIL").map_or(true, |v| v != "0"))
+}
+
+/// The detail rows `picked` `[rows, entries]` (f32 logits of the vocabulary entries from `v0`)
+/// → `[rows, layout.width()]`: each row's reduction over this tile, as the host's twin lays it out
+/// (row.rs, `RowState::tile_part`); one block per row. `cmp`: the rows' logits of the spec's
+/// targets `[rows, targets]` (f32; none without targets); `keys`: [`detail_keys`].
+pub fn detail_tile(
+    picked: &Tensor,
+    cmp: Option<&Tensor>,
+    keys: &Tensor,
+    v0: usize,
+    layout: super::row::TilePart,
+) -> candle_core::Result<Tensor> {
+    if layout.top_k > DETAIL_MAX_K || layout.top_k == 0 {
+        candle_core::bail!("detail-tile: top_k {} (1 to {DETAIL_MAX_K})", layout.top_k);
+    }
+    let cmp = match cmp {
+        Some(c) if layout.targets > 0 => c.contiguous()?,
+        None if layout.targets == 0 => keys.clone(),
+        _ => candle_core::bail!("detail-tile: target logits without targets, or the reverse"),
+    };
+    picked.contiguous()?.apply_op3_no_bwd(
+        &cmp,
+        keys,
+        &DetailTile {
+            v0,
+            top_k: layout.top_k,
+            targets: layout.targets,
+        },
+    )
+}
+
+/// The kernel's bound on k (row_reduce.cu's `DETAIL_MAX_K`, the API's `MAX_TOP_K`).
+const DETAIL_MAX_K: usize = 100;
+
+struct DetailTile {
+    v0: usize,
+    top_k: usize,
+    targets: usize,
+}
+
+impl candle_core::CustomOp3 for DetailTile {
+    fn name(&self) -> &'static str {
+        "detail-tile"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("detail-tile runs on the GPU only (the CPU has RowState::tile_part)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        z: &CudaStorage,
+        z_l: &Layout,
+        cmp: &CudaStorage,
+        cmp_l: &Layout,
+        keys: &CudaStorage,
+        keys_l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, cols) = z_l.shape().dims2()?;
+        let contiguous = |l: &Layout, what: &str| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg(format!("detail-tile needs contiguous {what}"))
+            })
+        };
+        let (z0, _) = contiguous(z_l, "logits")?;
+        let (k0, k1) = contiguous(keys_l, "keys")?;
+        if z.dtype() != DType::F32 || keys.dtype() != DType::U32 {
+            candle_core::bail!("detail-tile: f32 logits and u32 keys");
+        }
+        let excluded = k1 - k0 > self.targets + 1;
+        let width = 3 + 2 * self.top_k + 2 * self.targets;
+        let dev = z.device().clone();
+        // SAFETY: one block per row writes all `width` values of its row.
+        let out = unsafe { dev.alloc::<f32>(rows * width) }?;
+        if rows == 0 {
+            return Ok((
+                CudaStorage::wrap_cuda_slice(out, dev),
+                Shape::from((0, width)),
+            ));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = dev.get_or_load_custom_func("detail_tile_f32", "logit_lens_row_reduce", PTX)?;
+        let src = z.as_cuda_slice::<f32>()?.slice(z0..);
+        let all_keys = keys.as_cuda_slice::<u32>()?;
+        let tids = all_keys.slice(k0..);
+        let mask = all_keys.slice(k0 + self.targets..);
+        let (cols_arg, targets_arg) = (cols as i64, self.targets as i32);
+        let (v0_arg, k_arg) = (self.v0 as i64, self.top_k as i32);
+        let no_mask: u64 = 0;
+        // Without targets the kernel never reads `cmp` (it is the keys then).
+        let cmp_slice = if self.targets > 0 {
+            if cmp.dtype() != DType::F32 || cmp_l.shape().dims2()? != (rows, self.targets) {
+                candle_core::bail!("detail-tile: target logits {:?}", cmp_l.shape());
+            }
+            let (c0, _) = contiguous(cmp_l, "target logits")?;
+            Some(cmp.as_cuda_slice::<f32>()?.slice(c0..))
+        } else {
+            None
+        };
+        let mut b = func.builder();
+        b.arg(&src);
+        b.arg(&cols_arg);
+        match &cmp_slice {
+            Some(c) => b.arg(c),
+            None => b.arg(&no_mask),
+        };
+        b.arg(&tids);
+        b.arg(&targets_arg);
+        if excluded {
+            b.arg(&mask);
+        } else {
+            b.arg(&no_mask);
+        }
+        b.arg(&v0_arg);
+        b.arg(&k_arg);
+        b.arg(&out);
+        // SAFETY: the kernel reads rows·cols logits, rows·targets target logits, `targets` ids and
+        // (with `excluded`) a flag for each of the entries v0..v0 + cols, all inside their
+        // buffers; it writes rows·width values of `out`.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((rows, width)),
+        ))
+    }
+}
+
 /// `rows · wᵀ` (`rows` `[n, hidden]`, `w` `[vocab, hidden]`, both bf16 or both f16) → `[n, vocab]`
 /// f32: one cublasGemmEx with f32 accumulation and an f32 result.
 pub fn matmul_nt_f32(rows: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
@@ -245,14 +415,15 @@ impl candle_core::CustomOp2 for MatmulNtF32 {
 /// Page-locked host buffers that the lens's results come back to, kept for the next request. A
 /// copy from the card to ordinary (pageable) memory goes through the driver's own staging buffer,
 /// a chunk at a time, into pages that a fresh `Vec` first has to fault in; one request's detail
-/// rows are 17.6 MB (29 layers × 151936 f32 for Qwen2-VL-2B at the last position), a generation
-/// step's 17.6 MB per answer. At most [`PINNED_BUFFERS`] buffers, [`PINNED_KEPT_BYTES`] in all,
+/// rows were 17.6 MB (29 layers × 151936 f32 for Qwen2-VL-2B at the last position) before they were
+/// reduced on the card; now that is `LOGIT_LENS_DEVICE_DETAIL=0`'s way. At most [`PINNED_BUFFERS`] buffers, [`PINNED_KEPT_BYTES`] in all,
 /// are kept.
 static PINNED: std::sync::Mutex<Vec<PinnedHostSlice<f32>>> = std::sync::Mutex::new(Vec::new());
 const PINNED_BUFFERS: usize = 4;
 const PINNED_KEPT_BYTES: usize = 512 << 20;
-/// Larger transfers go to pageable memory. The lens collects its queued detail rows once they pass
-/// 256 MiB (`PENDING_DETAIL_BYTES`), so its transfers are at most about that.
+/// Larger transfers go to pageable memory. With the detail rows reduced on the card, the lens's
+/// transfers are small; with `LOGIT_LENS_DEVICE_DETAIL=0` a tile of a chunk's rows (512 × 16384
+/// f32, 32 MiB) at a time.
 pub const PINNED_MAX_BYTES: usize = 272 << 20;
 /// Buffers are allocated in steps of this many f32 (4 MB), so that transfers of nearby sizes
 /// share them.
@@ -402,6 +573,136 @@ mod gpu_tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The detail rows' kernel against its host twin (`RowState::tile_part`) on logits with many
+    /// ties: the top-k (k 1, 5, 12, 100), excluded ids, targets inside and outside the tile (with
+    /// the comparison at the target's own logit, so leaving it out counts), more targets than a
+    /// group, a partial last tile; ids, logits, ranks exactly, the sums to f32 rounding. Then its
+    /// time against bringing the same rows to the host, which it replaces.
+    #[test]
+    fn detail_tiles_on_the_gpu_equal_their_host_twin_and_their_speed() {
+        use super::super::row::{RowState, TilePart};
+        let Some(gpu) = gpu() else { return };
+        let vocab = 151936;
+        let unembed = Tensor::zeros((vocab, 1), DType::F32, &gpu).unwrap();
+        // (rows, entries, v0, k, targets, excluded)
+        for (rows, cols, v0, k, n_targets, excluded) in [
+            (29, 16384, 3 * 16384, 5, 3, false),
+            (7, vocab - 9 * 16384, 9 * 16384, 100, 2, true),
+            (3, 100, 0, 12, 0, true),
+            (40, 16384, 0, 1, 300, false),
+            (2, vocab, 0, 5, 4, true),
+        ] {
+            // Logits on a grid of 1/8: ties everywhere.
+            let z: Vec<f32> = Tensor::randn(0f32, 3.0, (rows, cols), &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(|v| (v * 8.0).round() / 8.0)
+                .collect();
+            let targets: Vec<u32> = (0..n_targets)
+                .map(|j| ((j * 7919 + v0 + cols / 3) % vocab) as u32)
+                .collect();
+            // Per row and target: the target's own logit where the tile holds it (as the lens's
+            // comparisons are), else a grid value.
+            let cmp: Vec<f32> = (0..rows)
+                .flat_map(|r| {
+                    let z = &z;
+                    targets.iter().enumerate().map(move |(j, &t)| {
+                        let t = t as usize;
+                        if (v0..v0 + cols).contains(&t) {
+                            z[r * cols + t - v0]
+                        } else {
+                            ((r + j) % 9) as f32 / 8.0
+                        }
+                    })
+                })
+                .collect();
+            let spec = super::super::LensSpec {
+                positions: vec![0],
+                layers: vec![0],
+                top_k: k,
+                targets: targets.clone(),
+                summary: false,
+                excluded: if excluded {
+                    (0..vocab).map(|v| v % 13 == 5).collect()
+                } else {
+                    vec![]
+                },
+            };
+            let keys = detail_keys(&spec, &unembed).unwrap().unwrap();
+            let layout = TilePart {
+                top_k: k,
+                targets: n_targets,
+            };
+            let z_gpu = Tensor::from_slice(&z, (rows, cols), &gpu).unwrap();
+            let cmp_gpu =
+                (n_targets > 0).then(|| Tensor::from_slice(&cmp, (rows, n_targets), &gpu).unwrap());
+            let got = detail_tile(&z_gpu, cmp_gpu.as_ref(), &keys, v0, layout)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let case = format!("[{rows}, {cols}] from {v0}, k {k}, {n_targets} targets");
+            for (r, g) in got.iter().enumerate() {
+                let want = RowState::tile_part(
+                    &z[r * cols..(r + 1) * cols],
+                    v0,
+                    layout,
+                    &targets,
+                    &spec.excluded,
+                    &cmp[r * n_targets..(r + 1) * n_targets],
+                );
+                assert_eq!(g.len(), want.len(), "{case}");
+                assert_eq!(g[0], want[0], "{case}: max");
+                for i in [1, 2] {
+                    let tol = 1e-5 * want[i].abs().max(1.0);
+                    assert!(
+                        (g[i] - want[i]).abs() <= tol,
+                        "{case}: sum {i}: {} against {}",
+                        g[i],
+                        want[i]
+                    );
+                }
+                assert_eq!(g[3..], want[3..], "{case}: top-k, ranks, targets' logits");
+            }
+            eprintln!("detail tile {case}: equal to the host's");
+        }
+        // What it costs against what it replaces (printed): one Qwen2-VL-2B request's detail rows
+        // at the last position (29 layers) and a generation step of 8 answers (232 rows, 16
+        // targets), a 16384-entry tile each call.
+        for (rows, n_targets) in [(29, 2), (232, 16)] {
+            let z = Tensor::randn(0f32, 3.0, (rows, 16384), &gpu).unwrap();
+            let cmp = Tensor::randn(0f32, 3.0, (rows, n_targets), &gpu).unwrap();
+            let spec = super::super::LensSpec {
+                positions: vec![0],
+                layers: vec![0],
+                top_k: 5,
+                targets: (0..n_targets as u32).map(|j| j * 997).collect(),
+                summary: false,
+                excluded: (0..vocab).map(|v| v % 50 == 0).collect(),
+            };
+            let keys = detail_keys(&spec, &unembed).unwrap().unwrap();
+            let layout = TilePart {
+                top_k: 5,
+                targets: n_targets,
+            };
+            let (issue, kernel) = per_call(&gpu, 200, &|| {
+                detail_tile(&z, Some(&cmp), &keys, 16384, layout).unwrap()
+            });
+            let (_, to_host) = per_call(&gpu, 50, &|| {
+                let host = z.to_device(&Device::Cpu).unwrap();
+                drop(host);
+                cmp.clone()
+            });
+            eprintln!(
+                "detail tile on the gpu, [{rows}, 16384], k 5, {n_targets} targets: {kernel:.1} µs a call \
+                 ({issue:.1} µs to issue); the same rows to the host: {to_host:.1} µs"
+            );
         }
     }
 

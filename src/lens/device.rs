@@ -7,7 +7,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::row::RowState;
+use super::row::{RowState, TilePart};
 use super::{unembed_f32, LayerPlan, Lens};
 use crate::error::{Error, Result};
 use crate::models::profile;
@@ -15,12 +15,6 @@ use crate::models::profile;
 /// On an accelerator (and the tensor path): rows per unembedding GEMM. `LOGIT_LENS_ROW_CHUNK`
 /// overrides it.
 pub const DEVICE_ROWS: usize = 512;
-
-/// Tensor path: the detail rows (whole-vocabulary logits of the positions that want top-k) that
-/// may wait on the device before the queued layers are collected, counted as the f32 host copy:
-/// `last` never reaches it; `all` on a long input is collected every layer or two instead of
-/// holding every layer's `[positions × vocab]` logits (GiBs, per request of a batch) until the end.
-pub(super) const PENDING_DETAIL_BYTES: usize = 256 << 20;
 
 /// Tensor path: vocabulary entries per unembedding GEMM. 512 rows × 16384 entries of f32 logits are
 /// 32 MB, inside an H100's 50 MB L2, where the reduction kernel reads them back; 152k-entry rows
@@ -99,13 +93,9 @@ impl Lens<'_> {
     /// rows live (the GPU): the rows go through the unembedding in blocks of `row_chunk` rows ×
     /// `vocab_tile` vocabulary entries ([`unembed_blocks`]: cache-sized, the tiles outermost);
     /// each block's per-row max and sum of exponentials come from one fused kernel (CUDA) or a few
-    /// tensor ops and are combined across tiles, and the rows that want detail are gathered tile
-    /// by tile; all of it stays on the device, nothing waits. Each plan then holds its own rows'
-    /// share of the results.
-    ///
-    /// Layers whose detail rows alone pass the budget (many positions × a large vocabulary: `all`
-    /// on a OneVision input is ~7000 × 152k) have each block's detail rows reduced on the host as
-    /// they come instead, so the device holds one block of them, not the layers'.
+    /// tensor ops and are combined across tiles, and the rows that want detail (top-k, ranks) are
+    /// reduced tile by tile into a few numbers each ([`Self::detail_tile`]); all of it stays on
+    /// the device, nothing waits. Each plan then holds its own rows' share of the results.
     pub(super) fn launch_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
         let mut parts: Vec<Tensor> = plans
             .iter_mut()
@@ -126,34 +116,42 @@ impl Lens<'_> {
                 (p.states.len(), wanting)
             })
             .collect();
-        let wanting: usize = counts.iter().map(|c| c.1).sum();
-        let immediate = wanting * self.unembed.dim(0)? * 4 > self.pending_detail_bytes;
-        if immediate {
-            // The rows need their target logits before they are reduced.
-            take_targets(plans)?;
-        }
-        // Every plan's row states in row order, indexed by row.
-        let mut states: Vec<&mut RowState> =
-            plans.iter_mut().flat_map(|p| p.states.iter_mut()).collect();
-        let detail: Vec<u32> = (0..total as u32)
-            .filter(|&r| states[r as usize].wants_detail())
+        let detail: Vec<usize> = plans
+            .iter()
+            .flat_map(|p| p.states.iter())
+            .enumerate()
+            .filter(|(_, st)| st.wants_detail())
+            .map(|(r, _)| r)
             .collect();
+        let cmp = detail_targets(plans)?;
         let chunk = self.row_chunk.max(1);
         let chunks = total.div_ceil(chunk);
-        // Per chunk: its detail rows' indices within it (none: no index tensor).
-        let idx = (0..chunks)
-            .map(|c| {
-                let (start, end) = (c * chunk, ((c + 1) * chunk).min(total));
-                let here: Vec<u32> = detail
-                    .iter()
-                    .filter(|&&r| (start..end).contains(&(r as usize)))
-                    .map(|&r| r - start as u32)
-                    .collect();
-                (!here.is_empty())
-                    .then(|| Tensor::from_slice(&here, here.len(), normed.device()))
-                    .transpose()
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        // Per chunk: its detail rows' indices within it (none: no index tensor), and their targets'
+        // logits.
+        let mut idx = Vec::with_capacity(chunks);
+        let mut chunk_cmp = Vec::with_capacity(chunks);
+        let mut first = 0;
+        for c in 0..chunks {
+            let (start, end) = (c * chunk, ((c + 1) * chunk).min(total));
+            let here: Vec<u32> = detail
+                .iter()
+                .filter(|&&r| (start..end).contains(&r))
+                .map(|&r| (r - start) as u32)
+                .collect();
+            let n = here.len();
+            idx.push(
+                (n > 0)
+                    .then(|| Tensor::from_slice(&here, n, normed.device()))
+                    .transpose()?,
+            );
+            chunk_cmp.push(
+                cmp.as_ref()
+                    .filter(|_| n > 0)
+                    .map(|t| t.narrow(0, first, n))
+                    .transpose()?,
+            );
+            first += n;
+        }
         // Per chunk: its rows' (max, Σ e^(z − max)) over the tiles so far.
         let mut sums: Vec<Option<Tensor>> = vec![None; chunks];
         let mut detail_tiles = vec![Vec::new(); chunks];
@@ -161,42 +159,21 @@ impl Lens<'_> {
             &normed,
             &self.unembed,
             chunk,
-            // Reduced on the host as they come, a block's detail rows are a transfer and a wait
-            // for the device each: whole-vocabulary blocks make that once per chunk of rows, not
-            // once per tile and chunk.
-            if immediate { 0 } else { self.vocab_tile },
+            self.vocab_tile,
             |c, v0, logits| {
                 let logits = self.cap(logits)?;
                 sums[c] = Some(fold_max_sumexp(sums[c].take(), &logits)?);
                 let Some(idx) = &idx[c] else { return Ok(()) };
                 let picked = logits.index_select(idx, 0)?;
-                if immediate {
-                    let block = to_host_rows(&[picked])?;
-                    let start = c * chunk;
-                    let n = logits.dim(0)?;
-                    let wanting: Vec<&mut RowState> = states[start..start + n]
-                        .iter_mut()
-                        .map(|st| &mut **st)
-                        .filter(|st| st.wants_detail())
-                        .collect();
-                    wanting
-                        .into_par_iter()
-                        .zip(block.par_rows())
-                        .for_each(|(st, row)| {
-                            st.update(row, v0, &self.spec.targets, &self.spec.excluded)
-                        });
-                } else {
-                    detail_tiles[c].push(picked);
-                }
+                detail_tiles[c].push(self.detail_tile(&picked, chunk_cmp[c].as_ref(), v0)?);
                 Ok(())
             },
         )?;
-        drop(states);
         let sums = sums
             .into_iter()
             .map(|s| s.ok_or_else(|| Error::Internal("lens: a chunk without tiles".into())))
             .collect::<Result<Vec<_>>>()?;
-        let detail_rows = detail_tiles
+        let detail_parts = detail_tiles
             .into_iter()
             .filter(|tiles| !tiles.is_empty())
             .map(|mut tiles| {
@@ -208,12 +185,13 @@ impl Lens<'_> {
             })
             .collect::<Result<Vec<_>>>()?;
         let cat = |v: Vec<Tensor>| (!v.is_empty()).then(|| Tensor::cat(&v, 0)).transpose();
-        let (sums, detail_rows) = (cat(sums)?, cat(detail_rows)?);
-        // Each plan's share: its rows' sums, and its detail rows (in row order, so consecutive).
+        let (sums, detail_parts) = (cat(sums)?, cat(detail_parts)?);
+        // Each plan's share: its rows' sums, and its detail rows' parts (in row order, so
+        // consecutive).
         let (mut row, mut wanted) = (0, 0);
         for (plan, &(n, w)) in plans.iter_mut().zip(&counts) {
             plan.device_sums = sums.as_ref().map(|t| t.narrow(0, row, n)).transpose()?;
-            plan.device_detail = match &detail_rows {
+            plan.device_detail = match &detail_parts {
                 Some(t) if w > 0 => Some(t.narrow(0, wanted, w)?),
                 _ => None,
             };
@@ -223,9 +201,58 @@ impl Lens<'_> {
         Ok(())
     }
 
+    /// The detail rows `picked` `[rows, entries]` (f32 logits of the vocabulary entries from
+    /// `v0`) reduced, each to its [`TilePart`] for this tile `[rows, width]`, where they live: one
+    /// kernel on CUDA (lens/row_reduce.cu), so a row's 152k logits never leave the card; elsewhere
+    /// (and with `LOGIT_LENS_DEVICE_DETAIL=0`) the rows are brought to the host and reduced there,
+    /// the kernel's twin ([`RowState::tile_part`]). `cmp`: the rows' logits of the spec's targets
+    /// `[rows, targets]`.
+    fn detail_tile(&self, picked: &Tensor, cmp: Option<&Tensor>, v0: usize) -> Result<Tensor> {
+        let layout = self.tile_layout();
+        #[cfg(feature = "cuda")]
+        if let Some(keys) = self
+            .device_keys
+            .as_ref()
+            .filter(|_| picked.device().is_cuda())
+        {
+            return Ok(super::cuda::detail_tile(picked, cmp, keys, v0, layout)?);
+        }
+        let rows = to_host_rows(std::slice::from_ref(picked))?;
+        let cmp = match cmp {
+            Some(c) => to_host_rows(std::slice::from_ref(c))?,
+            None => to_host_rows(&[])?,
+        };
+        let parts: Vec<Vec<f32>> = rows
+            .par_rows()
+            .enumerate()
+            .map(|(i, z)| {
+                let cmp = if layout.targets == 0 {
+                    &[][..]
+                } else {
+                    cmp.row(i)
+                };
+                RowState::tile_part(z, v0, layout, &self.spec.targets, &self.spec.excluded, cmp)
+            })
+            .collect();
+        let n = parts.len();
+        Ok(Tensor::from_vec(
+            parts.concat(),
+            (n, layout.width()),
+            picked.device(),
+        )?)
+    }
+
+    /// What a detail row's reduction over one tile holds.
+    pub(super) fn tile_layout(&self) -> TilePart {
+        TilePart {
+            top_k: self.spec.top_k,
+            targets: self.spec.targets.len(),
+        }
+    }
+
     /// The host's side of the queued layers, once at the end: every layer's sums in one
-    /// transfer, the detail rows in another, then each detail row reduced (entropy, top-k, ranks)
-    /// in parallel.
+    /// transfer, the detail rows' tile parts in another, then each detail row's parts merged
+    /// (entropy, top-k, ranks) in parallel.
     pub(super) fn collect_layers(&self, plans: &mut [LayerPlan]) -> Result<()> {
         let dev = self.unembed.device();
         take_targets(plans)?;
@@ -252,9 +279,11 @@ impl Lens<'_> {
             .iter()
             .filter_map(|p| p.device_detail.clone())
             .collect();
-        let block = profile::op("lens collect: detail rows to the host", dev, || {
-            to_host_rows(&detail)
-        })?;
+        let block = profile::op(
+            "lens collect: detail rows' tile parts to the host",
+            dev,
+            || to_host_rows(&detail),
+        )?;
         if block.is_empty() {
             return Ok(());
         }
@@ -273,15 +302,73 @@ impl Lens<'_> {
                 states.len()
             )));
         }
-        profile::op("lens collect: detail rows reduced on the host", dev, || {
-            states
-                .into_par_iter()
-                .zip(block.par_rows())
-                .for_each(|(st, row)| {
-                    st.update(row, 0, &self.spec.targets, &self.spec.excluded);
-                });
-            Ok(())
-        })
+        let (layout, vocab) = (self.tile_layout(), self.unembed.dim(0)?);
+        let tile = effective_tile(self.vocab_tile, vocab);
+        profile::op(
+            "lens collect: detail rows' tiles merged on the host",
+            dev,
+            || {
+                states
+                    .into_par_iter()
+                    .zip(block.par_rows())
+                    .for_each(|(st, row)| {
+                        for (t, part) in row.chunks_exact(layout.width()).enumerate() {
+                            let v0 = t * tile;
+                            st.merge_tile(
+                                part,
+                                v0,
+                                tile.min(vocab - v0),
+                                layout,
+                                &self.spec.targets,
+                            );
+                        }
+                    });
+                Ok(())
+            },
+        )
+    }
+}
+
+/// Per detail row of `plans` (row order, the plans' rows taken together), its logits of the spec's
+/// targets `[rows, targets]`, still on the device (none: no targets). A row's are those of any of
+/// its requests (a position asked twice has one row).
+fn detail_targets(plans: &[LayerPlan]) -> Result<Option<Tensor>> {
+    let mut parts = Vec::new();
+    for plan in plans {
+        let Some(targets) = &plan.device_targets else {
+            continue;
+        };
+        let mut request_of = vec![None; plan.states.len()];
+        for (k, &r) in plan.requested.iter().enumerate() {
+            request_of[r].get_or_insert(k as u32);
+        }
+        let ks: Vec<u32> = plan
+            .states
+            .iter()
+            .zip(request_of)
+            .filter(|(st, _)| st.wants_detail())
+            .map(|(_, k)| {
+                k.ok_or_else(|| Error::Internal("lens: a detail row nobody requested".into()))
+            })
+            .collect::<Result<_>>()?;
+        if !ks.is_empty() {
+            let ks = Tensor::from_slice(&ks, ks.len(), targets.device())?;
+            parts.push(targets.index_select(&ks, 0)?);
+        }
+    }
+    Ok(match parts.len() {
+        0 => None,
+        1 => parts.pop(),
+        _ => Some(Tensor::cat(&parts, 0)?),
+    })
+}
+
+/// Vocabulary entries per GEMM: `tile`, or the whole vocabulary for 0.
+pub(super) fn effective_tile(tile: usize, vocab: usize) -> usize {
+    if tile == 0 {
+        vocab
+    } else {
+        tile.min(vocab)
     }
 }
 
@@ -318,7 +405,7 @@ pub(super) fn unembed_blocks(
     mut each: impl FnMut(usize, usize, Tensor) -> Result<()>,
 ) -> Result<()> {
     let (total, vocab) = (rows.dim(0)?, unembed.dim(0)?);
-    let tile = if tile == 0 { vocab } else { tile.min(vocab) };
+    let tile = effective_tile(tile, vocab);
     let chunks: Vec<Tensor> = (0..total)
         .step_by(row_chunk.max(1))
         .map(|start| rows.narrow(0, start, row_chunk.min(total - start)))
@@ -431,6 +518,10 @@ impl HostRows {
 
     pub(super) fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
         self.data().chunks_exact(self.width.max(1))
+    }
+
+    pub(super) fn row(&self, i: usize) -> &[f32] {
+        &self.data()[i * self.width..(i + 1) * self.width]
     }
 
     pub(super) fn par_rows(&self) -> rayon::slice::ChunksExact<'_, f32> {

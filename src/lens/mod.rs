@@ -18,8 +18,8 @@
 //! folding each tile's max and sum-exp into the rows'), only
 //! its small results are kept (per row max and sum; the requested rows' logits), and the host
 //! collects them once at the end, so that the forward pass never waits on the host and no layer's
-//! normed rows outlive it. (When many positions want top-k, their whole-vocabulary rows are
-//! collected every few layers instead: `PENDING_DETAIL_BYTES`.)
+//! normed rows outlive it. The rows that want top-k and ranks are reduced there too, tile by tile,
+//! to a few numbers each (row.rs's `TilePart`): no row of logits comes to the host.
 //!
 //! Here: what each layer needs ([`Lens::plan`]) and how it is reported ([`Lens::record`], KL in
 //! [`Lens::finish`]); `cpu.rs` and `device.rs`: the two ways; `row.rs`: one row's reduction.
@@ -35,7 +35,7 @@ mod device;
 mod row;
 
 use cpu::{final_cross_amx, ROW_BLOCK, VOCAB_BLOCK};
-use device::{row_chunk_from_env, vocab_tile_from_env, DEVICE_VOCAB_BLOCK, PENDING_DETAIL_BYTES};
+use device::{row_chunk_from_env, vocab_tile_from_env, DEVICE_VOCAB_BLOCK};
 pub use device::{DEVICE_ROWS, DEVICE_VOCAB_TILE};
 use row::RowState;
 
@@ -101,8 +101,6 @@ pub struct Lens<'a> {
     /// a layer (one per answer) would otherwise read the whole unembedding once per layer (29 ×
     /// 467 MB for Qwen2-VL-2B a step), in ~30 launches each.
     device_queue: Vec<LayerPlan>,
-    /// Collect `pending` once its detail rows exceed this many bytes (f32).
-    pending_detail_bytes: usize,
     /// Tensor path: vocabulary entries per unembedding GEMM (0: the whole vocabulary at once).
     vocab_tile: usize,
     /// Tensor path: rows per unembedding GEMM.
@@ -120,6 +118,11 @@ pub struct Lens<'a> {
     /// Per requested position, the targets it traces (indices into the spec's `targets`), where
     /// they differ by position ([`Self::with_position_targets`]); else every one everywhere.
     position_targets: Option<Vec<Vec<usize>>>,
+    /// On CUDA, what the detail rows' kernel reads besides the logits (cuda.rs, `detail_tile`):
+    /// the spec's target ids, then the excluded ids' mask over the vocabulary where there is one
+    /// (u32). None: the detail rows are reduced on the host (`LOGIT_LENS_DEVICE_DETAIL=0`).
+    #[cfg(feature = "cuda")]
+    device_keys: Option<Tensor>,
 }
 
 /// One lens layer's work: the normed rows to read out and their running reductions.
@@ -135,7 +138,8 @@ struct LayerPlan {
     /// The requested rows of `normed_rows` (for KL and the final layer's parts).
     requested_rows: Tensor,
     /// Tensor path, on the device until `finish`: per row `[max, Σ e^(z − max)]` (`[rows, 2]`
-    /// f32), and the logits of the rows that want detail (top-k, ranks), in row order.
+    /// f32), and per row that wants detail (top-k, ranks), in row order, its reduction of each
+    /// vocabulary tile in turn (`[rows, tiles × width]`, row.rs's `TilePart`).
     device_sums: Option<Tensor>,
     device_detail: Option<Tensor>,
     /// Tensor path: the targets' logits at the requested rows `[requested, targets]` (f32).
@@ -170,12 +174,13 @@ impl<'a> Lens<'a> {
             tensor_path: false,
             pending: Vec::new(),
             device_queue: Vec::new(),
-            pending_detail_bytes: PENDING_DETAIL_BYTES,
             vocab_tile: vocab_tile_from_env(),
             row_chunk: row_chunk_from_env(),
             cpu_pending: Vec::new(),
             amx: head.packed.as_deref(),
             position_targets: None,
+            #[cfg(feature = "cuda")]
+            device_keys: cuda::detail_keys(spec, &head.unembed)?,
         })
     }
 
@@ -220,13 +225,6 @@ impl<'a> Lens<'a> {
     /// compare the two).
     pub fn without_amx(mut self) -> Self {
         self.amx = None;
-        self
-    }
-
-    /// Tensor path: collect the queued layers whenever their detail rows exceed `bytes` (f32)
-    /// rather than [`PENDING_DETAIL_BYTES`] (tests: `1` collects after every layer).
-    pub fn with_pending_detail_bytes(mut self, bytes: usize) -> Self {
-        self.pending_detail_bytes = bytes;
         self
     }
 
@@ -369,19 +367,7 @@ impl<'a> Lens<'a> {
             if rows < self.row_chunk.max(1) {
                 return Ok(());
             }
-            self.launch_queued()?;
-            // Detail rows hold the whole vocabulary: with many positions asked for (`all` is
-            // 418 × 152k logits per layer for Qwen2-VL at 640×480), collect before they pile up.
-            let detail_bytes: usize = self
-                .pending
-                .iter()
-                .filter_map(|p| p.device_detail.as_ref())
-                .map(|d| d.elem_count() * 4)
-                .sum();
-            if detail_bytes > self.pending_detail_bytes {
-                self.collect_pending()?;
-            }
-            Ok(())
+            self.launch_queued()
         }
     }
 

@@ -19,6 +19,24 @@ pub(super) struct RowState {
     pub(super) target_z: Vec<f32>,
 }
 
+/// The layout of a detail row's reduction over one vocabulary tile ([`RowState::tile_part`]), the
+/// only thing of a detail row that leaves the device: `[m, s, t, ids, logits, above, own]`, f32:
+/// the tile's max and `Σ e^(z−m)`, `Σ e^(z−m)(z−m)`; its top-k ids (as f32, exact below 2²⁴; −1
+/// where the tile has fewer entries) and their logits (−∞ there), highest first, ties lower id
+/// first, excluded ids left out; per target of the spec, how many of the tile's other entries
+/// exceed `cmp`, and its own logit where the tile holds it (else `cmp`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct TilePart {
+    pub(super) top_k: usize,
+    pub(super) targets: usize,
+}
+
+impl TilePart {
+    pub(super) fn width(&self) -> usize {
+        3 + 2 * self.top_k + 2 * self.targets
+    }
+}
+
 impl RowState {
     pub(super) fn new(top_k: usize, target_index: Vec<usize>, target_cmp: Vec<f32>) -> Self {
         let n = target_cmp.len();
@@ -42,20 +60,46 @@ impl RowState {
 
     /// The running max and the two sums.
     pub(super) fn update_softmax(&mut self, z: &[f32]) {
-        let cmax = kernels::max(z);
-        if cmax > self.m {
+        self.raise_max(kernels::max(z));
+        let (s, t) = kernels::sum_exp(z, self.m);
+        self.s += s;
+        self.t += t;
+    }
+
+    /// The running max raised to `m` where that is higher, the sums re-based on it:
+    /// `e^(z−m') = e^(z−m)·e^(m−m')`.
+    fn raise_max(&mut self, m: f32) {
+        if m > self.m {
             if self.s > 0.0 {
-                // Re-base on the new max: e^(z−m') = e^(z−m)·e^(m−m').
-                let d = (self.m - cmax) as f64;
+                let d = (self.m - m) as f64;
                 let f = d.exp();
                 self.t = f * (self.t + d * self.s);
                 self.s *= f;
             }
-            self.m = cmax;
+            self.m = m;
         }
-        let (s, t) = kernels::sum_exp(z, self.m);
-        self.s += s;
-        self.t += t;
+    }
+
+    /// Another part of the row's (max `m`, `s`, `t`), each relative to its own max, folded in.
+    fn fold_softmax(&mut self, m: f32, s: f64, t: f64) {
+        if s == 0.0 {
+            return;
+        }
+        self.raise_max(m);
+        let d = (m - self.m) as f64;
+        let f = d.exp();
+        self.s += f * s;
+        self.t += f * (t + d * s);
+    }
+
+    /// `(id, z)` into the top-k, where it belongs: ties keep the entry already there (offered in
+    /// increasing id, the lower id) first.
+    fn offer(&mut self, id: u32, z: f32) {
+        if self.top.len() < self.top_k || z > self.top[self.top.len() - 1].1 {
+            let at = self.top.partition_point(|&(_, w)| w >= z);
+            self.top.insert(at, (id, z));
+            self.top.truncate(self.top_k);
+        }
     }
 
     /// Top-k and target ranks (rows whose position was asked for).
@@ -71,9 +115,7 @@ impl RowState {
                 if (self.top.len() < self.top_k || v > self.top[self.top.len() - 1].1)
                     && !excluded.get(v0 + i).copied().unwrap_or(false)
                 {
-                    let at = self.top.partition_point(|&(_, w)| w >= v);
-                    self.top.insert(at, ((v0 + i) as u32, v));
-                    self.top.truncate(self.top_k);
+                    self.offer((v0 + i) as u32, v);
                 }
             }
         }
@@ -87,6 +129,60 @@ impl RowState {
                 above -= (own > cmp) as usize;
             }
             self.target_above[j] += above;
+        }
+    }
+
+    /// One vocabulary tile's reduction of one row, as the tensor path leaves it where the rows live
+    /// (a CUDA kernel computes the same, lens/row_reduce.cu): `z` the logits of entries `v0..`,
+    /// `cmp` the row's logit of each of the spec's `targets` (all of them, whichever this row
+    /// traces). Laid out as [`TilePart`] says; [`Self::merge_tile`] folds the tiles back in order.
+    pub(super) fn tile_part(
+        z: &[f32],
+        v0: usize,
+        layout: TilePart,
+        targets: &[u32],
+        excluded: &[bool],
+        cmp: &[f32],
+    ) -> Vec<f32> {
+        let mut st = RowState::new(layout.top_k, (0..cmp.len()).collect(), cmp.to_vec());
+        st.update(z, v0, targets, excluded);
+        let mut out = Vec::with_capacity(layout.width());
+        out.extend([st.m, st.s as f32, st.t as f32]);
+        let pad = layout.top_k - st.top.len();
+        out.extend(st.top.iter().map(|&(id, _)| id as f32));
+        out.extend(std::iter::repeat_n(-1.0, pad));
+        out.extend(st.top.iter().map(|&(_, z)| z));
+        out.extend(std::iter::repeat_n(f32::NEG_INFINITY, pad));
+        out.extend(st.target_above.iter().map(|&a| a as f32));
+        out.extend(&st.target_z);
+        out
+    }
+
+    /// A tile's part ([`Self::tile_part`]) of the entries `v0..v0 + len` folded into the row's
+    /// reduction; tiles come in increasing `v0` (so that ties in the top-k keep the lower id).
+    pub(super) fn merge_tile(
+        &mut self,
+        part: &[f32],
+        v0: usize,
+        len: usize,
+        layout: TilePart,
+        targets: &[u32],
+    ) {
+        let (k, n) = (layout.top_k, layout.targets);
+        self.fold_softmax(part[0], part[1] as f64, part[2] as f64);
+        let (ids, zs) = (&part[3..3 + k], &part[3 + k..3 + 2 * k]);
+        for (&id, &z) in ids.iter().zip(zs).take(self.top_k) {
+            if id < 0.0 {
+                break;
+            }
+            self.offer(id as u32, z);
+        }
+        let (above, own) = (&part[3 + 2 * k..3 + 2 * k + n], &part[3 + 2 * k + n..]);
+        for (j, &t) in self.target_index.iter().enumerate() {
+            self.target_above[j] += above[t] as usize;
+            if (v0..v0 + len).contains(&(targets[t] as usize)) {
+                self.target_z[j] = own[t];
+            }
         }
     }
 
@@ -202,6 +298,44 @@ mod tests {
             let rank = 1 + z.iter().filter(|&&w| w > z[id as usize]).count();
             assert_eq!(st.target_above[k] + 1, rank);
             assert!(((st.target_z[k] - st.lse()).exp() as f64 - p[id as usize]).abs() < 1e-6);
+        }
+    }
+
+    /// A row reduced tile by tile into [`TilePart`]s and merged back equals the row reduced in
+    /// one go: the same top-k (ties across and within tiles, excluded ids, a tile with fewer
+    /// entries than k), the same ranks and target logits, and the sums to rounding.
+    #[test]
+    fn tiles_merged_back_equal_the_whole_row() {
+        // Values on a coarse grid: many ties, across the tiles' boundaries too.
+        let z: Vec<f32> = (0..1000).map(|i| ((i * 7919 % 61) as f32) / 4.0).collect();
+        let mut excluded = vec![false; z.len()];
+        for i in (3..z.len()).step_by(17) {
+            excluded[i] = true;
+        }
+        let targets = [998u32, 5, 640];
+        let cmp: Vec<f32> = targets.iter().map(|&t| z[t as usize] + 0.125).collect();
+        for (top_k, tile) in [(5, 100), (12, 7), (3, 1000), (9, 333)] {
+            let layout = TilePart {
+                top_k,
+                targets: targets.len(),
+            };
+            // The row traces two of the three targets, in its own order.
+            let traced = vec![2, 0];
+            let traced_cmp: Vec<f32> = traced.iter().map(|&j| cmp[j]).collect();
+            let mut whole = RowState::new(top_k, traced.clone(), traced_cmp.clone());
+            whole.update(&z, 0, &targets, &excluded);
+            let mut merged = RowState::new(top_k, traced, traced_cmp);
+            for (b, chunk) in z.chunks(tile).enumerate() {
+                let part = RowState::tile_part(chunk, b * tile, layout, &targets, &excluded, &cmp);
+                assert_eq!(part.len(), layout.width());
+                merged.merge_tile(&part, b * tile, chunk.len(), layout, &targets);
+            }
+            assert_eq!(merged.top, whole.top, "k {top_k}, tile {tile}");
+            assert_eq!(merged.target_above, whole.target_above);
+            assert_eq!(merged.target_z, whole.target_z);
+            assert_eq!(merged.m, whole.m);
+            assert!((merged.s / whole.s - 1.0).abs() < 1e-6);
+            assert!((merged.entropy() - whole.entropy()).abs() < 1e-5);
         }
     }
 
