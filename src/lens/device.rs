@@ -164,7 +164,12 @@ impl Lens<'_> {
                 let logits = self.cap(logits)?;
                 sums[c] = Some(fold_max_sumexp(sums[c].take(), &logits)?);
                 let Some(idx) = &idx[c] else { return Ok(()) };
-                let picked = logits.index_select(idx, 0)?;
+                // Every row of the chunk (no summary): the block itself, not a copy of it.
+                let picked = if idx.dim(0)? == logits.dim(0)? {
+                    logits
+                } else {
+                    logits.index_select(idx, 0)?
+                };
                 detail_tiles[c].push(self.detail_tile(&picked, chunk_cmp[c].as_ref(), v0)?);
                 Ok(())
             },

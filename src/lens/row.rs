@@ -20,20 +20,24 @@ pub(super) struct RowState {
 }
 
 /// The layout of a detail row's reduction over one vocabulary tile ([`RowState::tile_part`]), the
-/// only thing of a detail row that leaves the device: `[m, s, t, ids, logits, above, own]`, f32:
-/// the tile's max and `Σ e^(z−m)`, `Σ e^(z−m)(z−m)`; its top-k ids (as f32, exact below 2²⁴; −1
+/// only thing of a detail row that leaves the device: `[m, s, s′, t, t′, ids, logits, above, own]`,
+/// f32: the tile's max and `Σ e^(z−m)`, `Σ e^(z−m)(z−m)` (each as an f32 and its remainder, `s + s′`
+/// in f64: the tiles add up as the host's f64 sums did); its top-k ids (as f32, exact below 2²⁴; −1
 /// where the tile has fewer entries) and their logits (−∞ there), highest first, ties lower id
 /// first, excluded ids left out; per target of the spec, how many of the tile's other entries
 /// exceed `cmp`, and its own logit where the tile holds it (else `cmp`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct TilePart {
+    /// Rows of the head: `[m, s, s′, t, t′]` (row_reduce.cu's `DETAIL_HEAD`).
     pub(super) top_k: usize,
     pub(super) targets: usize,
 }
 
+pub(super) const TILE_HEAD: usize = 5;
+
 impl TilePart {
     pub(super) fn width(&self) -> usize {
-        3 + 2 * self.top_k + 2 * self.targets
+        TILE_HEAD + 2 * self.top_k + 2 * self.targets
     }
 }
 
@@ -113,6 +117,7 @@ impl RowState {
         if self.top_k > 0 {
             for (i, &v) in z.iter().enumerate() {
                 if (self.top.len() < self.top_k || v > self.top[self.top.len() - 1].1)
+                    && !v.is_nan()
                     && !excluded.get(v0 + i).copied().unwrap_or(false)
                 {
                     self.offer((v0 + i) as u32, v);
@@ -147,7 +152,10 @@ impl RowState {
         let mut st = RowState::new(layout.top_k, (0..cmp.len()).collect(), cmp.to_vec());
         st.update(z, v0, targets, excluded);
         let mut out = Vec::with_capacity(layout.width());
-        out.extend([st.m, st.s as f32, st.t as f32]);
+        let split = |x: f64| [x as f32, (x - x as f32 as f64) as f32];
+        out.push(st.m);
+        out.extend(split(st.s));
+        out.extend(split(st.t));
         let pad = layout.top_k - st.top.len();
         out.extend(st.top.iter().map(|&(id, _)| id as f32));
         out.extend(std::iter::repeat_n(-1.0, pad));
@@ -169,15 +177,17 @@ impl RowState {
         targets: &[u32],
     ) {
         let (k, n) = (layout.top_k, layout.targets);
-        self.fold_softmax(part[0], part[1] as f64, part[2] as f64);
-        let (ids, zs) = (&part[3..3 + k], &part[3 + k..3 + 2 * k]);
+        let joined = |i: usize| part[i] as f64 + part[i + 1] as f64;
+        self.fold_softmax(part[0], joined(1), joined(3));
+        let part = &part[TILE_HEAD..];
+        let (ids, zs) = (&part[..k], &part[k..2 * k]);
         for (&id, &z) in ids.iter().zip(zs).take(self.top_k) {
             if id < 0.0 {
                 break;
             }
             self.offer(id as u32, z);
         }
-        let (above, own) = (&part[3 + 2 * k..3 + 2 * k + n], &part[3 + 2 * k + n..]);
+        let (above, own) = (&part[2 * k..2 * k + n], &part[2 * k + n..]);
         for (j, &t) in self.target_index.iter().enumerate() {
             self.target_above[j] += above[t] as usize;
             if (v0..v0 + len).contains(&(targets[t] as usize)) {

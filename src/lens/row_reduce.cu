@@ -34,15 +34,17 @@ extern "C" __global__ void row_max_sumexp_fold_f32(const float *z, float *acc, l
 
 // The rows that want detail (top-k, target ranks), one vocabulary tile at a time, so that their
 // logits never leave the card: per row of `z` [rows, cols] (f32, the entries v0..v0+cols), one
-// block writes `out` [rows, 3 + 2k + 2T] as the host's twin does (lens/row.rs, RowState::tile_part):
-//   m, s = sum e^(z-m), t = sum e^(z-m)(z-m);
+// block writes `out` [rows, 5 + 2k + 2T] as the host's twin does (lens/row.rs, RowState::tile_part):
+//   m, s = sum e^(z-m), t = sum e^(z-m)(z-m) (each summed in f64 across the block and written as
+//   two f32, the value and its remainder, so that the host adds the tiles up in f64);
 //   the k highest (z desc, id asc; ids whose `excluded` flag is set left out; NaNs never), ids as
 //   f32 (-1 past the tile's entries) then their logits (-inf there);
 //   per target j (ids `tids`, the row's logits `cmp` [rows, T]): how many of the tile's entries
 //   other than the target's own exceed cmp[j], then its own logit where the tile holds it (else
 //   cmp[j]).
-// `excluded`: null, or one flag per vocabulary entry (u32).
-#define DETAIL_THREADS 256
+// `excluded`: null, or one flag per vocabulary entry (u32). 1 <= k <= DETAIL_MAX_K (cuda.rs checks);
+// blockDim.x a multiple of 32, at most 1024.
+#define DETAIL_HEAD 5
 #define DETAIL_MAX_K 100
 #define DETAIL_TARGET_GROUP 256
 
@@ -64,7 +66,7 @@ extern "C" __global__ void detail_tile_f32(const float *z, long long cols, const
   __shared__ unsigned sh_count[DETAIL_TARGET_GROUP];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
   const float *row = z + (long long)blockIdx.x * cols;
-  const int width = 3 + 2 * k + 2 * n_targets;
+  const int width = DETAIL_HEAD + 2 * k + 2 * n_targets;
   float *o = out + (long long)blockIdx.x * width;
 
   // The tile's max (NaNs ignored, as f32::max does).
@@ -83,15 +85,18 @@ extern "C" __global__ void detail_tile_f32(const float *z, long long cols, const
   float lz[DETAIL_MAX_K];
   unsigned lid[DETAIL_MAX_K];
   int len = 0;
+  // The lowest logit kept once the list is full (the entry to beat); −∞ admits any until then.
+  float kth = -CUDART_INF_F;
   for (long long i = tid; i < cols; i += blockDim.x) {
     float v = row[i];
     float d = v - m;
     float e = expf(d);
     s += e;
     t += e * d;
+    // Most entries fall at the threshold, before the excluded flag is read.
+    if (len == k ? !(v > kth) : v != v) continue;
     unsigned id = (unsigned)(v0 + i);
-    if (v != v || (excluded != nullptr && excluded[id])) continue;
-    if (len == k && !(v > lz[k - 1])) continue;
+    if (excluded != nullptr && excluded[id]) continue;
     int p = len < k ? len : k - 1;
     while (p > 0 && lz[p - 1] < v) {
       lz[p] = lz[p - 1];
@@ -101,6 +106,7 @@ extern "C" __global__ void detail_tile_f32(const float *z, long long cols, const
     lz[p] = v;
     lid[p] = id;
     if (len < k) ++len;
+    if (len == k) kth = lz[k - 1];
   }
   double ds = s, dt = t;
   for (int off = 16; off > 0; off >>= 1) {
@@ -120,7 +126,9 @@ extern "C" __global__ void detail_tile_f32(const float *z, long long cols, const
     }
     o[0] = m;
     o[1] = (float)S;
-    o[2] = (float)T;
+    o[2] = (float)(S - (double)(float)S);
+    o[3] = (float)T;
+    o[4] = (float)(T - (double)(float)T);
   }
 
   // The block's top-k: k rounds, each taking the best of the threads' heads.
@@ -151,8 +159,8 @@ extern "C" __global__ void detail_tile_f32(const float *z, long long cols, const
       }
     }
     if (tid == 0) {
-      o[3 + r] = bid == 0xffffffffu ? -1.f : (float)bid;
-      o[3 + k + r] = bid == 0xffffffffu ? -CUDART_INF_F : bz;
+      o[DETAIL_HEAD + r] = bid == 0xffffffffu ? -1.f : (float)bid;
+      o[DETAIL_HEAD + k + r] = bid == 0xffffffffu ? -CUDART_INF_F : bz;
     }
     if (head < len && lid[head] == bid) ++head;
   }
@@ -167,9 +175,9 @@ extern "C" __global__ void detail_tile_f32(const float *z, long long cols, const
       sh_own[j] = own;
       sh_count[j] = 0;
       if (own >= 0 && own < cols) {
-        o[3 + 2 * k + n_targets + g + j] = row[own];
+        o[DETAIL_HEAD + 2 * k + n_targets + g + j] = row[own];
       } else {
-        o[3 + 2 * k + n_targets + g + j] = sh_cmp[j];
+        o[DETAIL_HEAD + 2 * k + n_targets + g + j] = sh_cmp[j];
       }
     }
     __syncthreads();
@@ -184,6 +192,6 @@ extern "C" __global__ void detail_tile_f32(const float *z, long long cols, const
       }
     }
     __syncthreads();
-    for (int j = tid; j < n; j += blockDim.x) o[3 + 2 * k + g + j] = (float)sh_count[j];
+    for (int j = tid; j < n; j += blockDim.x) o[DETAIL_HEAD + 2 * k + g + j] = (float)sh_count[j];
   }
 }
