@@ -434,8 +434,9 @@ impl Worker {
     /// job that cannot start is answered at once (a bad request: its error; a panic: 500, only
     /// the culprit's, after the prompts ran again one by one). The jobs that wait for room in
     /// the KV budget, their caches' sizes noted, go back into the queue ([`Self::wait_again`]).
-    /// `joining`: the jobs join answers going on, and those that do not wait are counted so
-    /// (before any is answered). Returns how many started or were answered.
+    /// `joining`: the jobs join answers going on, and those that start are counted so (before
+    /// any is answered; one refused at once did not join). Returns how many started or were
+    /// answered.
     fn start_all(
         &mut self,
         model: &dyn VisionLanguageModel,
@@ -489,11 +490,14 @@ impl Worker {
             }
         };
         let (mut waiting, mut replies) = (Vec::new(), Vec::new());
-        let started_or_answered = jobs.len();
+        let (started_or_answered, mut going) = (jobs.len(), 0);
         for (mut job, started) in jobs.into_iter().zip(started) {
             let queued = now - job.enqueued;
             match started {
-                Ok(Ok(generate::Start::Going(answer))) => batch.push((job, queued), answer),
+                Ok(Ok(generate::Start::Going(answer))) => {
+                    batch.push((job, queued), answer);
+                    going += 1;
+                }
                 Ok(Ok(generate::Start::Waits { kv_bytes })) => {
                     if !job.waited {
                         self.answers.waited_for_kv.fetch_add(1, Ordering::Relaxed);
@@ -508,9 +512,7 @@ impl Worker {
         }
         let started_or_answered = started_or_answered - waiting.len();
         if joining {
-            self.answers
-                .joined
-                .fetch_add(started_or_answered as u64, Ordering::Relaxed);
+            self.answers.joined.fetch_add(going, Ordering::Relaxed);
         }
         self.answers
             .kv_bytes

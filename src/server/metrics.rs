@@ -194,7 +194,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
         out.push_str(
-            "# HELP logit_lens_batch_size Jobs per group the worker ran (those that joined later not counted).\n",
+            "# HELP logit_lens_batch_size Jobs per group the worker took off the queue (those that joined later not counted; an answer sent back to wait for the KV cache budget counts again in the group it starts with).\n",
         );
         out.push_str("# TYPE logit_lens_batch_size histogram\n");
         inner
