@@ -321,17 +321,48 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
             .prepare(&case.prompt, image(&case).as_ref(), true)
             .unwrap();
         let n = model.info().num_layers;
-        let spec = LensSpec {
-            positions: vec![0, p.input_ids.len() / 2, p.input_ids.len() - 1],
-            layers: (0..=n).collect(),
-            top_k: 5,
-            targets: vec![3, 700],
-            summary: true,
-            excluded: vec![],
-        };
-        // `tile`: vocabulary entries per unembedding GEMM (0: all at once); `chunk`: rows per GEMM.
-        let run_blocks = |tensor_path: bool, tile: usize, chunk| {
-            let lens = logit_lens::lens::Lens::new(model.head(), &spec, n)
+        let vocab = model.info().vocab_size;
+        let positions = vec![0, p.input_ids.len() / 2, p.input_ids.len() - 1];
+        // Every layer; or all but the final one (summary plans beside the final layer's, which is
+        // read for KL but not reported), a position asked twice, and ids kept out of top-k.
+        let mut twice = positions.clone();
+        twice.push(positions[1]);
+        for spec in [
+            LensSpec {
+                positions,
+                layers: (0..=n).collect(),
+                top_k: 5,
+                targets: vec![3, 700],
+                summary: true,
+                excluded: vec![],
+            },
+            LensSpec {
+                positions: twice,
+                layers: (0..n).collect(),
+                top_k: 4,
+                targets: vec![700, 3, 12],
+                summary: true,
+                excluded: (0..vocab).map(|v| v % 7 == 2).collect(),
+            },
+        ] {
+            tensor_path_against_fused(model.as_ref(), &p, &spec);
+        }
+    }
+}
+
+/// `tensor_reduction_path_equals_the_fused_cpu_path` for one spec.
+fn tensor_path_against_fused(
+    model: &dyn logit_lens::models::VisionLanguageModel,
+    p: &logit_lens::models::Prepared,
+    spec: &LensSpec,
+) {
+    let n = model.info().num_layers;
+    {
+        // `tile`: vocabulary entries per unembedding GEMM (0: all at once); `chunk`: rows per GEMM;
+        // `collect_every`: the detail rows' tile parts that may wait on the device (1 byte: the
+        // host collects after every pass over the unembedding).
+        let run_blocks = |tensor_path: bool, tile: usize, chunk, collect_every: Option<usize>| {
+            let lens = logit_lens::lens::Lens::new(model.head(), spec, n)
                 .unwrap()
                 .with_vocab_tile(tile)
                 .with_row_chunk(chunk);
@@ -340,13 +371,22 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
             } else {
                 lens
             };
-            model.forward(&p, &mut lens).unwrap();
+            if let Some(bytes) = collect_every {
+                lens = lens.with_pending_part_bytes(bytes);
+            }
+            model.forward(p, &mut lens).unwrap();
             lens.finish().unwrap()
         };
         let run = |tensor_path: bool, tile: usize| {
-            run_blocks(tensor_path, tile, logit_lens::lens::DEVICE_ROWS)
+            run_blocks(tensor_path, tile, logit_lens::lens::DEVICE_ROWS, None)
         };
         let (fused, tensors) = (run(false, 0), run(true, 0));
+        assert_eq!(fused.len(), spec.layers.len());
+        assert_eq!(
+            run_blocks(true, 100, 7, Some(1)),
+            run_blocks(true, 100, 7, None),
+            "collected after every pass or at the end"
+        );
         // The vocabulary in tiles (the last one partial): each tile's max and sum-exp combined,
         // each detail row reduced tile by tile and the tiles' parts merged on the host; and the
         // rows in chunks of 7 (the last one partial; the tiles the outer loop, so each chunk sees
@@ -355,7 +395,7 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
         assert!(p.input_ids.len() > 14 && !p.input_ids.len().is_multiple_of(7));
         for (what, tiled) in [
             ("tiles of 100", run(true, 100)),
-            ("tiles of 100, chunks of 7", run_blocks(true, 100, 7)),
+            ("tiles of 100, chunks of 7", run_blocks(true, 100, 7, None)),
         ] {
             for (a, b) in tiled.iter().zip(&tensors) {
                 assert!((a.mean_max_prob.unwrap() - b.mean_max_prob.unwrap()).abs() < 1e-5);
@@ -402,6 +442,14 @@ fn tensor_reduction_path_equals_the_fused_cpu_path() {
                     pa.targets.iter().map(|t| t.1).collect::<Vec<_>>(),
                     pb.targets.iter().map(|t| t.1).collect::<Vec<_>>()
                 );
+                for (x, y) in pa.targets.iter().zip(&pb.targets) {
+                    assert!(
+                        (x.0 - y.0).abs() < 1e-5,
+                        "target probability {} vs {}",
+                        x.0,
+                        y.0
+                    );
+                }
             }
         }
     }

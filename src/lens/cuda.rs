@@ -141,28 +141,54 @@ impl candle_core::CustomOp1 for RowMaxSumExp {
 }
 
 /// What the detail rows' kernel reads besides the logits ([`detail_tile`]), on the unembedding's
-/// device, made once per lens: the spec's target ids, then, where some ids are excluded from the
-/// top-k, one u32 flag per vocabulary entry; a trailing 0 so that it is never empty. None off
-/// CUDA, and with `LOGIT_LENS_DEVICE_DETAIL=0` (the rows then come to the host, lens/device.rs).
+/// device: the spec's target ids and a 0 (so that it is never empty), then, where some ids are
+/// excluded from the top-k, one u32 flag per vocabulary entry. None off CUDA, with
+/// `LOGIT_LENS_DEVICE_DETAIL=0`, and for a top-k past the kernel's bound (the rows then come to
+/// the host, lens/device.rs).
 pub fn detail_keys(
     spec: &super::LensSpec,
     unembed: &Tensor,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !unembed.device().is_cuda() || !device_detail_enabled() {
+    if !unembed.device().is_cuda()
+        || !device_detail_enabled()
+        || !(1..=DETAIL_MAX_K).contains(&spec.top_k)
+    {
         return Ok(None);
     }
+    let mut ids = spec.targets.clone();
+    ids.push(0);
+    let n = ids.len();
+    let ids = Tensor::from_vec(ids, n, unembed.device())?;
+    if !spec.excluded.iter().any(|&e| e) {
+        return Ok(Some(ids));
+    }
+    Ok(Some(Tensor::cat(&[ids, excluded_mask(spec, unembed)?], 0)?))
+}
+
+/// The excluded ids' flags over the vocabulary, on the unembedding's device: the last few made
+/// are kept (one a model, with `exclude_special`), so that a generation step does not send the
+/// vocabulary's 600 KB to the card again.
+fn excluded_mask(spec: &super::LensSpec, unembed: &Tensor) -> candle_core::Result<Tensor> {
+    static MASKS: std::sync::Mutex<Vec<(Vec<bool>, Tensor)>> = std::sync::Mutex::new(Vec::new());
+    let mut masks = MASKS.lock().unwrap_or_else(|e| e.into_inner());
     let vocab = unembed.dim(0)?;
-    // Ids travel as f32 in a tile's part (row.rs, `TilePart`): exact below 2²⁴.
-    if vocab >= 1 << 24 {
-        return Ok(None);
+    let found = masks.iter().position(|(excluded, mask)| {
+        mask.dim(0).is_ok_and(|n| n == vocab)
+            && mask.device().same_device(unembed.device())
+            && *excluded == spec.excluded
+    });
+    if let Some(i) = found {
+        return Ok(masks[i].1.clone());
     }
-    let mut keys = spec.targets.clone();
-    if spec.excluded.iter().any(|&e| e) {
-        keys.extend((0..vocab).map(|v| spec.excluded.get(v).copied().unwrap_or(false) as u32));
+    let flags: Vec<u32> = (0..vocab)
+        .map(|v| spec.excluded.get(v).copied().unwrap_or(false) as u32)
+        .collect();
+    let mask = Tensor::from_vec(flags, vocab, unembed.device())?;
+    if masks.len() >= 4 {
+        masks.remove(0);
     }
-    keys.push(0);
-    let n = keys.len();
-    Tensor::from_vec(keys, n, unembed.device()).map(Some)
+    masks.push((spec.excluded.clone(), mask.clone()));
+    Ok(mask)
 }
 
 /// Whether detail rows are reduced on the card (`LOGIT_LENS_DEVICE_DETAIL=0`: on the host, each
@@ -175,12 +201,14 @@ fn device_detail_enabled() -> bool {
 /// The detail rows `picked` `[rows, entries]` (f32 logits of the vocabulary entries from `v0`)
 /// → `[rows, layout.width()]`: each row's reduction over this tile, as the host's twin lays it out
 /// (row.rs, `RowState::tile_part`); one block per row. `cmp`: the rows' logits of the spec's
-/// targets `[rows, targets]` (f32; none without targets); `keys`: [`detail_keys`].
+/// targets `[rows, targets]` (f32; none without targets); `keys`: [`detail_keys`] for a
+/// vocabulary of `vocab` entries.
 pub fn detail_tile(
     picked: &Tensor,
     cmp: Option<&Tensor>,
     keys: &Tensor,
     v0: usize,
+    vocab: usize,
     layout: super::row::TilePart,
 ) -> candle_core::Result<Tensor> {
     if layout.top_k > DETAIL_MAX_K || layout.top_k == 0 {
@@ -196,6 +224,7 @@ pub fn detail_tile(
         keys,
         &DetailTile {
             v0,
+            vocab,
             top_k: layout.top_k,
             targets: layout.targets,
         },
@@ -207,6 +236,8 @@ const DETAIL_MAX_K: usize = 100;
 
 struct DetailTile {
     v0: usize,
+    /// The vocabulary's size (the excluded flags' count).
+    vocab: usize,
     top_k: usize,
     targets: usize,
 }
@@ -249,6 +280,16 @@ impl candle_core::CustomOp3 for DetailTile {
             candle_core::bail!("detail-tile: f32 logits and u32 keys");
         }
         let excluded = k1 - k0 > self.targets + 1;
+        if excluded && (k1 - k0 != self.targets + 1 + self.vocab || self.v0 + cols > self.vocab) {
+            candle_core::bail!(
+                "detail-tile: {} keys for {} targets, entries {}..{} of {}",
+                k1 - k0,
+                self.targets,
+                self.v0,
+                self.v0 + cols,
+                self.vocab
+            );
+        }
         let width = super::row::TilePart {
             top_k: self.top_k,
             targets: self.targets,
@@ -271,7 +312,7 @@ impl candle_core::CustomOp3 for DetailTile {
         let src = z.as_cuda_slice::<f32>()?.slice(z0..);
         let all_keys = keys.as_cuda_slice::<u32>()?;
         let tids = all_keys.slice(k0..);
-        let mask = all_keys.slice(k0 + self.targets..);
+        let mask = all_keys.slice(k0 + self.targets + 1..);
         let (cols_arg, targets_arg) = (cols as i64, self.targets as i32);
         let (v0_arg, k_arg) = (self.v0 as i64, self.top_k as i32);
         let no_mask: u64 = 0;
@@ -417,16 +458,15 @@ impl candle_core::CustomOp2 for MatmulNtF32 {
 
 /// Page-locked host buffers that the lens's results come back to, kept for the next request. A
 /// copy from the card to ordinary (pageable) memory goes through the driver's own staging buffer,
-/// a chunk at a time, into pages that a fresh `Vec` first has to fault in; one request's detail
-/// rows were 17.6 MB (29 layers × 151936 f32 for Qwen2-VL-2B at the last position) before they were
-/// reduced on the card; now that is `LOGIT_LENS_DEVICE_DETAIL=0`'s way. At most [`PINNED_BUFFERS`] buffers, [`PINNED_KEPT_BYTES`] in all,
-/// are kept.
+/// a chunk at a time, into pages that a fresh `Vec` first has to fault in. What comes back: the
+/// rows' sums, the detail rows' tile parts, the requested normed rows (for KL), and with
+/// `LOGIT_LENS_DEVICE_DETAIL=0` a chunk's detail rows one tile at a time (up to 512 × 16384 f32).
+/// At most [`PINNED_BUFFERS`] buffers, [`PINNED_KEPT_BYTES`] in all, are kept.
 static PINNED: std::sync::Mutex<Vec<PinnedHostSlice<f32>>> = std::sync::Mutex::new(Vec::new());
 const PINNED_BUFFERS: usize = 4;
 const PINNED_KEPT_BYTES: usize = 512 << 20;
-/// Larger transfers go to pageable memory. With the detail rows reduced on the card, the lens's
-/// transfers are small; with `LOGIT_LENS_DEVICE_DETAIL=0` a tile of a chunk's rows (512 × 16384
-/// f32, 32 MiB) at a time.
+/// Larger transfers go to pageable memory (none that the lens makes today: its tile parts are
+/// collected every 64 MiB, `PENDING_PART_BYTES`).
 pub const PINNED_MAX_BYTES: usize = 272 << 20;
 /// Buffers are allocated in steps of this many f32 (4 MB), so that transfers of nearby sizes
 /// share them.
@@ -646,7 +686,7 @@ mod gpu_tests {
             let z_gpu = Tensor::from_slice(&z, (rows, cols), &gpu).unwrap();
             let cmp_gpu =
                 (n_targets > 0).then(|| Tensor::from_slice(&cmp, (rows, n_targets), &gpu).unwrap());
-            let got = detail_tile(&z_gpu, cmp_gpu.as_ref(), &keys, v0, layout)
+            let got = detail_tile(&z_gpu, cmp_gpu.as_ref(), &keys, v0, vocab, layout)
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap();
@@ -692,7 +732,7 @@ mod gpu_tests {
                 targets: n_targets,
             };
             let (issue, kernel) = per_call(&gpu, 200, &|| {
-                detail_tile(&z, Some(&cmp), &keys, 16384, layout).unwrap()
+                detail_tile(&z, Some(&cmp), &keys, 16384, vocab, layout).unwrap()
             });
             let (_, to_host) = per_call(&gpu, 50, &|| {
                 let host = z.to_device(&Device::Cpu).unwrap();
@@ -859,9 +899,10 @@ mod gpu_tests {
         }
     }
 
-    /// One request's detail rows (29 layers × 151936 f32, Qwen2-VL-2B at the last position) and a
-    /// batch of 3's, brought to the host through the pool of page-locked buffers: the same values as
-    /// candle's copy to pageable memory, and the ms of each (the first pooled call allocates).
+    /// 29 and 87 rows of 151936 f32 (what one Qwen2-VL-2B request's detail rows at the last
+    /// position, and a batch of 3's, were before they were reduced on the card), brought to the
+    /// host through the pool of page-locked buffers: the same values as candle's copy to pageable
+    /// memory, and the ms of each (the first pooled call allocates).
     #[test]
     fn pinned_transfers_equal_candle_s_copy_and_their_speed() {
         let Some(gpu) = gpu() else { return };

@@ -1,8 +1,9 @@
 //! The lens where the rows live on an accelerator (the GPU, half precision; or forced on the CPU,
 //! for the tests): each layer's GEMMs and reductions are queued on the device as the layer arrives
 //! (layers of few rows together, once they fill a chunk of rows: [`Lens::launch_layers`]), only
-//! small results are kept there (per row max and sum-exp; the rows
-//! that want detail), and the host collects them at the end ([`Lens::collect_pending`]).
+//! small results are kept there (per row max and sum-exp; per row that wants detail, its
+//! reduction of each vocabulary tile, row.rs's `TilePart`), and the host collects them at the end
+//! ([`Lens::collect_pending`]), or once they pass [`PENDING_PART_BYTES`].
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -15,6 +16,12 @@ use crate::models::profile;
 /// On an accelerator (and the tensor path): rows per unembedding GEMM. `LOGIT_LENS_ROW_CHUNK`
 /// overrides it.
 pub const DEVICE_ROWS: usize = 512;
+
+/// Tensor path: the detail rows' tile parts that may wait on the device before the queued layers
+/// are collected (f32 bytes). A part is `5 + 2k + 2T` floats a row and tile: with `positions: all`
+/// on a long input and a large k (a OneVision input of ~7000 tokens × 29 layers × 10 tiles, k =
+/// 100: 1.7 GB) they are collected every few layers instead of at the end.
+pub(super) const PENDING_PART_BYTES: usize = 64 << 20;
 
 /// Tensor path: vocabulary entries per unembedding GEMM. 512 rows × 16384 entries of f32 logits are
 /// 32 MB, inside an H100's 50 MB L2, where the reduction kernel reads them back; 152k-entry rows
@@ -123,6 +130,12 @@ impl Lens<'_> {
             .filter(|(_, st)| st.wants_detail())
             .map(|(r, _)| r)
             .collect();
+        if self.unembed.dim(0)? >= 1 << 24 {
+            // A tile part carries ids as f32 (row.rs, `TilePart`).
+            return Err(Error::Internal(
+                "lens: a vocabulary of 2^24 entries or more on the tensor path".into(),
+            ));
+        }
         let cmp = detail_targets(plans)?;
         let chunk = self.row_chunk.max(1);
         let chunks = total.div_ceil(chunk);
@@ -215,12 +228,19 @@ impl Lens<'_> {
     fn detail_tile(&self, picked: &Tensor, cmp: Option<&Tensor>, v0: usize) -> Result<Tensor> {
         let layout = self.tile_layout();
         #[cfg(feature = "cuda")]
-        if let Some(keys) = self
-            .device_keys
-            .as_ref()
-            .filter(|_| picked.device().is_cuda())
-        {
-            return Ok(super::cuda::detail_tile(picked, cmp, keys, v0, layout)?);
+        if picked.device().is_cuda() {
+            let keys = self.device_keys.get_or_init(|| {
+                super::cuda::detail_keys(self.spec, &self.unembed).unwrap_or_else(|e| {
+                    eprintln!("note: the detail rows go to the host ({e})");
+                    None
+                })
+            });
+            if let Some(keys) = keys {
+                let vocab = self.unembed.dim(0)?;
+                return Ok(super::cuda::detail_tile(
+                    picked, cmp, keys, v0, vocab, layout,
+                )?);
+            }
         }
         let rows = to_host_rows(std::slice::from_ref(picked))?;
         let cmp = match cmp {
@@ -490,9 +510,9 @@ pub(super) fn combine_max_sumexp(mut parts: Vec<Tensor>) -> Result<Tensor> {
 }
 
 /// Rows of one width on the host, in one flat buffer: a `Vec` per row (candle's `to_vec2`) would
-/// copy every row once more and allocate each (the detail rows are 29 × 152k f32 for one Qwen2-VL
-/// request at the last position, 17.6 MB). From CUDA, a page-locked buffer kept for the next
-/// request where it fits (cuda.rs, [`super::cuda::to_pinned`]).
+/// copy every row once more and allocate each (a chunk's detail rows for one tile, on the host's
+/// way, are up to 512 × 16384 f32). From CUDA, a page-locked buffer kept for the next request
+/// where it fits (cuda.rs, [`super::cuda::to_pinned`]).
 pub(super) struct HostRows {
     data: HostData,
     width: usize,

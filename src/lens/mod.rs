@@ -16,10 +16,11 @@
 //! GPU, half precision), each layer's work is queued on the device as the layer arrives (layers of
 //! few rows together, once they fill a chunk: GEMMs over vocabulary tiles and one kernel, cuda.rs,
 //! folding each tile's max and sum-exp into the rows'), only
-//! its small results are kept (per row max and sum; the requested rows' logits), and the host
-//! collects them once at the end, so that the forward pass never waits on the host and no layer's
-//! normed rows outlive it. The rows that want top-k and ranks are reduced there too, tile by tile,
-//! to a few numbers each (row.rs's `TilePart`): no row of logits comes to the host.
+//! its small results are kept (per row max and sum; the requested normed rows, for KL), and the
+//! host collects them once at the end, so that the forward pass never waits on the host and no
+//! layer's normed rows outlive it. The rows that want top-k and ranks are reduced there too, tile
+//! by tile, to a few numbers each (row.rs's `TilePart`; on CUDA one kernel, so that no row of
+//! logits leaves the card; elsewhere, and with `LOGIT_LENS_DEVICE_DETAIL=0`, its host twin).
 //!
 //! Here: what each layer needs ([`Lens::plan`]) and how it is reported ([`Lens::record`], KL in
 //! [`Lens::finish`]); `cpu.rs` and `device.rs`: the two ways; `row.rs`: one row's reduction.
@@ -35,7 +36,7 @@ mod device;
 mod row;
 
 use cpu::{final_cross_amx, ROW_BLOCK, VOCAB_BLOCK};
-use device::{row_chunk_from_env, vocab_tile_from_env, DEVICE_VOCAB_BLOCK};
+use device::{row_chunk_from_env, vocab_tile_from_env, DEVICE_VOCAB_BLOCK, PENDING_PART_BYTES};
 pub use device::{DEVICE_ROWS, DEVICE_VOCAB_TILE};
 use row::RowState;
 
@@ -118,11 +119,13 @@ pub struct Lens<'a> {
     /// Per requested position, the targets it traces (indices into the spec's `targets`), where
     /// they differ by position ([`Self::with_position_targets`]); else every one everywhere.
     position_targets: Option<Vec<Vec<usize>>>,
-    /// On CUDA, what the detail rows' kernel reads besides the logits (cuda.rs, `detail_tile`):
-    /// the spec's target ids, then the excluded ids' mask over the vocabulary where there is one
-    /// (u32). None: the detail rows are reduced on the host (`LOGIT_LENS_DEVICE_DETAIL=0`).
+    /// Tensor path: collect `pending` once its detail rows' tile parts pass this many bytes.
+    pending_part_bytes: usize,
+    /// On CUDA, what the detail rows' kernel reads besides the logits (cuda.rs, `detail_keys`),
+    /// made when a detail row first reaches it. None inside: the detail rows are reduced on the
+    /// host (`LOGIT_LENS_DEVICE_DETAIL=0`, or a top-k past the kernel's bound).
     #[cfg(feature = "cuda")]
-    device_keys: Option<Tensor>,
+    device_keys: std::sync::OnceLock<Option<Tensor>>,
 }
 
 /// One lens layer's work: the normed rows to read out and their running reductions.
@@ -179,8 +182,9 @@ impl<'a> Lens<'a> {
             cpu_pending: Vec::new(),
             amx: head.packed.as_deref(),
             position_targets: None,
+            pending_part_bytes: PENDING_PART_BYTES,
             #[cfg(feature = "cuda")]
-            device_keys: cuda::detail_keys(spec, &head.unembed)?,
+            device_keys: std::sync::OnceLock::new(),
         })
     }
 
@@ -225,6 +229,13 @@ impl<'a> Lens<'a> {
     /// compare the two).
     pub fn without_amx(mut self) -> Self {
         self.amx = None;
+        self
+    }
+
+    /// Tensor path: collect the queued layers whenever their detail rows' tile parts pass `bytes`
+    /// rather than [`PENDING_PART_BYTES`] (tests: `1` collects after every pass).
+    pub fn with_pending_part_bytes(mut self, bytes: usize) -> Self {
+        self.pending_part_bytes = bytes;
         self
     }
 
@@ -367,7 +378,17 @@ impl<'a> Lens<'a> {
             if rows < self.row_chunk.max(1) {
                 return Ok(());
             }
-            self.launch_queued()
+            self.launch_queued()?;
+            let part_bytes: usize = self
+                .pending
+                .iter()
+                .filter_map(|p| p.device_detail.as_ref())
+                .map(|d| d.elem_count() * 4)
+                .sum();
+            if part_bytes > self.pending_part_bytes {
+                self.collect_pending()?;
+            }
+            Ok(())
         }
     }
 

@@ -19,8 +19,8 @@ pub(super) struct RowState {
     pub(super) target_z: Vec<f32>,
 }
 
-/// The layout of a detail row's reduction over one vocabulary tile ([`RowState::tile_part`]), the
-/// only thing of a detail row that leaves the device: `[m, s, s′, t, t′, ids, logits, above, own]`,
+/// The layout of a detail row's reduction over one vocabulary tile ([`RowState::tile_part`]), all
+/// of a detail row that leaves the card on CUDA: `[m, s, s′, t, t′, ids, logits, above, own]`,
 /// f32: the tile's max and `Σ e^(z−m)`, `Σ e^(z−m)(z−m)` (each as an f32 and its remainder, `s + s′`
 /// in f64: the tiles add up as the host's f64 sums did); its top-k ids (as f32, exact below 2²⁴; −1
 /// where the tile has fewer entries) and their logits (−∞ there), highest first, ties lower id
@@ -28,11 +28,11 @@ pub(super) struct RowState {
 /// exceed `cmp`, and its own logit where the tile holds it (else `cmp`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct TilePart {
-    /// Rows of the head: `[m, s, s′, t, t′]` (row_reduce.cu's `DETAIL_HEAD`).
     pub(super) top_k: usize,
     pub(super) targets: usize,
 }
 
+/// Values before the top-k: `[m, s, s′, t, t′]` (row_reduce.cu's `DETAIL_HEAD`).
 pub(super) const TILE_HEAD: usize = 5;
 
 impl TilePart {
