@@ -122,7 +122,7 @@ impl Lens<'_> {
     }
 }
 
-/// `u = Wᵀ p` for each split row (`p = softmax` of its logits, given its log-sum-exp `lse`) on
+/// `u = Wᵀ p / Σ p` ([`normalised`]) for each split row (`p = softmax` of its logits, given its log-sum-exp `lse`) on
 /// the CPU with the packed unembedding: the logits again by AMX, block by block of the vocabulary,
 /// each turned into probabilities in place and multiplied from the left into f64 sums
 /// ([`amx::left_matmul_add`], from the packed bf16 pieces). Before, an f32 GEMV over the f32
@@ -138,23 +138,161 @@ pub(super) fn final_cross_amx(
         .next_multiple_of(32)
         .min(vocab);
     let mut acc = vec![0f64; n * hidden];
+    let mut sums = vec![0f64; n];
     let mut z = vec![0f32; n * block];
     for v0 in (0..vocab).step_by(block) {
         let vc = block.min(vocab - v0);
         let z = &mut z[..n * vc];
         amx::matmul(split, packed, v0, vc, z);
-        z.par_chunks_mut(vc).zip(lse).for_each(|(row, &l)| {
-            crate::models::fastmath::vectorised(
-                #[inline(always)]
-                || {
-                    row.iter_mut()
-                        .for_each(|x| *x = crate::models::fastmath::exp(*x - l))
-                },
-            )
-        });
+        z.par_chunks_mut(vc)
+            .zip(lse)
+            .zip(sums.par_iter_mut())
+            .for_each(|((row, &l), sum)| {
+                crate::models::fastmath::vectorised(
+                    #[inline(always)]
+                    || {
+                        row.iter_mut()
+                            .for_each(|x| *x = crate::models::fastmath::exp(*x - l))
+                    },
+                );
+                *sum += row.iter().map(|&p| p as f64).sum::<f64>();
+            });
         amx::left_matmul_add(z, n, packed, v0, vc, &mut acc);
     }
+    normalised(acc, &sums, hidden)
+}
+
+/// Rows up to which [`final_cross_f32`] serves the final layer's `Wᵀ p_L` (a request's positions,
+/// a generation step's answers); more rows go through candle's GEMMs.
+pub(super) const CROSS_F32_ROWS: usize = 16;
+
+/// `u = Wᵀ p / Σ p` for each of a few `rows` (f32 on the CPU, `w` the f32 unembedding; `p =
+/// softmax` of the row's logits, given its log-sum-exp `lse`; [`normalised`]), in one pass over
+/// the unembedding: each vocabulary row `w_v` is read from memory once, for the rows' logits
+/// `z = x·w_v` and, still in L1, for `u += e^(z − lse)·w_v`. Before, the logits came from a GEMM
+/// over blocks of the vocabulary and `p · W` from another, which repacked each block: two reads
+/// of the unembedding from memory, 46 ms of a generation step's ~105 ms lens for llama-wide
+/// (32064 × 4096 f32, 525 MB).
+pub(super) fn final_cross_f32(rows: &Tensor, w: &Tensor, lse: &[f32]) -> Result<Vec<Vec<f32>>> {
+    let (n, hidden) = rows.dims2()?;
+    let vocab = w.dim(0)?;
+    let x: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+    // Vocabulary rows per task: its sums in f32, then added into the task's f64 ones.
+    const BLOCK: usize = 256;
+    let zeros = || (vec![0f64; n * hidden], vec![0f64; n]);
+    let (acc, sums) = with_cpu_f32(w, |w| {
+        (0..vocab.div_ceil(BLOCK))
+            .into_par_iter()
+            .fold(
+                || (zeros(), vec![0f32; n * hidden]),
+                |((mut acc, mut sums), mut part), b| {
+                    part.fill(0.0);
+                    crate::models::fastmath::vectorised(
+                        #[inline(always)]
+                        || {
+                            for v in b * BLOCK..((b + 1) * BLOCK).min(vocab) {
+                                let wv = &w[v * hidden..(v + 1) * hidden];
+                                for r in 0..n {
+                                    let z = dot(&x[r * hidden..(r + 1) * hidden], wv);
+                                    let p = (z - lse[r]).exp();
+                                    sums[r] += p as f64;
+                                    let u = &mut part[r * hidden..(r + 1) * hidden];
+                                    for (a, &y) in u.iter_mut().zip(wv) {
+                                        *a += p * y;
+                                    }
+                                }
+                            }
+                        },
+                    );
+                    for (a, &y) in acc.iter_mut().zip(&part) {
+                        *a += y as f64;
+                    }
+                    ((acc, sums), part)
+                },
+            )
+            .map(|(sums, _)| sums)
+            .reduce(zeros, |(mut a, mut s), (b, t)| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                s.iter_mut().zip(t).for_each(|(x, y)| *x += y);
+                (a, s)
+            })
+    })?;
+    Ok(normalised(acc, &sums, hidden))
+}
+
+/// `a · b` in 16 f32 lanes (vectorised where the caller is, [`crate::models::fastmath::vectorised`]).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut s = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            s[i] += x[i] * y[i];
+        }
+    }
+    s.iter().sum::<f32>() + tail
+}
+
+/// Each row's `Σ p_v w_v` divided by its `Σ p_v`: `p = e^(z − lse)` sums to 1 only to the
+/// rounding of the f32 log-sum-exp (an ulp of a logit of 500 is 3e-5, and `p` is off by that
+/// factor), and KL's cross term `(Wᵀ p_L)·n` carries that error times the logits' size (1e-2 on
+/// llama-wide's peaked rows). Dividing by the sum takes the common factor out.
+fn normalised(acc: Vec<f64>, sums: &[f64], hidden: usize) -> Vec<Vec<f32>> {
     acc.chunks_exact(hidden)
-        .map(|u| u.iter().map(|&x| x as f32).collect())
+        .zip(sums)
+        .map(|(u, &s)| u.iter().map(|&x| (x / s) as f32).collect())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// `Wᵀ p / Σ p` in one pass equals the expectation of the unembedding's rows under the rows'
+    /// softmax, computed in f64, and does so even when the log-sum-exp it is given is off (as the
+    /// f32 one is, by an ulp of the logits): the sum it divides by takes the error out.
+    #[test]
+    fn the_final_cross_term_is_the_expectation_under_the_softmax() {
+        let (vocab, hidden, n) = (1000, 40, 3);
+        let w = Tensor::randn(0f32, 0.5, (vocab, hidden), &Device::Cpu).unwrap();
+        let rows = Tensor::randn(0f32, 1.0, (n, hidden), &Device::Cpu).unwrap();
+        let (w64, x64) = (
+            w.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(),
+            rows.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(),
+        );
+        let mut lse = Vec::new();
+        let mut want = Vec::new();
+        for x in &x64 {
+            let z: Vec<f64> = w64
+                .iter()
+                .map(|wv| wv.iter().zip(x).map(|(a, b)| a * b).sum())
+                .collect();
+            let m = z.iter().cloned().fold(f64::MIN, f64::max);
+            let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
+            lse.push(m + s.ln());
+            let mut u = vec![0f64; hidden];
+            for (wv, zv) in w64.iter().zip(&z) {
+                let p = (zv - m).exp() / s;
+                u.iter_mut().zip(wv).for_each(|(a, b)| *a += p * b);
+            }
+            want.push(u);
+        }
+        for off in [0.0, 0.01] {
+            let lse: Vec<f32> = lse.iter().map(|&l| (l + off) as f32).collect();
+            let got = final_cross_f32(&rows, &w, &lse).unwrap();
+            for (g, u) in got.iter().zip(&want) {
+                for (a, b) in g.iter().zip(u) {
+                    assert!((*a as f64 - b).abs() < 1e-5, "lse off by {off}: {a} vs {b}");
+                }
+            }
+        }
+    }
 }

@@ -35,7 +35,7 @@ mod cuda;
 mod device;
 mod row;
 
-use cpu::{final_cross_amx, ROW_BLOCK, VOCAB_BLOCK};
+use cpu::{final_cross_amx, final_cross_f32, CROSS_F32_ROWS, ROW_BLOCK, VOCAB_BLOCK};
 use device::{row_chunk_from_env, vocab_tile_from_env, DEVICE_VOCAB_BLOCK, PENDING_PART_BYTES};
 pub use device::{DEVICE_ROWS, DEVICE_VOCAB_TILE};
 use row::RowState;
@@ -577,8 +577,9 @@ impl<'a> Lens<'a> {
         }
     }
 
-    /// For the final layer's requested rows: `u = Wᵀ p_L` (a second pass over the vocabulary,
-    /// now that each row's log-sum-exp is known) and the entropy `H(p_L)`.
+    /// For the final layer's requested rows: `u = Wᵀ p_L / Σ p_L` (a second pass over the
+    /// vocabulary, now that each row's log-sum-exp is known; divided by the sum of `p_L`, cpu.rs's
+    /// `normalised`) and the entropy `H(p_L)`.
     fn final_parts(&self, n_rows: &Tensor, states: &[&RowState]) -> Result<Vec<(Vec<f32>, f32)>> {
         if self.head.softcap.is_some() {
             // `Wᵀ p_L` does not give the cross term of capped logits (see `finish_capped`).
@@ -602,6 +603,20 @@ impl<'a> Lens<'a> {
                 .map(|(u, s)| (u, s.entropy()))
                 .collect());
         }
+        if n_rows.device().is_cpu()
+            && n_rows.dtype() == DType::F32
+            && self.unembed.dtype() == DType::F32
+            && states.len() <= CROSS_F32_ROWS
+        {
+            let u = final_cross_f32(n_rows, &self.unembed, &lse)?;
+            return Ok(u
+                .into_iter()
+                .zip(states)
+                .map(|(u, s)| (u, s.entropy()))
+                .collect());
+        }
+        // `Σ p` beside `Wᵀ p`, to divide by (cpu.rs, `normalised`).
+        let mut sums: Option<Tensor> = None;
         for v0 in (0..vocab).step_by(step) {
             let vc = step.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
@@ -609,15 +624,20 @@ impl<'a> Lens<'a> {
                 .block_logits(n_rows, split.as_ref(), v0, vc)?
                 .broadcast_sub(&lse_t)?
                 .exp()?;
-            let part = p.matmul(&w.to_dtype(DType::F32)?)?;
+            let (part, sum) = (p.matmul(&w.to_dtype(DType::F32)?)?, p.sum_keepdim(1)?);
             u = Some(match u {
                 Some(acc) => (acc + part)?,
                 None => part,
             });
+            sums = Some(match sums {
+                Some(acc) => (acc + sum)?,
+                None => sum,
+            });
         }
-        let u = u
-            .ok_or_else(|| Error::Internal("empty vocabulary".into()))?
-            .to_vec2::<f32>()?;
+        let (u, sums) = u
+            .zip(sums)
+            .ok_or_else(|| Error::Internal("empty vocabulary".into()))?;
+        let u = u.broadcast_div(&sums)?.to_vec2::<f32>()?;
         Ok(u.into_iter()
             .zip(states)
             .map(|(u, s)| (u, s.entropy()))
