@@ -163,8 +163,12 @@ pub(super) fn final_cross_amx(
 }
 
 /// Rows up to which [`final_cross_f32`] serves the final layer's `Wᵀ p_L` (a request's positions,
-/// a generation step's answers); more rows go through candle's GEMMs.
-pub(super) const CROSS_F32_ROWS: usize = 16;
+/// a generation step's answers); more rows go through candle's GEMMs. Each row's dot product and
+/// sums stream through L2 for every vocabulary row, so more rows cost more than the second read of
+/// the unembedding they save: llama-wide's lens (16-token prompt, no summary), GEMMs against this,
+/// 8 rows 201–225 ms against 171–179, 12 rows 215–220 against 258–284, 16 rows 444–456 against
+/// 489–500.
+pub(super) const CROSS_F32_ROWS: usize = 8;
 
 /// `u = Wᵀ p / Σ p` for each of a few `rows` (f32 on the CPU, `w` the f32 unembedding; `p =
 /// softmax` of the row's logits, given its log-sum-exp `lse`; [`normalised`]), in one pass over
@@ -176,6 +180,13 @@ pub(super) const CROSS_F32_ROWS: usize = 16;
 pub(super) fn final_cross_f32(rows: &Tensor, w: &Tensor, lse: &[f32]) -> Result<Vec<Vec<f32>>> {
     let (n, hidden) = rows.dims2()?;
     let vocab = w.dim(0)?;
+    if vocab == 0 || w.dim(1)? != hidden || lse.len() != n {
+        return Err(crate::error::Error::Internal(format!(
+            "lens: Wᵀ p for {n} rows of {hidden} with {} log-sum-exps over {:?}",
+            lse.len(),
+            w.dims()
+        )));
+    }
     let x: Vec<f32> = rows.flatten_all()?.to_vec1()?;
     // Vocabulary rows per task: its sums in f32, then added into the task's f64 ones.
     const BLOCK: usize = 256;
@@ -210,7 +221,7 @@ pub(super) fn final_cross_f32(rows: &Tensor, w: &Tensor, lse: &[f32]) -> Result<
                     ((acc, sums), part)
                 },
             )
-            .map(|(sums, _)| sums)
+            .map(|(acc_and_sums, _)| acc_and_sums)
             .reduce(zeros, |(mut a, mut s), (b, t)| {
                 a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                 s.iter_mut().zip(t).for_each(|(x, y)| *x += y);
@@ -220,7 +231,9 @@ pub(super) fn final_cross_f32(rows: &Tensor, w: &Tensor, lse: &[f32]) -> Result<
     Ok(normalised(acc, &sums, hidden))
 }
 
-/// `a · b` in 16 f32 lanes (vectorised where the caller is, [`crate::models::fastmath::vectorised`]).
+/// `a · b` in 16 f32 lanes (vectorised where the caller is, [`crate::models::fastmath::vectorised`];
+/// 64 lanes, four AVX-512 accumulators, measured slower: 8 rows' lens on llama-wide 152–156 ms with
+/// the GEMMs, 171–179 with 16 lanes, 196–211 with 64).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;

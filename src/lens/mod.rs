@@ -312,7 +312,7 @@ impl<'a> Lens<'a> {
         if !at.is_empty() {
             let r = at.len();
             let n = Tensor::from_vec(flat, (r, hidden), &dev)?.to_dtype(dtype)?;
-            let idx = Tensor::from_vec(at, r, &dev)?;
+            let idx = Tensor::from_slice(&at, r, &dev)?;
             let lse_t = Tensor::from_slice(final_lse, (final_lse.len(), 1), &dev)?;
             let vocab = self.unembed.dim(0)?;
             let step = if dev.is_cpu() {
@@ -321,19 +321,28 @@ impl<'a> Lens<'a> {
                 DEVICE_VOCAB_BLOCK
             };
             let mut cross = vec![0f64; r];
+            // Each final row's `Σ p_L`, to divide by (cpu.rs, `normalised`).
+            let mut sums = vec![0f64; final_lse.len()];
             let (n_split, final_split) = (self.amx_rows(&n)?, self.amx_rows(final_rows)?);
             for v0 in (0..vocab).step_by(step) {
                 let vc = step.min(vocab - v0);
                 let z = self.cap(self.block_logits(&n, n_split.as_ref(), v0, vc)?)?;
-                let p = self
+                let p_final = self
                     .cap(self.block_logits(final_rows, final_split.as_ref(), v0, vc)?)?
                     .broadcast_sub(&lse_t)?
-                    .exp()?
-                    .index_select(&idx, 0)?;
+                    .exp()?;
+                let sum = p_final.sum(1)?.to_device(&candle_core::Device::Cpu)?;
+                for (s, x) in sums.iter_mut().zip(sum.to_vec1::<f32>()?) {
+                    *s += x as f64;
+                }
+                let p = p_final.index_select(&idx, 0)?;
                 let part = (z * p)?.sum(1)?.to_device(&candle_core::Device::Cpu)?;
                 for (c, x) in cross.iter_mut().zip(part.to_vec1::<f32>()?) {
                     *c += x as f64;
                 }
+            }
+            for (c, &k) in cross.iter_mut().zip(&at) {
+                *c /= sums[k as usize];
             }
             let mut cross = cross.into_iter();
             for (layer, parts) in self.layers.iter_mut().zip(&self.kl_parts) {
@@ -556,9 +565,10 @@ impl<'a> Lens<'a> {
     }
 
     /// `rows · wᵀ` (f32) for the `vc` vocabulary entries from `v0`, through the same GEMM as the
-    /// reduction (AMX where `split`, from [`Self::amx_rows`], is given): the sums recomputed from
-    /// these logits (`Wᵀ p_L`, the capped cross terms) must agree with the reduction's log-sum-exps,
-    /// or `p_L` no longer sums to 1 and KL is off by that much times the cross term.
+    /// reduction (AMX where `split`, from [`Self::amx_rows`], is given), so that the sums
+    /// recomputed from these logits (`Wᵀ p_L`, the capped cross terms) are those of the reduction's
+    /// distribution; what is left of the difference (and of the f32 log-sum-exp's rounding) is a
+    /// common factor of `p_L`, which dividing by `Σ p_L` takes out (cpu.rs, `normalised`).
     fn block_logits(
         &self,
         rows: &Tensor,
@@ -603,7 +613,8 @@ impl<'a> Lens<'a> {
                 .map(|(u, s)| (u, s.entropy()))
                 .collect());
         }
-        if n_rows.device().is_cpu()
+        if !self.tensor_path
+            && n_rows.device().is_cpu()
             && n_rows.dtype() == DType::F32
             && self.unembed.dtype() == DType::F32
             && states.len() <= CROSS_F32_ROWS
