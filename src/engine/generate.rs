@@ -85,6 +85,9 @@ fn argmax_next(model: &dyn VisionLanguageModel, lasts: &[&Tensor]) -> Result<Vec
         Some(c) => crate::models::layers::softcap_like_torch(&logits, c)?,
         None => logits,
     };
+    if let Some(ids) = crate::lens::argmax_on_device(&logits)? {
+        return Ok(ids);
+    }
     let argmax = |row: Vec<f32>| {
         let mut best = 0;
         for (i, &z) in row.iter().enumerate() {

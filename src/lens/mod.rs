@@ -38,6 +38,18 @@ mod row;
 use cpu::{final_cross_amx, final_cross_f32, CROSS_F32_ROWS, ROW_BLOCK, VOCAB_BLOCK};
 use device::{row_chunk_from_env, vocab_tile_from_env, DEVICE_VOCAB_BLOCK, PENDING_PART_BYTES};
 pub use device::{DEVICE_ROWS, DEVICE_VOCAB_TILE};
+
+/// Each row's argmax of `logits` `[rows, vocab]` where they live, the lowest id among equal maxima:
+/// on CUDA one kernel (the detail rows' own, k = 1), so that only the ids come to the host; None
+/// elsewhere (the caller reduces on the host).
+pub fn argmax_on_device(logits: &Tensor) -> Result<Option<Vec<u32>>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        return Ok(cuda::argmax_rows(logits)?);
+    }
+    let _ = logits;
+    Ok(None)
+}
 use row::RowState;
 
 use crate::error::{Error, Result};
