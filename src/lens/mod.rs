@@ -333,8 +333,8 @@ impl<'a> Lens<'a> {
                 DEVICE_VOCAB_BLOCK
             };
             let mut cross = vec![0f64; r];
-            // Each final row's `Σ p_L`, to divide by (cpu.rs, `normalised`).
-            let mut sums = vec![0f64; final_lse.len()];
+            // Each final row's `Σ p_L`, to divide by (cpu.rs, `normalised`), where the rows live.
+            let mut sums: Option<Tensor> = None;
             let (n_split, final_split) = (self.amx_rows(&n)?, self.amx_rows(final_rows)?);
             for v0 in (0..vocab).step_by(step) {
                 let vc = step.min(vocab - v0);
@@ -343,16 +343,21 @@ impl<'a> Lens<'a> {
                     .cap(self.block_logits(final_rows, final_split.as_ref(), v0, vc)?)?
                     .broadcast_sub(&lse_t)?
                     .exp()?;
-                let sum = p_final.sum(1)?.to_device(&candle_core::Device::Cpu)?;
-                for (s, x) in sums.iter_mut().zip(sum.to_vec1::<f32>()?) {
-                    *s += x as f64;
-                }
+                let sum = p_final.sum(1)?.to_dtype(DType::F64)?;
+                sums = Some(match sums {
+                    Some(acc) => (acc + sum)?,
+                    None => sum,
+                });
                 let p = p_final.index_select(&idx, 0)?;
                 let part = (z * p)?.sum(1)?.to_device(&candle_core::Device::Cpu)?;
                 for (c, x) in cross.iter_mut().zip(part.to_vec1::<f32>()?) {
                     *c += x as f64;
                 }
             }
+            let sums = match sums {
+                Some(t) => t.to_vec1::<f64>()?,
+                None => return Err(Error::Internal("empty vocabulary".into())),
+            };
             for (c, &k) in cross.iter_mut().zip(&at) {
                 *c /= sums[k as usize];
             }
@@ -607,64 +612,57 @@ impl<'a> Lens<'a> {
             // `Wᵀ p_L` does not give the cross term of capped logits (see `finish_capped`).
             return Ok(states.iter().map(|s| (Vec::new(), s.entropy())).collect());
         }
-        let vocab = self.unembed.dim(0)?;
         let lse: Vec<f32> = states.iter().map(|s| s.lse()).collect();
-        let lse_t = Tensor::from_slice(&lse, (lse.len(), 1), n_rows.device())?;
-        let mut u: Option<Tensor> = None;
+        let u = match (self.amx, self.amx_rows(n_rows)?) {
+            (Some(packed), Some(split)) => final_cross_amx(&split, packed, &lse),
+            _ if !self.tensor_path
+                && n_rows.device().is_cpu()
+                && n_rows.dtype() == DType::F32
+                && self.unembed.dtype() == DType::F32
+                && states.len() <= CROSS_F32_ROWS =>
+            {
+                final_cross_f32(n_rows, &self.unembed, &lse)?
+            }
+            _ => self.final_cross_tensors(n_rows, &lse)?,
+        };
+        Ok(u.into_iter()
+            .zip(states)
+            .map(|(u, s)| (u, s.entropy()))
+            .collect())
+    }
+
+    /// [`Self::final_parts`]'s `Wᵀ p / Σ p` with tensor operations where the rows live (the GPU, CPU
+    /// half precision, more rows than `final_cross_f32` takes): blocks of the vocabulary, each
+    /// block's logits again, its `p · W` and `Σ p` added up.
+    fn final_cross_tensors(&self, n_rows: &Tensor, lse: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.unembed.dim(0)?;
+        let lse_t = Tensor::from_slice(lse, (lse.len(), 1), n_rows.device())?;
         let step = if n_rows.device().is_cpu() {
             VOCAB_BLOCK
         } else {
             DEVICE_VOCAB_BLOCK
         };
-        let split = self.amx_rows(n_rows)?;
-        if let (Some(packed), Some(split)) = (self.amx, split.as_ref()) {
-            let u = final_cross_amx(split, packed, &lse);
-            return Ok(u
-                .into_iter()
-                .zip(states)
-                .map(|(u, s)| (u, s.entropy()))
-                .collect());
-        }
-        if !self.tensor_path
-            && n_rows.device().is_cpu()
-            && n_rows.dtype() == DType::F32
-            && self.unembed.dtype() == DType::F32
-            && states.len() <= CROSS_F32_ROWS
-        {
-            let u = final_cross_f32(n_rows, &self.unembed, &lse)?;
-            return Ok(u
-                .into_iter()
-                .zip(states)
-                .map(|(u, s)| (u, s.entropy()))
-                .collect());
-        }
+        let add = |acc: Option<Tensor>, x: Tensor| match acc {
+            Some(acc) => acc + x,
+            None => Ok(x),
+        };
         // `Σ p` beside `Wᵀ p`, to divide by (cpu.rs, `normalised`).
-        let mut sums: Option<Tensor> = None;
+        let (mut u, mut sums) = (None, None);
         for v0 in (0..vocab).step_by(step) {
             let vc = step.min(vocab - v0);
             let w = self.unembed.narrow(0, v0, vc)?;
+            // No AMX split here: where the head has one, `final_parts` took it.
             let p = self
-                .block_logits(n_rows, split.as_ref(), v0, vc)?
+                .block_logits(n_rows, None, v0, vc)?
                 .broadcast_sub(&lse_t)?
                 .exp()?;
-            let (part, sum) = (p.matmul(&w.to_dtype(DType::F32)?)?, p.sum_keepdim(1)?);
-            u = Some(match u {
-                Some(acc) => (acc + part)?,
-                None => part,
-            });
-            sums = Some(match sums {
-                Some(acc) => (acc + sum)?,
-                None => sum,
-            });
+            u = Some(add(u, p.matmul(&w.to_dtype(DType::F32)?)?)?);
+            sums = Some(add(sums, p.sum_keepdim(1)?)?);
         }
         let (u, sums) = u
             .zip(sums)
             .ok_or_else(|| Error::Internal("empty vocabulary".into()))?;
-        let u = u.broadcast_div(&sums)?.to_vec2::<f32>()?;
-        Ok(u.into_iter()
-            .zip(states)
-            .map(|(u, s)| (u, s.entropy()))
-            .collect())
+        Ok(u.broadcast_div(&sums)?.to_vec2::<f32>()?)
     }
 }
 
