@@ -45,9 +45,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ProbeArgs {
-    /// A model snapshot directory (Hugging Face layout).
+    /// A model: a snapshot directory (Hugging Face layout), NAME=DIR, or a Hugging Face id such as
+    /// Qwen/Qwen2-VL-2B-Instruct read from the local Hugging Face cache (as `serve --model`).
     #[arg(long, env = "LOGIT_LENS_MODEL")]
-    model: PathBuf,
+    model: String,
     /// An image file (PNG, JPEG, WebP, GIF, BMP, TIFF); leave out for a text-only prompt.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -58,7 +59,8 @@ struct ProbeArgs {
     /// Skip the per-layer mean max probability over all positions.
     #[arg(long)]
     no_summary: bool,
-    /// The model name reported in the response (default: the directory name).
+    /// The model name reported in the response (default: NAME of NAME=DIR, else the directory's
+    /// or the id's last part).
     #[arg(long)]
     name: Option<String>,
     /// Run the request this many times after loading, for timing; prints the last response.
@@ -85,15 +87,11 @@ fn probe(a: ProbeArgs) -> Result<()> {
         }
         None => None,
     };
-    let name = a.name.clone().unwrap_or_else(|| {
-        a.model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
+    let spec = logit_lens::server::resolve::resolve(&a.model).map_err(Error::InvalidOption)?;
+    let name = a.name.clone().unwrap_or(spec.name);
     let device = models::parse_device(&a.device)?;
-    let dtype = models::parse_dtype(&a.dtype, &a.model, &device)?;
-    let model = models::load(&a.model, &name, &device, dtype)?;
+    let dtype = models::parse_dtype(&a.dtype, &spec.dir, &device)?;
+    let model = models::load(&spec.dir, &name, &device, dtype)?;
     let req = LensRequest {
         prompt: a.prompt,
         image,
@@ -116,10 +114,25 @@ fn probe(a: ProbeArgs) -> Result<()> {
     Ok(())
 }
 
+/// `logit-lens probe ... | head` ends as a Unix tool does when its reader goes away: quietly, by
+/// SIGPIPE, not with a panic and a backtrace from `println!`. Rust ignores SIGPIPE by default;
+/// sockets are unaffected either way (the standard library sends with MSG_NOSIGNAL), and `serve`
+/// keeps Rust's default. A `run` stopped so resumes as after any interruption.
+fn stop_quietly_on_a_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to the default, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     logit_lens::keep_freed_memory();
     logit_lens::flush_subnormals();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        stop_quietly_on_a_closed_pipe();
+    }
     let result = match cli.command {
         Command::Probe(a) => probe(a),
         Command::Serve(a) => {

@@ -104,5 +104,70 @@ fn probe_errors_are_one_clear_line_and_exit_status_2() {
     assert!(err.starts_with("error [invalid_image]"), "{err}");
     let out = probe(&["--model", "/nonexistent", "--prompt", "x"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error [invalid_option]: --model /nonexistent: no directory"),
+        "{err}"
+    );
+}
+
+/// `probe ... | head -1`: the reader goes away before the body is written; the probe ends as a
+/// Unix tool does (SIGPIPE), with nothing on stderr, not with a panic and a backtrace.
+#[cfg(unix)]
+#[test]
+fn a_reader_that_goes_away_ends_the_probe_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let model = fixtures().join("qwen2vl-hub");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_logit-lens"))
+        .args([
+            "probe",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Hi",
+        ])
+        .args(["--positions", "all", "--pretty"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{err}");
+    assert!(err.is_empty(), "{err}");
+}
+
+/// `--model Org/Name` reads the snapshot that `refs/main` names in the local Hugging Face cache,
+/// as `serve` does; the response names the model after the id's last part.
+#[test]
+fn probe_reads_a_hub_id_from_the_local_cache() {
+    let cache = std::env::temp_dir().join(format!("logit-lens-hub-{}", std::process::id()));
+    let repo = cache.join("models--Org--Tiny");
+    let snapshot = repo.join("snapshots/0123abc");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abc\n").unwrap();
+    let model = fixtures().join("qwen2vl-hub");
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_logit-lens"))
+        .args(["probe", "--model", "Org/Tiny", "--prompt", "Hi"])
+        .env("HF_HUB_CACHE", &cache)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["model"], "Tiny");
+    let direct = probe(&["--model", model.to_str().unwrap(), "--prompt", "Hi"]);
+    let direct: serde_json::Value = serde_json::from_slice(&direct.stdout).unwrap();
+    assert_eq!(body["layers"], direct["layers"]);
+    let missing = probe(&["--model", "/no/such/snapshot", "--prompt", "Hi"]);
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("no directory /no/such/snapshot"), "{err}");
+    std::fs::remove_dir_all(&cache).unwrap();
 }

@@ -53,6 +53,33 @@ fn a_pending_pixel_budget_of_zero_stops_serve_at_once() {
     assert!(!err.contains("loading"), "{err}");
 }
 
+/// Counts of none (a queue, a group, a pass) are refused at start, as are key sources that hold
+/// no key: a blank or mis-mounted secret must not leave the service open to all.
+#[test]
+fn zero_counts_and_keys_that_name_no_key_stop_serve_at_once() {
+    let dir = std::env::temp_dir().join(format!("logit-lens-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let blank = dir.join("blank.txt");
+    std::fs::write(&blank, "# the keys\n\n   \n").unwrap();
+    let blank = blank.display().to_string();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--max-queue", "0"], "--max-queue"),
+        (&["--max-batch-size", "0"], "--max-batch-size"),
+        (&["--max-batch-tokens", "0"], "--max-batch-tokens"),
+        (&["--max-body-bytes", "20 GB"], "--max-body-bytes"),
+        (&["--api-keys", &blank], "holds no key"),
+        (&["--api-key", " , "], "holds no key"),
+    ];
+    for (flags, said) in cases {
+        let out = serve(flags).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(said), "{flags:?}: {err}");
+        assert!(!err.contains("loading"), "{flags:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `serve` with the demo model and `flags`, on a free port, once /ready says ready: the running
 /// server and its base URL.
 async fn ready_server(flags: &[&str], client: &reqwest::Client) -> (Running, String) {

@@ -797,7 +797,20 @@ async fn with_api_keys_only_a_valid_bearer_key_passes_and_health_stays_open() {
     let c = &server.client;
     for path in ["/models", "/metrics"] {
         let r = c.get(server.url(path)).send().await.unwrap();
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            "Bearer realm=\"logit-lens\"",
+            "{path}"
+        );
         assert_eq!(error_code(r, 401).await, "unauthorized");
+        // The scheme's name is case-insensitive.
+        let r = c
+            .get(server.url(path))
+            .header("authorization", "bearer k1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
         let r = c
             .get(server.url(path))
             .bearer_auth("wrong")

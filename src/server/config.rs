@@ -50,10 +50,15 @@ pub struct ServeArgs {
     #[arg(long, env = "LOGIT_LENS_PORT", default_value_t = 8000)]
     pub port: u16,
     /// The most queued requests for one model run as one group.
-    #[arg(long, env = "LOGIT_LENS_MAX_BATCH_SIZE", default_value_t = 8)]
+    #[arg(long, env = "LOGIT_LENS_MAX_BATCH_SIZE", default_value_t = 8, value_parser = at_least_one)]
     pub max_batch_size: usize,
     /// The most padded tokens (requests × longest sequence) one batched decoder pass takes.
-    #[arg(long, env = "LOGIT_LENS_MAX_BATCH_TOKENS", default_value_t = 16_384)]
+    #[arg(
+        long,
+        env = "LOGIT_LENS_MAX_BATCH_TOKENS",
+        default_value_t = 16_384,
+        value_parser = at_least_one
+    )]
     pub max_batch_tokens: usize,
     /// The most memory the keys and values of the answers being generated (`generate`) may hold
     /// together: bytes, or a number with KiB, MiB, GiB or TiB. An answer whose cache would pass it
@@ -67,13 +72,18 @@ pub struct ServeArgs {
     )]
     pub kv_cache_budget: usize,
     /// Requests that may wait; one more gets 429 with Retry-After.
-    #[arg(long, env = "LOGIT_LENS_MAX_QUEUE", default_value_t = 64)]
+    #[arg(long, env = "LOGIT_LENS_MAX_QUEUE", default_value_t = 64, value_parser = at_least_one)]
     pub max_queue: usize,
     /// How long a request may wait for its turn before it gets 504.
     #[arg(long, env = "LOGIT_LENS_QUEUE_TIMEOUT_MS", default_value_t = 60_000)]
     pub queue_timeout_ms: u64,
-    /// The largest request body (413 above it).
-    #[arg(long, env = "LOGIT_LENS_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    /// The largest request body (413 above it): bytes, or a number with KiB, MiB, GiB or TiB.
+    #[arg(
+        long,
+        env = "LOGIT_LENS_MAX_BODY_BYTES",
+        default_value = "20MiB",
+        value_parser = parse_bytes
+    )]
     pub max_body_bytes: usize,
     /// The most pixels (width × height, read from the header before decoding) an image may have.
     #[arg(
@@ -95,8 +105,9 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub max_pending_pixels: u64,
-    /// A file of API keys, one per line (`#` comments). With keys set, every route but /health
-    /// and /ready needs `Authorization: Bearer <key>`.
+    /// A file of API keys, one per line (`#` comments); a file without a key is an error. With
+    /// keys set, /lens, /models and /metrics need `Authorization: Bearer <key>` (/health,
+    /// /ready, the viewer and the API docs stay open).
     #[arg(long, env = "LOGIT_LENS_API_KEYS_FILE")]
     pub api_keys: Option<PathBuf>,
     /// API keys, comma-separated (added to those from --api-keys).
@@ -125,21 +136,47 @@ impl ServeArgs {
         }
     }
 
-    /// The configured keys; empty means no authentication.
+    /// The configured keys; empty means no authentication. Keys asked for (a key file, or
+    /// `--api-key` / `LOGIT_LENS_API_KEYS` given at all) that come to none are an error, not a
+    /// service open to all: a blank or mis-mounted secret must not turn authentication off.
     pub fn keys(&self) -> Result<Vec<String>, String> {
         let mut keys: Vec<String> = self.api_key.iter().map(|k| k.trim().to_string()).collect();
+        keys.retain(|k| !k.is_empty());
+        if !self.api_key.is_empty() && keys.is_empty() {
+            return Err(
+                "--api-key (LOGIT_LENS_API_KEYS) is given but holds no key: name at least \
+                 one, or leave it unset to serve without authentication"
+                    .into(),
+            );
+        }
         if let Some(p) = &self.api_keys {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| format!("cannot read the API key file {}: {e}", p.display()))?;
+            let before = keys.len();
             keys.extend(
                 text.lines()
                     .map(str::trim)
                     .filter(|l| !l.is_empty() && !l.starts_with('#'))
                     .map(String::from),
             );
+            if keys.len() == before {
+                return Err(format!(
+                    "the API key file {} holds no key (one a line, `#` comments): add one, or \
+                     leave --api-keys (LOGIT_LENS_API_KEYS_FILE) unset to serve without authentication",
+                    p.display()
+                ));
+            }
         }
-        keys.retain(|k| !k.is_empty());
         Ok(keys)
+    }
+}
+
+/// A count of at least one: a queue, a group or a pass of none would refuse or stall everything.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 

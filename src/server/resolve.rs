@@ -37,6 +37,11 @@ pub fn resolve(arg: &str) -> Result<ModelSpec, String> {
     let path = Path::new(target);
     let dir = if path.is_dir() {
         path.to_path_buf()
+    } else if looks_like_a_path(target) {
+        return Err(format!(
+            "--model {arg}: no directory {target} (a model is a snapshot directory, NAME=DIR, or \
+             a Hugging Face id Org/Name from the local cache)"
+        ));
     } else {
         hub_snapshot(target)?
     };
@@ -47,6 +52,14 @@ pub fn resolve(arg: &str) -> Result<ModelSpec, String> {
             .unwrap_or_else(|| "model".into())
     });
     Ok(ModelSpec { name, dir })
+}
+
+/// What cannot be a hub id (`Org/Name`): an absolute or relative path, a home path, or
+/// something that exists but is not a directory.
+fn looks_like_a_path(target: &str) -> bool {
+    target.starts_with(['/', '.', '~'])
+        || target.matches('/').count() > 1
+        || Path::new(target).exists()
 }
 
 /// `$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`.
@@ -91,6 +104,24 @@ mod tests {
     fn a_missing_hub_id_says_it_cannot_be_downloaded() {
         let e = resolve("NoSuchOrg/NoSuchModel-xyz").err().unwrap();
         assert!(e.contains("cannot download"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_path_says_so_not_how_to_download_it() {
+        for arg in [
+            "/no/such/dir",
+            "./nope",
+            "../nope",
+            "~/nope",
+            "a/b/c",
+            "x=/nope",
+        ] {
+            let e = resolve(arg).err().unwrap();
+            assert!(e.contains("no directory"), "{arg}: {e}");
+            assert!(!e.contains("download"), "{arg}: {e}");
+        }
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        assert!(resolve(file).err().unwrap().contains("no directory"));
     }
 
     #[test]
