@@ -9,9 +9,20 @@ use crate::lens::{LayerStats, LensSpec};
 use crate::models::{ImageGrid, Prepared, TokenKind};
 
 pub const MAX_TOP_K: usize = 100;
+/// The most tokens an answer may generate (`generate`).
+pub const MAX_GENERATE: usize = 64;
+/// The most traced targets, `targets` and `target_ids` together.
+pub const MAX_TARGETS: usize = 256;
+/// The most entries (top-k tokens and targets) a response may hold over its positions and
+/// layers, the answer's included: ~4 million entries are ~250 MB of JSON. A request past it gets
+/// 413 saying what to ask for less of; each lens row costs a pass over the vocabulary too.
+pub const MAX_RESPONSE_ENTRIES: usize = 4_000_000;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "positions must be \"last\", \"all\", \"text\", \"image\" or a list of integer indices"
+)]
 pub enum Positions {
     /// `"last"`, `"all"`, `"text"` or `"image"`
     Keyword(String),
@@ -20,7 +31,10 @@ pub enum Positions {
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "layers must be \"all\" or a list of integer layer numbers"
+)]
 pub enum Layers {
     /// `"all"`
     Keyword(String),
@@ -30,17 +44,24 @@ pub enum Layers {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LensOptions {
+    #[schema(minimum = 1, maximum = 100)]
     pub top_k: usize,
     pub positions: Positions,
     pub layers: Layers,
+    /// Strings whose first token is traced (at most 256 with `target_ids`).
+    #[schema(max_items = 256)]
     pub targets: Vec<String>,
+    #[schema(max_items = 256)]
     pub target_ids: Vec<u32>,
     pub summary: bool,
     pub chat_template: bool,
-    /// Leave special tokens, added tokens and vocabulary rows no token maps to out of top-k.
+    /// Leave special tokens, added tokens and vocabulary rows no token maps to out of top-k
+    /// (only there: probabilities, ranks, entropy, KL and the summary stay over the whole
+    /// vocabulary).
     pub exclude_special: bool,
-    /// Greedily generate up to this many tokens (0: none; at most 64, else 422) and read every
-    /// generated position through the lens too (`answer`).
+    /// Greedily generate up to this many tokens (0: none; at most 64) and read every generated
+    /// position through the lens too (`answer`).
+    #[schema(maximum = 64)]
     pub generate: usize,
 }
 
@@ -101,6 +122,30 @@ pub struct Target {
 }
 
 impl LensOptions {
+    /// The bounds that hold whatever the input: checked by the service before a request is
+    /// decoded or queued, and again by [`LensOptions::resolve`].
+    pub fn check(&self) -> Result<()> {
+        if self.top_k == 0 || self.top_k > MAX_TOP_K {
+            return Err(Error::InvalidOption(format!(
+                "top_k must be between 1 and {MAX_TOP_K}, got {}",
+                self.top_k
+            )));
+        }
+        if self.generate > MAX_GENERATE {
+            return Err(Error::InvalidOption(format!(
+                "generate must be between 0 and {MAX_GENERATE}, got {}",
+                self.generate
+            )));
+        }
+        let targets = self.targets.len() + self.target_ids.len();
+        if targets > MAX_TARGETS {
+            return Err(Error::InvalidOption(format!(
+                "at most {MAX_TARGETS} targets (targets and target_ids together), got {targets}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks the options against one prepared input and turns them into a [`LensSpec`].
     pub fn resolve(
         &self,
@@ -109,12 +154,7 @@ impl LensOptions {
         num_layers: usize,
         vocab: usize,
     ) -> Result<(LensSpec, Vec<Target>)> {
-        if self.top_k == 0 || self.top_k > MAX_TOP_K {
-            return Err(Error::InvalidOption(format!(
-                "top_k must be between 1 and {MAX_TOP_K}, got {}",
-                self.top_k
-            )));
-        }
+        self.check()?;
         let n = inputs.input_ids.len();
         let index = |i: i64, what: &str, len: usize| -> Result<usize> {
             let j = if i < 0 { len as i64 + i } else { i };
@@ -144,6 +184,12 @@ impl LensOptions {
                 }
             },
             Positions::List(l) if l.is_empty() => return Err(Error::InvalidOption("positions is an empty list".into())),
+            Positions::List(l) if l.len() > n => {
+                return Err(Error::Unprocessable(format!(
+                    "positions lists {} indices, and the input has {n} positions: ask for each once (or \"all\")",
+                    l.len()
+                )))
+            }
             Positions::List(l) => l.iter().map(|&i| index(i, "position", n)).collect::<Result<_>>()?,
         };
         let mut layers: Vec<usize> = match &self.layers {
@@ -163,6 +209,20 @@ impl LensOptions {
         };
         layers.sort_unstable();
         layers.dedup();
+        let per_row = self.top_k + self.targets.len() + self.target_ids.len();
+        let rows = (positions.len() + self.generate) * layers.len();
+        if rows.saturating_mul(per_row) > MAX_RESPONSE_ENTRIES {
+            return Err(Error::TooLarge(format!(
+                "the response would hold {} entries ({} positions{} × {} layers × (top_k {} + {} \
+                 targets)); at most {MAX_RESPONSE_ENTRIES}: ask for fewer positions, layers, top_k or targets",
+                rows * per_row,
+                positions.len(),
+                if self.generate > 0 { format!(" and {} answer tokens", self.generate) } else { String::new() },
+                layers.len(),
+                self.top_k,
+                per_row - self.top_k
+            )));
+        }
         let mut targets = Vec::new();
         for t in &self.targets {
             let enc = tokenizer.encode(t.as_str(), false).map_err(|e| {
@@ -419,4 +479,110 @@ pub fn layers_out(
                 .collect(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> tokenizers::Tokenizer {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/qwen2vl-hub/tokenizer.json"
+        );
+        tokenizers::Tokenizer::from_file(path).unwrap()
+    }
+
+    fn text_input(n: usize) -> Prepared {
+        Prepared {
+            input_ids: vec![0; n],
+            kinds: vec![TokenKind::Text; n],
+            image_grid: None,
+            num_image_tokens: 0,
+            pixels: None,
+        }
+    }
+
+    /// What a request may ask for is bounded before any work: top_k, generate and the targets by
+    /// themselves (400), a list of positions by the input (422), and the response's entries by
+    /// positions × layers × (top_k + targets) (413), so that a small request cannot ask for a
+    /// response of gigabytes.
+    #[test]
+    fn the_options_bound_the_response() {
+        let tok = tokenizer();
+        let resolve = |o: &LensOptions, n: usize| o.resolve(&text_input(n), &tok, 28, 768);
+        let all = LensOptions {
+            positions: Positions::Keyword("all".into()),
+            ..LensOptions::default()
+        };
+        // 2000 positions × 29 layers × 5 = 290 000 entries: served.
+        assert!(resolve(&all, 2000).is_ok());
+        // × 100 = 5.8 million: refused, saying what to ask for less of.
+        let wide = LensOptions {
+            top_k: 100,
+            ..all.clone()
+        };
+        match resolve(&wide, 2000) {
+            Err(Error::TooLarge(m)) => {
+                assert!(m.contains("5800000 entries"), "{m}");
+                assert!(m.contains("fewer positions"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The answer's tokens count as positions.
+        let answer = LensOptions {
+            top_k: 100,
+            generate: 64,
+            positions: Positions::List(vec![-1]),
+            ..LensOptions::default()
+        };
+        assert!(resolve(&answer, 2000).is_ok());
+        let few_layers = LensOptions {
+            layers: Layers::List(vec![0, -1]),
+            ..wide.clone()
+        };
+        assert!(resolve(&few_layers, 2000).is_ok());
+        // A list longer than the input.
+        let long = LensOptions {
+            positions: Positions::List(vec![0; 11]),
+            ..LensOptions::default()
+        };
+        assert!(matches!(resolve(&long, 10), Err(Error::Unprocessable(_))));
+        assert!(resolve(&long, 11).is_ok());
+        // Bounds that hold whatever the input.
+        let bad = [
+            LensOptions {
+                top_k: 0,
+                ..LensOptions::default()
+            },
+            LensOptions {
+                top_k: MAX_TOP_K + 1,
+                ..LensOptions::default()
+            },
+            LensOptions {
+                generate: MAX_GENERATE + 1,
+                ..LensOptions::default()
+            },
+            LensOptions {
+                targets: vec!["a".into(); 200],
+                target_ids: vec![1; 57],
+                ..LensOptions::default()
+            },
+        ];
+        for o in &bad {
+            assert!(matches!(o.check(), Err(Error::InvalidOption(_))), "{o:?}");
+            assert!(
+                matches!(resolve(o, 10), Err(Error::InvalidOption(_))),
+                "{o:?}"
+            );
+        }
+        let most = LensOptions {
+            targets: vec!["a".into(); 200],
+            target_ids: vec![1; 56],
+            top_k: MAX_TOP_K,
+            generate: MAX_GENERATE,
+            ..LensOptions::default()
+        };
+        assert!(most.check().is_ok());
+    }
 }

@@ -64,8 +64,8 @@ struct ProbeArgs {
     #[arg(long)]
     name: Option<String>,
     /// Run the request this many times after loading, for timing; prints the last response.
-    #[arg(long, default_value_t = 1)]
-    repeat: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// auto (the GPU when built with CUDA and one is present), cpu, cuda or cuda:N.
     #[arg(long, env = "LOGIT_LENS_DEVICE", default_value = "auto")]
     device: String,
@@ -98,7 +98,7 @@ fn probe(a: ProbeArgs) -> Result<()> {
         options,
     };
     let mut response = run_lens(model.as_ref(), &req)?;
-    for _ in 1..a.repeat.max(1) {
+    for _ in 1..a.repeat {
         response = run_lens(model.as_ref(), &req)?;
         eprintln!(
             "{}",

@@ -262,7 +262,7 @@ fn same_tokens(want: &logit_lens::api::Answer, got: &logit_lens::api::Answer) {
 }
 
 /// Generation stops at the snapshot's end token (generation_config.json's `eos_token_id`),
-/// which is the answer's last token; past the server's bound is 422.
+/// which is the answer's last token; past the bound is a bad option (400).
 #[test]
 fn an_end_token_stops_and_too_many_tokens_are_refused() {
     let (e, second, model) = ending_after_two();
@@ -272,7 +272,7 @@ fn an_end_token_stops_and_too_many_tokens_are_refused() {
     assert_eq!(answer.tokens.len(), 2);
     assert_eq!(answer.tokens[1].id as i64, second);
     let e2 = run_lens(model.as_ref(), &request(&e, 65)).unwrap_err();
-    assert_eq!(e2.code(), "unprocessable");
+    assert_eq!(e2.code(), "invalid_option");
 }
 
 /// Answers generated together leave as they end, shortest first, and one stopped between steps

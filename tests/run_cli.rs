@@ -543,6 +543,35 @@ fn prompts_files_and_image_folders_are_read_as_documented() {
     assert!(logit_lens::cli::run::read_prompts(&d.path("empty.txt")).is_err());
 }
 
+/// Where the cases go must be said, and said in a form this build speaks: neither `--model` nor
+/// `--server` names both choices; an https server is refused saying why, before anything runs.
+#[test]
+fn a_run_without_a_source_or_with_an_https_server_is_refused_saying_why() {
+    let d = dataset("source", &["landscape.png"], "Hi\n");
+    let images = d.path("images").display().to_string();
+    let prompts = d.path("prompts.txt").display().to_string();
+    let out = d.path("out").display().to_string();
+    let common = [
+        "run",
+        "--images",
+        &images,
+        "--prompts",
+        &prompts,
+        "--out",
+        &out,
+    ];
+    let o = bin(&common);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--model <MODEL>|--server <SERVER>"),
+        "{}",
+        stderr(&o)
+    );
+    let o = bin(&[&common[..], &["--server", "https://lens.example:8443"]].concat());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("plain http only"), "{}", stderr(&o));
+}
+
 /// Lines of the worker's batch-size histogram: (groups run, groups of one).
 async fn batches(server: &Server) -> (u64, u64) {
     let text = server.metrics_text().await;

@@ -455,6 +455,11 @@ async fn a_client_that_goes_away_frees_its_place_without_running() {
         text.contains("logit_lens_requests_total{route=\"/lens\",status=\"200\"} 1"),
         "{text}"
     );
+    // The request that was never answered is counted too, as 499 (client closed request).
+    assert!(
+        text.contains("logit_lens_requests_total{route=\"/lens\",status=\"499\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,6 +539,41 @@ async fn malformed_bodies_and_bad_options_are_400() {
     // Two models are loaded: one must be named.
     let r = server.lens_json(&json!({"prompt": "Hi"})).await;
     assert_eq!(error_code(r, 400).await, "malformed_request");
+    // A field sent twice: refused whichever was meant.
+    for field in ["prompt", "model", "top_k", "options"] {
+        let value = if field == "options" { "{}" } else { "1" };
+        let mut fields = vec![("prompt", "Hi"), ("model", DEMO)];
+        fields.retain(|(k, _)| *k != field);
+        fields.extend([(field, value), (field, value)]);
+        let r = server.lens_form(&fields, None).await;
+        let (code, message) = error_code_and_message(r, 400).await;
+        assert_eq!(code, "malformed_request", "{field}: {message}");
+        assert!(
+            message.contains(&format!("send one `{field}`")),
+            "{message}"
+        );
+    }
+    // A bad option in a JSON body is `invalid_option`, as in a form, said without Rust's types.
+    for (options, said) in [
+        (json!({"top_k": "3"}), "expected a non-negative integer"),
+        (json!({"positions": -1}), "positions must be \"last\""),
+        (json!({"layers": "some", "top_k": 3}), "layers must be"),
+        (json!({"colour": 1}), "expected one of"),
+        (json!({"targets": vec!["a"; 257]}), "at most 256 targets"),
+        (json!({"generate": 65}), "generate must be between 0 and 64"),
+    ] {
+        let r = server
+            .lens_json(&json!({"prompt": "Hi", "model": DEMO, "options": options}))
+            .await;
+        let (code, message) = error_code_and_message(r, 400).await;
+        assert_eq!(code, "invalid_option", "{options}: {message}");
+        assert!(message.contains(said), "{options}: {message}");
+        assert!(
+            !message.contains("usize") && !message.contains("untagged"),
+            "{message}"
+        );
+        assert!(message.matches("top_k").count() <= 1, "{message}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -711,6 +751,22 @@ async fn not_an_image_or_an_unsupported_one_is_415() {
         .await
         .unwrap();
     assert_eq!(error_code(r, 415).await, "unsupported_media_type");
+    // The media type is compared whole, its parameters aside.
+    for (content_type, status) in [
+        ("application/jsonfoo", 415),
+        ("application/json; charset=utf-8", 200),
+        ("Application/JSON", 200),
+    ] {
+        let r = server
+            .client
+            .post(server.url("/lens"))
+            .header("content-type", content_type)
+            .body(json!({"prompt": "Hi", "model": DEMO}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{content_type}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -737,9 +793,9 @@ async fn impossible_requests_are_422() {
 }
 
 /// `generate` over the socket: the answer equals `run_lens`'s (what `probe --generate` prints),
-/// as a JSON option and as its own form field; past the bound it is 422.
+/// as a JSON option and as its own form field; past the bound it is 400 (a bad option value).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn generate_answers_over_the_socket_and_past_the_bound_is_422() {
+async fn generate_answers_over_the_socket_and_past_the_bound_is_400() {
     let server = Server::start(Setup::default()).await;
     let model = load("qwen2vl-hub", DEMO);
     let img = image_bytes("landscape.png");
@@ -783,7 +839,7 @@ async fn generate_answers_over_the_socket_and_past_the_bound_is_422() {
     let r = server
         .lens_json(&json!({"prompt": "Hi", "model": DEMO, "options": {"generate": 65}}))
         .await;
-    assert_eq!(error_code(r, 422).await, "unprocessable");
+    assert_eq!(error_code(r, 400).await, "invalid_option");
     server.stop().await;
 }
 

@@ -27,6 +27,7 @@ use crate::server::resolve::ModelSpec;
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"];
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["model", "server"])))]
 pub struct RunArgs {
     /// A folder of images (png, jpg, jpeg, webp, gif, bmp, tif, tiff), taken in name order.
     #[arg(long)]
@@ -41,7 +42,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Run in this process: a snapshot directory, NAME=DIR, or a hub id in the local cache.
-    #[arg(long, conflicts_with = "server", required_unless_present = "server")]
+    #[arg(long, conflicts_with = "server")]
     pub model: Option<String>,
     /// Send the cases to a running `logit-lens serve`, e.g. http://127.0.0.1:8000.
     #[arg(long)]
@@ -522,6 +523,12 @@ impl Source {
                 let spec = crate::server::resolve::resolve(model).map_err(Error::InvalidOption)?;
                 let name = args.model_name.clone().unwrap_or_else(|| spec.name.clone());
                 Ok(Source::Local { spec, name })
+            }
+            (None, Some(server)) if server.to_ascii_lowercase().starts_with("https://") => {
+                Err(Error::InvalidOption(format!(
+                    "--server {server}: this build speaks plain http only (no TLS); use the \
+                     server's http:// address, or a tunnel to it"
+                )))
             }
             (None, Some(server)) => {
                 let base = server.trim_end_matches('/').to_string();

@@ -23,9 +23,6 @@ use crate::models::{LayerObserver, Prepared, VisionLanguageModel};
 
 use super::{groups_under, prepare_all, together_or_alone, LensRequest, Ready};
 
-/// The most new tokens one request may ask for (`generate` past it: 422).
-pub const MAX_NEW_TOKENS: usize = 64;
-
 /// Passes every layer to the lens (when there is one) and keeps each layer's last row.
 struct LastRows<'l, 'a> {
     lens: Option<&'l mut Lens<'a>>,
@@ -289,11 +286,7 @@ pub fn start_within(
                     "a request that generates nothing was started".into(),
                 )))
             }
-            n if n > MAX_NEW_TOKENS => {
-                results[i] = Some(Err(Error::Unprocessable(format!(
-                    "generate is {n}; this server generates at most {MAX_NEW_TOKENS} tokens"
-                ))))
-            }
+            // `generate` past its bound is refused by `LensOptions::resolve` in `prepare_all`.
             _ => valid.push(i),
         }
     }

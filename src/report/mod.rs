@@ -174,10 +174,17 @@ impl Results {
             );
         }
         if !self.bad_lines.is_empty() {
+            const SHOWN: usize = 10;
+            let n = self.bad_lines.len();
+            let more = if n > SHOWN {
+                format!(" and {} more", n - SHOWN)
+            } else {
+                String::new()
+            };
             eprintln!(
-                "warning: {}: lines {:?} are not result records; ignored",
+                "warning: {}: {n} lines are not result records ({:?}{more}); ignored",
                 self.path.display(),
-                self.bad_lines
+                &self.bad_lines[..n.min(SHOWN)],
             );
         }
     }

@@ -40,7 +40,7 @@ use crate::Error;
         (status = 400, description = "Malformed multipart or JSON, or a bad option value", body = super::schema::ErrorBody),
         (status = 401, description = "API keys are configured and the request has no valid one", body = super::schema::ErrorBody),
         (status = 404, description = "Unknown model", body = super::schema::ErrorBody),
-        (status = 413, description = "Body, image dimensions or prompt length over the limits", body = super::schema::ErrorBody),
+        (status = 413, description = "Body, image dimensions or prompt length over the limits, or a response that would hold more than 4 000 000 entries (positions × layers × (top_k + targets))", body = super::schema::ErrorBody),
         (status = 415, description = "Not an image, an unsupported image format, or an unsupported content type", body = super::schema::ErrorBody),
         (status = 422, description = "Well-formed but impossible (position out of range, image too elongated, an answer whose keys and values alone pass the server's --kv-cache-budget)", body = super::schema::ErrorBody),
         (status = 429, description = "Queue full, or the images being handled hold the pending-pixel budget; Retry-After says when to come back", body = super::schema::ErrorBody,
@@ -62,6 +62,7 @@ async fn answer(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let models = state.ready_models()?;
     let input = read_body(state, req).await?;
+    input.options.check()?;
     let index = pick_model(&models, input.model.as_deref())?;
     if state.engine.is_full() {
         // Refused now rather than after decoding its image.
@@ -133,8 +134,10 @@ async fn read_body(state: &AppState, req: Request) -> Result<LensInput, ApiError
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_ascii_lowercase();
+    // The media type without its parameters (`; boundary=...`, `; charset=utf-8`).
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
     let limit = state.limits.max_body_bytes;
-    if content_type.starts_with("multipart/form-data") {
+    if essence == "multipart/form-data" {
         let req = if content_type.contains("boundary=") {
             req
         } else {
@@ -144,7 +147,7 @@ async fn read_body(state: &AppState, req: Request) -> Result<LensInput, ApiError
             ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
         })?;
         request::from_multipart(form, limit).await
-    } else if content_type.starts_with("application/json") {
+    } else if essence == "application/json" {
         let body = Bytes::from_request(req, &()).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::body_too_large(limit)

@@ -134,7 +134,7 @@ impl Metrics {
         let inner = self.inner();
         let mut out = String::new();
         out.push_str(
-            "# HELP logit_lens_requests_total HTTP requests answered, by route and status.\n",
+            "# HELP logit_lens_requests_total HTTP requests, by route and status (499: the client went away before the answer).\n",
         );
         out.push_str("# TYPE logit_lens_requests_total counter\n");
         for ((route, status), n) in &inner.requests {
@@ -200,7 +200,7 @@ impl Metrics {
         inner
             .batch_sizes
             .write(&mut out, "logit_lens_batch_size", "");
-        out.push_str("# HELP logit_lens_stage_seconds Time per request stage.\n");
+        out.push_str("# HELP logit_lens_stage_seconds Time per request stage: the body's timing_ms (preprocess includes the image's decoding, as there) and decode alone.\n");
         out.push_str("# TYPE logit_lens_stage_seconds histogram\n");
         for (stage, h) in STAGES.iter().zip(&inner.stages) {
             h.write(

@@ -138,18 +138,42 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Counts every answer by route (the matched pattern, so that paths cannot blow up the label
-/// set) and status.
+/// Counts every request by route (the matched pattern, so that paths cannot blow up the label
+/// set) and status; one whose client went away before its answer (the handler dropped) counts as
+/// 499, nginx's "client closed request".
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
+    let mut pending = Uncounted {
+        state: &state,
+        route: Some(route),
+    };
     let response = next.run(req).await;
-    state.metrics.request(&route, response.status().as_u16());
+    if let Some(route) = pending.route.take() {
+        state.metrics.request(&route, response.status().as_u16());
+    }
     response
 }
+
+/// A request not yet counted; dropped so, it counts as 499.
+struct Uncounted<'s> {
+    state: &'s AppState,
+    route: Option<String>,
+}
+
+impl Drop for Uncounted<'_> {
+    fn drop(&mut self) {
+        if let Some(route) = self.route.take() {
+            self.state.metrics.request(&route, CLIENT_CLOSED_REQUEST);
+        }
+    }
+}
+
+/// The status a request whose client went away is counted under in `/metrics`.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// Serves until `shutdown` resolves, then stops accepting, lets the requests in flight and the
 /// queued jobs finish, and stops the worker.

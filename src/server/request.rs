@@ -37,6 +37,7 @@ pub async fn from_multipart(mut form: Multipart, body_limit: usize) -> Result<Le
     let mut image = None;
     let mut options = Map::new();
     let mut fields = Map::new();
+    let mut seen = std::collections::HashSet::new();
     while let Some(field) = form
         .next_field()
         .await
@@ -61,6 +62,13 @@ pub async fn from_multipart(mut form: Multipart, body_limit: usize) -> Result<Le
         }
         let text = String::from_utf8(bytes.to_vec())
             .map_err(|_| ApiError::bad_request(format!("form field `{name}` is not UTF-8 text")))?;
+        // A field sent twice is a mistake whichever of the two was meant (curl's `-F` repeated,
+        // a form built in a loop): refused, as a second image is and as JSON refuses a key twice.
+        if !seen.insert(name.clone()) {
+            return Err(ApiError::bad_request(format!(
+                "send one `{name}` field, not several"
+            )));
+        }
         match name.as_str() {
             "prompt" => prompt = Some(text),
             "model" => model = Some(text),
@@ -92,7 +100,7 @@ pub async fn from_multipart(mut form: Multipart, body_limit: usize) -> Result<Le
         model,
         prompt: prompt.ok_or_else(|| ApiError::bad_request("the form has no `prompt` field"))?,
         image,
-        options: parse_options(Value::Object(options))?,
+        options: serde_json::from_value(Value::Object(options)).map_err(option_error)?,
     })
 }
 
@@ -103,11 +111,15 @@ pub fn from_json(body: &[u8]) -> Result<LensInput, ApiError> {
         Some(s) => Some(Bytes::from(decode_base64(&s)?)),
         None => None,
     };
+    let options = match req.options {
+        Some(raw) => serde_json::from_str(raw.get()).map_err(option_error)?,
+        None => LensOptions::default(),
+    };
     Ok(LensInput {
         model: req.model,
         prompt: req.prompt,
         image,
-        options: req.options.unwrap_or_default(),
+        options,
     })
 }
 
@@ -127,14 +139,27 @@ fn multipart_error(e: MultipartError, body_limit: usize) -> ApiError {
     }
 }
 
-fn parse_options(v: Value) -> Result<LensOptions, ApiError> {
-    serde_json::from_value(v).map_err(|e| {
-        Error::InvalidOption(format!(
-            "bad options: {e}; fields: {}",
-            OPTION_FIELDS.join(", ")
-        ))
-        .into()
-    })
+/// An option serde refused, said without Rust's type names (`expected usize`), and with the
+/// fields listed unless serde's message already lists them (an unknown field).
+fn option_error(e: serde_json::Error) -> ApiError {
+    let said = e
+        .to_string()
+        .replace("expected usize", "expected a non-negative integer")
+        .replace(
+            "expected u32",
+            "expected a non-negative integer (a token id)",
+        )
+        .replace("expected i64", "expected an integer");
+    let said = match said.find(" at line ") {
+        Some(i) => &said[..i],
+        None => &said,
+    };
+    let fields = if said.contains("expected one of") {
+        String::new()
+    } else {
+        format!("; the fields are {}", OPTION_FIELDS.join(", "))
+    };
+    Error::InvalidOption(format!("bad options: {said}{fields}")).into()
 }
 
 /// One option sent as its own form field: the command-line forms (`0,-1`, ` red,Red`, `true`)

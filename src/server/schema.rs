@@ -33,12 +33,14 @@ pub struct LensForm {
     pub model: Option<String>,
     /// A JSON object with any of the options, e.g. `{"top_k": 3, "positions": "all"}`.
     pub options: Option<String>,
+    /// 1 to 100.
+    #[schema(minimum = 1, maximum = 100)]
     pub top_k: Option<usize>,
     /// `last`, `all`, `text`, `image`, or comma-separated indices (negative from the end).
     pub positions: Option<String>,
     /// `all` or comma-separated layer numbers.
     pub layers: Option<String>,
-    /// Comma-separated strings, or a JSON array of strings.
+    /// Comma-separated strings, or a JSON array of strings (at most 256 with `target_ids`).
     pub targets: Option<String>,
     /// Comma-separated token ids, or a JSON array.
     pub target_ids: Option<String>,
@@ -48,6 +50,7 @@ pub struct LensForm {
     /// Greedily generate up to this many tokens (0 to 64) and read them through the lens. The
     /// answer's keys and values (its prompt's and its tokens') share the server's
     /// `--kv-cache-budget` with the answers going on: past what is left it waits, past all of it 422.
+    #[schema(maximum = 64)]
     pub generate: Option<usize>,
 }
 
@@ -63,8 +66,11 @@ pub struct LensJsonRequest {
     /// The image file's bytes, base64 (standard alphabet, padding optional).
     #[serde(default)]
     pub image_base64: Option<String>,
+    // Read as the multipart form's `options` is (`crate::server::request`), so that a bad
+    // option gets the same `invalid_option` answer either way.
     #[serde(default)]
-    pub options: Option<LensOptions>,
+    #[schema(value_type = Option<LensOptions>)]
+    pub options: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// A resident model.

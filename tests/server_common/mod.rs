@@ -314,10 +314,16 @@ impl Server {
 
 /// The error code of a JSON error response, after checking its status.
 pub async fn error_code(r: reqwest::Response, status: u16) -> String {
+    error_code_and_message(r, status).await.0
+}
+
+/// The error code and message of a JSON error response, after checking its status.
+pub async fn error_code_and_message(r: reqwest::Response, status: u16) -> (String, String) {
     let got = r.status().as_u16();
     let body: Value = r.json().await.unwrap();
     assert_eq!(got, status, "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(!message.is_empty(), "an error needs a message: {body}");
-    body["error"]["code"].as_str().unwrap().to_string()
+    let code = body["error"]["code"].as_str().unwrap().to_string();
+    (code, message.to_string())
 }
