@@ -1183,3 +1183,63 @@ fn the_warm_up_request_runs_on_every_family() {
         assert!(ms > 0.0);
     }
 }
+
+/// A client that stalls cannot hold a connection: a request's head that does not arrive within
+/// the read timeout closes the connection, and a body that stops arriving gets 408; the server
+/// goes on answering others meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_is_cut_off_after_the_read_timeout() {
+    use std::io::{Read, Write};
+    let server = Server::start(Setup {
+        limits: Limits {
+            read_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // Sends `first`, then nothing; reads what the server sends until it closes the connection
+    // (10 s at most), on a thread of its own.
+    let stall = |first: String| {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.write_all(first.as_bytes()).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let t0 = std::time::Instant::now();
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).expect("still open after 10 s");
+            (String::from_utf8_lossy(&got).into_owned(), t0.elapsed())
+        })
+    };
+    // Half a head.
+    let head = stall("POST /lens HTTP/1.1\r\nHost: x\r\n".into());
+    // A head, then 10 of the 1000 bytes it announces; as JSON and as a form.
+    let stalled: Vec<_> = ["application/json", "multipart/form-data; boundary=XYZ"]
+        .iter()
+        .map(|content_type| {
+            stall(format!(
+                "POST /lens HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n\
+                 Content-Length: 1000\r\n\r\n--XYZ\r\nabc"
+            ))
+        })
+        .collect();
+    // Meanwhile the server answers.
+    let r = server
+        .lens_form(&[("prompt", "Hi"), ("model", DEMO)], None)
+        .await;
+    assert_eq!(r.status(), 200);
+    let (said, after) = head.join().unwrap();
+    assert!(after >= Duration::from_millis(300), "{after:?}");
+    assert!(!said.contains(" 200 "), "{said}");
+    for s in stalled {
+        let (said, after) = s.join().unwrap();
+        assert!(after >= Duration::from_millis(300), "{after:?}");
+        assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+        assert!(said.contains("\"request_timeout\""), "{said}");
+    }
+    server.stop().await;
+}

@@ -15,6 +15,9 @@ pub struct Limits {
     /// each); one more image gets 429. An image alone is always admitted (up to
     /// `max_image_pixels`).
     pub max_pending_pixels: u64,
+    /// How long a request's head may take to arrive (then the connection closes), and how long
+    /// its body may go without a byte (then 408).
+    pub read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -25,6 +28,7 @@ impl Default for Limits {
             max_prompt_tokens: 4096,
             queue_timeout: Duration::from_secs(60),
             max_pending_pixels: 200_000_000,
+            read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -77,6 +81,16 @@ pub struct ServeArgs {
     /// How long a request may wait for its turn before it gets 504.
     #[arg(long, env = "LOGIT_LENS_QUEUE_TIMEOUT_MS", default_value_t = 60_000)]
     pub queue_timeout_ms: u64,
+    /// How long a request's head (request line and headers) may take to arrive, after which the
+    /// connection is closed, and how long its body may go without a byte, after which it gets
+    /// 408: a client that stalls cannot hold a connection and a handler.
+    #[arg(
+        long,
+        env = "LOGIT_LENS_READ_TIMEOUT_MS",
+        default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub read_timeout_ms: u64,
     /// The largest request body (413 above it): bytes, or a number with KiB, MiB, GiB or TiB.
     #[arg(
         long,
@@ -133,6 +147,7 @@ impl ServeArgs {
             max_prompt_tokens: self.max_prompt_tokens,
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
             max_pending_pixels: self.max_pending_pixels,
+            read_timeout: Duration::from_millis(self.read_timeout_ms),
         }
     }
 

@@ -32,6 +32,23 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "malformed_request", message)
     }
 
+    /// A body that stopped arriving for the read timeout (`--read-timeout-ms`), or `other`.
+    pub fn unless_timed_out(e: &(dyn std::error::Error + 'static), other: Self) -> Self {
+        let mut source = Some(e);
+        while let Some(err) = source {
+            if err.is::<tower_http::timeout::TimeoutError>() {
+                return Self::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request body stopped arriving (no byte for the server's read timeout, \
+                     --read-timeout-ms); send it again",
+                );
+            }
+            source = err.source();
+        }
+        other
+    }
+
     pub fn body_too_large(limit: usize) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +41,7 @@ use crate::Error;
         (status = 400, description = "Malformed multipart or JSON, or a bad option value", body = super::schema::ErrorBody),
         (status = 401, description = "API keys are configured and the request has no valid one", body = super::schema::ErrorBody),
         (status = 404, description = "Unknown model", body = super::schema::ErrorBody),
+        (status = 408, description = "The body stopped arriving: no byte for the server's read timeout", body = super::schema::ErrorBody),
         (status = 413, description = "Body, image dimensions or prompt length over the limits, or a response that would hold more than 4 000 000 entries (positions × layers × (top_k + targets))", body = super::schema::ErrorBody),
         (status = 415, description = "Not an image, an unsupported image format, or an unsupported content type", body = super::schema::ErrorBody),
         (status = 422, description = "Well-formed but impossible (position out of range, image too elongated, an answer whose keys and values alone pass the server's --kv-cache-budget)", body = super::schema::ErrorBody),
@@ -148,13 +150,9 @@ async fn read_body(state: &AppState, req: Request) -> Result<LensInput, ApiError
         })?;
         request::from_multipart(form, limit).await
     } else if essence == "application/json" {
-        let body = Bytes::from_request(req, &()).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::body_too_large(limit)
-            } else {
-                ApiError::bad_request(format!("could not read the body: {}", e.body_text()))
-            }
-        })?;
+        let body = Bytes::from_request(req, &())
+            .await
+            .map_err(|e| body_error(e, limit))?;
         request::from_json(&body)
     } else {
         Err(ApiError::new(
@@ -167,6 +165,16 @@ async fn read_body(state: &AppState, req: Request) -> Result<LensInput, ApiError
     }
 }
 
+/// A body that could not be read whole: over the limit (413), stalled (408), or cut off (400).
+fn body_error(e: BytesRejection, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::body_too_large(limit)
+    } else {
+        let other = ApiError::bad_request(format!("could not read the body: {}", e.body_text()));
+        ApiError::unless_timed_out(&e, other)
+    }
+}
+
 /// `multipart/form-data` without its `boundary` parameter (some generated clients, e.g.
 /// openapi-python-client's for a body with two content types, set the bare type and let the
 /// HTTP library write the body): the body's first line, `--BOUNDARY`, names it.
@@ -176,13 +184,9 @@ async fn with_sniffed_boundary(req: Request, limit: usize) -> Result<Request, Ap
     let mut whole = Request::new(body);
     *whole.headers_mut() = parts.headers.clone();
     *whole.extensions_mut() = parts.extensions.clone();
-    let bytes = Bytes::from_request(whole, &()).await.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::body_too_large(limit)
-        } else {
-            ApiError::bad_request(format!("could not read the body: {}", e.body_text()))
-        }
-    })?;
+    let bytes = Bytes::from_request(whole, &())
+        .await
+        .map_err(|e| body_error(e, limit))?;
     let first = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
     let boundary = std::str::from_utf8(first)
         .ok()

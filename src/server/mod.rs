@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod docs;
 pub mod error;
 pub mod lens;
@@ -183,12 +184,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let flag = state.clone();
-    axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            flag.shutting_down.store(true, Ordering::SeqCst);
-        })
-        .await?;
+    let read_timeout = state.limits.read_timeout;
+    connections::serve(listener, app(state.clone()), read_timeout, async move {
+        shutdown.await;
+        flag.shutting_down.store(true, Ordering::SeqCst);
+    })
+    .await?;
     state.engine.shutdown().await;
     Ok(())
 }

@@ -135,7 +135,8 @@ fn multipart_error(e: MultipartError, body_limit: usize) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::body_too_large(body_limit)
     } else {
-        ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()))
+        let other = ApiError::bad_request(format!("malformed multipart body: {}", e.body_text()));
+        ApiError::unless_timed_out(&e, other)
     }
 }
 
