@@ -722,7 +722,31 @@ async fn over_the_limits_is_413() {
     let r = server
         .lens_form(&[("prompt", &long), ("model", DEMO)], None)
         .await;
-    assert_eq!(error_code(r, 413).await, "too_large");
+    let (code, message) = error_code_and_message(r, 413).await;
+    assert_eq!(code, "too_large");
+    // Refused from its beginning: 464 bytes (8 a token allowed, and 64) already hold 94 tokens.
+    assert!(message.contains("more than 50 tokens"), "{message}");
+    assert!(
+        message.contains("first 464 bytes alone have 94"),
+        "{message}"
+    );
+    // Counted whole where the beginning does not tell.
+    let r = server
+        .lens_form(&[("prompt", &"word ".repeat(60)), ("model", DEMO)], None)
+        .await;
+    let (code, message) = error_code_and_message(r, 413).await;
+    assert_eq!(code, "too_large");
+    assert!(
+        message.contains("the prompt has 62 tokens, over"),
+        "{message}"
+    );
+    // Three-byte characters: the cut (464) falls inside one and goes back to its start.
+    let r = server
+        .lens_form(&[("prompt", &"€".repeat(400)), ("model", DEMO)], None)
+        .await;
+    let (code, message) = error_code_and_message(r, 413).await;
+    assert_eq!(code, "too_large");
+    assert!(message.contains("first 462 bytes"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -230,11 +230,32 @@ fn pick_model(models: &[ModelEntry], name: Option<&str>) -> Result<usize, ApiErr
 }
 
 fn check_prompt(model: &ModelEntry, prompt: &str, max: usize) -> Result<(), Error> {
-    let n = model
-        .tokenizer
-        .encode(prompt, false)
-        .map_err(|e| Error::InvalidOption(format!("the prompt cannot be tokenized: {e}")))?
-        .len();
+    let count = |text: &str| -> Result<usize, Error> {
+        Ok(model
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::InvalidOption(format!("the prompt cannot be tokenized: {e}")))?
+            .len())
+    };
+    // A prompt of megabytes would take seconds to tokenize only to be refused: its beginning
+    // (8 bytes a token allowed, where text has ~4) says so first. Cutting can split the last word
+    // into a few more tokens than the whole prompt has there, hence the margin; below it, the
+    // whole prompt is counted.
+    let prefix = max.saturating_mul(8).saturating_add(64);
+    if prompt.len() > prefix {
+        let mut cut = prefix;
+        while !prompt.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let m = count(&prompt[..cut])?;
+        if m > max.saturating_add(16) {
+            return Err(Error::TooLarge(format!(
+                "the prompt has more than {max} tokens, the limit (its first {cut} bytes alone \
+                 have {m}); shorten it"
+            )));
+        }
+    }
+    let n = count(prompt)?;
     if n > max {
         return Err(Error::TooLarge(format!(
             "the prompt has {n} tokens, over the limit of {max}; shorten it"
