@@ -146,6 +146,70 @@ impl LensOptions {
         Ok(())
     }
 
+    /// [`LensOptions::check`], and what a model's depth decides before any input: the layers,
+    /// and the response's size where the positions do not depend on the input (`"last"`, a
+    /// list). The service checks this before it decodes or queues a request.
+    pub fn check_for(&self, num_layers: usize) -> Result<()> {
+        self.check()?;
+        let layers = self.layer_list(num_layers)?;
+        let positions = match &self.positions {
+            Positions::Keyword(k) if k == "last" => Some(1),
+            Positions::List(l) => Some(l.len()),
+            Positions::Keyword(_) => None,
+        };
+        match positions {
+            Some(p) => self.check_entries(p, layers.len()),
+            None => Ok(()),
+        }
+    }
+
+    /// The reported layers, ascending, each once.
+    fn layer_list(&self, num_layers: usize) -> Result<Vec<usize>> {
+        let mut layers: Vec<usize> = match &self.layers {
+            Layers::Keyword(k) if k == "all" => (0..=num_layers).collect(),
+            Layers::Keyword(k) => {
+                return Err(Error::InvalidOption(format!(
+                    "layers must be \"all\" or a list of layer numbers, got \"{k}\""
+                )))
+            }
+            Layers::List(l) if l.is_empty() => {
+                return Err(Error::InvalidOption("layers is an empty list".into()))
+            }
+            Layers::List(l) => l
+                .iter()
+                .map(|&i| index(i, "layer", num_layers + 1))
+                .collect::<Result<_>>()?,
+        };
+        layers.sort_unstable();
+        layers.dedup();
+        Ok(layers)
+    }
+
+    /// Refuses a response of more than [`MAX_RESPONSE_ENTRIES`] top-k and target entries: the
+    /// input's positions and the answer's (each generated token but the last is fed back and
+    /// read as a position) at every reported layer.
+    fn check_entries(&self, positions: usize, layers: usize) -> Result<()> {
+        let per_row = self.top_k + self.targets.len() + self.target_ids.len();
+        let answer = self.generate.saturating_sub(1);
+        let rows = (positions + answer) * layers;
+        let entries = rows.saturating_mul(per_row);
+        if entries > MAX_RESPONSE_ENTRIES {
+            let answer = if answer > 0 {
+                format!(" and {answer} of the answer")
+            } else {
+                String::new()
+            };
+            return Err(Error::TooLarge(format!(
+                "the response would hold {entries} entries ({positions} positions{answer} × \
+                 {layers} layers × (top_k {} + {} targets)); at most {MAX_RESPONSE_ENTRIES}: ask \
+                 for fewer positions, layers, top_k or targets",
+                self.top_k,
+                per_row - self.top_k
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks the options against one prepared input and turns them into a [`LensSpec`].
     pub fn resolve(
         &self,
@@ -156,15 +220,6 @@ impl LensOptions {
     ) -> Result<(LensSpec, Vec<Target>)> {
         self.check()?;
         let n = inputs.input_ids.len();
-        let index = |i: i64, what: &str, len: usize| -> Result<usize> {
-            let j = if i < 0 { len as i64 + i } else { i };
-            if j < 0 || j >= len as i64 {
-                return Err(Error::Unprocessable(format!(
-                    "{what} {i} is out of range: there are {len} (valid: 0..{len} or -{len}..-1)"
-                )));
-            }
-            Ok(j as usize)
-        };
         let positions: Vec<usize> = match &self.positions {
             Positions::Keyword(k) => match k.as_str() {
                 "last" => vec![n - 1],
@@ -192,37 +247,8 @@ impl LensOptions {
             }
             Positions::List(l) => l.iter().map(|&i| index(i, "position", n)).collect::<Result<_>>()?,
         };
-        let mut layers: Vec<usize> = match &self.layers {
-            Layers::Keyword(k) if k == "all" => (0..=num_layers).collect(),
-            Layers::Keyword(k) => {
-                return Err(Error::InvalidOption(format!(
-                    "layers must be \"all\" or a list of layer numbers, got \"{k}\""
-                )))
-            }
-            Layers::List(l) if l.is_empty() => {
-                return Err(Error::InvalidOption("layers is an empty list".into()))
-            }
-            Layers::List(l) => l
-                .iter()
-                .map(|&i| index(i, "layer", num_layers + 1))
-                .collect::<Result<_>>()?,
-        };
-        layers.sort_unstable();
-        layers.dedup();
-        let per_row = self.top_k + self.targets.len() + self.target_ids.len();
-        let rows = (positions.len() + self.generate) * layers.len();
-        if rows.saturating_mul(per_row) > MAX_RESPONSE_ENTRIES {
-            return Err(Error::TooLarge(format!(
-                "the response would hold {} entries ({} positions{} × {} layers × (top_k {} + {} \
-                 targets)); at most {MAX_RESPONSE_ENTRIES}: ask for fewer positions, layers, top_k or targets",
-                rows * per_row,
-                positions.len(),
-                if self.generate > 0 { format!(" and {} answer tokens", self.generate) } else { String::new() },
-                layers.len(),
-                self.top_k,
-                per_row - self.top_k
-            )));
-        }
+        let layers = self.layer_list(num_layers)?;
+        self.check_entries(positions.len(), layers.len())?;
         let mut targets = Vec::new();
         for t in &self.targets {
             let enc = tokenizer.encode(t.as_str(), false).map_err(|e| {
@@ -265,6 +291,17 @@ impl LensOptions {
         };
         Ok((spec, targets))
     }
+}
+
+/// `i` as an index into `len` things (negative counts from the end), or 422 saying the range.
+fn index(i: i64, what: &str, len: usize) -> Result<usize> {
+    let j = if i < 0 { len as i64 + i } else { i };
+    if j < 0 || j >= len as i64 {
+        return Err(Error::Unprocessable(format!(
+            "{what} {i} is out of range: there are {len} (valid: 0..{len} or -{len}..-1)"
+        )));
+    }
+    Ok(j as usize)
 }
 
 /// Special tokens, added tokens (e.g. `<image>`, `<pad>`) and the vocabulary rows past the
@@ -529,14 +566,37 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // The answer's tokens count as positions.
+        // The answer's tokens count as positions, all but the last (never fed back): 2000 + 63
+        // positions × 29 layers × 66 = 3 948 582 entries, and one more target passes the bound.
         let answer = LensOptions {
-            top_k: 100,
+            top_k: 66,
             generate: 64,
-            positions: Positions::List(vec![-1]),
-            ..LensOptions::default()
+            ..all.clone()
         };
         assert!(resolve(&answer, 2000).is_ok());
+        let more = LensOptions {
+            target_ids: vec![1],
+            ..answer.clone()
+        };
+        match resolve(&more, 2000) {
+            Err(Error::TooLarge(m)) => {
+                assert!(m.contains("2000 positions and 63 of the answer"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Before any input, where the positions do not depend on it: a list, or "last".
+        let listed = LensOptions {
+            positions: Positions::List(vec![0; 2000]),
+            ..wide.clone()
+        };
+        assert!(matches!(listed.check_for(28), Err(Error::TooLarge(_))));
+        assert!(wide.check_for(28).is_ok(), "\"all\" waits for the input");
+        let last = LensOptions {
+            positions: Positions::Keyword("last".into()),
+            layers: Layers::List(vec![29]),
+            ..LensOptions::default()
+        };
+        assert!(matches!(last.check_for(28), Err(Error::Unprocessable(_))));
         let few_layers = LensOptions {
             layers: Layers::List(vec![0, -1]),
             ..wide.clone()

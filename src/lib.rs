@@ -3,6 +3,15 @@
 //! Data flows one way: request → [`preprocess`] → [`engine`] (a [`models`] forward pass with the
 //! [`lens`] as observer) → [`api`] response.
 
+/// `eprintln!` that never panics: a `run` or `plot` whose stderr reader went away (`2>&1 | head`)
+/// goes on with its work rather than dying at its next line of progress.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod api;
 pub mod cli;
 pub mod engine;

@@ -115,9 +115,10 @@ fn probe(a: ProbeArgs) -> Result<()> {
 }
 
 /// `logit-lens probe ... | head` ends as a Unix tool does when its reader goes away: quietly, by
-/// SIGPIPE, not with a panic and a backtrace from `println!`. Rust ignores SIGPIPE by default;
-/// sockets are unaffected either way (the standard library sends with MSG_NOSIGNAL), and `serve`
-/// keeps Rust's default. A `run` stopped so resumes as after any interruption.
+/// SIGPIPE, not with a panic and a backtrace from `println!`. Only for the commands that write
+/// their result to stdout and make no connection: an HTTP client's vectored writes (`writev`)
+/// raise SIGPIPE on a socket the server closed, which would kill `run --server` without a word,
+/// so `run`, `plot` and `serve` keep Rust's default (ignored) and write their stderr with `say!`.
 fn stop_quietly_on_a_closed_pipe() {
     #[cfg(unix)]
     // SAFETY: setting a signal's disposition to the default, before any other thread exists.
@@ -130,7 +131,7 @@ fn main() -> ExitCode {
     logit_lens::keep_freed_memory();
     logit_lens::flush_subnormals();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve(_)) {
+    if matches!(cli.command, Command::Probe(_) | Command::Openapi) {
         stop_quietly_on_a_closed_pipe();
     }
     let result = match cli.command {

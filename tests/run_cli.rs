@@ -572,6 +572,44 @@ fn a_run_without_a_source_or_with_an_https_server_is_refused_saying_why() {
     assert!(stderr(&o).contains("plain http only"), "{}", stderr(&o));
 }
 
+/// A run whose stderr reader goes away (`run ... 2>&1 | head -1`) finishes its work: every case
+/// written, the summary too, exit 0, where `eprintln!` would have panicked at the next line.
+#[test]
+fn a_run_whose_stderr_reader_goes_away_finishes_its_work() {
+    use std::process::Stdio;
+    let d = dataset(
+        "stderr-gone",
+        &["landscape.png", "portrait.png"],
+        "Hi\nColor?\n",
+    );
+    let model = fixtures().join("qwen2vl-hub");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_logit-lens"))
+        .args([
+            "run",
+            "--images",
+            &d.s("images"),
+            "--prompts",
+            &d.s("prompts.txt"),
+        ])
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            &d.s("out"),
+            "--no-figures",
+        ])
+        .env_remove("LOGIT_LENS_DEVICE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(lines(&d.path("out/results.jsonl")).len(), 4);
+    assert!(d.path("out/summary.csv").is_file());
+}
+
 /// Lines of the worker's batch-size histogram: (groups run, groups of one).
 async fn batches(server: &Server) -> (u64, u64) {
     let text = server.metrics_text().await;

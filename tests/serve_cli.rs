@@ -62,8 +62,11 @@ fn zero_counts_and_keys_that_name_no_key_stop_serve_at_once() {
     let blank = dir.join("blank.txt");
     std::fs::write(&blank, "# the keys\n\n   \n").unwrap();
     let blank = blank.display().to_string();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--max-queue", "0"], "--max-queue"),
+        (&["--max-prompt-tokens", "0"], "--max-prompt-tokens"),
+        (&["--max-image-pixels", "0"], "--max-image-pixels"),
+        (&["--queue-timeout-ms", "0"], "--queue-timeout-ms"),
         (&["--max-batch-size", "0"], "--max-batch-size"),
         (&["--max-batch-tokens", "0"], "--max-batch-tokens"),
         (&["--max-body-bytes", "20 GB"], "--max-body-bytes"),

@@ -747,6 +747,19 @@ async fn over_the_limits_is_413() {
     let (code, message) = error_code_and_message(r, 413).await;
     assert_eq!(code, "too_large");
     assert!(message.contains("first 462 bytes"), "{message}");
+    // A beginning that says little (each 20 bytes one added token): refused by its length, past
+    // what 50 tokens of at most 20 bytes each can hold (×4 for normalisation), untokenized.
+    let sparse = "<|object_ref_start|>".repeat(300);
+    let r = server
+        .lens_form(&[("prompt", &sparse), ("model", DEMO)], None)
+        .await;
+    let (code, message) = error_code_and_message(r, 413).await;
+    assert_eq!(code, "too_large");
+    assert!(
+        message.contains("the prompt is 6000 bytes: more than 50 tokens"),
+        "{message}"
+    );
+    assert!(message.contains("more than 20 bytes"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1098,6 +1111,30 @@ fn the_committed_openapi_spec_matches_the_code() {
     let generated = logit_lens::server::openapi::spec_json();
     if std::env::var_os("UPDATE_OPENAPI").is_some() {
         std::fs::write(&path, &generated).unwrap();
+    }
+    // The spec's words for the bounds are written out in attributes: they must say the code's.
+    let spaced = |n: usize| {
+        let digits = n.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                out.push(' ');
+            }
+            out.push(c);
+        }
+        out
+    };
+    let entries = spaced(logit_lens::api::MAX_RESPONSE_ENTRIES);
+    assert!(
+        generated.contains(&format!("more than {entries} entries")),
+        "the 413 of /lens should name {entries} entries"
+    );
+    for bound in [
+        format!("at most {} with", logit_lens::api::MAX_TARGETS),
+        format!("\"maximum\": {}", logit_lens::api::MAX_GENERATE),
+        format!("\"maximum\": {}", logit_lens::api::MAX_TOP_K),
+    ] {
+        assert!(generated.contains(&bound), "the spec should say {bound}");
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(

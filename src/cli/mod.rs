@@ -39,8 +39,9 @@ pub struct LensArgs {
 }
 
 impl LensArgs {
+    /// The options, checked where they can be before a model loads or a case runs.
     pub fn options(&self, summary: bool) -> Result<LensOptions> {
-        Ok(LensOptions {
+        let options = LensOptions {
             top_k: self.top_k,
             positions: Positions::parse(&self.positions)?,
             layers: Layers::parse(&self.layers)?,
@@ -50,6 +51,8 @@ impl LensArgs {
             chat_template: !self.no_chat_template,
             exclude_special: self.exclude_special,
             generate: self.generate,
-        })
+        };
+        options.check()?;
+        Ok(options)
     }
 }

@@ -51,7 +51,7 @@ pub fn plot(args: PlotArgs) -> Result<()> {
         ))
     })?;
     let written = report::write_report(&cases, &prompts, &args.out, Redraw::All)?;
-    eprintln!(
+    say!(
         "{} cases ({} error records skipped): {}, {} case figures and {} prompt figures under {}",
         cases.len(),
         errors,

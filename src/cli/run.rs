@@ -243,7 +243,7 @@ pub fn run(args: RunArgs) -> Result<RunOutcome> {
         .filter(|c| !done.contains(&(c.image.clone(), c.prompt.clone())))
         .cloned()
         .collect();
-    eprintln!(
+    say!(
         "{} cases ({} images × {} prompts): {} done already, {} to run",
         cases.len(),
         images.len(),
@@ -259,9 +259,12 @@ pub fn run(args: RunArgs) -> Result<RunOutcome> {
             log.append(&record)?;
             if let Some(e) = &record.error {
                 bar.suspend(|| {
-                    eprintln!(
+                    say!(
                         "failed: {} × {:?}: [{}] {}",
-                        record.image, record.prompt, e.code, e.message
+                        record.image,
+                        record.prompt,
+                        e.code,
+                        e.message
                     )
                 });
             } else {
@@ -305,7 +308,7 @@ pub fn run(args: RunArgs) -> Result<RunOutcome> {
         .into_iter()
         .filter(|r| r.error.is_some() && wanted.contains(&r.key()))
         .collect();
-    eprintln!(
+    say!(
         "{} new results, {} failed, in {:.2} s (+ {:.2} s for the summary and figures); {} ({} cases), {}, {} case figures drawn, {} prompt figures",
         fresh.len(),
         failed.len(),
@@ -318,17 +321,17 @@ pub fn run(args: RunArgs) -> Result<RunOutcome> {
         written.prompt_figures
     );
     if !failed.is_empty() {
-        eprintln!(
+        say!(
             "{} cases failed (error records in results.jsonl; run the same command again to retry them):",
             failed.len()
         );
         for r in failed.iter().take(20) {
             if let Some(e) = &r.error {
-                eprintln!("  {} × {:?}: [{}] {}", r.image, r.prompt, e.code, e.message);
+                say!("  {} × {:?}: [{}] {}", r.image, r.prompt, e.code, e.message);
             }
         }
         if failed.len() > 20 {
-            eprintln!("  ... and {} more", failed.len() - 20);
+            say!("  ... and {} more", failed.len() - 20);
         }
     }
     Ok(RunOutcome {
@@ -400,7 +403,7 @@ fn run_local(
     let dtype = crate::models::parse_dtype(&args.dtype, &spec.dir, &device)?;
     let t0 = Instant::now();
     let model = crate::models::load(&spec.dir, name, &device, dtype)?;
-    eprintln!(
+    say!(
         "loaded {} ({}) from {} on {} in {:.1} s",
         name,
         model.info().family,

@@ -168,7 +168,7 @@ impl Results {
     /// Prints what was skipped on reading.
     pub fn warn(&self) {
         if self.torn_tail {
-            eprintln!(
+            say!(
                 "warning: {} ends in a line cut off mid-write (a run was killed); it is dropped and that case runs again",
                 self.path.display()
             );
@@ -181,7 +181,7 @@ impl Results {
             } else {
                 String::new()
             };
-            eprintln!(
+            say!(
                 "warning: {}: {n} lines are not result records ({:?}{more}); ignored",
                 self.path.display(),
                 &self.bad_lines[..n.min(SHOWN)],

@@ -79,7 +79,12 @@ pub struct ServeArgs {
     #[arg(long, env = "LOGIT_LENS_MAX_QUEUE", default_value_t = 64, value_parser = at_least_one)]
     pub max_queue: usize,
     /// How long a request may wait for its turn before it gets 504.
-    #[arg(long, env = "LOGIT_LENS_QUEUE_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(
+        long,
+        env = "LOGIT_LENS_QUEUE_TIMEOUT_MS",
+        default_value_t = 60_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub queue_timeout_ms: u64,
     /// How long a request's head (request line and headers) may take to arrive, after which the
     /// connection is closed, and how long its body may go without a byte, after which it gets
@@ -103,11 +108,17 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "LOGIT_LENS_MAX_IMAGE_PIXELS",
-        default_value_t = 50_000_000
+        default_value_t = 50_000_000,
+        value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub max_image_pixels: u64,
     /// The most tokens the prompt text may have (image tokens not counted).
-    #[arg(long, env = "LOGIT_LENS_MAX_PROMPT_TOKENS", default_value_t = 4096)]
+    #[arg(
+        long,
+        env = "LOGIT_LENS_MAX_PROMPT_TOKENS",
+        default_value_t = 4096,
+        value_parser = at_least_one
+    )]
     pub max_prompt_tokens: usize,
     /// The most image pixels that requests being decoded, queued or run may hold together (3 bytes
     /// each in memory); an image that would pass it gets 429 with Retry-After, before it is

@@ -44,7 +44,7 @@ use crate::Error;
         (status = 408, description = "The body stopped arriving: no byte for the server's read timeout", body = super::schema::ErrorBody),
         (status = 413, description = "Body, image dimensions or prompt length over the limits, or a response that would hold more than 4 000 000 entries (positions × layers × (top_k + targets))", body = super::schema::ErrorBody),
         (status = 415, description = "Not an image, an unsupported image format, or an unsupported content type", body = super::schema::ErrorBody),
-        (status = 422, description = "Well-formed but impossible (position out of range, image too elongated, an answer whose keys and values alone pass the server's --kv-cache-budget)", body = super::schema::ErrorBody),
+        (status = 422, description = "Well-formed but impossible (position out of range, a list of positions longer than the input, image too elongated, an answer whose keys and values alone pass the server's --kv-cache-budget)", body = super::schema::ErrorBody),
         (status = 429, description = "Queue full, or the images being handled hold the pending-pixel budget; Retry-After says when to come back", body = super::schema::ErrorBody,
             headers(("retry-after" = u64, description = "Seconds"))),
         (status = 500, description = "A bug: the computation failed", body = super::schema::ErrorBody),
@@ -66,6 +66,7 @@ async fn answer(state: &AppState, req: Request) -> Result<Response, ApiError> {
     let input = read_body(state, req).await?;
     input.options.check()?;
     let index = pick_model(&models, input.model.as_deref())?;
+    input.options.check_for(models[index].info.num_layers)?;
     if state.engine.is_full() {
         // Refused now rather than after decoding its image.
         return Err(ApiError::queue_full(state.engine.retry_after_s()));
@@ -252,6 +253,24 @@ fn check_prompt(model: &ModelEntry, prompt: &str, max: usize) -> Result<(), Erro
             return Err(Error::TooLarge(format!(
                 "the prompt has more than {max} tokens, the limit (its first {cut} bytes alone \
                  have {m}); shorten it"
+            )));
+        }
+        // A sparse beginning (a run of spaces) says little: no token stands for more bytes
+        // than its longest entry's text has, ×4 for what normalisation can join (NFC joins at
+        // most 3 code points into one of no fewer bytes).
+        let longest = model
+            .tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1);
+        let most = max.saturating_mul(longest).saturating_mul(4);
+        if prompt.len() > most {
+            return Err(Error::TooLarge(format!(
+                "the prompt is {} bytes: more than {max} tokens, the limit, can hold (none of this \
+                 model's tokens stands for more than {longest} bytes); shorten it",
+                prompt.len()
             )));
         }
     }

@@ -141,7 +141,9 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 /// Counts every request by route (the matched pattern, so that paths cannot blow up the label
 /// set) and status; one whose client went away before its answer (the handler dropped) counts as
-/// 499, nginx's "client closed request".
+/// 499, nginx's "client closed request", and one whose handler panicked as 500. The status is
+/// the one the handler returned: a client that leaves mid-upload counts as the 400 its body got,
+/// and a connection closed before a request's head arrived is no request.
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -168,7 +170,13 @@ struct Uncounted<'s> {
 impl Drop for Uncounted<'_> {
     fn drop(&mut self) {
         if let Some(route) = self.route.take() {
-            self.state.metrics.request(&route, CLIENT_CLOSED_REQUEST);
+            // Dropped by a panic in the handler (hyper then closes the connection): a bug, 500.
+            let status = if std::thread::panicking() {
+                500
+            } else {
+                CLIENT_CLOSED_REQUEST
+            };
+            self.state.metrics.request(&route, status);
         }
     }
 }

@@ -150,7 +150,11 @@ fn option_error(e: serde_json::Error) -> ApiError {
             "expected u32",
             "expected a non-negative integer (a token id)",
         )
-        .replace("expected i64", "expected an integer");
+        .replace("expected i64", "expected an integer")
+        .replace(
+            "expected struct LensOptions",
+            "expected a JSON object of options",
+        );
     let said = match said.find(" at line ") {
         Some(i) => &said[..i],
         None => &said,

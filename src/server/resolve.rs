@@ -30,8 +30,9 @@ pub fn demo() -> Result<ModelSpec, String> {
 }
 
 pub fn resolve(arg: &str) -> Result<ModelSpec, String> {
+    // A directory whose path holds `=` (`/data/lr=1e-4/ckpt`) is a directory, not NAME=DIR.
     let (name, target) = match arg.split_once('=') {
-        Some((n, t)) if !n.is_empty() => (Some(n.to_string()), t),
+        Some((n, t)) if !n.is_empty() && !Path::new(arg).is_dir() => (Some(n.to_string()), t),
         _ => (None, arg),
     };
     let path = Path::new(target);
@@ -122,6 +123,16 @@ mod tests {
         }
         let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
         assert!(resolve(file).err().unwrap().contains("no directory"));
+    }
+
+    #[test]
+    fn a_directory_with_an_equals_sign_in_its_path_is_a_directory() {
+        let dir = std::env::temp_dir().join(format!("logit-lens-lr=1e-4-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = resolve(dir.to_str().unwrap()).unwrap();
+        assert_eq!(spec.dir, dir);
+        assert!(spec.name.starts_with("logit-lens-lr=1e-4"), "{}", spec.name);
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]

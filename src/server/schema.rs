@@ -42,7 +42,7 @@ pub struct LensForm {
     pub layers: Option<String>,
     /// Comma-separated strings, or a JSON array of strings (at most 256 with `target_ids`).
     pub targets: Option<String>,
-    /// Comma-separated token ids, or a JSON array.
+    /// Comma-separated token ids, or a JSON array (at most 256 with `targets`).
     pub target_ids: Option<String>,
     pub summary: Option<bool>,
     pub chat_template: Option<bool>,
