@@ -759,7 +759,10 @@ async fn run_against_a_server_with_api_keys_needs_the_key() {
         "{}",
         stderr(&refused)
     );
-    assert!(!d.path("out/results.jsonl").exists());
+    assert!(
+        !d.path("out").exists(),
+        "a refused run leaves no --out folder"
+    );
     let ok = run(args(Some("sesame"))).await.unwrap();
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert_eq!(lines(&d.path("out/results.jsonl")).len(), 1);

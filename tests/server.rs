@@ -86,6 +86,30 @@ async fn an_image_request_gets_the_same_lens_as_run_lens() {
         .await;
     assert_eq!(r.status(), 200);
     assert!(answer(&r.json().await.unwrap()) == answer(&want), "JSON");
+    // The same bytes with MIME's line breaks (Python's base64.encodebytes), and URL-safe.
+    let standard = base64::engine::general_purpose::STANDARD.encode(&img);
+    let mime: String = standard
+        .as_bytes()
+        .chunks(76)
+        .map(|line| format!("{}\n", std::str::from_utf8(line).unwrap()))
+        .collect();
+    let url_safe = base64::engine::general_purpose::URL_SAFE.encode(&img);
+    assert!(
+        url_safe.contains(['-', '_']),
+        "the test image's encoding should differ"
+    );
+    for (what, encoded) in [("MIME", mime), ("URL-safe", url_safe)] {
+        let r = server
+            .lens_json(&json!({
+                "prompt": "Color of the main object:",
+                "model": DEMO,
+                "image_base64": encoded,
+                "options": opts,
+            }))
+            .await;
+        assert_eq!(r.status(), 200, "{what}");
+        assert!(answer(&r.json().await.unwrap()) == answer(&want), "{what}");
+    }
     server.stop().await;
 }
 

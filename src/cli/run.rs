@@ -204,12 +204,6 @@ pub fn run(args: RunArgs) -> Result<RunOutcome> {
     let options = args.lens.options(true)?;
     let prompts = read_prompts(&args.prompts)?;
     let images = list_images(&args.images, args.recursive, &args.out)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| {
-        Error::InvalidOption(format!(
-            "--out {}: cannot create it: {e}",
-            args.out.display()
-        ))
-    })?;
 
     let cases: Vec<CaseKey> = images
         .iter()
@@ -221,7 +215,15 @@ pub fn run(args: RunArgs) -> Result<RunOutcome> {
             })
         })
         .collect();
+    // The server is asked first: a run refused there (down, a wrong key or model name) leaves no
+    // empty --out folder behind.
     let source = Source::open(&args)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| {
+        Error::InvalidOption(format!(
+            "--out {}: cannot create it: {e}",
+            args.out.display()
+        ))
+    })?;
     check_manifest(
         &args.out,
         &Manifest {

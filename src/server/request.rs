@@ -124,9 +124,16 @@ pub fn from_json(body: &[u8]) -> Result<LensInput, ApiError> {
 }
 
 fn decode_base64(s: &str) -> Result<Vec<u8>, ApiError> {
-    // Accept data URLs (`data:image/png;base64,...`) and missing padding.
-    let s = s.split_once(";base64,").map_or(s, |(_, b)| b).trim();
-    base64::engine::general_purpose::STANDARD_NO_PAD
+    // Accept data URLs (`data:image/png;base64,...`), missing padding, line breaks (MIME's, as
+    // Python's `base64.encodebytes` writes) and the URL-safe alphabet (`-`, `_`).
+    let s = s.split_once(";base64,").map_or(s, |(_, b)| b);
+    let s: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let engine = if s.contains(['-', '_']) {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+    } else {
+        base64::engine::general_purpose::STANDARD_NO_PAD
+    };
+    engine
         .decode(s.trim_end_matches('='))
         .map_err(|e| ApiError::bad_request(format!("`image_base64` is not valid base64: {e}")))
 }

@@ -63,7 +63,8 @@ pub struct LensJsonRequest {
     /// A name from GET /models; default: the only loaded model.
     #[serde(default)]
     pub model: Option<String>,
-    /// The image file's bytes, base64 (standard alphabet, padding optional).
+    /// The image file's bytes, base64: the standard or the URL-safe alphabet, padding optional,
+    /// line breaks ignored; a data URL (`data:image/png;base64,...`) too.
     #[serde(default)]
     pub image_base64: Option<String>,
     // Read as the multipart form's `options` is (`crate::server::request`), so that a bad
