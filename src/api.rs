@@ -137,7 +137,7 @@ impl LensOptions {
                 self.generate
             )));
         }
-        let targets = self.targets.len() + self.target_ids.len();
+        let targets = self.num_targets();
         if targets > MAX_TARGETS {
             return Err(Error::InvalidOption(format!(
                 "at most {MAX_TARGETS} targets (targets and target_ids together), got {targets}"
@@ -146,11 +146,15 @@ impl LensOptions {
         Ok(())
     }
 
-    /// [`LensOptions::check`], and what a model's depth decides before any input: the layers,
+    /// `targets` and `target_ids` together.
+    fn num_targets(&self) -> usize {
+        self.targets.len() + self.target_ids.len()
+    }
+
+    /// What a model's depth decides before any input (after [`LensOptions::check`]): the layers,
     /// and the response's size where the positions do not depend on the input (`"last"`, a
     /// list). The service checks this before it decodes or queues a request.
     pub fn check_for(&self, num_layers: usize) -> Result<()> {
-        self.check()?;
         let layers = self.layer_list(num_layers)?;
         let positions = match &self.positions {
             Positions::Keyword(k) if k == "last" => Some(1),
@@ -189,7 +193,7 @@ impl LensOptions {
     /// input's positions and the answer's (each generated token but the last is fed back and
     /// read as a position) at every reported layer.
     fn check_entries(&self, positions: usize, layers: usize) -> Result<()> {
-        let per_row = self.top_k + self.targets.len() + self.target_ids.len();
+        let per_row = self.top_k + self.num_targets();
         let answer = self.generate.saturating_sub(1);
         let rows = (positions + answer) * layers;
         let entries = rows.saturating_mul(per_row);
